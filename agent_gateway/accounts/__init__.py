@@ -1,0 +1,1 @@
+"""Accounts and their prepaid USDC balance."""

@@ -1,0 +1,79 @@
+"""Accounts: create one with its first management key, credit its prepaid USDC balance."""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import update
+
+from agent_gateway.clock import Clock
+from agent_gateway.db.engine import Database
+from agent_gateway.db.models import Account, BalanceEntry, ManagementKey, new_id
+from agent_gateway.errors import InvalidRequest, NotFound
+from agent_gateway.keys.tokens import MANAGEMENT_KEY_PREFIX, IssuedToken, issue_token
+
+log = logging.getLogger(__name__)
+
+
+async def create_account(db: Database, clock: Clock, name: str) -> tuple[Account, IssuedToken]:
+    """A new account and its first management key; the plaintext key is returned once."""
+    name = name.strip()
+    if not name or len(name) > 200:
+        raise InvalidRequest("An account name must be 1 to 200 characters.", code="invalid_name")
+    now = clock.now()
+    account = Account(id=new_id("acct"), name=name, created_at=now)
+    token = issue_token(MANAGEMENT_KEY_PREFIX)
+    async with db.transaction() as session:
+        session.add(account)
+        await session.flush()
+        session.add(
+            ManagementKey(
+                id=new_id("mkey"),
+                account_id=account.id,
+                name="initial",
+                key_hash=token.key_hash,
+                prefix=token.prefix,
+                last_four=token.last_four,
+                created_at=now,
+            )
+        )
+    log.info("account created id=%s", account.id)
+    return account, token
+
+
+async def credit_account(
+    db: Database, clock: Clock, account_id: str, amount_atomic: int, note: str = ""
+) -> int:
+    """Add prepaid USDC; returns the new balance in atomic units."""
+    if amount_atomic <= 0:
+        raise InvalidRequest("The amount to credit must be above zero.", code="invalid_amount")
+    async with db.transaction() as session:
+        result = await session.execute(
+            update(Account)
+            .where(Account.id == account_id)
+            .values(balance_atomic=Account.balance_atomic + amount_atomic)
+            .returning(Account.balance_atomic)
+        )
+        balance = result.scalar_one_or_none()
+        if balance is None:
+            raise NotFound(f"No account {account_id!r}.", code="account_not_found")
+        session.add(
+            BalanceEntry(
+                id=new_id("bal"),
+                account_id=account_id,
+                delta_atomic=amount_atomic,
+                kind="credit",
+                note=note,
+                created_at=clock.now(),
+            )
+        )
+    log.info("account credited id=%s amount_atomic=%d", account_id, amount_atomic)
+    return balance
+
+
+async def get_account(db: Database, account_id: str) -> Account:
+    async with db.transaction() as session:
+        account = await session.get(Account, account_id)
+    if account is None:
+        raise NotFound(f"No account {account_id!r}.", code="account_not_found")
+    return account

@@ -1,0 +1,52 @@
+"""Who is calling: the bearer token, resolved once per request and declared per route."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from agent_gateway.db.models import Account
+from agent_gateway.errors import AuthenticationError
+from agent_gateway.keys.management import authenticate_management_key
+from agent_gateway.lifespan import Services
+
+ManagementHandler = Callable[[Request, Services, Account], Awaitable[Response]]
+
+
+def bearer_token(request: Request) -> str | None:
+    """The token of `Authorization: Bearer …`, None when there is no header, 401 when it is garbled."""
+    header = request.headers.get("authorization")
+    if header is None:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or " " in token:
+        raise AuthenticationError(
+            "The Authorization header must be 'Bearer <key>'.", code="invalid_authorization_header"
+        )
+    return token
+
+
+def services_of(request: Request) -> Services:
+    return request.app.state.services
+
+
+def management(handler: ManagementHandler) -> Callable[[Request], Awaitable[Response]]:
+    """Route decorator: the handler runs only for a valid management key, and gets its account."""
+
+    @functools.wraps(handler)
+    async def endpoint(request: Request) -> Response:
+        services = services_of(request)
+        token = bearer_token(request)
+        if token is None:
+            raise AuthenticationError(
+                "This endpoint needs 'Authorization: Bearer mk_…' (a management key).",
+                code="missing_api_key",
+            )
+        account = await authenticate_management_key(services.db, services.clock, token)
+        return await handler(request, services, account)
+
+    return endpoint

@@ -1,0 +1,203 @@
+"""Management routes (`Bearer mk_…`): buy seats, subscriptions, keys, management keys, usage."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from agent_gateway.api.auth import management
+from agent_gateway.api.bodies import CamelBody, read_json
+from agent_gateway.api.rendering import iso, ok
+from agent_gateway.catalog.pricing import make_order
+from agent_gateway.db.models import Account, ApiKey, ManagementKey, Subscription
+from agent_gateway.keys import api_keys, management as mkeys
+from agent_gateway.keys.tokens import masked
+from agent_gateway.lifespan import Services
+from agent_gateway.payments.amounts import format_usdc
+from agent_gateway.subscriptions.service import list_subscriptions, subscribe_with_balance
+from agent_gateway.usage.report import WINDOWS, empty_totals, usage_by_key
+
+
+class SubscribeBody(CamelBody):
+    blocks: list[str] = Field(min_length=1, max_length=24)
+    quantity: int = Field(ge=1)
+    billing_cycle: Literal["month", "year"] = "month"
+
+
+class MintKeyBody(CamelBody):
+    name: str = Field(min_length=1, max_length=200)
+    subscription_id: str = Field(min_length=1, max_length=40)
+
+
+class ManagementKeyBody(CamelBody):
+    name: str = Field(min_length=1, max_length=200)
+
+
+def render_subscription(sub: Subscription, key: ApiKey | None = None) -> dict:
+    return {
+        "id": sub.id,
+        "pool": sub.pool_slug,
+        "blocks": list(sub.blocks),
+        "billingCycle": sub.billing_cycle,
+        "status": sub.status,
+        "price": format_usdc(sub.price_atomic),
+        "currentPeriodStart": iso(sub.period_start),
+        "currentPeriodEnd": iso(sub.period_end),
+        "paymentId": sub.payment_id,
+        "hasKey": key is not None,
+        "keyId": key.id if key else None,
+        "createdAt": iso(sub.created_at),
+    }
+
+
+def render_key(key: ApiKey, sub: Subscription) -> dict:
+    return {
+        "id": key.id,
+        "name": key.name,
+        "key": masked(key.prefix, key.last_four),
+        "prefix": key.prefix,
+        "lastFour": key.last_four,
+        "status": key.status,
+        "isActive": key.status == "active",
+        "keyType": "subscription",
+        "subscriptionId": sub.id,
+        "subscriptionStatus": sub.status,
+        "subscriptionExpiresAt": iso(sub.period_end),
+        "pool": sub.pool_slug,
+        "blocks": list(sub.blocks),
+        "createdAt": iso(key.created_at),
+        "lastUsedAt": iso(key.last_used_at),
+    }
+
+
+def render_management_key(key: ManagementKey) -> dict:
+    return {
+        "id": key.id,
+        "name": key.name,
+        "key": masked(key.prefix, key.last_four),
+        "createdAt": iso(key.created_at),
+        "lastUsedAt": iso(key.last_used_at),
+    }
+
+
+@management
+async def subscribe(request: Request, services: Services, account: Account) -> Response:
+    body = await read_json(request, SubscribeBody, services.settings.max_body_bytes)
+    order = make_order(
+        services.catalog, request.path_params["slug"], body.blocks, body.quantity, body.billing_cycle
+    )
+    subscriptions = await subscribe_with_balance(
+        services.db, services.clock, services.catalog, account.id, order
+    )
+    return ok(
+        {"quote": order.quote(), "subscriptions": [render_subscription(s) for s in subscriptions]},
+        status=201,
+    )
+
+
+@management
+async def get_subscriptions(request: Request, services: Services, account: Account) -> Response:
+    views = await list_subscriptions(services.db, account.id)
+    return ok([render_subscription(v.subscription, v.key) for v in views])
+
+
+@management
+async def mint_subscription_key(request: Request, services: Services, account: Account) -> Response:
+    body = await read_json(request, MintKeyBody, services.settings.max_body_bytes)
+    name = api_keys.validate_key_name(body.name)
+    view, token = await api_keys.mint_key(services.db, services.clock, account.id, body.subscription_id, name)
+    data = render_key(view.key, view.subscription)
+    data["apiKey"] = token.plaintext  # the only time the plaintext leaves the gateway
+    return ok(data, status=201)
+
+
+@management
+async def get_keys(request: Request, services: Services, account: Account) -> Response:
+    views = await api_keys.list_keys(services.db, account.id)
+    return ok([render_key(v.key, v.subscription) for v in views])
+
+
+@management
+async def disable_key(request: Request, services: Services, account: Account) -> Response:
+    view = await api_keys.disable_key(services.db, account.id, request.path_params["key_id"])
+    return ok(render_key(view.key, view.subscription))
+
+
+@management
+async def enable_key(request: Request, services: Services, account: Account) -> Response:
+    view = await api_keys.enable_key(services.db, account.id, request.path_params["key_id"])
+    return ok(render_key(view.key, view.subscription))
+
+
+@management
+async def delete_key(request: Request, services: Services, account: Account) -> Response:
+    key_id = request.path_params["key_id"]
+    await api_keys.delete_key(services.db, services.clock, account.id, key_id)
+    return ok({"id": key_id, "deleted": True})
+
+
+@management
+async def create_management_key(request: Request, services: Services, account: Account) -> Response:
+    body = await read_json(request, ManagementKeyBody, services.settings.max_body_bytes)
+    key, token = await mkeys.create_management_key(services.db, services.clock, account.id, body.name.strip())
+    data = render_management_key(key)
+    data["apiKey"] = token.plaintext
+    return ok(data, status=201)
+
+
+@management
+async def get_management_keys(request: Request, services: Services, account: Account) -> Response:
+    keys = await mkeys.list_management_keys(services.db, account.id)
+    return ok([render_management_key(k) for k in keys])
+
+
+@management
+async def revoke_management_key(request: Request, services: Services, account: Account) -> Response:
+    key_id = request.path_params["key_id"]
+    await mkeys.revoke_management_key(services.db, services.clock, account.id, key_id)
+    return ok({"id": key_id, "revoked": True})
+
+
+@management
+async def get_usage(request: Request, services: Services, account: Account) -> Response:
+    views = await api_keys.list_keys(services.db, account.id)
+    usage = await usage_by_key(services.db, services.clock.now(), account_id=account.id)
+    data = []
+    for view in views:
+        row = render_key(view.key, view.subscription)
+        row["usage"] = usage.get(view.key.id, {w: empty_totals() for w in WINDOWS})
+        data.append(row)
+    return ok(data)
+
+
+@management
+async def get_account(request: Request, services: Services, account: Account) -> Response:
+    return ok(
+        {
+            "id": account.id,
+            "name": account.name,
+            "balance": format_usdc(account.balance_atomic),
+            "walletAddress": account.wallet_address,
+            "createdAt": iso(account.created_at),
+        }
+    )
+
+
+routes = [
+    Route("/api/account", get_account, methods=["GET"]),
+    Route("/api/pools/{slug}/subscribe", subscribe, methods=["POST"]),
+    Route("/api/subscriptions", get_subscriptions, methods=["GET"]),
+    Route("/api/keys/subscription", mint_subscription_key, methods=["POST"]),
+    Route("/api/keys", get_keys, methods=["GET"]),
+    Route("/api/keys/{key_id}/disable", disable_key, methods=["POST"]),
+    Route("/api/keys/{key_id}/enable", enable_key, methods=["POST"]),
+    Route("/api/keys/{key_id}", delete_key, methods=["DELETE"]),
+    Route("/api/management-keys", create_management_key, methods=["POST"]),
+    Route("/api/management-keys", get_management_keys, methods=["GET"]),
+    Route("/api/management-keys/{key_id}", revoke_management_key, methods=["DELETE"]),
+    Route("/api/usage", get_usage, methods=["GET"]),
+]

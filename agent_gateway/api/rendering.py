@@ -1,0 +1,62 @@
+"""Turning results and errors into responses: the one place HTTP status codes are chosen."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from agent_gateway.clock import as_utc
+from agent_gateway.errors import GatewayError
+
+log = logging.getLogger(__name__)
+
+_ROUTING_ERRORS = {
+    404: ("not_found_error", "route_not_found", "No such endpoint. See the README's API overview."),
+    405: ("invalid_request_error", "method_not_allowed", "This endpoint does not take that HTTP method."),
+}
+
+
+def ok(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"success": True, "data": data}, status_code=status, headers=headers)
+
+
+def error_body(type_: str, code: str, message: str) -> dict[str, Any]:
+    return {"error": {"type": type_, "code": code, "message": message}}
+
+
+def render_error(exc: GatewayError) -> JSONResponse:
+    body = error_body(exc.type, exc.code, exc.message)
+    body.update(exc.extra)
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers or None)
+
+
+async def handle_gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    return render_error(exc)
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    type_, code, message = _ROUTING_ERRORS.get(
+        exc.status_code, ("invalid_request_error", "http_error", str(exc.detail))
+    )
+    return JSONResponse(error_body(type_, code, message), status_code=exc.status_code, headers=exc.headers)
+
+
+async def handle_unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return JSONResponse(
+        error_body("api_error", "internal_error", "The gateway hit an internal error; it was logged."),
+        status_code=500,
+    )
+
+
+def iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return as_utc(value).isoformat().replace("+00:00", "Z")

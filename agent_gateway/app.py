@@ -1,0 +1,29 @@
+"""create_app(settings): the only wiring of routes, error handlers and lifespan."""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+
+from agent_gateway.api import management, public
+from agent_gateway.api.rendering import handle_gateway_error, handle_http_exception, handle_unexpected
+from agent_gateway.clock import Clock
+from agent_gateway.errors import GatewayError
+from agent_gateway.lifespan import Services, build_services, lifespan_for
+from agent_gateway.settings import Settings
+
+
+def create_app(settings: Settings | None = None, *, clock: Clock | None = None,
+               services: Services | None = None) -> Starlette:
+    services = services or build_services(settings or Settings(), clock)
+    app = Starlette(
+        routes=[*public.routes, *management.routes],
+        exception_handlers={
+            GatewayError: handle_gateway_error,
+            HTTPException: handle_http_exception,
+            Exception: handle_unexpected,
+        },
+        lifespan=lifespan_for(services),
+    )
+    app.state.services = services
+    return app

@@ -1,0 +1,1 @@
+"""Pools and blocks: the pools file, block arithmetic and prices."""

@@ -1,0 +1,169 @@
+"""The pools file (TOML): blocks and pools, validated into a Catalog; errors name the field."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from agent_gateway.catalog.blocks import DEFAULT_BLOCKS, Block, parse_block
+from agent_gateway.payments.amounts import parse_usdc
+
+_SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+PoolStatus = Literal["funding", "active", "paused"]
+
+
+class CatalogError(ValueError):
+    """The pools file cannot be used; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class Pool:
+    slug: str
+    name: str
+    description: str
+    models: tuple[str, ...]
+    upstreams: tuple[str, ...]
+    upstream_api_key_env: str | None
+    seats: int
+    status: str
+    annual_discount: Decimal
+    prices_atomic: dict[str, int]  # block name -> USDC atomic units per seat per 30 days
+
+    @property
+    def block_names(self) -> tuple[str, ...]:
+        return tuple(self.prices_atomic)
+
+
+@dataclass(frozen=True)
+class Catalog:
+    blocks: dict[str, Block]
+    pools: dict[str, Pool]
+
+    def pool(self, slug: str) -> Pool | None:
+        return self.pools.get(slug)
+
+
+class _PoolEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1, max_length=200)
+    description: str = ""
+    models: list[str] = Field(min_length=1)
+    upstreams: list[str] = Field(min_length=1)
+    upstream_api_key_env: str | None = None
+    seats: int = Field(ge=1, le=1_000_000)
+    status: PoolStatus = "active"
+    annual_discount: str = "0"
+    prices: dict[str, str] = Field(min_length=1)
+
+    @field_validator("models")
+    @classmethod
+    def _distinct_models(cls, models: list[str]) -> list[str]:
+        if any(not m.strip() for m in models):
+            raise ValueError("model ids must not be empty")
+        if len(set(models)) != len(models):
+            raise ValueError("model ids must be distinct")
+        return models
+
+    @field_validator("upstreams")
+    @classmethod
+    def _http_urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"{url!r} is not an http(s) URL")
+        return [u.rstrip("/") for u in urls]
+
+    @field_validator("annual_discount")
+    @classmethod
+    def _fraction(cls, text: str) -> str:
+        value = Decimal(parse_usdc(text)) / 10**6
+        if value >= 1:
+            raise ValueError("must be a fraction below 1, such as \"0.15\"")
+        return text
+
+    @field_validator("prices")
+    @classmethod
+    def _positive_prices(cls, prices: dict[str, str]) -> dict[str, str]:
+        for block, text in prices.items():
+            try:
+                atomic = parse_usdc(text)
+            except ValueError as exc:
+                raise ValueError(f"{block}: {exc}") from None
+            if atomic <= 0:
+                raise ValueError(f"{block}: price must be above zero")
+        return prices
+
+
+class _PoolsFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    blocks: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_BLOCKS))
+    pools: dict[str, _PoolEntry] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> _PoolsFile:
+        if not self.blocks:
+            raise ValueError("[blocks] must name at least one block")
+        for name, span in self.blocks.items():
+            if not _SLUG.match(name):
+                raise ValueError(f"blocks.{name}: block names are lowercase letters, digits, - and _")
+            try:
+                parse_block(name, span)
+            except ValueError as exc:
+                raise ValueError(f"blocks.{name}: {exc}") from None
+        for slug, pool in self.pools.items():
+            if not _SLUG.match(slug):
+                raise ValueError(f"pools.{slug}: slugs are lowercase letters, digits, - and _")
+            for block in pool.prices:
+                if block not in self.blocks:
+                    raise ValueError(
+                        f"pools.{slug}.prices.{block}: unknown block (known: {', '.join(self.blocks)})"
+                    )
+        return self
+
+
+def load_catalog(path: Path) -> Catalog:
+    """Read and validate a pools file; raise CatalogError naming the file and the field."""
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CatalogError(f"{path}: pools file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise CatalogError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        parsed = _PoolsFile.model_validate(raw)
+    except ValidationError as exc:
+        raise CatalogError(f"{path}: {_describe(exc)}") from None
+    blocks = {name: parse_block(name, span) for name, span in parsed.blocks.items()}
+    pools = {
+        slug: Pool(
+            slug=slug,
+            name=entry.name,
+            description=entry.description,
+            models=tuple(entry.models),
+            upstreams=tuple(entry.upstreams),
+            upstream_api_key_env=entry.upstream_api_key_env,
+            seats=entry.seats,
+            status=entry.status,
+            annual_discount=Decimal(entry.annual_discount),
+            # Keep the blocks' file order so quotes and listings are stable.
+            prices_atomic={b: parse_usdc(entry.prices[b]) for b in blocks if b in entry.prices},
+        )
+        for slug, entry in parsed.pools.items()
+    }
+    return Catalog(blocks=blocks, pools=pools)
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for err in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        problems.append(f"{where}: {message}" if where else message)
+    return "; ".join(problems)

@@ -1,0 +1,193 @@
+"""The `agent-gateway` command: serve, migrate, accounts, pools, test-upstream."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from agent_gateway.catalog.pools import CatalogError, load_catalog
+from agent_gateway.errors import GatewayError
+from agent_gateway.settings import Settings
+
+EPILOG = """\
+Settings come from AGW_* environment variables and a .env file (see .env.example).
+With none set, the gateway uses a SQLite file ./agent_gateway.db and the example pools.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agent-gateway",
+        description="Sell seats on LLM inference pools; proxy each key with one request in flight.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = commands.add_parser("serve", help="run the gateway HTTP server (migrates the database first)")
+    serve.add_argument("--host", help="interface to bind (default AGW_HOST, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default AGW_PORT, 8080)")
+    serve.set_defaults(run=_serve)
+
+    migrate = commands.add_parser("migrate", help="bring the database schema up to date and exit")
+    migrate.set_defaults(run=_migrate)
+
+    accounts = commands.add_parser("accounts", help="create accounts and credit their prepaid USDC")
+    account_commands = accounts.add_subparsers(dest="accounts_command", metavar="ACTION", required=True)
+    create = account_commands.add_parser(
+        "create", help="create an account; prints its id and its first mk_ key (shown once)"
+    )
+    create.add_argument("name", help="a display name for the account")
+    create.set_defaults(run=_accounts_create)
+    credit = account_commands.add_parser("credit", help="add prepaid USDC to an account's balance")
+    credit.add_argument("account", help="the account id (acct_…)")
+    credit.add_argument("amount", help='USDC as a decimal string, e.g. "100.00"')
+    credit.set_defaults(run=_accounts_credit)
+
+    pools = commands.add_parser("pools", help="inspect the pools file")
+    pool_commands = pools.add_subparsers(dest="pools_command", metavar="ACTION", required=True)
+    check = pool_commands.add_parser("check", help="load and validate a pools file, print a summary")
+    check.add_argument("file", nargs="?", help="the pools file (default AGW_POOLS_FILE or the example)")
+    check.set_defaults(run=_pools_check)
+
+    upstream = commands.add_parser(
+        "test-upstream", help="run the OpenAI-compatible test upstream (deterministic tokens)"
+    )
+    upstream.add_argument("--host", default="127.0.0.1")
+    upstream.add_argument("--port", type=int, default=9000)
+    upstream.add_argument("--delay-ms", type=float, default=0.0, help="delay between stream chunks")
+    upstream.add_argument("--chunks", type=int, default=16, help="tokens per completion by default")
+    upstream.set_defaults(run=_test_upstream)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"agent-gateway: invalid settings: {_settings_problems(exc)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    run: Callable[[argparse.Namespace, Settings], int] = args.run
+    try:
+        return run(args, settings)
+    except CatalogError as exc:
+        print(f"agent-gateway: {exc}", file=sys.stderr)
+        return 2
+    except GatewayError as exc:
+        print(f"agent-gateway: {exc.message}", file=sys.stderr)
+        return 1
+
+
+def _settings_problems(exc: ValidationError) -> str:
+    return "; ".join(
+        f"AGW_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
+    )
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from agent_gateway.app import create_app
+
+    if args.host:
+        settings.host = args.host
+    if args.port:
+        settings.port = args.port
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                access_log=False, proxy_headers=False)
+    return 0
+
+
+def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from agent_gateway.db.migrate import upgrade_database
+
+    upgrade_database(settings.database_url)
+    print("database schema is up to date")
+    return 0
+
+
+def _accounts_create(args: argparse.Namespace, settings: Settings) -> int:
+    from agent_gateway.accounts.service import create_account
+
+    async def run() -> None:
+        db = await _ready_database(settings)
+        try:
+            account, token = await create_account(db, _clock(), args.name)
+        finally:
+            await db.dispose()
+        print(f"account:        {account.id}")
+        print(f"management key: {token.plaintext}")
+        print("Store the management key now: it is shown only this once.")
+
+    asyncio.run(run())
+    return 0
+
+
+def _accounts_credit(args: argparse.Namespace, settings: Settings) -> int:
+    from agent_gateway.accounts.service import credit_account
+    from agent_gateway.payments.amounts import format_usdc, parse_usdc
+
+    try:
+        amount = parse_usdc(args.amount)
+    except ValueError as exc:
+        print(f"agent-gateway: AMOUNT {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        db = await _ready_database(settings)
+        try:
+            balance = await credit_account(db, _clock(), args.account, amount, note="credited by CLI")
+        finally:
+            await db.dispose()
+        print(f"account {args.account}: balance {format_usdc(balance)} USDC")
+
+    asyncio.run(run())
+    return 0
+
+
+def _pools_check(args: argparse.Namespace, settings: Settings) -> int:
+    from agent_gateway.payments.amounts import format_usdc
+
+    path = Path(args.file) if args.file else settings.pools_file
+    catalog = load_catalog(path)
+    print(f"{path}: OK")
+    print("blocks: " + ", ".join(f"{b.name} {b.hours_utc} UTC" for b in catalog.blocks.values()))
+    for pool in catalog.pools.values():
+        prices = ", ".join(f"{b} {format_usdc(p)}" for b, p in pool.prices_atomic.items())
+        print(f"pool {pool.slug} ({pool.status}): {pool.seats} seats/block; models {', '.join(pool.models)}; {prices} USDC/30d")
+    return 0
+
+
+def _test_upstream(args: argparse.Namespace, settings: Settings) -> int:
+    from agent_gateway.testing.upstream import UpstreamSettings, run_test_upstream
+
+    run_test_upstream(
+        args.host, args.port, UpstreamSettings(delay_s=args.delay_ms / 1000.0, chunks=args.chunks)
+    )
+    return 0
+
+
+async def _ready_database(settings: Settings):  # type: ignore[no-untyped-def]
+    from agent_gateway.db.engine import Database
+    from agent_gateway.db.migrate import upgrade_database
+
+    if settings.auto_migrate:
+        upgrade_database(settings.database_url)
+    return Database(settings.database_url)
+
+
+def _clock():  # type: ignore[no-untyped-def]
+    from agent_gateway.clock import Clock
+
+    return Clock()

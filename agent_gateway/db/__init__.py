@@ -1,0 +1,1 @@
+"""Storage: the engine adapter, table models and migrations."""

@@ -1,0 +1,132 @@
+"""Table models. Secret material is stored only as hashes; responses are rendered field by field in api/."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime
+
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, text
+from sqlmodel import Field, SQLModel
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(10)}"
+
+
+def _ts(nullable: bool = False, index: bool = False) -> Column:
+    return Column(DateTime(timezone=True), nullable=nullable, index=index)
+
+
+class Account(SQLModel, table=True):
+    __tablename__ = "accounts"
+
+    id: str = Field(primary_key=True, max_length=40)
+    name: str = Field(max_length=200)
+    # The wallet that paid for this account over x402, lowercase hex; lets it sign in again.
+    wallet_address: str | None = Field(default=None, max_length=42, unique=True)
+    balance_atomic: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    created_at: datetime = Field(sa_column=_ts())
+
+
+class BalanceEntry(SQLModel, table=True):
+    """Every movement of an account's prepaid USDC balance, so the balance can be audited."""
+
+    __tablename__ = "balance_entries"
+
+    id: str = Field(primary_key=True, max_length=40)
+    account_id: str = Field(foreign_key="accounts.id", index=True, max_length=40)
+    delta_atomic: int = Field(sa_column=Column(BigInteger, nullable=False))
+    kind: str = Field(max_length=20)  # credit | charge
+    note: str = Field(default="", max_length=500)
+    created_at: datetime = Field(sa_column=_ts())
+
+
+class ManagementKey(SQLModel, table=True):
+    __tablename__ = "management_keys"
+
+    id: str = Field(primary_key=True, max_length=40)
+    account_id: str = Field(foreign_key="accounts.id", index=True, max_length=40)
+    name: str = Field(max_length=200)
+    key_hash: str = Field(max_length=64, unique=True)
+    prefix: str = Field(max_length=16)
+    last_four: str = Field(max_length=4)
+    created_at: datetime = Field(sa_column=_ts())
+    last_used_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
+    revoked_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
+
+
+class SeatInventory(SQLModel, table=True):
+    """Seats held per pool and block; the conditional UPDATE on this row is what makes selling atomic."""
+
+    __tablename__ = "seat_inventory"
+
+    pool_slug: str = Field(primary_key=True, max_length=64)
+    block: str = Field(primary_key=True, max_length=64)
+    seats_held: int = Field(default=0)
+
+
+class Subscription(SQLModel, table=True):
+    __tablename__ = "subscriptions"
+    __table_args__ = (Index("ix_subscriptions_status_period_end", "status", "period_end"),)
+
+    id: str = Field(primary_key=True, max_length=40)
+    account_id: str = Field(foreign_key="accounts.id", index=True, max_length=40)
+    pool_slug: str = Field(max_length=64)
+    blocks: list[str] = Field(sa_column=Column(JSON, nullable=False))
+    billing_cycle: str = Field(max_length=10)  # month | year
+    status: str = Field(max_length=10)  # pending | active | expired | canceled
+    price_atomic: int = Field(sa_column=Column(BigInteger, nullable=False))  # what this seat cost
+    period_start: datetime = Field(sa_column=_ts())
+    period_end: datetime = Field(sa_column=_ts())
+    charge_id: str | None = Field(default=None, foreign_key="balance_entries.id", max_length=40)
+    payment_id: str | None = Field(default=None, max_length=40)
+    created_at: datetime = Field(sa_column=_ts())
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_keys"
+    # One live (not deleted) key per subscription, enforced by the database itself.
+    __table_args__ = (
+        Index(
+            "ux_api_keys_live_subscription",
+            "subscription_id",
+            unique=True,
+            sqlite_where=text("deleted_at IS NULL"),
+            postgresql_where=text("deleted_at IS NULL"),
+        ),
+    )
+
+    id: str = Field(primary_key=True, max_length=40)
+    account_id: str = Field(foreign_key="accounts.id", index=True, max_length=40)
+    subscription_id: str = Field(foreign_key="subscriptions.id", max_length=40)
+    name: str = Field(max_length=200)
+    key_hash: str = Field(max_length=64, unique=True)
+    prefix: str = Field(max_length=16)
+    last_four: str = Field(max_length=4)
+    status: str = Field(max_length=10)  # active | disabled | revoked
+    created_at: datetime = Field(sa_column=_ts())
+    last_used_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
+    deleted_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
+
+
+class UsageRecord(SQLModel, table=True):
+    """One proxied request; written in batches by the usage recorder, never per chunk."""
+
+    __tablename__ = "usage_records"
+    __table_args__ = (
+        Index("ix_usage_key_time", "api_key_id", "created_at"),
+        Index("ix_usage_account_time", "account_id", "created_at"),
+    )
+
+    id: str = Field(primary_key=True, max_length=40)
+    api_key_id: str = Field(max_length=40)
+    account_id: str = Field(max_length=40)
+    subscription_id: str = Field(max_length=40)
+    endpoint: str = Field(max_length=40)
+    model: str = Field(default="", max_length=200)
+    status_code: int
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_ms: float = 0.0
+    usage_source: str = Field(max_length=12)  # upstream | estimated | missing
+    created_at: datetime = Field(sa_column=_ts())

@@ -1,0 +1,1 @@
+"""Background work inside the server: the periodic runner and its passes."""

@@ -1,0 +1,55 @@
+"""Expiry pass: subscriptions past their period end become `expired`, their seats free, their keys revoked."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import update
+from sqlmodel import col
+
+from agent_gateway.clock import Clock
+from agent_gateway.db.engine import Database
+from agent_gateway.db.models import ApiKey, Subscription
+from agent_gateway.subscriptions.inventory import release_seats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExpiryResult:
+    subscription_ids: list[str]
+    revoked_key_ids: list[str]
+
+
+async def expire_subscriptions(db: Database, clock: Clock) -> ExpiryResult:
+    """One pass. The status flip is a single conditional UPDATE … RETURNING, so when several
+    gateway processes run this at once each subscription is expired (and its seats freed) once."""
+    now = clock.now()
+    async with db.transaction() as session:
+        expired = (
+            await session.execute(
+                update(Subscription)
+                .where(Subscription.status == "active", col(Subscription.period_end) <= now)
+                .values(status="expired")
+                .returning(Subscription.id, Subscription.pool_slug, Subscription.blocks)
+            )
+        ).all()
+        if not expired:
+            return ExpiryResult([], [])
+        ids = [row.id for row in expired]
+        for row in expired:
+            await release_seats(session, row.pool_slug, list(row.blocks))
+        revoked = (
+            await session.execute(
+                update(ApiKey)
+                .where(col(ApiKey.subscription_id).in_(ids), ApiKey.status != "revoked")
+                .values(status="revoked")
+                .returning(ApiKey.id)
+            )
+        ).scalars().all()
+    for sub_id in ids:
+        log.info("subscription expired id=%s", sub_id)
+    for key_id in revoked:
+        log.info("api key revoked id=%s reason=subscription_expired", key_id)
+    return ExpiryResult(ids, list(revoked))

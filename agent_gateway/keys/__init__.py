@@ -1,0 +1,1 @@
+"""API and management keys: token generation, hashing and the key lifecycle."""

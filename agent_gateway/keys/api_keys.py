@@ -1,0 +1,131 @@
+"""API keys (`sk_…`): one live key per subscription; mint, list, disable, enable, delete."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, select
+
+from agent_gateway.clock import Clock
+from agent_gateway.db.engine import Database
+from agent_gateway.db.models import ApiKey, Subscription, new_id
+from agent_gateway.errors import Conflict, InvalidRequest, NotFound
+from agent_gateway.keys.tokens import API_KEY_PREFIX, IssuedToken, issue_token
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KeyView:
+    key: ApiKey
+    subscription: Subscription
+
+
+async def mint_key(
+    db: Database, clock: Clock, account_id: str, subscription_id: str, name: str
+) -> tuple[KeyView, IssuedToken]:
+    """Mint the subscription's key; the plaintext is returned once and never stored."""
+    token = issue_token(API_KEY_PREFIX)
+    try:
+        async with db.transaction() as session:
+            subscription = await session.get(Subscription, subscription_id, with_for_update=True)
+            if subscription is None or subscription.account_id != account_id:
+                raise NotFound(f"No subscription {subscription_id!r}.", code="subscription_not_found")
+            if subscription.status != "active":
+                raise Conflict(
+                    f"Subscription {subscription_id} is {subscription.status}; keys are minted for active subscriptions.",
+                    code="subscription_not_active",
+                )
+            existing = await session.execute(
+                select(ApiKey.id).where(
+                    ApiKey.subscription_id == subscription_id, col(ApiKey.deleted_at).is_(None)
+                )
+            )
+            if existing.first() is not None:
+                raise _one_key_conflict(subscription_id)
+            key = ApiKey(
+                id=new_id("key"),
+                account_id=account_id,
+                subscription_id=subscription_id,
+                name=name,
+                key_hash=token.key_hash,
+                prefix=token.prefix,
+                last_four=token.last_four,
+                status="active",
+                created_at=clock.now(),
+            )
+            session.add(key)
+    except IntegrityError as exc:
+        # Two mints raced past the check; the partial unique index let exactly one through.
+        raise _one_key_conflict(subscription_id) from exc
+    log.info("api key minted id=%s subscription=%s", key.id, subscription_id)
+    return KeyView(key, subscription), token
+
+
+async def list_keys(db: Database, account_id: str) -> list[KeyView]:
+    async with db.transaction() as session:
+        rows = await session.execute(
+            select(ApiKey, Subscription)
+            .join(Subscription, col(Subscription.id) == col(ApiKey.subscription_id))
+            .where(ApiKey.account_id == account_id, col(ApiKey.deleted_at).is_(None))
+            .order_by(col(ApiKey.created_at))
+        )
+        return [KeyView(key, sub) for key, sub in rows]
+
+
+async def disable_key(db: Database, account_id: str, key_id: str) -> KeyView:
+    async with db.transaction() as session:
+        key, subscription = await _owned_key(session, account_id, key_id)
+        if key.status == "revoked":
+            raise Conflict("This key was revoked when its subscription ended.", code="key_revoked")
+        key.status = "disabled"
+        session.add(key)
+    log.info("api key disabled id=%s", key_id)
+    return KeyView(key, subscription)
+
+
+async def enable_key(db: Database, account_id: str, key_id: str) -> KeyView:
+    async with db.transaction() as session:
+        key, subscription = await _owned_key(session, account_id, key_id)
+        if key.status == "revoked" or subscription.status != "active":
+            raise Conflict(
+                f"This key cannot be enabled: its subscription is {subscription.status}.",
+                code="subscription_not_active",
+            )
+        key.status = "active"
+        session.add(key)
+    log.info("api key enabled id=%s", key_id)
+    return KeyView(key, subscription)
+
+
+async def delete_key(db: Database, clock: Clock, account_id: str, key_id: str) -> None:
+    async with db.transaction() as session:
+        key, _ = await _owned_key(session, account_id, key_id)
+        # Soft delete: usage history keeps pointing at the row; the subscription may mint anew.
+        key.deleted_at = clock.now()
+        key.status = "revoked"
+        session.add(key)
+    log.info("api key deleted id=%s", key_id)
+
+
+def validate_key_name(name: object) -> str:
+    if not isinstance(name, str) or not name.strip() or len(name) > 200:
+        raise InvalidRequest("name must be a string of 1 to 200 characters.", code="invalid_name")
+    return name.strip()
+
+
+async def _owned_key(session, account_id: str, key_id: str) -> tuple[ApiKey, Subscription]:  # type: ignore[no-untyped-def]
+    key = await session.get(ApiKey, key_id, with_for_update=True)
+    if key is None or key.account_id != account_id or key.deleted_at is not None:
+        raise NotFound(f"No API key {key_id!r}.", code="api_key_not_found")
+    subscription = await session.get(Subscription, key.subscription_id)
+    return key, subscription
+
+
+def _one_key_conflict(subscription_id: str) -> Conflict:
+    return Conflict(
+        f"Subscription {subscription_id} already has a key; delete it before minting another.",
+        code="subscription_has_key",
+    )

@@ -1,0 +1,65 @@
+"""The one Settings object: every AGW_* variable, parsed and validated once at start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EXAMPLE_POOLS_FILE = Path(__file__).parent / "catalog" / "example_pools.toml"
+
+
+class Settings(BaseSettings):
+    """Read from `AGW_*` environment variables and, when present, a `.env` file."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AGW_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # Storage and coordination.
+    database_url: str = "sqlite:///./agent_gateway.db"
+    redis_url: str | None = None
+    auto_migrate: bool = True
+
+    # Catalog.
+    pools_file: Path = EXAMPLE_POOLS_FILE
+
+    # HTTP server.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    log_level: str = "INFO"
+
+    # Background job.
+    job_interval_s: float = Field(default=30.0, gt=0)
+
+    # Chain (used by the x402 payment path).
+    chain_rpc_url: str | None = None
+    chain_id: int | None = None
+    usdc_address: str | None = None
+    usdc_name: str = "USD Coin"
+    usdc_version: str = "2"
+    pay_to: str | None = None
+    relayer_key: str | None = None
+    confirmations: int = Field(default=1, ge=0)
+
+    @field_validator("redis_url", "chain_rpc_url", "usdc_address", "pay_to", "relayer_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+        return level
+
+    @field_validator("database_url")
+    @classmethod
+    def _supported_database(cls, value: str) -> str:
+        if not value.startswith(("sqlite", "postgresql", "postgres://")):
+            raise ValueError("must be a sqlite:/// or postgresql:// URL")
+        return value

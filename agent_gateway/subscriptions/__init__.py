@@ -1,0 +1,1 @@
+"""Seats and subscriptions: the seat inventory, buying seats, listing and expiring subscriptions."""

@@ -1,0 +1,74 @@
+"""The seat inventory: per pool and block, seats held; reserving is one conditional UPDATE."""
+
+from __future__ import annotations
+
+from sqlalchemy import update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlmodel import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from agent_gateway.catalog.pools import Catalog
+from agent_gateway.db.engine import Database
+from agent_gateway.db.models import SeatInventory
+from agent_gateway.errors import Conflict
+
+
+async def ensure_inventory(db: Database, catalog: Catalog) -> None:
+    """Create the missing inventory rows; safe when several processes start at once."""
+    rows = [
+        {"pool_slug": pool.slug, "block": block, "seats_held": 0}
+        for pool in catalog.pools.values()
+        for block in pool.prices_atomic
+    ]
+    if not rows:
+        return
+    async with db.transaction() as session:
+        dialect = session.bind.dialect.name  # type: ignore[union-attr]
+        insert = pg_insert if dialect == "postgresql" else sqlite_insert
+        await session.execute(insert(SeatInventory).values(rows).on_conflict_do_nothing())
+
+
+async def reserve_seats(
+    session: AsyncSession, catalog: Catalog, pool_slug: str, blocks: tuple[str, ...], quantity: int
+) -> None:
+    """Hold `quantity` seats in every block, or raise Conflict and hold none (the caller rolls back)."""
+    capacity = catalog.pools[pool_slug].seats
+    # A fixed lock order (sorted blocks) keeps two buyers of overlapping blocks from deadlocking.
+    for block in sorted(blocks):
+        result = await session.execute(
+            update(SeatInventory)
+            .where(
+                SeatInventory.pool_slug == pool_slug,
+                SeatInventory.block == block,
+                SeatInventory.seats_held + quantity <= capacity,
+            )
+            .values(seats_held=SeatInventory.seats_held + quantity)
+        )
+        if result.rowcount != 1:
+            raise Conflict(
+                f"Not enough seats left in the {block} block of pool {pool_slug} for {quantity} more.",
+                code="sold_out",
+            )
+
+
+async def release_seats(
+    session: AsyncSession, pool_slug: str, blocks: list[str], quantity: int = 1
+) -> None:
+    for block in sorted(blocks):
+        await session.execute(
+            update(SeatInventory)
+            .where(SeatInventory.pool_slug == pool_slug, SeatInventory.block == block)
+            .values(seats_held=SeatInventory.seats_held - quantity)
+        )
+
+
+async def seats_available(db: Database, catalog: Catalog) -> dict[tuple[str, str], int]:
+    """(pool, block) -> seats that can still be sold right now."""
+    async with db.transaction() as session:
+        held = {(r.pool_slug, r.block): r.seats_held for r in await session.scalars(select(SeatInventory))}
+    return {
+        (pool.slug, block): max(0, pool.seats - held.get((pool.slug, block), 0))
+        for pool in catalog.pools.values()
+        for block in pool.prices_atomic
+    }

@@ -1,0 +1,1 @@
+"""Usage: recording each proxied request and reporting it per key over time windows."""

@@ -1,0 +1,115 @@
+"""The usage recorder: the proxy hands it one event per request; it writes them in batches."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import insert, update
+from sqlmodel import col
+
+from agent_gateway.db.engine import Database
+from agent_gateway.db.models import ApiKey, UsageRecord, new_id
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UsageEvent:
+    api_key_id: str
+    account_id: str
+    subscription_id: str
+    endpoint: str
+    model: str
+    status_code: int
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float
+    usage_source: str  # upstream | estimated | missing
+    created_at: datetime
+
+
+class UsageRecorder:
+    """Buffers events in memory and writes them in one transaction per batch.
+
+    `record` never touches the database, so the proxy's hot path stays free of writes; a failed
+    write keeps the events for the next attempt, and `close` drains the buffer at shutdown."""
+
+    def __init__(self, db: Database, *, flush_interval_s: float = 0.5, batch_size: int = 500,
+                 max_buffer: int = 200_000) -> None:
+        self._db = db
+        self._buffer: deque[UsageEvent] = deque()
+        self._flush_interval_s = flush_interval_s
+        self._batch_size = batch_size
+        self._max_buffer = max_buffer
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="agent-gateway-usage")
+
+    def record(self, event: UsageEvent) -> None:
+        if len(self._buffer) >= self._max_buffer:
+            log.error("usage buffer full (%d); dropping the oldest event", self._max_buffer)
+            self._buffer.popleft()
+        self._buffer.append(event)
+        if len(self._buffer) >= self._batch_size:
+            self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    async def flush(self) -> int:
+        """Write everything buffered now; returns how many events were written."""
+        written = 0
+        async with self._lock:
+            while self._buffer:
+                batch = [self._buffer[i] for i in range(min(self._batch_size, len(self._buffer)))]
+                await self._write(batch)
+                for _ in batch:
+                    self._buffer.popleft()
+                written += len(batch)
+        return written
+
+    async def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        await self.flush()
+
+    async def _loop(self) -> None:
+        while not self._closing:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self._flush_interval_s)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("usage write failed; %d events kept for the next attempt", self.pending)
+
+    async def _write(self, batch: list[UsageEvent]) -> None:
+        last_used: dict[str, datetime] = {}
+        for event in batch:
+            if event.api_key_id not in last_used or event.created_at > last_used[event.api_key_id]:
+                last_used[event.api_key_id] = event.created_at
+        async with self._db.transaction() as session:
+            await session.execute(
+                insert(UsageRecord),
+                [{"id": new_id("use"), **event.__dict__} for event in batch],
+            )
+            for key_id, at in last_used.items():
+                await session.execute(
+                    update(ApiKey)
+                    .where(ApiKey.id == key_id)
+                    .where((col(ApiKey.last_used_at).is_(None)) | (col(ApiKey.last_used_at) < at))
+                    .values(last_used_at=at)
+                )
