@@ -1,0 +1,1 @@
+"""The data plane: upstream client, leases, revocation, streaming relay and usage."""

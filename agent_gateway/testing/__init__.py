@@ -1,0 +1,1 @@
+"""In-process servers and a fake OpenAI-compatible upstream for tests and benchmarks."""

@@ -1,0 +1,552 @@
+"""Fast, deterministic OpenAI-compatible test upstream with failure injection and in-flight recording."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import logging
+import random
+import struct
+import threading
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, NamedTuple
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+MAX_TOKENS_CAP = 10_000
+MODES = frozenset({"ok", "fail", "stall", "cut", "stall_after", "slow_headers"})
+# ASCII-only tokens, so they can be spliced into JSON bytes without escaping.
+_VOCAB = [b"tok%d " % i for i in range(4096)]
+_JSON_CT = (b"content-type", b"application/json")
+_SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+_DONE = b"data: [DONE]\n\n"
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 409: "conflict_error", 422: "invalid_request_error",
+                429: "rate_limit_exceeded"}
+
+
+@dataclass
+class UpstreamSettings:
+    delay_s: float = 0.0  # between stream chunks; a non-stream reply waits delay_s * tokens in total
+    chunks: int = 16  # tokens (= content chunks) per completion when the request sets no max_tokens
+    models: list[str] = field(default_factory=lambda: ["test-model", "test-model-large", "test-embedding"])
+    first_byte_delay_s: float = 0.0
+    embedding_dimensions: int = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Behaviour:
+    mode: str = "ok"  # one of MODES
+    status: int = 500  # for fail
+    after_chunks: int = 0  # for cut / stall_after
+    seconds: float = 1.0  # for slow_headers
+    delay_s: float | None = None  # overrides UpstreamSettings.delay_s
+
+
+_OK = Behaviour()
+
+
+def parse_behaviour(text: str) -> Behaviour:
+    """Parse an X-Test-Behaviour value such as "fail:503", "cut:3", "delay:0.01, stall_after:2"."""
+    fields: dict[str, Any] = {}
+    for part in text.split(","):
+        name, _, arg = part.strip().partition(":")
+        name, arg = name.strip().lower(), arg.strip()
+        if not name:
+            continue
+        if name == "delay":
+            fields["delay_s"] = float(arg)
+        elif name == "fail":
+            fields.update(mode="fail", status=int(arg or 500))
+        elif name in ("cut", "stall_after"):
+            fields.update(mode=name, after_chunks=int(arg or 0))
+        elif name == "slow_headers":
+            fields.update(mode=name, seconds=float(arg or 1.0))
+        elif name in ("ok", "stall"):
+            fields["mode"] = name
+        else:
+            raise ValueError(f"unknown test behaviour {name!r}")
+    return Behaviour(**fields)
+
+
+class BehaviourControl:
+    """The behaviour applied to /v1 requests that carry no X-Test-Behaviour header."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._current = _OK
+        self._remaining: int | None = None
+
+    def set(self, mode: str = "ok", *, status: int = 500, after_chunks: int = 0, seconds: float = 1.0,
+            delay_s: float | None = None, count: int | None = None) -> None:
+        """Apply to the next `count` requests (None = until reset)."""
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {sorted(MODES)}")
+        with self._lock:
+            self._current = Behaviour(mode, int(status), int(after_chunks), float(seconds),
+                                      None if delay_s is None else float(delay_s))
+            self._remaining = None if count is None else int(count)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._current, self._remaining = _OK, None
+
+    @property
+    def current(self) -> Behaviour:
+        return self._current
+
+    def take(self) -> Behaviour:
+        if self._current is _OK:  # lock-free fast path for the benchmark
+            return _OK
+        with self._lock:
+            current = self._current
+            if self._remaining is not None:
+                self._remaining -= 1
+                if self._remaining <= 0:
+                    self._current, self._remaining = _OK, None
+            return current
+
+
+class Recorder:
+    """Request statistics; safe to read and wait on from any thread or event loop.
+
+    A request's key is its X-Agent-Gateway-Key-Id header, else its Authorization header, else "".
+    """
+
+    def __init__(self, recent: int = 1000) -> None:
+        # Reentrant so predicates may call recorder methods while we evaluate them under the lock.
+        self._cond = threading.Condition(threading.RLock())
+        self._async_waiters: list[tuple[Callable[[Recorder], bool], asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._recent = recent
+        self.in_flight = 0
+        self._in_flight_by_key: dict[str, int] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero the counters; requests still in flight stay counted, and the peaks restart from them."""
+        with self._cond:
+            self.total = self.completed = self.cancelled = 0
+            self.peak_in_flight = self.in_flight
+            self._max_by_key = {k: v for k, v in self._in_flight_by_key.items() if v}
+            self.models: deque[str | None] = deque(maxlen=self._recent)
+            self._changed()
+
+    def begin(self, key: str, model: str | None) -> None:
+        with self._cond:
+            self.total += 1
+            self.in_flight += 1
+            if self.in_flight > self.peak_in_flight:
+                self.peak_in_flight = self.in_flight
+            n = self._in_flight_by_key.get(key, 0) + 1
+            self._in_flight_by_key[key] = n
+            if n > self._max_by_key.get(key, 0):
+                self._max_by_key[key] = n
+            self.models.append(model)
+            self._changed()
+
+    def end(self, key: str, cancelled: bool) -> None:
+        with self._cond:
+            self.in_flight -= 1
+            self._in_flight_by_key[key] -= 1
+            if cancelled:
+                self.cancelled += 1
+            else:
+                self.completed += 1
+            self._changed()
+
+    def max_in_flight(self, key: str | None = None) -> int:
+        """Most requests seen at once for `key`, or across all keys when key is None."""
+        with self._cond:
+            return self.peak_in_flight if key is None else self._max_by_key.get(key, 0)
+
+    def in_flight_for(self, key: str) -> int:
+        with self._cond:
+            return self._in_flight_by_key.get(key, 0)
+
+    def stats(self) -> dict[str, Any]:
+        with self._cond:
+            return {"total": self.total, "in_flight": self.in_flight, "max_in_flight": self.peak_in_flight,
+                    "completed": self.completed, "cancelled": self.cancelled,
+                    "in_flight_by_key": {k: v for k, v in self._in_flight_by_key.items() if v},
+                    "max_in_flight_by_key": dict(self._max_by_key), "models": list(self.models)}
+
+    def _changed(self) -> None:
+        self._cond.notify_all()
+        for waiter in list(self._async_waiters):
+            pred, loop, fut = waiter
+            if pred(self):
+                self._async_waiters.remove(waiter)
+                loop.call_soon_threadsafe(_resolve, fut)
+
+    def wait_for_sync(self, pred: Callable[[Recorder], bool], timeout: float = 5.0) -> None:
+        """Block until pred(recorder) holds; never call it from the upstream's own event loop."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: pred(self), timeout):
+                raise TimeoutError(f"recorder condition not met within {timeout}s: {self.stats()}")
+
+    async def wait_for(self, pred: Callable[[Recorder], bool], timeout: float = 5.0) -> None:
+        """Await until pred(recorder) holds, from any event loop (the upstream's own included)."""
+        loop = asyncio.get_running_loop()
+        with self._cond:
+            if pred(self):
+                return
+            waiter = (pred, loop, loop.create_future())
+            self._async_waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter[2], timeout)
+        except TimeoutError:
+            raise TimeoutError(f"recorder condition not met within {timeout}s: {self.stats()}") from None
+        finally:
+            with self._cond:
+                if waiter in self._async_waiters:
+                    self._async_waiters.remove(waiter)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class _CutConnection(Exception):
+    """Raised after a partial response so uvicorn drops the connection mid-body."""
+
+
+class _QuietCut(logging.Filter):
+    # uvicorn logs every app exception with a traceback; an injected cut is expected, not news.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], _CutConnection))
+
+
+def _install_log_filter() -> None:
+    log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _QuietCut) for f in log.filters):
+        log.addFilter(_QuietCut())
+
+
+class _Client:
+    """Watches for http.disconnect, started lazily so replies without waits pay nothing."""
+
+    __slots__ = ("_receive", "_task")
+
+    def __init__(self, receive: Callable[[], Any]) -> None:
+        self._receive = receive
+        self._task: asyncio.Task[None] | None = None
+
+    async def _watch(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+
+    def _watcher(self) -> asyncio.Task[None]:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._watch())
+        return self._task
+
+    async def sleep(self, seconds: float) -> bool:
+        """Wait `seconds`; False if the client disconnected meanwhile."""
+        done, _ = await asyncio.wait((self._watcher(),), timeout=seconds)
+        return not done
+
+    async def wait_gone(self) -> None:
+        await self._watcher()
+
+    def close(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+
+class _Reply(NamedTuple):
+    status: int
+    body: bytes  # the whole JSON body, or the stream's closing bytes (finish chunk, usage, [DONE])
+    chunks: list[bytes] | None = None  # SSE content chunks when streaming
+    tokens: int = 0
+
+
+class _BadRequest(Exception):
+    pass
+
+
+def _error_body(status: int, message: str) -> bytes:
+    kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}}).encode()
+
+
+def _words(value: Any) -> tuple[str, int]:
+    """Prompt text and its deterministic token count (whitespace words; token ids count one each)."""
+    if isinstance(value, str):
+        return value, len(value.split())
+    if isinstance(value, list):
+        if all(isinstance(v, int) for v in value):
+            return " ".join(map(str, value)), len(value)
+        texts, count = [], 0
+        for item in value:
+            text, n = _words(item.get("text") if isinstance(item, dict) else item)
+            texts.append(text)
+            count += n
+        return "\n".join(texts), count
+    return "", 0
+
+
+def _max_tokens(payload: dict[str, Any], default: int) -> int:
+    n = payload.get("max_completion_tokens") or payload.get("max_tokens")
+    return min(max(int(n), 1), MAX_TOKENS_CAP) if isinstance(n, int | float) else default
+
+
+def _usage(prompt: int, completion: int) -> bytes:
+    return b'{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d}' % (prompt, completion, prompt + completion)
+
+
+class _Upstream:
+    def __init__(self, settings: UpstreamSettings) -> None:
+        self.settings = settings
+        self.recorder = Recorder()
+        self.behaviour = BehaviourControl()
+        self._ids = itertools.count(1)
+        self._parsed: dict[bytes, Behaviour | str] = {}
+        self.models_body = json.dumps({"object": "list", "data": [
+            {"id": m, "object": "model", "created": 0, "owned_by": "agent-gateway-test"} for m in settings.models
+        ]}).encode()
+
+    def behaviour_for(self, header: bytes | None) -> Behaviour | str:
+        """The request's behaviour, or an error message for a malformed X-Test-Behaviour header."""
+        if header is None:
+            return self.behaviour.take()
+        parsed = self._parsed.get(header)
+        if parsed is None:
+            try:
+                parsed = parse_behaviour(header.decode("latin-1"))
+            except ValueError as exc:
+                parsed = f"bad X-Test-Behaviour header: {exc}"
+            if len(self._parsed) < 1024:  # tests reuse a handful of values; don't grow without bound
+                self._parsed[header] = parsed
+        return parsed
+
+    def completion(self, payload: dict[str, Any], chat: bool) -> _Reply:
+        model = payload.get("model")
+        if not isinstance(model, str):
+            raise _BadRequest("'model' is required")
+        if chat:
+            messages = payload.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise _BadRequest("'messages' must be a non-empty list")
+            text, prompt = _words([m.get("content") if isinstance(m, dict) else None for m in messages])
+        else:
+            if "prompt" not in payload:
+                raise _BadRequest("'prompt' is required")
+            text, prompt = _words(payload["prompt"])
+        n = _max_tokens(payload, self.settings.chunks)
+        # Seeded by the prompt, so different prompts stream different (but reproducible) text.
+        seed = zlib.crc32(text.encode())
+        toks = [_VOCAB[(seed + i * 7) % 4096] for i in range(n)]
+        rid, created, mj = next(self._ids), int(time.time()), json.dumps(model).encode()
+        if not payload.get("stream"):
+            content = b"".join(toks)
+            if chat:
+                body = (b'{"id":"chatcmpl-%d","object":"chat.completion","created":%d,"model":%s,"choices":'
+                        b'[{"index":0,"message":{"role":"assistant","content":"%s","refusal":null},'
+                        b'"logprobs":null,"finish_reason":"stop"}],"usage":%s,"system_fingerprint":null}'
+                        % (rid, created, mj, content, _usage(prompt, n)))
+            else:
+                body = (b'{"id":"cmpl-%d","object":"text_completion","created":%d,"model":%s,"choices":'
+                        b'[{"index":0,"text":"%s","logprobs":null,"finish_reason":"stop"}],"usage":%s}'
+                        % (rid, created, mj, content, _usage(prompt, n)))
+            return _Reply(200, body, None, n)
+        opts = payload.get("stream_options")
+        with_usage = isinstance(opts, dict) and opts.get("include_usage") is True
+        # OpenAI sends "usage":null on every chunk once include_usage is set, then one usage-only chunk.
+        unull = b',"usage":null' if with_usage else b""
+        if chat:
+            obj, prefix, fp = b"chat.completion.chunk", b"chatcmpl", b'"system_fingerprint":null,'
+            first, piece, last = b'"delta":{"role":"assistant","content":"%s"}', b'"delta":{"content":"%s"}', b'"delta":{}'
+        else:
+            obj, prefix, fp = b"text_completion", b"cmpl", b""
+            first = piece = b'"text":"%s"'
+            last = b'"text":""'
+        head = b'data: {"id":"%s-%d","object":"%s","created":%d,"model":%s,%s' % (prefix, rid, obj, created, mj, fp)
+        mid = b',"logprobs":null,"finish_reason":null}]%s}\n\n' % unull
+        chunks = [head + b'"choices":[{"index":0,' + ((first if i == 0 else piece) % t) + mid
+                  for i, t in enumerate(toks)]
+        tail = head + b'"choices":[{"index":0,' + last + b',"logprobs":null,"finish_reason":"stop"}]%s}\n\n' % unull
+        if with_usage:
+            tail += head + b'"choices":[],"usage":%s}\n\n' % _usage(prompt, n)
+        return _Reply(200, tail + _DONE, chunks, n)
+
+    def embeddings(self, payload: dict[str, Any]) -> _Reply:
+        model, inputs = payload.get("model"), payload.get("input")
+        if not isinstance(model, str) or inputs is None:
+            raise _BadRequest("'model' and 'input' are required")
+        if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]
+        dims = int(payload.get("dimensions") or self.settings.embedding_dimensions)
+        as_b64 = payload.get("encoding_format") == "base64"
+        data, tokens = [], 0
+        for i, item in enumerate(inputs):
+            text, n = _words(item)
+            tokens += n
+            rng = random.Random(zlib.crc32(text.encode()))
+            vec = [rng.uniform(-1.0, 1.0) for _ in range(dims)]
+            norm = sum(v * v for v in vec) ** 0.5 or 1.0
+            vec = [v / norm for v in vec]
+            emb: Any = base64.b64encode(struct.pack(f"<{dims}f", *vec)).decode() if as_b64 else vec
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        body = {"object": "list", "data": data, "model": model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return _Reply(200, json.dumps(body).encode())
+
+
+class _Endpoint:
+    """Raw ASGI endpoint: Starlette passes class instances straight through, skipping Request/Response."""
+
+    def __init__(self, up: _Upstream, kind: str) -> None:
+        self.up, self.kind = up, kind
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        key = auth = header = None
+        for name, value in scope["headers"]:
+            if name == b"x-agent-gateway-key-id":
+                key = value
+            elif name == b"authorization":
+                auth = value
+            elif name == b"x-test-behaviour" or name == b"x-test-behavior":
+                header = value
+        key_s = (key if key is not None else auth or b"").decode("latin-1")
+        payload: Any = {}
+        if self.kind != "models":
+            message = await receive()
+            body = message.get("body", b"")
+            while message.get("more_body"):
+                message = await receive()
+                body += message.get("body", b"")
+            if message["type"] == "http.disconnect":
+                return
+            try:
+                payload = json.loads(body)
+            except ValueError:
+                payload = None
+        model = payload.get("model") if isinstance(payload, dict) else None
+        rec, client = self.up.recorder, _Client(receive)
+        rec.begin(key_s, model if isinstance(model, str) else None)
+        cancelled = True  # also the verdict when the server cancels us at shutdown
+        try:
+            cancelled = await self._serve(send, client, payload, self.up.behaviour_for(header))
+        except _CutConnection:
+            cancelled = False
+            raise
+        finally:
+            client.close()
+            rec.end(key_s, cancelled)
+
+    async def _serve(self, send: Callable[..., Any], client: _Client, payload: Any, beh: Behaviour | str) -> bool:
+        """Send the reply; True if the client disconnected first."""
+        if isinstance(beh, str):
+            return await _send_whole(send, client, _Reply(400, _error_body(400, beh)), _OK, 0.0)
+        settings = self.up.settings
+        if beh.mode == "stall":
+            await client.wait_gone()
+            return True
+        wait = settings.first_byte_delay_s + (beh.seconds if beh.mode == "slow_headers" else 0.0)
+        if wait > 0 and not await client.sleep(wait):
+            return True
+        if beh.mode == "fail":
+            return await _send_whole(send, client, _Reply(beh.status, _error_body(beh.status, "injected failure")), _OK, 0.0)
+        try:
+            if not isinstance(payload, dict):
+                raise _BadRequest("request body must be a JSON object")
+            if self.kind == "models":
+                reply = _Reply(200, self.up.models_body)
+            elif self.kind == "embeddings":
+                reply = self.up.embeddings(payload)
+            else:
+                reply = self.up.completion(payload, chat=self.kind == "chat")
+        except _BadRequest as exc:
+            return await _send_whole(send, client, _Reply(400, _error_body(400, str(exc))), _OK, 0.0)
+        delay = settings.delay_s if beh.delay_s is None else beh.delay_s
+        if reply.chunks is None:
+            return await _send_whole(send, client, reply, beh, delay * reply.tokens)
+        return await _send_stream(send, client, reply, beh, delay)
+
+
+async def _send_whole(send: Callable[..., Any], client: _Client, reply: _Reply, beh: Behaviour, wait: float) -> bool:
+    if wait > 0 and not await client.sleep(wait):
+        return True
+    body = reply.body
+    await send({"type": "http.response.start", "status": reply.status,
+                "headers": [_JSON_CT, (b"content-length", b"%d" % len(body))]})
+    if beh.mode in ("cut", "stall_after"):
+        await send({"type": "http.response.body", "body": body[: len(body) // 2], "more_body": True})
+        if beh.mode == "cut":
+            raise _CutConnection
+        await client.wait_gone()
+        return True
+    await send({"type": "http.response.body", "body": body})
+    return False
+
+
+async def _send_stream(send: Callable[..., Any], client: _Client, reply: _Reply, beh: Behaviour, delay: float) -> bool:
+    await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+    chunks = reply.chunks or []
+    partial = beh.mode in ("cut", "stall_after")
+    for i in range(min(beh.after_chunks, len(chunks)) if partial else len(chunks)):
+        if i and delay > 0 and not await client.sleep(delay):
+            return True
+        await send({"type": "http.response.body", "body": chunks[i], "more_body": True})
+    if beh.mode == "cut":
+        raise _CutConnection
+    if beh.mode == "stall_after":
+        await client.wait_gone()
+        return True
+    if delay > 0 and not await client.sleep(delay):
+        return True
+    await send({"type": "http.response.body", "body": reply.body})
+    return False
+
+
+def create_upstream_app(settings: UpstreamSettings | None = None) -> Starlette:
+    """The test upstream; app.state.recorder is a Recorder and app.state.behaviour a BehaviourControl."""
+    up = _Upstream(settings or UpstreamSettings())
+    _install_log_filter()
+
+    async def set_behaviour(request: Request) -> JSONResponse:
+        try:
+            spec = await request.json()
+            up.behaviour.set(**spec)
+        except (ValueError, TypeError) as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse({"ok": True, "behaviour": asdict(up.behaviour.current)})
+
+    async def reset(request: Request) -> JSONResponse:
+        up.behaviour.reset()
+        up.recorder.reset()
+        return JSONResponse({"ok": True})
+
+    async def stats(request: Request) -> JSONResponse:
+        return JSONResponse(up.recorder.stats())
+
+    app = Starlette(routes=[
+        Route("/v1/chat/completions", _Endpoint(up, "chat"), methods=["POST"]),
+        Route("/v1/completions", _Endpoint(up, "completions"), methods=["POST"]),
+        Route("/v1/embeddings", _Endpoint(up, "embeddings"), methods=["POST"]),
+        Route("/v1/models", _Endpoint(up, "models"), methods=["GET"]),
+        Route("/_control/behaviour", set_behaviour, methods=["POST"]),
+        Route("/_control/reset", reset, methods=["POST"]),
+        Route("/_control/stats", stats, methods=["GET"]),
+    ])
+    app.state.recorder = up.recorder
+    app.state.behaviour = up.behaviour
+    app.state.settings = up.settings
+    return app
+
+
+def run_test_upstream(host: str, port: int, settings: UpstreamSettings) -> None:
+    """Serve the test upstream in the foreground until interrupted (backs `agent-gateway test-upstream`)."""
+    import uvicorn
+
+    uvicorn.run(create_upstream_app(settings), host=host, port=port, access_log=False, log_level="info")

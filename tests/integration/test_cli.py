@@ -1,0 +1,58 @@
+"""The agent-gateway command as an operator runs it: a real process, settings from the environment."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+COMMANDS = ["serve", "migrate", "accounts", "pools", "test-upstream"]
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "agent_gateway", *args], capture_output=True, text=True, timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_help_explains_every_command():
+    result = run("--help")
+    assert result.returncode == 0
+    for command in COMMANDS:
+        assert command in result.stdout
+        assert run(command, "--help").returncode == 0
+
+
+def test_create_an_account_and_credit_it(database_url, tmp_path):
+    env = {"AGW_DATABASE_URL": database_url}
+    created = run("accounts", "create", "Acme Corp", env=env)
+    assert created.returncode == 0, created.stderr
+    account = re.search(r"account:\s+(acct_\w+)", created.stdout).group(1)
+    assert re.search(r"management key:\s+mk_\w{43}\b", created.stdout)
+    credited = run("accounts", "credit", account, "125.50", env=env)
+    assert credited.returncode == 0, credited.stderr
+    assert "balance 125.50 USDC" in credited.stdout
+    again = run("accounts", "credit", account, "0.50", env=env)
+    assert "balance 126.00 USDC" in again.stdout
+
+
+@pytest.mark.parametrize("amount", ["-5", "abc", "1.0000001", "0"])
+def test_bad_credit_amounts_are_refused(database_url, amount):
+    env = {"AGW_DATABASE_URL": database_url}
+    account = re.search(r"(acct_\w+)", run("accounts", "create", "A", env=env).stdout).group(1)
+    result = run("accounts", "credit", account, amount, env=env)
+    assert result.returncode != 0 and result.stderr.strip()
+    # None of the refused credits moved the balance.
+    assert "balance 1.00 USDC" in run("accounts", "credit", account, "1", env=env).stdout
+
+
+def test_crediting_an_unknown_account_fails_clearly(database_url):
+    result = run("accounts", "credit", "acct_nope", "5", env={"AGW_DATABASE_URL": database_url})
+    assert result.returncode == 1 and "No account 'acct_nope'" in result.stderr
+
+
+def test_invalid_settings_name_the_variable():
+    result = run("migrate", env={"AGW_PORT": "not-a-port"})
+    assert result.returncode == 2 and "AGW_PORT" in result.stderr

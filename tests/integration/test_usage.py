@@ -1,0 +1,74 @@
+"""Usage: the record the proxy writes, aggregated per key over 1h / 24h / 7d / 30d."""
+
+from datetime import timedelta
+
+import pytest
+
+from agent_gateway.usage.recorder import UsageEvent
+from tests.conftest import auth
+
+pytestmark = pytest.mark.anyio
+
+
+def event(key: dict, account: str, at, *, status=200, prompt=10, completion=20) -> UsageEvent:
+    return UsageEvent(
+        api_key_id=key["id"], account_id=account, subscription_id=key["subscriptionId"],
+        endpoint="chat.completions", model="alpha-1", status_code=status, prompt_tokens=prompt,
+        completion_tokens=completion, latency_ms=12.5, usage_source="upstream", created_at=at,
+    )
+
+
+async def test_usage_is_aggregated_per_key_and_window(gateway, clock):
+    account, mk = await gateway.new_account(credit="200")
+    subs = await gateway.buy(mk, quantity=2)
+    k1 = await gateway.mint(mk, subs[0]["id"], "one")
+    k2 = await gateway.mint(mk, subs[1]["id"], "two")
+    now = clock.now()
+    recorder = gateway.services.usage
+    recorder.record(event(k1, account, now - timedelta(minutes=30)))
+    recorder.record(event(k1, account, now - timedelta(hours=2), status=502, prompt=1, completion=0))
+    recorder.record(event(k1, account, now - timedelta(days=3)))
+    recorder.record(event(k1, account, now - timedelta(days=20)))
+    recorder.record(event(k1, account, now - timedelta(days=40)))  # outside every window
+    recorder.record(event(k2, account, now - timedelta(minutes=5), prompt=100, completion=1))
+    assert await recorder.flush() == 6
+
+    rows = {r["name"]: r for r in (await gateway.client.get("/api/usage", headers=auth(mk))).json()["data"]}
+    u1 = rows["one"]["usage"]
+    assert u1["1h"] == {"requests": 1, "promptTokens": 10, "completionTokens": 20, "errors": 0}
+    assert u1["24h"] == {"requests": 2, "promptTokens": 11, "completionTokens": 20, "errors": 1}
+    assert u1["7d"]["requests"] == 3 and u1["30d"]["requests"] == 4
+    assert rows["two"]["usage"]["1h"] == {"requests": 1, "promptTokens": 100, "completionTokens": 1, "errors": 0}
+    assert rows["one"]["subscriptionStatus"] == "active"
+    # last used is the newest event, written in the same batch.
+    assert rows["two"]["lastUsedAt"] == (now - timedelta(minutes=5)).isoformat().replace("+00:00", "Z")
+
+
+async def test_another_accounts_usage_is_not_shown(gateway, clock):
+    account_a, mk_a = await gateway.new_account("A", credit="100")
+    _, mk_b = await gateway.new_account("B", credit="100")
+    key_a = await gateway.mint(mk_a, (await gateway.buy(mk_a))[0]["id"])
+    gateway.services.usage.record(event(key_a, account_a, clock.now()))
+    await gateway.services.usage.flush()
+    assert (await gateway.client.get("/api/usage", headers=auth(mk_b))).json()["data"] == []
+
+
+async def test_buffered_usage_is_written_at_shutdown(settings, clock):
+    from agent_gateway.app import create_app
+    from agent_gateway.lifespan import build_services
+    from tests.fixtures.state import snapshot
+
+    services = build_services(settings, clock)
+    app = create_app(services=services)
+    async with app.router.lifespan_context(app):
+        from agent_gateway.accounts.service import create_account
+        account, _ = await create_account(services.db, clock, "A")
+        for i in range(3):
+            services.usage.record(UsageEvent(
+                api_key_id=f"key_{i}", account_id=account.id, subscription_id="sub_x",
+                endpoint="chat.completions", model="m", status_code=200, prompt_tokens=1,
+                completion_tokens=1, latency_ms=1.0, usage_source="estimated", created_at=clock.now()))
+    # The app is stopped: the buffer was drained into a database we can reopen.
+    reopened = build_services(settings, clock)
+    assert (await snapshot(reopened.db))["counts"]["usage_records"] == 3
+    await reopened.db.dispose()
