@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.routing import Route
 
 from agent_gateway.api import management, public
 from agent_gateway.api.rendering import handle_gateway_error, handle_http_exception, handle_unexpected
 from agent_gateway.clock import Clock
 from agent_gateway.errors import GatewayError
+from agent_gateway.metrics import metrics_endpoint
+from agent_gateway.proxy import routes as proxy_routes
 from agent_gateway.lifespan import Services, build_services, lifespan_for
 from agent_gateway.settings import Settings
 
@@ -17,7 +20,12 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None,
                services: Services | None = None) -> Starlette:
     services = services or build_services(settings or Settings(), clock)
     app = Starlette(
-        routes=[*public.routes, *management.routes],
+        routes=[
+            *proxy_routes.routes,
+            *public.routes,
+            *management.routes,
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
+        ],
         exception_handlers={
             GatewayError: handle_gateway_error,
             HTTPException: handle_http_exception,

@@ -1,4 +1,4 @@
-"""The `agent-gateway` command: serve, migrate, accounts, pools, test-upstream."""
+"""The `agent-gateway` command: serve, migrate, accounts, pools, demo, test-upstream."""
 
 from __future__ import annotations
 
@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     check = pool_commands.add_parser("check", help="load and validate a pools file, print a summary")
     check.add_argument("file", nargs="?", help="the pools file (default AGW_POOLS_FILE or the example)")
     check.set_defaults(run=_pools_check)
+
+    demo = commands.add_parser(
+        "demo", help="run the end-to-end demo on embedded defaults (own servers, temporary database)"
+    )
+    demo.set_defaults(run=_demo)
 
     upstream = commands.add_parser(
         "test-upstream", help="run the OpenAI-compatible test upstream (deterministic tokens)"
@@ -167,6 +172,12 @@ def _pools_check(args: argparse.Namespace, settings: Settings) -> int:
         prices = ", ".join(f"{b} {format_usdc(p)}" for b, p in pool.prices_atomic.items())
         print(f"pool {pool.slug} ({pool.status}): {pool.seats} seats/block; models {', '.join(pool.models)}; {prices} USDC/30d")
     return 0
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from agent_gateway.demo import run_demo
+
+    return run_demo()
 
 
 def _test_upstream(args: argparse.Namespace, settings: Settings) -> int:

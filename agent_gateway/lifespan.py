@@ -15,6 +15,13 @@ from agent_gateway.db.engine import Database
 from agent_gateway.db.migrate import upgrade_database
 from agent_gateway.jobs.expiry import expire_subscriptions
 from agent_gateway.jobs.runner import JobRunner
+from agent_gateway.keys.revocation import RESTORED, KeyRevoker
+from agent_gateway.metrics import SUBSCRIPTIONS_EXPIRED
+from agent_gateway.proxy.directory import KeyDirectory
+from agent_gateway.proxy.leases import Leases, MemoryLeases, RedisLeases
+from agent_gateway.proxy.relay import RelayDeps
+from agent_gateway.proxy.revocations import RevocationBus, StreamRegistry, make_revocation_bus
+from agent_gateway.proxy.upstream import UpstreamClient, UpstreamTimeouts
 from agent_gateway.settings import Settings
 from agent_gateway.subscriptions.inventory import ensure_inventory
 from agent_gateway.usage.recorder import UsageRecorder
@@ -30,6 +37,13 @@ class Services:
     catalog: Catalog
     usage: UsageRecorder
     jobs: JobRunner
+    directory: KeyDirectory
+    leases: Leases
+    bus: RevocationBus
+    streams: StreamRegistry
+    revoker: KeyRevoker
+    upstream: UpstreamClient
+    relay_deps: RelayDeps
 
 
 def build_services(settings: Settings, clock: Clock | None = None) -> Services:
@@ -37,9 +51,36 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     clock = clock or Clock()
     catalog = load_catalog(settings.pools_file)
     db = Database(settings.database_url)
-    jobs = JobRunner(settings.job_interval_s, {"expiry": lambda: expire_subscriptions(db, clock)})
+    usage = UsageRecorder(db)
+    if settings.redis_url:
+        leases: Leases = RedisLeases(settings.redis_url, lease_ttl_ms=int(settings.lease_ttl_s * 1000))
+        renew_interval_s: float | None = settings.lease_ttl_s / 3
+    else:
+        leases, renew_interval_s = MemoryLeases(), None
+    bus = make_revocation_bus(settings.redis_url)
+    streams = StreamRegistry()
+    revoker = KeyRevoker(leases, bus)
+    upstream = UpstreamClient(
+        UpstreamTimeouts(
+            connect_s=settings.upstream_connect_timeout_s,
+            first_byte_s=settings.upstream_first_byte_timeout_s,
+            total_s=settings.upstream_total_timeout_s,
+        ),
+        max_connections=settings.upstream_max_connections,
+    )
+
+    async def expiry_pass() -> None:
+        result = await expire_subscriptions(db, clock)
+        SUBSCRIPTIONS_EXPIRED.inc(len(result.subscription_ids))
+        await revoker.revoke(result.revoked_key_ids, "subscription_expired")
+
     return Services(
-        settings=settings, clock=clock, db=db, catalog=catalog, usage=UsageRecorder(db), jobs=jobs
+        settings=settings, clock=clock, db=db, catalog=catalog, usage=usage,
+        jobs=JobRunner(settings.job_interval_s, {"expiry": expiry_pass}),
+        directory=KeyDirectory(db, ttl_s=settings.key_cache_ttl_s),
+        leases=leases, bus=bus, streams=streams, revoker=revoker, upstream=upstream,
+        relay_deps=RelayDeps(upstream=upstream, leases=leases, streams=streams, usage=usage,
+                             renew_interval_s=renew_interval_s),
     )
 
 
@@ -52,6 +93,15 @@ async def run_services(services: Services) -> AsyncIterator[Services]:
 
         await anyio.to_thread.run_sync(upgrade_database, settings.database_url)
     await ensure_inventory(services.db, services.catalog)
+
+    def on_revocation(key_id: str, reason: str) -> None:
+        services.directory.forget(key_id)
+        if reason != RESTORED:
+            services.streams.cancel_key(key_id, reason)
+
+    services.bus.subscribe(on_revocation)
+    await services.bus.start()
+    await services.upstream.start()
     services.usage.start()
     services.jobs.start()
     log.info(
@@ -65,7 +115,10 @@ async def run_services(services: Services) -> AsyncIterator[Services]:
     finally:
         # Stop taking new background work, then drain usage so no record is lost, then close.
         await services.jobs.stop()
+        await services.upstream.close()
         await services.usage.close()
+        await services.bus.close()
+        await services.leases.close()
         await services.db.dispose()
         log.info("agent_gateway stopped")
 

@@ -31,6 +31,15 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     log_level: str = "INFO"
 
+    # Proxy.
+    max_proxy_body_bytes: int = Field(default=10_485_760, ge=1024)
+    upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
+    upstream_first_byte_timeout_s: float = Field(default=120.0, gt=0)
+    upstream_total_timeout_s: float = Field(default=900.0, gt=0)
+    upstream_max_connections: int = Field(default=1000, ge=1)
+    key_cache_ttl_s: float = Field(default=60.0, ge=0)
+    lease_ttl_s: float = Field(default=30.0, ge=1)
+
     # Background job.
     job_interval_s: float = Field(default=30.0, gt=0)
 

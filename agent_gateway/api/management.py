@@ -124,12 +124,14 @@ async def get_keys(request: Request, services: Services, account: Account) -> Re
 @management
 async def disable_key(request: Request, services: Services, account: Account) -> Response:
     view = await api_keys.disable_key(services.db, account.id, request.path_params["key_id"])
+    await services.revoker.revoke([view.key.id], "disabled")
     return ok(render_key(view.key, view.subscription))
 
 
 @management
 async def enable_key(request: Request, services: Services, account: Account) -> Response:
     view = await api_keys.enable_key(services.db, account.id, request.path_params["key_id"])
+    await services.revoker.restore(view.key.id)
     return ok(render_key(view.key, view.subscription))
 
 
@@ -137,6 +139,7 @@ async def enable_key(request: Request, services: Services, account: Account) -> 
 async def delete_key(request: Request, services: Services, account: Account) -> Response:
     key_id = request.path_params["key_id"]
     await api_keys.delete_key(services.db, services.clock, account.id, key_id)
+    await services.revoker.revoke([key_id], "deleted")
     return ok({"id": key_id, "deleted": True})
 
 

@@ -10,6 +10,7 @@ from agent_gateway.api.auth import services_of
 from agent_gateway.api.rendering import ok
 from agent_gateway.catalog.pools import Catalog, Pool
 from agent_gateway.errors import NotFound
+from agent_gateway.lifespan import Services
 from agent_gateway.payments.amounts import format_usdc
 from agent_gateway.subscriptions.inventory import seats_available
 
@@ -64,8 +65,11 @@ async def get_pool(request: Request) -> Response:
 
 
 async def agent_plans(request: Request) -> Response:
+    return ok(await plans_catalog(services_of(request)))
+
+
+async def plans_catalog(services: Services) -> dict:
     """The catalog in the shape agents quote from (the reference service's `products`)."""
-    services = services_of(request)
     catalog = services.catalog
     available = await seats_available(services.db, catalog)
     products = []
@@ -96,7 +100,7 @@ async def agent_plans(request: Request) -> Response:
                 },
             }
         )
-    return ok({"currency": "USDC", "products": products})
+    return {"currency": "USDC", "products": products}
 
 
 async def healthz(request: Request) -> Response:

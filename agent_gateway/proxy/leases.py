@@ -246,7 +246,7 @@ class RedisLeases:
 def _unavailable(op: str, exc: BaseException) -> ServiceUnavailable:
     # Fail closed: without the lease store we cannot prove the key has no other request in
     # flight, so the request is refused (503) rather than admitted without a limit.
-    log.warning("lease store unavailable during %s: %r", op, exc)
+    log.warning("lease store unavailable during %s (%s: %s)", op, type(exc).__name__, exc)
     return ServiceUnavailable(
         "The concurrency store is unavailable; retry shortly.",
         code="lease_store_unavailable",

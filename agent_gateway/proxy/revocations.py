@@ -10,7 +10,7 @@ from typing import Protocol
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
@@ -18,8 +18,8 @@ from agent_gateway.errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
-Cancel = Callable[[str], None]
-Handler = Callable[[str, str], None]
+Cancel = Callable[[str], object]
+Handler = Callable[[str, str], object]
 
 
 class StreamRegistry:
@@ -123,12 +123,16 @@ class RedisRevocationBus:
         self.channel = channel
         self._start_timeout_s = start_timeout_s
         self._ping_interval_s = ping_interval_s
-        self._redis = aioredis.Redis.from_url(
-            redis_url,
-            socket_connect_timeout=connect_timeout_s,
-            socket_timeout=max(connect_timeout_s, 2.0),
-            retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1),
-            client_name=client_name,
+        timeouts = {"socket_connect_timeout": connect_timeout_s, "socket_timeout": max(connect_timeout_s, 2.0)}
+        # Publishing retries once (a pooled connection may be stale after a Redis restart; a
+        # duplicate revocation is harmless). The subscriber never retries inside redis-py, so a
+        # dropped subscription always reaches _listen, which logs it and reconnects with backoff.
+        self._publisher = aioredis.Redis.from_url(
+            redis_url, retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1),
+            client_name=client_name, **timeouts,
+        )
+        self._subscriber = aioredis.Redis.from_url(
+            redis_url, retry=Retry(NoBackoff(), retries=0), client_name=client_name, **timeouts
         )
         self._handlers: list[Handler] = []
         self._subscribed = asyncio.Event()
@@ -156,7 +160,7 @@ class RedisRevocationBus:
     async def publish(self, key_id: str, reason: str) -> None:
         payload = json.dumps({"keyId": key_id, "reason": reason})
         try:
-            receivers = await self._redis.publish(self.channel, payload)
+            receivers = await self._publisher.publish(self.channel, payload)
         except (RedisError, OSError) as exc:
             log.warning("revocation bus publish failed for key %s: %r", key_id, exc)
             raise ServiceUnavailable(
@@ -171,7 +175,8 @@ class RedisRevocationBus:
 
     async def close(self) -> None:
         await self._stop()
-        await self._redis.aclose()
+        await self._publisher.aclose()
+        await self._subscriber.aclose()
 
     async def _stop(self) -> None:
         task, self._task = self._task, None
@@ -187,7 +192,7 @@ class RedisRevocationBus:
         backoff_s = self._MIN_BACKOFF_S
         dropped = False
         while True:
-            pubsub = self._redis.pubsub()
+            pubsub = self._subscriber.pubsub()
             try:
                 await pubsub.subscribe(self.channel)
                 last_heard = last_ping = loop.time()
@@ -213,7 +218,7 @@ class RedisRevocationBus:
             except (RedisError, OSError) as exc:
                 self._subscribed.clear()
                 dropped = True
-                log.warning("revocation bus connection lost (%r); reconnecting in %.1fs", exc, backoff_s)
+                log.warning("revocation bus connection lost (%s: %s); reconnecting in %.1fs", type(exc).__name__, exc, backoff_s)
             except Exception:
                 # The reader must outlive surprises too: a dead reader silently stops revocations.
                 self._subscribed.clear()

@@ -1,0 +1,103 @@
+"""`agent-gateway demo`: the whole story on embedded defaults, against real servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import httpx
+
+from agent_gateway.app import create_app
+from agent_gateway.catalog.pools import load_catalog
+from agent_gateway.clock import Clock
+from agent_gateway.settings import EXAMPLE_POOLS_FILE, Settings
+from agent_gateway.testing.server import ServerThread
+from agent_gateway.testing.upstream import UpstreamSettings, create_upstream_app
+
+DEMO_POOL = "kimi26"
+
+
+def say(step: str, detail: str = "") -> None:
+    print(f"\n== {step}")
+    if detail:
+        print(detail)
+
+
+@contextmanager
+def demo_stack(workdir: Path) -> Iterator[tuple[str, Settings]]:
+    """Test upstream + gateway on free loopback ports, with a fresh SQLite file in `workdir`."""
+    with ExitStack() as stack:
+        upstream = stack.enter_context(
+            ServerThread(create_upstream_app(UpstreamSettings(delay_s=0.02, chunks=12)))
+        )
+        pools_file = workdir / "pools.toml"
+        pools_file.write_text(
+            EXAMPLE_POOLS_FILE.read_text().replace("http://127.0.0.1:9000/v1", f"{upstream.url}/v1")
+        )
+        settings = Settings(
+            _env_file=None,
+            database_url=f"sqlite:///{workdir / 'demo.db'}",
+            pools_file=pools_file,
+            job_interval_s=5,
+        )
+        gateway = stack.enter_context(ServerThread(create_app(settings)))
+        yield gateway.url, settings
+
+
+def run_demo() -> int:
+    with tempfile.TemporaryDirectory(prefix="agw-demo-") as tmp, demo_stack(Path(tmp)) as (url, settings):
+        say("Gateway up", f"gateway {url}, database {settings.database_url}")
+        http = httpx.Client(base_url=url, timeout=30)
+        pools = http.get("/api/pools").json()["data"]
+        lines = [
+            f"  {p['slug']:8} {p['name']:40} "
+            + "  ".join(f"{b['block']} {b['pricePerMonth']} ({b['availableSeats']} left)" for b in p["blocks"])
+            for p in pools
+        ]
+        say("Catalog: GET /api/pools", "\n".join(lines))
+
+        account_id, mk = asyncio.run(_new_account(settings))
+        say("Operator: agent-gateway accounts create + credit 200.00", f"  account {account_id}\n  management key {mk[:7]}…")
+        auth = {"Authorization": f"Bearer {mk}"}
+
+        catalog = load_catalog(settings.pools_file)
+        now = Clock().now()
+        current = next(b.name for b in catalog.blocks.values() if b.contains(now))
+        response = http.post(
+            f"/api/pools/{DEMO_POOL}/subscribe",
+            json={"blocks": [current], "quantity": 1, "billingCycle": "month"},
+            headers=auth,
+        )
+        response.raise_for_status()
+        sub = response.json()["data"]["subscriptions"][0]
+        say(
+            f"Customer: POST /api/pools/{DEMO_POOL}/subscribe (block {current}, the one open now)",
+            f"  subscription {sub['id']} {sub['status']} until {sub['currentPeriodEnd']}, paid {sub['price']} USDC",
+        )
+
+        response = http.post("/api/keys/subscription", json={"name": "demo", "subscriptionId": sub["id"]}, headers=auth)
+        response.raise_for_status()
+        key = response.json()["data"]
+        say("Customer: POST /api/keys/subscription", f"  API key {key['apiKey'][:7]}… (shown once), listed as {key['key']}")
+
+        usage = http.get("/api/usage", headers=auth).json()["data"]
+        say("Usage: GET /api/usage", json.dumps(usage[0]["usage"], indent=2))
+        print("\nDemo finished.")
+    return 0
+
+
+async def _new_account(settings: Settings) -> tuple[str, str]:
+    from agent_gateway.accounts.service import create_account, credit_account
+    from agent_gateway.db.engine import Database
+
+    db = Database(settings.database_url)
+    try:
+        account, token = await create_account(db, Clock(), "Demo customer")
+        await credit_account(db, Clock(), account.id, 200_000_000, note="demo credit")
+    finally:
+        await db.dispose()
+    return account.id, token.plaintext

@@ -1,0 +1,237 @@
+"""The relay: an ASGI response that owns the key's lease for the whole upstream exchange.
+
+The lease is released in one shielded `finally` around the entire send cycle, never in a body
+generator (which never runs if the client left before the first chunk). Two helpers run beside
+the pump: a watcher that notices the client leaving (and renews a Redis lease meanwhile), and the
+stream registry's callback that ends the exchange when the key is revoked in any process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent_gateway.catalog.pools import Pool
+from agent_gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
+from agent_gateway.metrics import PROXY_IN_FLIGHT, PROXY_OVERHEAD, PROXY_REQUESTS, STREAMS_REVOKED
+from agent_gateway.proxy.directory import KeyRecord
+from agent_gateway.proxy.leases import Lease, Leases
+from agent_gateway.proxy.metering import StreamMeter, find_usage
+from agent_gateway.proxy.revocations import StreamRegistry
+from agent_gateway.proxy.upstream import UpstreamClient, UpstreamResponse
+from agent_gateway.usage.recorder import UsageEvent, UsageRecorder
+
+log = logging.getLogger(__name__)
+
+_SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no")]
+
+
+@dataclass
+class ProxyCall:
+    """An admitted request: who, where to, what to send; built by the routes after every check."""
+
+    key: KeyRecord
+    lease: Lease
+    pool: Pool
+    path: str
+    endpoint: str
+    model: str
+    body: bytes
+    headers: dict[str, str]
+    stream: bool
+    strip_usage: bool
+    request_id: str
+    started: float  # perf_counter when the request arrived
+    created_at: Any  # datetime from the clock
+
+
+@dataclass
+class _Exchange:
+    """What happened, filled in by the pump and read once in the finally."""
+
+    status: int = 0
+    headers_sent: bool = False
+    finished: bool = False
+    end_reason: str | None = None  # client_disconnected | revoked:<why>
+    usage: tuple[int, int] | None = None
+    events: int = 0
+    upstream_started: float = 0.0
+    upstream_done: float = 0.0
+    upstream: UpstreamResponse | None = None
+    outcome: str = "ok"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RelayDeps:
+    upstream: UpstreamClient
+    leases: Leases
+    streams: StreamRegistry
+    usage: UsageRecorder
+    renew_interval_s: float | None  # None: leases that never expire (in process)
+
+
+class RelayResponse:
+    def __init__(self, call: ProxyCall, deps: RelayDeps) -> None:
+        self.call = call
+        self.deps = deps
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        call, exchange = self.call, _Exchange()
+        PROXY_IN_FLIGHT.inc()
+        pump = asyncio.create_task(self._pump(send, exchange))
+        remove = self.deps.streams.add(call.key.key_id, lambda reason: _stop(pump, exchange, f"revoked:{reason}"))
+        watcher = asyncio.create_task(self._watch(receive, pump, exchange))
+        try:
+            await asyncio.shield(pump)
+        except asyncio.CancelledError:
+            # The server itself is cancelling us (shutdown): end the exchange, then clean up.
+            _stop(pump, exchange, "server_shutdown")
+            await asyncio.gather(pump, return_exceptions=True)
+            raise
+        finally:
+            watcher.cancel()
+            remove()
+            await asyncio.shield(self._settle(exchange))
+
+    async def _watch(self, receive: Any, pump: asyncio.Task[None], exchange: _Exchange) -> None:
+        interval = self.deps.renew_interval_s
+        while True:
+            if interval is None:
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), timeout=interval)
+                except TimeoutError:
+                    if not await self.deps.leases.renew(self.call.lease):
+                        log.warning("lease lost while relaying key=%s", self.call.key.key_id)
+                    continue
+            if message["type"] == "http.disconnect":
+                _stop(pump, exchange, "client_disconnected")
+                return
+
+    async def _pump(self, send: Any, exchange: _Exchange) -> None:
+        call, upstream_client = self.call, self.deps.upstream
+        try:
+            async with asyncio.timeout(upstream_client.timeouts.total_s):
+                exchange.upstream_started = time.perf_counter()
+                response = await upstream_client.send(
+                    call.pool, call.path, call.body, call.headers,
+                    {"x-agent-gateway-key-id": call.key.key_id, "x-request-id": call.request_id},
+                )
+                exchange.upstream = response
+                if call.stream and response.status == 200 and response.content_type.startswith("text/event-stream"):
+                    await self._relay_stream(send, response, exchange)
+                else:
+                    await self._relay_whole(send, response, exchange)
+                exchange.upstream_done = time.perf_counter()
+                exchange.finished = True
+        except TimeoutError:
+            await self._fail(send, exchange, UpstreamTimeout(
+                f"The upstream did not finish within {upstream_client.timeouts.total_s:g} s.", code="upstream_timeout"))
+        except GatewayError as exc:
+            await self._fail(send, exchange, exc)
+        except asyncio.CancelledError:
+            reason = exchange.end_reason or ""
+            if reason.startswith("revoked:"):
+                STREAMS_REVOKED.inc()
+                await self._fail(send, exchange, GatewayError(
+                    "This API key was revoked while the request was running.", code="key_revoked"), status=403)
+            # A client that left gets nothing; a shutdown ends the body as it is.
+        finally:
+            if exchange.upstream is not None and not exchange.finished:
+                exchange.upstream.close()
+
+    async def _relay_whole(self, send: Any, response: UpstreamResponse, exchange: _Exchange) -> None:
+        body = await response.read()
+        response.release()
+        if response.status >= 500 or response.status == 429:
+            log.warning("upstream answered %d for key=%s request=%s: %.200r",
+                        response.status, self.call.key.key_id, self.call.request_id, body)
+            raise UpstreamError(f"The upstream answered HTTP {response.status}.", code="upstream_error")
+        exchange.status = response.status
+        if response.status < 400:
+            exchange.usage = find_usage(body)
+        else:
+            exchange.outcome = "upstream_refused"
+        await send({"type": "http.response.start", "status": response.status, "headers": [
+            (b"content-type", response.content_type.encode("latin-1")),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", self.call.request_id.encode()),
+        ]})
+        exchange.headers_sent = True
+        await send({"type": "http.response.body", "body": body})
+
+    async def _relay_stream(self, send: Any, response: UpstreamResponse, exchange: _Exchange) -> None:
+        meter = StreamMeter(self.call.strip_usage)
+        exchange.status = 200
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [*_SSE_HEADERS, (b"x-request-id", self.call.request_id.encode())]})
+        exchange.headers_sent = True
+        try:
+            async for chunk in response.chunks():
+                out = meter.feed(chunk)
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+            await send({"type": "http.response.body", "body": meter.finish(), "more_body": False})
+        finally:
+            exchange.usage, exchange.events = meter.usage, meter.events
+
+    async def _fail(self, send: Any, exchange: _Exchange, exc: GatewayError, status: int | None = None) -> None:
+        """Tell the client what went wrong: a JSON error before the headers, one SSE event after."""
+        exchange.outcome = exc.code
+        payload = {"error": {"type": exc.type, "code": exc.code, "message": exc.message}}
+        try:
+            if not exchange.headers_sent:
+                exchange.status = status or exc.status
+                body = json.dumps(payload).encode()
+                await send({"type": "http.response.start", "status": exchange.status, "headers": [
+                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                    (b"x-request-id", self.call.request_id.encode())]})
+                exchange.headers_sent = True
+                await send({"type": "http.response.body", "body": body})
+            else:
+                event = b"data: " + json.dumps(payload).encode() + b"\n\n"
+                await send({"type": "http.response.body", "body": event, "more_body": False})
+        except Exception:  # the client may be gone already; nothing left to tell it
+            log.debug("could not deliver the error to the client", exc_info=True)
+
+    async def _settle(self, exchange: _Exchange) -> None:
+        """Release the lease once and record what happened; runs shielded from cancellation."""
+        call = self.call
+        try:
+            await self.deps.leases.release(call.lease)
+        except Exception:
+            log.exception("lease release failed key=%s; it expires on its own", call.key.key_id)
+        PROXY_IN_FLIGHT.dec()
+        outcome = exchange.end_reason.split(":")[0] if exchange.end_reason else exchange.outcome
+        PROXY_REQUESTS.labels(call.endpoint, outcome).inc()
+        done = time.perf_counter()
+        if exchange.upstream_started:
+            tail = done - exchange.upstream_done if exchange.upstream_done else 0.0
+            PROXY_OVERHEAD.observe((exchange.upstream_started - call.started) + tail)
+        if exchange.usage is not None:
+            prompt, completion, source = *exchange.usage, "upstream"
+        else:
+            # No usage from upstream (cut off, client gone, or a server that does not send it):
+            # estimate from the bytes, and say so.
+            prompt, completion, source = len(call.body) // 4, max(0, exchange.events - 1), "estimated"
+        self.deps.usage.record(UsageEvent(
+            api_key_id=call.key.key_id, account_id=call.key.account_id,
+            subscription_id=call.key.subscription_id, endpoint=call.endpoint, model=call.model,
+            status_code=exchange.status or 499, prompt_tokens=prompt, completion_tokens=completion,
+            latency_ms=(done - call.started) * 1000, usage_source=source, created_at=call.created_at,
+        ))
+        if outcome != "ok":
+            log.info("request %s key=%s endpoint=%s ended: %s", call.request_id, call.key.key_id,
+                     call.endpoint, outcome)
+
+
+def _stop(pump: asyncio.Task[None], exchange: _Exchange, reason: str) -> None:
+    if not pump.done() and exchange.end_reason is None:
+        exchange.end_reason = reason
+        pump.cancel()

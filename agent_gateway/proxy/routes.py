@@ -1,0 +1,201 @@
+"""The /v1 routes: admit a request in the contract's refusal order, then hand it to the relay."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from agent_gateway.api.auth import bearer_token, services_of
+from agent_gateway.api.bodies import read_body
+from agent_gateway.api.public import plans_catalog
+from agent_gateway.api.rendering import iso
+from agent_gateway.catalog.blocks import seconds_until_next
+from agent_gateway.catalog.pools import Pool
+from agent_gateway.errors import (
+    AuthenticationError,
+    InvalidRequest,
+    NotFound,
+    PaymentRequired,
+    PermissionDenied,
+    RateLimited,
+    ServiceUnavailable,
+)
+from agent_gateway.lifespan import Services
+from agent_gateway.metrics import PROXY_REQUESTS
+from agent_gateway.proxy.directory import KeyRecord
+from agent_gateway.proxy.leases import AcquireResult
+from agent_gateway.proxy.relay import ProxyCall, RelayResponse
+from agent_gateway.usage.report import WINDOWS, empty_totals, usage_by_key
+
+_STREAMABLE = {"chat.completions", "completions"}
+
+
+async def admit_key(request: Request, services: Services) -> KeyRecord:
+    """No key → 402, unknown → 401, disabled/revoked/deleted → 403, expired → 403."""
+    token = bearer_token(request)
+    if token is None:
+        raise PaymentRequired(
+            "This endpoint needs an API key (Authorization: Bearer sk_…). Buy a seat to get one.",
+            code="api_key_required",
+            extra={"buy": {"catalog": "/api/agent/plans", "agents": "/api/agent/subscribe-pool",
+                           "management": "/api/pools/{slug}/subscribe"},
+                   "catalog": await plans_catalog(services)},
+        )
+    key = await services.directory.lookup(token)
+    if key is None:
+        raise AuthenticationError("Invalid API key.", code="invalid_api_key")
+    if key.deleted or key.key_status == "revoked":
+        raise PermissionDenied("This API key was revoked.", code="key_revoked")
+    if key.key_status == "disabled":
+        raise PermissionDenied("This API key is disabled; enable it from the management API.", code="key_disabled")
+    if key.subscription_status != "active" or key.period_end <= services.clock.now():
+        raise PermissionDenied(
+            f"The subscription behind this key ended on {iso(key.period_end)}; renew it to continue.",
+            code="subscription_expired",
+        )
+    return key
+
+
+def _pool_of(services: Services, key: KeyRecord) -> Pool:
+    pool = services.catalog.pool(key.pool_slug)
+    if pool is None or pool.status != "active":
+        state = pool.status if pool else "withdrawn"
+        raise ServiceUnavailable(f"Pool {key.pool_slug} is {state} and serves no requests now.",
+                                 code="pool_not_active")
+    return pool
+
+
+def _check_blocks(services: Services, key: KeyRecord) -> None:
+    now = services.clock.now()
+    blocks = [services.catalog.blocks[b] for b in key.blocks if b in services.catalog.blocks]
+    if any(block.contains(now) for block in blocks):
+        return
+    wait = seconds_until_next(blocks, now) if blocks else 86_400
+    hours = ", ".join(f"{b.name} {b.hours_utc} UTC" for b in blocks)
+    raise RateLimited(
+        f"This key is reserved for {hours}; the next block opens in {_human(wait)}.",
+        code="outside_reserved_hours",
+        headers={"Retry-After": str(wait)},
+        extra={"blocks": [{"block": b.name, "hoursUtc": f"{b.hours_utc} UTC"} for b in blocks],
+               "retryAfterSeconds": wait},
+    )
+
+
+def _human(seconds: int) -> str:
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h {rest // 60:02d}m" if hours else f"{max(1, rest // 60)}m"
+
+
+async def _proxy(request: Request, path: str, endpoint: str) -> Response:
+    started = time.perf_counter()
+    services = services_of(request)
+    try:
+        key = await admit_key(request, services)
+        body = await read_body(request, services.settings.max_proxy_body_bytes)
+        payload = _json_object(body)
+        model = payload.get("model")
+        if not isinstance(model, str) or not model:
+            raise InvalidRequest("The request needs a \"model\" string.", code="invalid_model")
+        pool = _pool_of(services, key)
+        if model not in pool.models:
+            raise NotFound(f"The model {model!r} is not in this key's pool; it serves {', '.join(pool.models)}.",
+                           code="model_not_found")
+        _check_blocks(services, key)
+        stream = payload.get("stream") is True and endpoint in _STREAMABLE
+        strip_usage = False
+        if stream:
+            options = payload.get("stream_options")
+            if not (isinstance(options, dict) and options.get("include_usage") is True):
+                # Ask upstream for usage so every stream is metered; the relay removes that event again.
+                payload["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+                body = json.dumps(payload).encode()
+                strip_usage = True
+        result, lease = await services.leases.acquire(key.key_id)
+        if result is AcquireResult.REVOKED:
+            services.directory.forget(key.key_id)
+            raise PermissionDenied("This API key was revoked.", code="key_revoked")
+        if lease is None:
+            raise RateLimited(
+                "Concurrency limit reached for this key: one request at a time. "
+                "Finish the request in flight and retry.",
+                code="concurrency_limit", headers={"Retry-After": "1"},
+            )
+    except Exception as exc:
+        code = getattr(exc, "code", "error")
+        PROXY_REQUESTS.labels(endpoint, f"refused_{code}").inc()
+        raise
+    call = ProxyCall(
+        key=key, lease=lease, pool=pool, path=path, endpoint=endpoint, model=model, body=body,
+        headers={k: v for k, v in request.headers.items()}, stream=stream, strip_usage=strip_usage,
+        request_id=request.headers.get("x-request-id") or f"req_{secrets.token_hex(12)}",
+        started=started, created_at=services.clock.now(),
+    )
+    return RelayResponse(call, services.relay_deps)  # type: ignore[return-value]
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(body) if body else None
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    return payload
+
+
+async def chat_completions(request: Request) -> Response:
+    return await _proxy(request, "/chat/completions", "chat.completions")
+
+
+async def completions(request: Request) -> Response:
+    return await _proxy(request, "/completions", "completions")
+
+
+async def embeddings(request: Request) -> Response:
+    return await _proxy(request, "/embeddings", "embeddings")
+
+
+async def models(request: Request) -> Response:
+    services = services_of(request)
+    key = await admit_key(request, services)
+    pool = services.catalog.pool(key.pool_slug)
+    created = int(key.created_at.timestamp())
+    data = [{"id": m, "object": "model", "created": created, "owned_by": key.pool_slug}
+            for m in (pool.models if pool else ())]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def key_usage(request: Request) -> Response:
+    """The key's own plan and usage (snake_case, like the reference service's /v1/usage)."""
+    services = services_of(request)
+    key = await admit_key(request, services)
+    now = services.clock.now()
+    usage = (await usage_by_key(services.db, now, api_key_id=key.key_id)).get(
+        key.key_id, {w: empty_totals() for w in WINDOWS})
+    blocks = [services.catalog.blocks[b] for b in key.blocks if b in services.catalog.blocks]
+    return JSONResponse({"success": True, "data": {
+        "plan": {"slug": key.pool_slug, "status": key.subscription_status, "expires_at": iso(key.period_end),
+                 "blocks": [{"block": b.name, "hours_utc": f"{b.hours_utc} UTC"} for b in blocks],
+                 "in_block_now": any(b.contains(now) for b in blocks)},
+        "rate_limits": {"concurrent_requests": 1, "rpm": None, "tpm": None},
+        "budget": {"limit": None},
+        "key": {"name": key.name, "type": "subscription", "created_at": iso(key.created_at)},
+        "usage": {window: {"requests": t["requests"], "prompt_tokens": t["promptTokens"],
+                           "completion_tokens": t["completionTokens"], "errors": t["errors"]}
+                  for window, t in usage.items()},
+    }})
+
+
+routes = [
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/embeddings", embeddings, methods=["POST"]),
+    Route("/v1/models", models, methods=["GET"]),
+    Route("/v1/usage", key_usage, methods=["GET"]),
+]
