@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent_gateway.catalog.pools import Pool
-from agent_gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
+from agent_gateway.errors import GatewayError, PermissionDenied, UpstreamError, UpstreamTimeout
 from agent_gateway.metrics import PROXY_IN_FLIGHT, PROXY_OVERHEAD, PROXY_REQUESTS, STREAMS_REVOKED
 from agent_gateway.proxy.directory import KeyRecord
 from agent_gateway.proxy.leases import Lease, Leases
@@ -139,8 +139,11 @@ class RelayResponse:
             reason = exchange.end_reason or ""
             if reason.startswith("revoked:"):
                 STREAMS_REVOKED.inc()
-                await self._fail(send, exchange, GatewayError(
-                    "This API key was revoked while the request was running.", code="key_revoked"), status=403)
+                expired = reason == "revoked:subscription_expired"
+                await self._fail(send, exchange, PermissionDenied(
+                    "This key's subscription ended while the request was running." if expired
+                    else f"This API key was {reason.split(':')[1]} while the request was running.",
+                    code="subscription_expired" if expired else "key_revoked"))
             # A client that left gets nothing; a shutdown ends the body as it is.
         finally:
             if exchange.upstream is not None and not exchange.finished:
@@ -181,13 +184,13 @@ class RelayResponse:
         finally:
             exchange.usage, exchange.events = meter.usage, meter.events
 
-    async def _fail(self, send: Any, exchange: _Exchange, exc: GatewayError, status: int | None = None) -> None:
+    async def _fail(self, send: Any, exchange: _Exchange, exc: GatewayError) -> None:
         """Tell the client what went wrong: a JSON error before the headers, one SSE event after."""
         exchange.outcome = exc.code
         payload = {"error": {"type": exc.type, "code": exc.code, "message": exc.message}}
         try:
             if not exchange.headers_sent:
-                exchange.status = status or exc.status
+                exchange.status = exc.status
                 body = json.dumps(payload).encode()
                 await send({"type": "http.response.start", "status": exchange.status, "headers": [
                     (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),

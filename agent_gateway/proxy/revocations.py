@@ -162,7 +162,7 @@ class RedisRevocationBus:
         try:
             receivers = await self._publisher.publish(self.channel, payload)
         except (RedisError, OSError) as exc:
-            log.warning("revocation bus publish failed for key %s: %r", key_id, exc)
+            log.warning("revocation bus publish failed for key %s (%s: %s)", key_id, type(exc).__name__, exc)
             raise ServiceUnavailable(
                 "The revocation bus is unavailable; retry shortly.", code="revocation_bus_unavailable"
             ) from exc

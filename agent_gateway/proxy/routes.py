@@ -50,8 +50,8 @@ async def admit_key(request: Request, services: Services) -> KeyRecord:
     key = await services.directory.lookup(token)
     if key is None:
         raise AuthenticationError("Invalid API key.", code="invalid_api_key")
-    if key.deleted or key.key_status == "revoked":
-        raise PermissionDenied("This API key was revoked.", code="key_revoked")
+    if key.deleted:
+        raise PermissionDenied("This API key was deleted.", code="key_revoked")
     if key.key_status == "disabled":
         raise PermissionDenied("This API key is disabled; enable it from the management API.", code="key_disabled")
     if key.subscription_status != "active" or key.period_end <= services.clock.now():
@@ -59,6 +59,8 @@ async def admit_key(request: Request, services: Services) -> KeyRecord:
             f"The subscription behind this key ended on {iso(key.period_end)}; renew it to continue.",
             code="subscription_expired",
         )
+    if key.key_status != "active":
+        raise PermissionDenied("This API key was revoked.", code="key_revoked")
     return key
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
+from collections.abc import Coroutine
 import threading
 from types import TracebackType
 from typing import Any
@@ -16,8 +18,10 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, ready: threading.Event) -> None:
         super().__init__(config)
         self._ready = ready
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
         try:
             await super().startup(sockets=sockets)
         finally:
@@ -73,6 +77,12 @@ class ServerThread:
         if self._server is None:
             raise RuntimeError("ServerThread is not running")
         return self._server
+
+    def call(self, coro: Coroutine[Any, Any, Any], timeout: float = 30.0) -> Any:
+        """Run a coroutine on the server's own event loop (where its services live) and wait for it."""
+        loop = self.server.loop
+        assert loop is not None, "the server has not started"
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
 
     def start(self) -> ServerThread:
         if self._thread is not None:
