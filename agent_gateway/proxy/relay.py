@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent_gateway.catalog.pools import Pool
-from agent_gateway.errors import GatewayError, PermissionDenied, UpstreamError, UpstreamTimeout
+from agent_gateway.errors import (
+    GatewayError,
+    PermissionDenied,
+    ServiceUnavailable,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from agent_gateway.metrics import PROXY_IN_FLIGHT, PROXY_OVERHEAD, PROXY_REQUESTS, STREAMS_REVOKED
 from agent_gateway.proxy.directory import KeyRecord
 from agent_gateway.proxy.leases import Lease, Leases
@@ -107,8 +113,17 @@ class RelayResponse:
                 try:
                     message = await asyncio.wait_for(receive(), timeout=interval)
                 except TimeoutError:
-                    if not await self.deps.leases.renew(self.call.lease):
-                        log.warning("lease lost while relaying key=%s", self.call.key.key_id)
+                    try:
+                        held = await self.deps.leases.renew(self.call.lease)
+                    except GatewayError:
+                        # A blip in the lease store: the TTL leaves room for the next attempt.
+                        log.warning("lease renewal failed key=%s; retrying", self.call.key.key_id)
+                        continue
+                    if not held:
+                        # Someone else may hold the slot now; going on would make two in flight.
+                        log.warning("lease lost while relaying key=%s; ending the request", self.call.key.key_id)
+                        _stop(pump, exchange, "lease_lost")
+                        return
                     continue
             if message["type"] == "http.disconnect":
                 _stop(pump, exchange, "client_disconnected")
@@ -144,6 +159,9 @@ class RelayResponse:
                     "This key's subscription ended while the request was running." if expired
                     else f"This API key was {reason.split(':')[1]} while the request was running.",
                     code="subscription_expired" if expired else "key_revoked"))
+            elif reason == "lease_lost":
+                await self._fail(send, exchange, ServiceUnavailable(
+                    "The gateway lost this key's concurrency slot; retry the request.", code="lease_lost"))
             # A client that left gets nothing; a shutdown ends the body as it is.
         finally:
             if exchange.upstream is not None and not exchange.finished:

@@ -104,7 +104,7 @@ class RedisRevocationBus:
 
     Delivery is at most once: a process whose subscription is down when a revocation is published
     misses it. The tombstone still refuses that key's new requests there; only streams already
-    running in that process go on until they end or their lease is lost.
+    running in that process go on until they end.
     """
 
     _MIN_BACKOFF_S = 0.1

@@ -64,17 +64,19 @@ async def test_openai_sdk_sync_and_async_streaming_and_not(gateway_live: LiveGat
     text, chunks = await asyncio.to_thread(stream_text, stream_options={"include_usage": True})
     assert text == expected and chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
 
-    aclient = openai.AsyncOpenAI(base_url=gateway_live.url + "/v1", api_key=sk, max_retries=0)
-    areply = await aclient.chat.completions.create(model="test-model", messages=MESSAGES)
-    assert areply.choices[0].message.content == expected
-    astream = await aclient.chat.completions.create(model="test-model", messages=MESSAGES, stream=True)
-    assert "".join([c.choices[0].delta.content or "" async for c in astream]) == expected
-    completion = await aclient.completions.create(model="test-model", prompt="once upon")
-    assert completion.choices[0].text
-    embedding = await aclient.embeddings.create(model="test-embedding", input="hello")
-    assert len(embedding.data[0].embedding) == 16
-    models = await aclient.models.list()
-    assert [m.id for m in models.data] == ["test-model", "test-embedding"]
+    async with openai.AsyncOpenAI(base_url=gateway_live.url + "/v1", api_key=sk, max_retries=0) as aclient:
+        areply = await aclient.chat.completions.create(model="test-model", messages=MESSAGES)
+        assert areply.choices[0].message.content == expected
+        astream = await aclient.chat.completions.create(model="test-model", messages=MESSAGES, stream=True)
+        assert "".join([c.choices[0].delta.content or "" async for c in astream]) == expected
+        completion = await aclient.completions.create(model="test-model", prompt="once upon")
+        assert completion.choices[0].text
+        embedding = await aclient.embeddings.create(model="test-embedding", input="hello")
+        assert len(embedding.data[0].embedding) == 16
+        models = await aclient.models.list()
+        assert [m.id for m in models.data] == ["test-model", "test-embedding"]
+    sync.close()
+    direct.close()
 
     # Every proxied request was recorded with the upstream's own token counts.
     rows = await wait_usage(gateway_live, key_id, 7)
@@ -229,7 +231,7 @@ async def test_a_stream_cut_by_upstream_ends_with_an_error_event_the_sdk_raises(
         for chunk in client.chat.completions.create(model="test-model", messages=MESSAGES, stream=True):
             received.append(chunk)
 
-    with pytest.raises(openai.APIError, match="broke off"):
+    with client, pytest.raises(openai.APIError, match="broke off"):
         await asyncio.to_thread(consume)
     assert len(received) == 3
     await _next_request_is_admitted(gateway_live, sk)

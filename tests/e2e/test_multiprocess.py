@@ -1,0 +1,135 @@
+"""Two gateway processes sharing PostgreSQL and Redis enforce one request in flight per key
+together, and a key revoked through one is refused, and its stream ended, by the other."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from agent_gateway.testing.upstream import UpstreamSettings
+from tests.fixtures.live import ALL_DAY_POOLS, buy_key, provision_account
+
+pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
+REDIS_URL = os.environ.get("AGW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+MESSAGES = [{"role": "user", "content": "split me across processes"}]
+
+
+@pytest.fixture
+def redis_url() -> str:
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"Redis not reachable at {REDIS_URL} (set AGW_TEST_REDIS_URL): {exc}")
+    return REDIS_URL
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_gateway(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent_gateway", "serve", "--port", str(port)],
+        env={**os.environ, **env}, stdout=log.open("w"), stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"gateway exited with {process.returncode}: {log.read_text()}")
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            time.sleep(0.05)  # polling for the port to open, bounded by the deadline
+    process.kill()
+    raise RuntimeError(f"gateway did not start: {log.read_text()}")
+
+
+@pytest.fixture
+def two_gateways(tmp_path: Path, database_url: str, redis_url: str, upstream) -> Iterator[tuple[str, str]]:
+    pools = tmp_path / "pools.toml"
+    pools.write_text(ALL_DAY_POOLS.format(upstream=upstream.url))
+    env = {"AGW_DATABASE_URL": database_url, "AGW_REDIS_URL": redis_url, "AGW_POOLS_FILE": str(pools),
+           "AGW_AUTO_MIGRATE": "false", "AGW_LOG_LEVEL": "WARNING"}
+    processes = []
+    try:
+        for name in ("a", "b"):
+            processes.append(start_gateway(env, tmp_path / f"gateway-{name}.log"))
+        yield processes[0][1], processes[1][1]
+    finally:
+        for process, _ in processes:
+            process.terminate()
+        for process, _ in processes:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("upstream", [UpstreamSettings(delay_s=0.03, chunks=20)], indirect=True)
+async def test_one_in_flight_across_two_processes(two_gateways, database_url, upstream):
+    url_a, url_b = two_gateways
+    sk, key_id = buy_key(url_a, provision_account(database_url), "alpha", ["day"])
+
+    async def call(http: httpx.AsyncClient, url: str) -> int:
+        r = await http.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {sk}"},
+                            json={"model": "test-model", "messages": MESSAGES})
+        return r.status_code
+
+    async with httpx.AsyncClient(timeout=30) as http:
+        for _ in range(3):
+            statuses = await asyncio.gather(*(call(http, url_a if i % 2 else url_b) for i in range(20)))
+            assert sorted(statuses) == [200] + [429] * 19
+        # Sequential calls alternate processes and are all admitted: every slot was released.
+        for i in range(6):
+            assert await call(http, url_a if i % 2 else url_b) == 200
+    assert upstream.recorder.max_in_flight(key_id) == 1
+    assert upstream.recorder.total == 9
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("upstream", [UpstreamSettings(delay_s=0.05, chunks=400)], indirect=True)
+async def test_revoked_through_one_process_is_refused_and_cut_by_the_other(two_gateways, database_url, upstream):
+    url_a, url_b = two_gateways
+    mk = provision_account(database_url)
+    sk, key_id = buy_key(url_a, mk, "alpha", ["day"])
+    headers = {"Authorization": f"Bearer {sk}"}
+    async with httpx.AsyncClient(timeout=30) as http:
+        # Warm process B's key cache, so the refusal below cannot come from a fresh database read.
+        r = await http.post(url_b + "/v1/chat/completions", headers=headers,
+                            json={"model": "test-model", "messages": MESSAGES, "max_tokens": 1})
+        assert r.status_code == 200
+        events, revoked_at = [], None
+        async with http.stream("POST", url_b + "/v1/chat/completions", headers=headers,
+                               json={"model": "test-model", "messages": MESSAGES, "stream": True}) as stream:
+            async for line in stream.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                events.append(json.loads(line[5:]))
+                if len(events) == 3:
+                    r = await http.post(f"{url_a}/api/keys/{key_id}/disable", headers={"Authorization": f"Bearer {mk}"})
+                    assert r.status_code == 200
+                    revoked_at = time.perf_counter()
+        assert time.perf_counter() - revoked_at < 1.0
+        assert events[-1]["error"]["code"] == "key_revoked" and len(events) < 50
+        r = await http.post(url_b + "/v1/chat/completions", headers=headers,
+                            json={"model": "test-model", "messages": MESSAGES})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "key_disabled"
+    await upstream.recorder.wait_for(lambda r: r.in_flight == 0)
