@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     key_cache_ttl_s: float = Field(default=60.0, ge=0)
     lease_ttl_s: float = Field(default=30.0, ge=1)
 
+    # Dashboard: signs session cookies; unset means a random secret per process (sessions end on restart).
+    session_secret: str | None = None
+
     # Background job.
     job_interval_s: float = Field(default=30.0, gt=0)
 
@@ -53,7 +56,8 @@ class Settings(BaseSettings):
     relayer_key: str | None = None
     confirmations: int = Field(default=1, ge=0)
 
-    @field_validator("redis_url", "chain_rpc_url", "usdc_address", "pay_to", "relayer_key", mode="before")
+    @field_validator("redis_url", "chain_rpc_url", "usdc_address", "pay_to", "relayer_key", "session_secret",
+                     mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value

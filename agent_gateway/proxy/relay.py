@@ -68,6 +68,7 @@ class _Exchange:
     upstream_started: float = 0.0
     upstream_done: float = 0.0
     upstream: UpstreamResponse | None = None
+    released: bool = False
     outcome: str = "ok"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -143,7 +144,6 @@ class RelayResponse:
                     await self._relay_stream(send, response, exchange)
                 else:
                     await self._relay_whole(send, response, exchange)
-                exchange.upstream_done = time.perf_counter()
                 exchange.finished = True
         except TimeoutError:
             await self._fail(send, exchange, UpstreamTimeout(
@@ -179,6 +179,10 @@ class RelayResponse:
             exchange.usage = find_usage(body)
         else:
             exchange.outcome = "upstream_refused"
+        exchange.upstream_done = time.perf_counter()
+        # Free the slot before the client can see the end of the response: a client that sends its
+        # next request the moment this one completes must be admitted.
+        await self._release(exchange)
         await send({"type": "http.response.start", "status": response.status, "headers": [
             (b"content-type", response.content_type.encode("latin-1")),
             (b"content-length", str(len(body)).encode()),
@@ -197,8 +201,15 @@ class RelayResponse:
             async for chunk in response.chunks():
                 out = meter.feed(chunk)
                 if out:
+                    if b"[DONE]" in out:
+                        # The upstream has finished generating; free the slot before the client
+                        # reads the end of the stream (see _relay_whole).
+                        await self._release(exchange)
                     await send({"type": "http.response.body", "body": out, "more_body": True})
-            await send({"type": "http.response.body", "body": meter.finish(), "more_body": False})
+            exchange.upstream_done = time.perf_counter()
+            tail = meter.finish()
+            await self._release(exchange)
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
         finally:
             exchange.usage, exchange.events = meter.usage, meter.events
 
@@ -221,13 +232,19 @@ class RelayResponse:
         except Exception:  # the client may be gone already; nothing left to tell it
             log.debug("could not deliver the error to the client", exc_info=True)
 
+    async def _release(self, exchange: _Exchange) -> None:
+        if exchange.released:
+            return
+        exchange.released = True
+        try:
+            await asyncio.shield(self.deps.leases.release(self.call.lease))
+        except Exception:
+            log.exception("lease release failed key=%s; it expires on its own", self.call.key.key_id)
+
     async def _settle(self, exchange: _Exchange) -> None:
         """Release the lease once and record what happened; runs shielded from cancellation."""
         call = self.call
-        try:
-            await self.deps.leases.release(call.lease)
-        except Exception:
-            log.exception("lease release failed key=%s; it expires on its own", call.key.key_id)
+        await self._release(exchange)
         PROXY_IN_FLIGHT.dec()
         outcome = exchange.end_reason.split(":")[0] if exchange.end_reason else exchange.outcome
         PROXY_REQUESTS.labels(call.endpoint, outcome).inc()

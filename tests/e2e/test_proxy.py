@@ -110,6 +110,27 @@ async def test_twenty_simultaneous_requests_one_admitted(gateway_live: LiveGatew
     assert r.status_code == 200
 
 
+async def test_a_client_calling_back_to_back_is_never_refused(gateway_live: LiveGateway):
+    """The slot is free before the client can see the end of a response, so a sequential client
+    (the next request sent the moment the previous one ends, or right after [DONE]) never gets 429."""
+    sk, _ = gateway_live.new_key()
+    body = {"model": "test-model", "messages": MESSAGES, "max_tokens": 4}
+    async with httpx.AsyncClient(base_url=gateway_live.url, timeout=30) as http:
+        for _ in range(150):
+            r = await http.post("/v1/chat/completions", headers=bearer(sk), json=body)
+            assert r.status_code == 200, r.text
+        for _ in range(50):
+            async with http.stream("POST", "/v1/chat/completions", headers=bearer(sk),
+                                   json={**body, "stream": True}) as response:
+                assert response.status_code == 200
+                async for line in response.aiter_lines():
+                    if line == "data: [DONE]":
+                        break
+            # The next request goes out right after [DONE], before the stream has closed.
+            r = await http.post("/v1/chat/completions", headers=bearer(sk), json=body)
+            assert r.status_code == 200, r.text
+
+
 async def test_different_keys_run_in_parallel(gateway_live: LiveGateway):
     gateway_live.upstream.control("stall")
     mk = gateway_live.new_account()

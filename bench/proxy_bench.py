@@ -1,0 +1,225 @@
+"""Proxy benchmark: the test upstream called directly vs through one gateway process, same run.
+
+    .venv/bin/python bench/proxy_bench.py [--quick]
+
+Starts the test upstream and a gateway (SQLite, in-process leases) as separate processes,
+provisions one API key per connection, then runs bench/load.py at concurrency 1 / 16 / 64,
+non-streaming and streaming (100 chunks), first direct, then through the gateway. Also holds
+1,000 concurrent streams through the gateway and reads its peak RSS. Prints a Markdown report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+POOLS = """
+[blocks]
+day = "00:00-24:00"
+
+[pools.bench]
+name = "Bench"
+models = ["test-model"]
+upstreams = ["{upstream}/v1"]
+seats = 5000
+prices = {{ day = "1.00" }}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, process: subprocess.Popen, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"{url} exited with {process.returncode}")
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise SystemExit(f"{url} did not come up")
+
+
+def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen([PYTHON, "-m", "agent_gateway", *args], env={**os.environ, **(env or {})},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    match = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    return int(match.group(1)) / 1024 if match else float("nan")
+
+
+def provision_keys(gateway: str, env: dict[str, str], count: int) -> list[str]:
+    created = subprocess.run([PYTHON, "-m", "agent_gateway", "accounts", "create", "bench"],
+                             env={**os.environ, **env}, capture_output=True, text=True, check=True).stdout
+    account = re.search(r"(acct_\w+)", created).group(1)
+    mk = re.search(r"(mk_\w+)", created).group(1)
+    subprocess.run([PYTHON, "-m", "agent_gateway", "accounts", "credit", account, str(count)],
+                   env={**os.environ, **env}, capture_output=True, check=True)
+    headers = {"Authorization": f"Bearer {mk}"}
+    keys: list[str] = []
+    with httpx.Client(base_url=gateway, headers=headers, timeout=60) as http:
+        while len(keys) < count:
+            batch = min(100, count - len(keys))
+            subs = http.post("/api/pools/bench/subscribe", json={"blocks": ["day"], "quantity": batch}).json()
+            for sub in subs["data"]["subscriptions"]:
+                minted = http.post("/api/keys/subscription", json={"name": "bench", "subscriptionId": sub["id"]})
+                keys.append(minted.json()["data"]["apiKey"])
+    return keys
+
+
+def load(base_url: str, keys_file: Path, concurrency: int, requests: int, stream: bool, chunks: int) -> dict:
+    args = [PYTHON, str(ROOT / "bench" / "load.py"), "--base-url", base_url, "--keys", str(keys_file),
+            "--concurrency", str(concurrency), "--requests", str(requests), "--chunks", str(chunks),
+            "--warmup", str(min(requests // 4, 400))]
+    if stream:
+        args.append("--stream")
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def hold_streams(gateway: str, keys: list[str], pid: int) -> dict:
+    """Open one long stream per key at once; report how many completed and the gateway's peak RSS."""
+    import asyncio
+
+    import aiohttp
+
+    peak = [0.0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss_mb(pid))
+            time.sleep(0.05)
+
+    async def one(session: aiohttp.ClientSession, key: str, started: list[int]) -> bool:
+        body = {"model": "test-model", "stream": True, "max_tokens": 100,
+                "messages": [{"role": "user", "content": "hold"}]}
+        async with session.post(gateway + "/v1/chat/completions", json=body,
+                                headers={"Authorization": f"Bearer {key}"}) as response:
+            if response.status != 200:
+                return False
+            started[0] += 1
+            async for _ in response.content.iter_any():
+                pass
+            return True
+
+    async def run() -> tuple[int, int, float]:
+        started = [0]
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as s:
+            t0 = time.perf_counter()
+            results = await asyncio.gather(*(one(s, k, started) for k in keys), return_exceptions=True)
+        return sum(r is True for r in results), started[0], time.perf_counter() - t0
+
+    baseline = rss_mb(pid)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    ok, started, seconds = asyncio.run(run())
+    stop.set()
+    sampler.join()
+    return {"streams": len(keys), "completed": ok, "rss_before_mb": round(baseline, 1),
+            "rss_peak_mb": round(peak[0], 1), "seconds": round(seconds, 2)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer requests, for a smoke run")
+    opts = parser.parse_args()
+    scale = 0.2 if opts.quick else 1.0
+    with tempfile.TemporaryDirectory(prefix="agw-bench-") as tmp:
+        work = Path(tmp)
+        up_port, slow_port, gw_port = free_port(), free_port(), free_port()
+        upstream = start(["test-upstream", "--port", str(up_port)])
+        slow = start(["test-upstream", "--port", str(slow_port), "--delay-ms", "50"])
+        up_url, slow_url = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{slow_port}"
+        (work / "pools.toml").write_text(POOLS.format(upstream=up_url))
+        env = {"AGW_DATABASE_URL": f"sqlite:///{work / 'bench.db'}", "AGW_POOLS_FILE": str(work / "pools.toml"),
+               "AGW_LOG_LEVEL": "WARNING"}
+        gateway_url = f"http://127.0.0.1:{gw_port}"
+        gateway = start(["serve", "--port", str(gw_port)], env)
+        processes = [upstream, slow, gateway]
+        try:
+            for url, process in ((up_url + "/v1/models", upstream), (slow_url + "/v1/models", slow),
+                                 (gateway_url + "/healthz", gateway)):
+                wait_http(url, process)
+            keys = provision_keys(gateway_url, env, 1000)
+            (work / "keys.txt").write_text("\n".join(keys))
+            (work / "direct.txt").write_text("\n".join(f"direct-{i}" for i in range(1000)))
+            rows = []
+            plan = [(False, 16, {1: 1500, 16: 6000, 64: 8000}), (True, 100, {1: 200, 16: 800, 64: 1600})]
+            for stream, chunks, sizes in plan:
+                for concurrency, n in sizes.items():
+                    n = max(50, int(n * scale))
+                    direct = load(up_url + "/v1", work / "direct.txt", concurrency, n, stream, chunks)
+                    cpu0 = cpu_seconds(gateway.pid)
+                    via = load(gateway_url + "/v1", work / "keys.txt", concurrency, n, stream, chunks)
+                    cpu = cpu_seconds(gateway.pid) - cpu0
+                    rows.append((stream, chunks, concurrency, direct, via, cpu))
+            # 1,000 streams held at once, against the slow upstream (100 chunks 50 ms apart, ~5 s each).
+            (work / "pools.toml").write_text(POOLS.format(upstream=slow_url))
+            gateway.terminate()
+            gateway.wait(10)
+            gateway = start(["serve", "--port", str(gw_port)], env)
+            processes.append(gateway)
+            wait_http(gateway_url + "/healthz", gateway)
+            held = hold_streams(gateway_url, keys, gateway.pid)
+        finally:
+            for process in processes:
+                process.terminate()
+            for process in processes:
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+    print(report(rows, held))
+    return 0
+
+
+def report(rows: list, held: dict) -> str:
+    lines = ["| mode | conc. | direct rps | gateway rps | direct p50 / p99 ms | gateway p50 / p99 ms | "
+             "added p50 / p99 ms | gateway CPU per request | errors |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for stream, chunks, concurrency, direct, via, cpu in rows:
+        mode = f"stream {chunks} chunks" if stream else "non-stream"
+        per_request = cpu / max(1, via["requests"] + min(via["requests"] // 4, 400))
+        extra = f"{per_request * 1e6:.0f} µs"
+        if stream:
+            extra += f" ({per_request / chunks * 1e6:.1f} µs/chunk)"
+        lines.append(
+            f"| {mode} | {concurrency} | {direct['rps']:.0f} | {via['rps']:.0f} | "
+            f"{direct['p50_ms']:.2f} / {direct['p99_ms']:.2f} | {via['p50_ms']:.2f} / {via['p99_ms']:.2f} | "
+            f"{via['p50_ms'] - direct['p50_ms']:.2f} / {via['p99_ms'] - direct['p99_ms']:.2f} | {extra} | "
+            f"{via['errors']} |")
+    lines.append("")
+    lines.append(f"1,000 concurrent streams through one gateway process: {held['completed']}/{held['streams']} "
+                 f"completed in {held['seconds']} s; gateway RSS {held['rss_before_mb']} MB idle, "
+                 f"{held['rss_peak_mb']} MB peak.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
