@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from datetime import datetime
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, text
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, text
 from sqlmodel import Field, SQLModel
 
 
@@ -118,7 +118,9 @@ class UsageRecord(SQLModel, table=True):
         Index("ix_usage_account_time", "account_id", "created_at"),
     )
 
-    id: str = Field(primary_key=True, max_length=40)
+    # An integer key: ids are made by the database, so batches insert without generating any here.
+    id: int | None = Field(default=None, sa_column=Column(BigInteger().with_variant(Integer, "sqlite"),
+                                                          primary_key=True, autoincrement=True))
     api_key_id: str = Field(max_length=40)
     account_id: str = Field(max_length=40)
     subscription_id: str = Field(max_length=40)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import logging
 import secrets
 import time
@@ -58,8 +59,14 @@ class Leases(Protocol):
     async def close(self) -> None: ...
 
 
+# Lease ids: a random tag per process and a counter, unique across processes without a system
+# call per request (the acquire sits on every inference request's path).
+_PROCESS_TAG = secrets.token_hex(8)
+_LEASE_COUNTER = itertools.count(1)
+
+
 def new_lease(key_id: str) -> Lease:
-    return Lease(key_id=key_id, lease_id=secrets.token_hex(16))
+    return Lease(key_id=key_id, lease_id=f"{_PROCESS_TAG}{next(_LEASE_COUNTER):x}")
 
 
 class MemoryLeases:

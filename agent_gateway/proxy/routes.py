@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import secrets
 import time
@@ -34,6 +35,9 @@ from agent_gateway.proxy.relay import ProxyCall, RelayResponse
 from agent_gateway.usage.report import WINDOWS, empty_totals, usage_by_key
 
 _STREAMABLE = {"chat.completions", "completions"}
+# Request ids: a random tag per process and a counter, unique without a system call per request.
+_PROCESS_TAG = secrets.token_hex(6)
+_REQUEST_COUNTER = itertools.count(1)
 
 
 async def admit_key(request: Request, services: Services) -> KeyRecord:
@@ -135,7 +139,7 @@ async def _proxy(request: Request, path: str, endpoint: str) -> Response:
     call = ProxyCall(
         key=key, lease=lease, pool=pool, path=path, endpoint=endpoint, model=model, body=body,
         headers={k: v for k, v in request.headers.items()}, stream=stream, strip_usage=strip_usage,
-        request_id=request.headers.get("x-request-id") or f"req_{secrets.token_hex(12)}",
+        request_id=request.headers.get("x-request-id") or f"req_{_PROCESS_TAG}{next(_REQUEST_COUNTER):x}",
         started=started, created_at=services.clock.now(),
     )
     return RelayResponse(call, services.relay_deps)  # type: ignore[return-value]

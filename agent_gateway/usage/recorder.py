@@ -12,7 +12,7 @@ from sqlalchemy import insert, update
 from sqlmodel import col
 
 from agent_gateway.db.engine import Database
-from agent_gateway.db.models import ApiKey, UsageRecord, new_id
+from agent_gateway.db.models import ApiKey, UsageRecord
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class UsageRecorder:
         async with self._db.transaction() as session:
             await session.execute(
                 insert(UsageRecord),
-                [{"id": new_id("use"), **event.__dict__} for event in batch],
+                [event.__dict__ for event in batch],
             )
             for key_id, at in last_used.items():
                 await session.execute(

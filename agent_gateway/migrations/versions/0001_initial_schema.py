@@ -33,7 +33,7 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('pool_slug', 'block')
     )
     op.create_table('usage_records',
-    sa.Column('id', sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
     sa.Column('api_key_id', sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
     sa.Column('account_id', sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
     sa.Column('subscription_id', sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
