@@ -49,6 +49,11 @@ def demo_stack(workdir: Path) -> Iterator[tuple[str, Settings]]:
 
 
 def run_demo() -> int:
+    import logging
+
+    # The demo narrates; keep the servers' own INFO lines out of its way.
+    for noisy in ("httpx", "httpx2", "uvicorn.error", "agent_gateway", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="agw-demo-") as tmp, demo_stack(Path(tmp)) as (url, settings):
         say("Gateway up", f"gateway {url}, database {settings.database_url}")
         http = httpx.Client(base_url=url, timeout=30)
@@ -84,10 +89,53 @@ def run_demo() -> int:
         key = response.json()["data"]
         say("Customer: POST /api/keys/subscription", f"  API key {key['apiKey'][:7]}… (shown once), listed as {key['key']}")
 
-        usage = http.get("/api/usage", headers=auth).json()["data"]
-        say("Usage: GET /api/usage", json.dumps(usage[0]["usage"], indent=2))
+        run_inference(url, key["apiKey"])
+
+        usage = _wait_for_usage(http, auth)
+        say("Usage: GET /api/usage", "\n".join(f"  {window:>3}: {json.dumps(totals)}" for window, totals in usage.items()))
         print("\nDemo finished.")
     return 0
+
+
+def run_inference(url: str, api_key: str) -> None:
+    """Stream a chat completion with the openai SDK; a second call meanwhile is refused with 429."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0)
+    model = client.models.list().data[0].id
+    say(f"Agent: openai SDK, streaming chat completion on {model!r}")
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Say hello to the demo."}], stream=True
+    )
+    pieces = []
+    second = None
+    with stream:
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                pieces.append(chunk.choices[0].delta.content)
+                print(chunk.choices[0].delta.content, end="", flush=True)
+                if second is None:
+                    # One request in flight per key: a second call while this stream runs is refused.
+                    try:
+                        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "me too"}])
+                        second = "admitted (unexpected)"
+                    except openai.RateLimitError as exc:
+                        second = f"HTTP {exc.status_code}: {exc.body['message'] if isinstance(exc.body, dict) else exc}"
+    print()
+    say("Agent: a second call while the stream ran", f"  {second}")
+    client.close()
+
+
+def _wait_for_usage(http: httpx.Client, auth: dict[str, str]) -> dict:
+    """Usage is written in batches off the request path; wait (bounded) until the call shows up."""
+    import time
+
+    deadline = time.monotonic() + 10
+    while True:
+        usage = http.get("/api/usage", headers=auth).json()["data"][0]["usage"]
+        if usage["1h"]["requests"] or time.monotonic() > deadline:
+            return usage
+        time.sleep(0.1)
 
 
 async def _new_account(settings: Settings) -> tuple[str, str]:

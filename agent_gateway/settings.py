@@ -56,11 +56,16 @@ class Settings(BaseSettings):
     relayer_key: str | None = None
     confirmations: int = Field(default=1, ge=0)
 
-    @field_validator("redis_url", "chain_rpc_url", "usdc_address", "pay_to", "relayer_key", "session_secret",
-                     mode="before")
+    @field_validator("redis_url", "chain_rpc_url", "chain_id", "usdc_address", "pay_to", "relayer_key",
+                     "session_secret", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("pools_file", mode="before")
+    @classmethod
+    def _default_pools(cls, value: object) -> object:
+        return EXAMPLE_POOLS_FILE if value in ("", None) else value
 
     @field_validator("log_level")
     @classmethod

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
+# Alembic announces each of its plugins at INFO when imported; operators only need the upgrades.
+logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
-from agent_gateway.db.engine import sync_url
+from alembic import command  # noqa: E402
+from alembic.config import Config  # noqa: E402
+
+from agent_gateway.db.engine import sync_url  # noqa: E402
 
 _SCRIPTS = Path(__file__).resolve().parent.parent / "migrations"
 
