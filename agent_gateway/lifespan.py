@@ -67,6 +67,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
             total_s=settings.upstream_total_timeout_s,
         ),
         max_connections=settings.upstream_max_connections,
+        kind=settings.upstream_client,
     )
 
     async def expiry_pass() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -37,6 +38,7 @@ class Settings(BaseSettings):
     upstream_first_byte_timeout_s: float = Field(default=120.0, gt=0)
     upstream_total_timeout_s: float = Field(default=900.0, gt=0)
     upstream_max_connections: int = Field(default=1000, ge=1)
+    upstream_client: Literal["aiohttp", "httpx"] = "aiohttp"
     key_cache_ttl_s: float = Field(default=60.0, ge=0)
     lease_ttl_s: float = Field(default=30.0, ge=1)
 

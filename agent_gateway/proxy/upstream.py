@@ -1,4 +1,4 @@
-"""The upstream client: pooled aiohttp connections, timeouts, and its errors translated at this boundary."""
+"""The upstream client: pooled connections (aiohttp, or httpx), timeouts, errors translated at this boundary."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import itertools
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
+import httpx
 
 from agent_gateway.catalog.pools import Pool
 from agent_gateway.errors import UpstreamError, UpstreamTimeout
@@ -28,52 +30,115 @@ class UpstreamTimeouts:
 class UpstreamResponse:
     """An upstream response whose body is still to be read; close() drops the connection."""
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
-        self._response = response
-        self.status = response.status
-        self.content_type = response.headers.get("content-type", "application/json")
+    def __init__(self, status: int, content_type: str, backend: _Body) -> None:
+        self.status = status
+        self.content_type = content_type
+        self._backend = backend
 
     async def read(self) -> bytes:
         try:
-            return await self._response.read()
-        except (aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
-            raise UpstreamError(f"The upstream broke off its response: {exc}", code="upstream_interrupted") from exc
+            return await self._backend.read()
+        except _BODY_ERRORS as exc:
+            raise UpstreamError(f"The upstream broke off its response: {exc!r}", code="upstream_interrupted") from exc
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
-            async for chunk in self._response.content.iter_any():
+            async for chunk in self._backend.chunks():
                 yield chunk
-        except (aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
-            raise UpstreamError(f"The upstream broke off the stream: {exc}", code="upstream_interrupted") from exc
+        except _BODY_ERRORS as exc:
+            raise UpstreamError(f"The upstream broke off the stream: {exc!r}", code="upstream_interrupted") from exc
 
     def close(self) -> None:
-        # close(), not release(): an unfinished body must not be drained, the upstream request
-        # is abandoned so the GPU stops generating for a client that is gone.
+        # Drop, do not drain: an abandoned upstream request must stop generating for a client
+        # that is gone.
+        self._backend.close()
+
+    def release(self) -> None:
+        self._backend.release()
+
+
+class _Body(Protocol):
+    async def read(self) -> bytes: ...
+    def chunks(self) -> AsyncIterator[bytes]: ...
+    def close(self) -> None: ...
+    def release(self) -> None: ...
+
+
+class _AiohttpBody:
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+
+    async def read(self) -> bytes:
+        return await self._response.read()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        async for chunk in self._response.content.iter_any():
+            yield chunk
+
+    def close(self) -> None:
         self._response.close()
 
     def release(self) -> None:
         self._response.release()
 
 
+class _HttpxBody:
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+
+    async def read(self) -> bytes:
+        return await self._response.aread()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        async for chunk in self._response.aiter_raw():
+            yield chunk
+
+    def close(self) -> None:
+        # aclose() is a coroutine; schedule it so close() can be called from a finally block.
+        asyncio.ensure_future(self._response.aclose())
+
+    def release(self) -> None:
+        asyncio.ensure_future(self._response.aclose())
+
+
+_BODY_ERRORS = (aiohttp.ClientError, asyncio.IncompleteReadError, httpx.TransportError)
+
+
 class UpstreamClient:
-    def __init__(self, timeouts: UpstreamTimeouts, max_connections: int) -> None:
+    """Pooled connections to every pool's upstreams; `kind` picks the HTTP client library."""
+
+    def __init__(self, timeouts: UpstreamTimeouts, max_connections: int, kind: str = "aiohttp") -> None:
+        if kind not in ("aiohttp", "httpx"):
+            raise ValueError(f"unknown upstream client {kind!r}")
         self.timeouts = timeouts
+        self.kind = kind
         self._max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
+        self._aiohttp: aiohttp.ClientSession | None = None
+        self._httpx: httpx.AsyncClient | None = None
         self._round_robin: dict[str, itertools.cycle[str]] = {}
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0, keepalive_timeout=30)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeouts.connect_s),
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent",),
-        )
+        if self.kind == "aiohttp":
+            connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0, keepalive_timeout=30)
+            self._aiohttp = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeouts.connect_s),
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent",),
+            )
+        else:
+            limits = httpx.Limits(max_connections=self._max_connections,
+                                  max_keepalive_connections=self._max_connections, keepalive_expiry=30)
+            self._httpx = httpx.AsyncClient(
+                limits=limits,
+                timeout=httpx.Timeout(None, connect=self.timeouts.connect_s),
+            )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._aiohttp is not None:
+            await self._aiohttp.close()
+        if self._httpx is not None:
+            await self._httpx.aclose()
 
     def base_url(self, pool: Pool) -> str:
         cycle = self._round_robin.get(pool.slug)
@@ -84,7 +149,6 @@ class UpstreamClient:
     async def send(self, pool: Pool, path: str, body: bytes, request_headers: dict[str, str],
                    extra_headers: dict[str, str]) -> UpstreamResponse:
         """Send the request and wait for the response headers (the first-byte timeout)."""
-        assert self._session is not None, "UpstreamClient.start() was not called"
         headers = {name: request_headers[name] for name in _FORWARDED_REQUEST_HEADERS if name in request_headers}
         headers["accept-encoding"] = "identity"
         headers.update(extra_headers)
@@ -95,12 +159,19 @@ class UpstreamClient:
         url = self.base_url(pool) + path
         try:
             async with asyncio.timeout(self.timeouts.first_byte_s):
-                response = await self._session.post(url, data=body, headers=headers)
+                if self._aiohttp is not None:
+                    response = await self._aiohttp.post(url, data=body, headers=headers)
+                    return UpstreamResponse(response.status, response.headers.get("content-type", "application/json"),
+                                            _AiohttpBody(response))
+                assert self._httpx is not None, "UpstreamClient.start() was not called"
+                request = self._httpx.build_request("POST", url, content=body, headers=headers)
+                reply = await self._httpx.send(request, stream=True)
+                return UpstreamResponse(reply.status_code, reply.headers.get("content-type", "application/json"),
+                                        _HttpxBody(reply))
         except TimeoutError as exc:
             raise UpstreamTimeout(
                 f"The upstream did not answer within {self.timeouts.first_byte_s:g} s.", code="upstream_timeout"
             ) from exc
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, httpx.TransportError) as exc:
             raise UpstreamError(f"The upstream could not be reached: {exc.__class__.__name__}.",
                                 code="upstream_unreachable") from exc
-        return UpstreamResponse(response)
