@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
-from agent_gateway.api import management, public
+from agent_gateway.api import agents, management, public
 from agent_gateway.api.rendering import handle_gateway_error, handle_http_exception, handle_unexpected
 from agent_gateway.clock import Clock
+from agent_gateway.dashboard import create_dashboard
 from agent_gateway.errors import GatewayError
 from agent_gateway.metrics import metrics_endpoint
 from agent_gateway.proxy import routes as proxy_routes
@@ -23,8 +24,10 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None,
         routes=[
             *proxy_routes.routes,
             *public.routes,
+            *agents.routes,
             *management.routes,
             Route("/metrics", metrics_endpoint, methods=["GET"]),
+            Mount("/dashboard", app=create_dashboard(services)),
         ],
         exception_handlers={
             GatewayError: handle_gateway_error,

@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _settings_problems(exc: ValidationError) -> str:
     return "; ".join(
-        f"AGW_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
+        f"AGW_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" if err["loc"]
+        else err["msg"].removeprefix("Value error, ")
+        for err in exc.errors()
     )
 
 

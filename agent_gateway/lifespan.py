@@ -17,6 +17,8 @@ from agent_gateway.jobs.expiry import expire_subscriptions
 from agent_gateway.jobs.runner import JobRunner
 from agent_gateway.keys.revocation import RESTORED, KeyRevoker
 from agent_gateway.metrics import SUBSCRIPTIONS_EXPIRED
+from agent_gateway.payments.chain import ChainAdapter
+from agent_gateway.payments.service import PaymentService
 from agent_gateway.proxy.directory import KeyDirectory
 from agent_gateway.proxy.leases import Leases, MemoryLeases, RedisLeases
 from agent_gateway.proxy.relay import RelayDeps
@@ -44,6 +46,7 @@ class Services:
     revoker: KeyRevoker
     upstream: UpstreamClient
     relay_deps: RelayDeps
+    payments: PaymentService
 
 
 def build_services(settings: Settings, clock: Clock | None = None) -> Services:
@@ -70,6 +73,8 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         kind=settings.upstream_client,
     )
 
+    payments = PaymentService(settings, db, clock, catalog, _chain_adapter(settings))
+
     async def expiry_pass() -> None:
         result = await expire_subscriptions(db, clock)
         SUBSCRIPTIONS_EXPIRED.inc(len(result.subscription_ids))
@@ -77,12 +82,20 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
 
     return Services(
         settings=settings, clock=clock, db=db, catalog=catalog, usage=usage,
-        jobs=JobRunner(settings.job_interval_s, {"expiry": expiry_pass}),
+        jobs=JobRunner(settings.job_interval_s, {"expiry": expiry_pass, "payments": payments.reconcile}),
         directory=KeyDirectory(db, ttl_s=settings.key_cache_ttl_s),
         leases=leases, bus=bus, streams=streams, revoker=revoker, upstream=upstream,
         relay_deps=RelayDeps(upstream=upstream, leases=leases, streams=streams, usage=usage,
                              renew_interval_s=renew_interval_s),
+        payments=payments,
     )
+
+
+def _chain_adapter(settings: Settings) -> ChainAdapter | None:
+    """The chain adapter when the chain is configured (Settings checks it is all or nothing)."""
+    if settings.chain_rpc_url is None:
+        return None
+    return ChainAdapter(settings.chain_rpc_url, settings.chain_id, settings.usdc_address, settings.relayer_key)
 
 
 @asynccontextmanager
@@ -120,6 +133,8 @@ async def run_services(services: Services) -> AsyncIterator[Services]:
         await services.usage.close()
         await services.bus.close()
         await services.leases.close()
+        if services.payments.chain is not None:
+            await services.payments.chain.close()
         await services.db.dispose()
         log.info("agent_gateway stopped")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EXAMPLE_POOLS_FILE = Path(__file__).parent / "catalog" / "example_pools.toml"
@@ -56,13 +56,28 @@ class Settings(BaseSettings):
     usdc_version: str = "2"
     pay_to: str | None = None
     relayer_key: str | None = None
-    confirmations: int = Field(default=1, ge=0)
+    confirmations: int = Field(default=1, ge=1)
+    # How long a paying request waits for its settlement's receipt before answering 202.
+    settle_wait_s: float = Field(default=30.0, gt=0)
+    # The x402 authorization window offered to payers (maxTimeoutSeconds); it must cover settlement.
+    payment_timeout_s: int = Field(default=300, ge=30)
+    # The reconciler takes over payments left unfinished this long (a crash, a lost receipt).
+    reconcile_after_s: float = Field(default=60.0, ge=0)
 
     @field_validator("redis_url", "chain_rpc_url", "chain_id", "usdc_address", "pay_to", "relayer_key",
                      "session_secret", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _chain_all_or_nothing(self) -> Settings:
+        chain = {"chain_rpc_url": self.chain_rpc_url, "chain_id": self.chain_id, "usdc_address": self.usdc_address,
+                 "pay_to": self.pay_to, "relayer_key": self.relayer_key}
+        missing = [f"AGW_{name.upper()}" for name, value in chain.items() if value is None]
+        if missing and len(missing) < len(chain):
+            raise ValueError(f"x402 payments need every chain setting; missing {', '.join(missing)}")
+        return self
 
     @field_validator("pools_file", mode="before")
     @classmethod

@@ -32,4 +32,17 @@ else
   echo "setup: npm not found; install Node.js 18+ for the local chain (anvil)" >&2
   exit 1
 fi
+# Headless Chromium and its driver, from Debian, for the dashboard's browser tests.
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  if command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing chromium and chromium-driver (apt-get)"
+    SUDO=""
+    if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver
+  else
+    echo "setup: apt-get not found; install chromium and chromedriver at /usr/bin for the browser tests" >&2
+    exit 1
+  fi
+fi
 echo "setup: ready"

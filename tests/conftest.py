@@ -20,7 +20,7 @@ from agent_gateway.db.migrate import upgrade_database
 from agent_gateway.lifespan import Services, build_services
 from agent_gateway.settings import Settings
 
-pytest_plugins = ["tests.fixtures.upstream", "tests.fixtures.chain", "tests.fixtures.live"]
+pytest_plugins = ["tests.fixtures.upstream", "tests.fixtures.chain", "tests.fixtures.live", "tests.fixtures.x402"]
 
 POSTGRES_URL = os.environ.get("AGW_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 # 10:00 UTC on a Wednesday: inside the default europe block.

@@ -11,11 +11,13 @@ from starlette.routing import Route
 
 from agent_gateway.api.auth import management
 from agent_gateway.api.bodies import CamelBody, read_json
+from agent_gateway.api.paying import pay_for, payment_header, render_settled
 from agent_gateway.api.rendering import iso, ok
+from agent_gateway.api.views import render_key, render_management_key, render_subscription
 from agent_gateway.catalog.pricing import make_order
-from agent_gateway.db.models import Account, ApiKey, ManagementKey, Subscription
+from agent_gateway.db.models import Account
+from agent_gateway.errors import PaymentRequired
 from agent_gateway.keys import api_keys, management as mkeys
-from agent_gateway.keys.tokens import masked
 from agent_gateway.lifespan import Services
 from agent_gateway.payments.amounts import format_usdc
 from agent_gateway.subscriptions.service import list_subscriptions, subscribe_with_balance
@@ -37,62 +39,27 @@ class ManagementKeyBody(CamelBody):
     name: str = Field(min_length=1, max_length=200)
 
 
-def render_subscription(sub: Subscription, key: ApiKey | None = None) -> dict:
-    return {
-        "id": sub.id,
-        "pool": sub.pool_slug,
-        "blocks": list(sub.blocks),
-        "billingCycle": sub.billing_cycle,
-        "status": sub.status,
-        "price": format_usdc(sub.price_atomic),
-        "currentPeriodStart": iso(sub.period_start),
-        "currentPeriodEnd": iso(sub.period_end),
-        "paymentId": sub.payment_id,
-        "hasKey": key is not None,
-        "keyId": key.id if key else None,
-        "createdAt": iso(sub.created_at),
-    }
-
-
-def render_key(key: ApiKey, sub: Subscription) -> dict:
-    return {
-        "id": key.id,
-        "name": key.name,
-        "key": masked(key.prefix, key.last_four),
-        "prefix": key.prefix,
-        "lastFour": key.last_four,
-        "status": key.status,
-        "isActive": key.status == "active",
-        "keyType": "subscription",
-        "subscriptionId": sub.id,
-        "subscriptionStatus": sub.status,
-        "subscriptionExpiresAt": iso(sub.period_end),
-        "pool": sub.pool_slug,
-        "blocks": list(sub.blocks),
-        "createdAt": iso(key.created_at),
-        "lastUsedAt": iso(key.last_used_at),
-    }
-
-
-def render_management_key(key: ManagementKey) -> dict:
-    return {
-        "id": key.id,
-        "name": key.name,
-        "key": masked(key.prefix, key.last_four),
-        "createdAt": iso(key.created_at),
-        "lastUsedAt": iso(key.last_used_at),
-    }
-
-
 @management
 async def subscribe(request: Request, services: Services, account: Account) -> Response:
     body = await read_json(request, SubscribeBody, services.settings.max_body_bytes)
     order = make_order(
         services.catalog, request.path_params["slug"], body.blocks, body.quantity, body.billing_cycle
     )
-    subscriptions = await subscribe_with_balance(
-        services.db, services.clock, services.catalog, account.id, order
-    )
+    if payment_header(request) is not None:
+        # Paid with x402 exactly like the agent endpoint, for this account.
+        await services.payments.check_capacity(order)
+        settled = await pay_for(request, services, order, account_id=account.id, key_name="seat")
+        return render_settled(services, settled)
+    try:
+        subscriptions = await subscribe_with_balance(
+            services.db, services.clock, services.catalog, account.id, order
+        )
+    except PaymentRequired as exc:
+        if not services.payments.enabled:
+            raise
+        raise services.payments.challenge(
+            order, str(request.url), message=f"{exc.message} Or pay with x402: retry with PAYMENT-SIGNATURE.",
+            code=exc.code) from None
     return ok(
         {"quote": order.quote(), "subscriptions": [render_subscription(s) for s in subscriptions]},
         status=201,

@@ -132,3 +132,61 @@ class UsageRecord(SQLModel, table=True):
     latency_ms: float = 0.0
     usage_source: str = Field(max_length=12)  # upstream | estimated | missing
     created_at: datetime = Field(sa_column=_ts())
+
+
+class Payment(SQLModel, table=True):
+    """One USDC payment and the order it buys; its `state` is the payment state machine (payments.ledger).
+
+    A payment authorization (payer, nonce) and a transaction hash are each redeemed at most once:
+    partial unique indexes over the payments that have not failed enforce it in the database."""
+
+    __tablename__ = "payments"
+    __table_args__ = (
+        Index("ux_payments_authorization", "payer", "auth_nonce", unique=True,
+              sqlite_where=text("state <> 'failed' AND auth_nonce IS NOT NULL"),
+              postgresql_where=text("state <> 'failed' AND auth_nonce IS NOT NULL")),
+        Index("ux_payments_tx_hash", "tx_hash", unique=True,
+              sqlite_where=text("state <> 'failed' AND tx_hash IS NOT NULL"),
+              postgresql_where=text("state <> 'failed' AND tx_hash IS NOT NULL")),
+        Index("ix_payments_state_updated", "state", "updated_at"),
+    )
+
+    id: str = Field(primary_key=True, max_length=40)
+    method: str = Field(max_length=12)  # x402-exact | tx-hash
+    network: str = Field(max_length=40)  # CAIP-2, e.g. eip155:8453
+    payer: str = Field(max_length=42)  # lowercase hex address
+    amount_atomic: int = Field(sa_column=Column(BigInteger, nullable=False))
+    auth_nonce: str | None = Field(default=None, max_length=66)
+    valid_before: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    tx_hash: str | None = Field(default=None, max_length=66)
+    raw_tx: str | None = None  # the signed settlement, kept so a restart rebroadcasts the same bytes
+    # The EIP-3009 authorization and its signature (x402-exact), to rebuild a settlement whose
+    # relayer nonce was taken before it reached the chain.
+    authorization: dict | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    state: str = Field(max_length=12)  # received | verified | reserved | broadcast | confirmed | delivered | failed
+    failure_reason: str | None = Field(default=None, max_length=60)
+    seats_held: bool = False  # seats reserved in the inventory for this payment, not yet delivered
+    # The order.
+    account_id: str | None = Field(default=None, max_length=40)  # the buyer, when known up front
+    pool_slug: str = Field(max_length=64)
+    blocks: list[str] = Field(sa_column=Column(JSON, nullable=False))
+    quantity: int
+    billing_cycle: str = Field(max_length=10)
+    unit_price_atomic: int = Field(sa_column=Column(BigInteger, nullable=False))
+    key_name: str = Field(default="agent", max_length=200)
+    renew_subscription_id: str | None = Field(default=None, max_length=40)
+    created_at: datetime = Field(sa_column=_ts())
+    updated_at: datetime = Field(sa_column=_ts())
+
+
+class WalletChallenge(SQLModel, table=True):
+    """A server-issued sign-in message; a wallet that signs it gets a new management key, once."""
+
+    __tablename__ = "wallet_challenges"
+
+    id: str = Field(primary_key=True, max_length=40)
+    address: str = Field(max_length=42, index=True)
+    message: str = Field(max_length=500)
+    expires_at: datetime = Field(sa_column=_ts())
+    used_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
+    created_at: datetime = Field(sa_column=_ts())

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import case, func
 from sqlmodel import col, select
@@ -46,4 +47,69 @@ async def usage_by_key(
                     "completionTokens": int(completion),
                     "errors": int(errors),
                 }
+    return result
+
+
+# --- time series for charts ---------------------------------------------------------------
+
+BUCKET_SPANS = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
+_BUCKET_FORMATS = {"hour": ("%Y-%m-%d %H", "YYYY-MM-DD HH24"), "day": ("%Y-%m-%d", "YYYY-MM-DD")}
+
+
+@dataclass(frozen=True)
+class UsageBucket:
+    """One UTC hour or day of one key's usage."""
+
+    start: datetime
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def bucket_starts(now: datetime, bucket: str, count: int) -> list[datetime]:
+    """The starts of `count` consecutive UTC hours or days, oldest first, the last one holding `now`."""
+    now = now.astimezone(UTC)
+    last = now.replace(minute=0, second=0, microsecond=0)
+    if bucket == "day":
+        last = last.replace(hour=0)
+    step = BUCKET_SPANS[bucket]
+    return [last - step * i for i in range(count - 1, -1, -1)]
+
+
+async def usage_series(
+    db: Database, now: datetime, *, account_id: str, bucket: str, count: int
+) -> dict[str, list[UsageBucket]]:
+    """key id -> `count` hourly or daily buckets ending with the current one; empty buckets are zeros."""
+    starts = bucket_starts(now, bucket, count)
+    python_format, postgres_format = _BUCKET_FORMATS[bucket]
+    async with db.transaction() as session:
+        if session.bind.dialect.name == "postgresql":  # type: ignore[union-attr]
+            label = func.to_char(func.timezone("UTC", UsageRecord.created_at), postgres_format)
+        else:
+            # SQLite keeps UTC timestamps as ISO text, which strftime reads directly.
+            label = func.strftime(python_format, UsageRecord.created_at)
+        query = (
+            select(
+                UsageRecord.api_key_id,
+                label,
+                func.count(),
+                func.coalesce(func.sum(UsageRecord.prompt_tokens), 0),
+                func.coalesce(func.sum(UsageRecord.completion_tokens), 0),
+            )
+            .where(UsageRecord.account_id == account_id, col(UsageRecord.created_at) >= starts[0])
+            .group_by(UsageRecord.api_key_id, label)
+        )
+        rows = list(await session.execute(query))
+    position = {start.strftime(python_format): i for i, start in enumerate(starts)}
+    result: dict[str, list[UsageBucket]] = {}
+    for key_id, when, requests, prompt, completion in rows:
+        index = position.get(when)
+        if index is None:  # stamped after the current bucket (a clock ahead of ours)
+            continue
+        series = result.setdefault(key_id, [UsageBucket(start) for start in starts])
+        series[index] = UsageBucket(starts[index], int(requests), int(prompt), int(completion))
     return result

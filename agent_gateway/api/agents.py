@@ -1,0 +1,117 @@
+"""Agent routes: buy seats over x402 (or with a tx hash) in one call, poll a payment, renew,
+and sign in with the paying wallet."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from agent_gateway.api.auth import services_of
+from agent_gateway.api.bodies import CamelBody, read_json
+from agent_gateway.api.paying import pay_for, render_settled
+from agent_gateway.api.rendering import iso, ok
+from agent_gateway.catalog.pricing import make_order
+from agent_gateway.db.models import Subscription
+from agent_gateway.errors import Conflict, InvalidRequest, NotFound
+from agent_gateway.lifespan import Services
+from agent_gateway.payments.ledger import get_payment
+from agent_gateway.payments.service import tx_claim_message
+from agent_gateway.payments.wallet import issue_challenge, normalize_address, sign_in
+
+
+class SubscribePoolBody(CamelBody):
+    pool: str = Field(min_length=1, max_length=64, validation_alias=AliasChoices("pool", "poolSlug"))
+    blocks: list[str] = Field(min_length=1, max_length=24)
+    quantity: int = Field(default=1, ge=1)
+    billing_cycle: Literal["month", "year"] = Field(default="month", validation_alias="billingCycle")
+    name: str = Field(default="agent", min_length=1, max_length=200)
+    tx_hash: str | None = Field(default=None, pattern=r"^0x[0-9a-fA-F]{64}$", validation_alias="txHash")
+    signature: str | None = Field(default=None, max_length=200)
+
+
+class RenewBody(CamelBody):
+    subscription_id: str = Field(min_length=1, max_length=40, validation_alias="subscriptionId")
+    billing_cycle: Literal["month", "year"] = Field(default="month", validation_alias="billingCycle")
+
+
+class ChallengeBody(CamelBody):
+    address: str = Field(min_length=42, max_length=42)
+
+
+class SignInBody(CamelBody):
+    challenge_id: str = Field(min_length=1, max_length=40, validation_alias="challengeId")
+    signature: str = Field(min_length=1, max_length=200)
+
+
+async def subscribe_pool(request: Request) -> Response:
+    services = services_of(request)
+    body = await read_json(request, SubscribePoolBody, services.settings.max_body_bytes)
+    order = make_order(services.catalog, body.pool, body.blocks, body.quantity, body.billing_cycle)
+    if body.tx_hash is not None:
+        if not body.signature:
+            raise InvalidRequest(f"A txHash claim needs \"signature\": the paying wallet's signature (EIP-191) "
+                                 f"of {tx_claim_message(body.tx_hash)!r}.", code="missing_signature")
+        settled = await services.payments.claim_tx_hash(order, body.tx_hash, body.signature, key_name=body.name)
+        return render_settled(services, settled)
+    await services.payments.check_capacity(order)
+    settled = await pay_for(request, services, order, account_id=None, key_name=body.name)
+    return render_settled(services, settled)
+
+
+async def renew(request: Request) -> Response:
+    services = services_of(request)
+    body = await read_json(request, RenewBody, services.settings.max_body_bytes)
+    async with services.db.transaction() as session:
+        sub = await session.get(Subscription, body.subscription_id)
+    if sub is None:
+        raise NotFound(f"No subscription {body.subscription_id!r}.", code="subscription_not_found")
+    if sub.status != "active":
+        raise Conflict(f"Subscription {sub.id} is {sub.status}; buy a new seat instead.",
+                       code="subscription_not_active")
+    order = make_order(services.catalog, sub.pool_slug, list(sub.blocks), 1, body.billing_cycle)
+    settled = await pay_for(request, services, order, account_id=sub.account_id, key_name="renewal",
+                            renew_subscription_id=sub.id)
+    return render_settled(services, settled, status_if_done=200)
+
+
+async def payment_status(request: Request) -> Response:
+    services = services_of(request)
+    payment = await get_payment(services.db, request.path_params["payment_id"])
+    if payment is None:
+        raise NotFound("No such payment.", code="payment_not_found")
+    return ok({"paymentId": payment.id, "state": payment.state, "failureReason": payment.failure_reason,
+               "method": payment.method, "payer": payment.payer, "amount": str(payment.amount_atomic),
+               "txHash": payment.tx_hash, "pool": payment.pool_slug, "blocks": payment.blocks,
+               "quantity": payment.quantity, "accountId": payment.account_id,
+               "updatedAt": iso(payment.updated_at),
+               "next": "Sign in with the paying wallet (POST /api/agent/auth/challenge) to manage the seats."
+               if payment.state == "delivered" else None})
+
+
+async def wallet_challenge(request: Request) -> Response:
+    services = services_of(request)
+    body = await read_json(request, ChallengeBody, services.settings.max_body_bytes)
+    challenge = await issue_challenge(services.db, services.clock, normalize_address(body.address),
+                                      request.url.netloc)
+    return ok({"challengeId": challenge.id, "message": challenge.message, "expiresAt": iso(challenge.expires_at),
+               "signWith": "EIP-191 personal_sign of message, then POST /api/agent/auth/sign-in"}, status=201)
+
+
+async def wallet_sign_in(request: Request) -> Response:
+    services = services_of(request)
+    body = await read_json(request, SignInBody, services.settings.max_body_bytes)
+    account, token = await sign_in(services.db, services.clock, body.challenge_id, body.signature)
+    return ok({"accountId": account.id, "managementKey": token.plaintext}, status=201)
+
+
+routes = [
+    Route("/api/agent/subscribe-pool", subscribe_pool, methods=["POST"]),
+    Route("/api/agent/renew", renew, methods=["POST"]),
+    Route("/api/agent/payments/{payment_id}", payment_status, methods=["GET"]),
+    Route("/api/agent/auth/challenge", wallet_challenge, methods=["POST"]),
+    Route("/api/agent/auth/sign-in", wallet_sign_in, methods=["POST"]),
+]

@@ -1,0 +1,55 @@
+"""How subscriptions and keys look in /api answers (field by field: secrets can never leak)."""
+
+from __future__ import annotations
+
+from agent_gateway.api.rendering import iso
+from agent_gateway.db.models import ApiKey, ManagementKey, Subscription
+from agent_gateway.keys.tokens import masked
+from agent_gateway.payments.amounts import format_usdc
+
+
+def render_subscription(sub: Subscription, key: ApiKey | None = None) -> dict:
+    return {
+        "id": sub.id,
+        "pool": sub.pool_slug,
+        "blocks": list(sub.blocks),
+        "billingCycle": sub.billing_cycle,
+        "status": sub.status,
+        "price": format_usdc(sub.price_atomic),
+        "currentPeriodStart": iso(sub.period_start),
+        "currentPeriodEnd": iso(sub.period_end),
+        "paymentId": sub.payment_id,
+        "hasKey": key is not None,
+        "keyId": key.id if key else None,
+        "createdAt": iso(sub.created_at),
+    }
+
+
+def render_key(key: ApiKey, sub: Subscription) -> dict:
+    return {
+        "id": key.id,
+        "name": key.name,
+        "key": masked(key.prefix, key.last_four),
+        "prefix": key.prefix,
+        "lastFour": key.last_four,
+        "status": key.status,
+        "isActive": key.status == "active",
+        "keyType": "subscription",
+        "subscriptionId": sub.id,
+        "subscriptionStatus": sub.status,
+        "subscriptionExpiresAt": iso(sub.period_end),
+        "pool": sub.pool_slug,
+        "blocks": list(sub.blocks),
+        "createdAt": iso(key.created_at),
+        "lastUsedAt": iso(key.last_used_at),
+    }
+
+
+def render_management_key(key: ManagementKey) -> dict:
+    return {
+        "id": key.id,
+        "name": key.name,
+        "key": masked(key.prefix, key.last_four),
+        "createdAt": iso(key.created_at),
+        "lastUsedAt": iso(key.last_used_at),
+    }

@@ -1,0 +1,42 @@
+"""The dashboard as its own small ASGI app: its routes, static files and HTML error pages."""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from agent_gateway.dashboard import account_pages, key_pages, public_pages, usage_pages
+from agent_gateway.dashboard.guard import Dashboard, routing_error
+from agent_gateway.dashboard.rendering import STATIC_DIR, PageRenderer
+from agent_gateway.dashboard.sessions import SessionCodec
+from agent_gateway.lifespan import Services
+
+
+def create_dashboard(services: Services) -> Starlette:
+    """Mounted by the gateway at /dashboard. No middleware: sessions and forgery checks are per
+    route (see `guard.page`), so nothing here touches the /v1 hot path."""
+    app = Starlette(
+        routes=[
+            Route("/", public_pages.index, methods=["GET"]),
+            Route("/signin", public_pages.signin_form, methods=["GET"]),
+            Route("/signin", public_pages.signin, methods=["POST"]),
+            Route("/signout", public_pages.signout, methods=["POST"]),
+            Route("/pools", public_pages.pools, methods=["GET"]),
+            Route("/keys", key_pages.keys, methods=["GET"]),
+            Route("/keys", key_pages.create_key, methods=["POST"]),
+            Route("/keys/{key_id}/{action}", key_pages.confirm_key_action, methods=["GET"]),
+            Route("/keys/{key_id}/{action}", key_pages.run_key_action, methods=["POST"]),
+            Route("/subscriptions", account_pages.subscriptions, methods=["GET"]),
+            Route("/usage", usage_pages.usage, methods=["GET"]),
+            Route("/management-keys", account_pages.management_keys, methods=["GET"]),
+            Route("/management-keys", account_pages.create_management_key, methods=["POST"]),
+            Route("/management-keys/{key_id}/revoke", account_pages.confirm_revoke, methods=["GET"]),
+            Route("/management-keys/{key_id}/revoke", account_pages.revoke, methods=["POST"]),
+            Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
+        ],
+        exception_handlers={HTTPException: routing_error},
+    )
+    app.state.dashboard = Dashboard(services, SessionCodec(services.settings.session_secret), PageRenderer())
+    return app

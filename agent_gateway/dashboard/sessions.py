@@ -1,0 +1,124 @@
+"""Dashboard sessions: a signed cookie holding the management key's id, a CSRF token and flashes."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime
+from urllib.parse import urlsplit
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+COOKIE_NAME = "agw_dashboard"
+SESSION_TTL_S = 12 * 3600
+CSRF_FIELD = "csrf_token"
+
+
+@dataclass
+class Session:
+    """What the cookie carries. Never a plaintext key: only ids, re-validated on every request."""
+
+    csrf: str
+    expires_at: int  # epoch seconds
+    account_id: str | None = None
+    mkey_id: str | None = None
+    flashes: list[tuple[str, str]] = field(default_factory=list)
+    changed: bool = False
+
+    @classmethod
+    def anonymous(cls, now: datetime) -> Session:
+        expires_at = int(now.timestamp()) + SESSION_TTL_S
+        return cls(csrf=secrets.token_urlsafe(32), expires_at=expires_at, changed=True)
+
+    @classmethod
+    def signed_in(cls, now: datetime, account_id: str, mkey_id: str) -> Session:
+        # A fresh CSRF token at sign-in, so a token seen before signing in is worth nothing after.
+        session = cls.anonymous(now)
+        session.account_id, session.mkey_id = account_id, mkey_id
+        return session
+
+    @property
+    def is_signed_in(self) -> bool:
+        return self.account_id is not None and self.mkey_id is not None
+
+    def flash(self, kind: str, text: str) -> None:
+        self.flashes.append((kind, text))
+        self.changed = True
+
+    def take_flashes(self) -> list[tuple[str, str]]:
+        taken, self.flashes = self.flashes, []
+        if taken:
+            self.changed = True
+        return taken
+
+
+class SessionCodec:
+    """Signs and verifies the cookie with HMAC-SHA256 under the deployment's session secret."""
+
+    def __init__(self, secret: str | None) -> None:
+        raw = secret.encode() if secret else secrets.token_bytes(32)
+        # Derive a key of our own, so the configured secret is never used directly for anything.
+        self._key = hmac.new(raw, b"agent_gateway dashboard session v1", hashlib.sha256).digest()
+
+    def encode(self, session: Session) -> str:
+        payload = {"c": session.csrf, "e": session.expires_at, "a": session.account_id,
+                   "k": session.mkey_id, "f": session.flashes}
+        body = _b64(json.dumps(payload, separators=(",", ":")).encode())
+        return f"{body}.{self._sign(body)}"
+
+    def decode(self, cookie: str | None, now: datetime) -> Session | None:
+        """The session in a cookie, or None when it is missing, forged, garbled or expired."""
+        if not cookie or cookie.count(".") != 1:
+            return None
+        body, signature = cookie.split(".")
+        if not hmac.compare_digest(signature, self._sign(body)):
+            return None
+        try:
+            data = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+            session = Session(
+                csrf=str(data["c"]), expires_at=int(data["e"]), account_id=data["a"], mkey_id=data["k"],
+                flashes=[(str(kind), str(text)) for kind, text in data["f"]],
+            )
+        except (ValueError, KeyError, TypeError):
+            return None
+        return session if session.expires_at > now.timestamp() else None
+
+    def _sign(self, body: str) -> str:
+        return _b64(hmac.new(self._key, body.encode(), hashlib.sha256).digest())
+
+
+def write_cookie(
+    response: Response, request: Request, codec: SessionCodec, session: Session, now: datetime
+) -> None:
+    response.set_cookie(
+        COOKIE_NAME, codec.encode(session), max_age=max(0, session.expires_at - int(now.timestamp())),
+        path=cookie_path(request), httponly=True, samesite="lax", secure=request.url.scheme == "https",
+    )
+
+
+def cookie_path(request: Request) -> str:
+    return request.scope.get("root_path") or "/"
+
+
+def forgery_problem(request: Request, session: Session, form: dict[str, str]) -> str | None:
+    """Why a POST must be refused as cross-site, or None when it comes from our own page."""
+    # Browsers send Origin on every POST; Referer is the fallback for the few that do not.
+    # "null" (a sandboxed or data: page) stays as it is and is refused below.
+    source = request.headers.get("origin") or request.headers.get("referer")
+    if not source:
+        return "The request did not say which page sent it (no Origin or Referer header)."
+    if urlsplit(source).netloc.lower() != request.url.netloc.lower():
+        return "The form was sent from another site."
+    token = form.get(CSRF_FIELD, "")
+    if not token or not hmac.compare_digest(token.encode(), session.csrf.encode()):
+        return "The form's security token is missing or does not belong to this session."
+    return None
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")

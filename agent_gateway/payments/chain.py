@@ -1,0 +1,345 @@
+"""The chain adapter: the gateway's only web3 user; reads facts, signs and sends settlements, reads receipts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiohttp import ClientError, ClientTimeout
+from eth_abi import decode as abi_decode
+from eth_account import Account
+from eth_utils import keccak, to_checksum_address
+from web3 import AsyncHTTPProvider, AsyncWeb3
+from web3.exceptions import ContractLogicError, TransactionNotFound, Web3Exception, Web3RPCError
+
+from agent_gateway.errors import InvalidRequest, PaymentRequired, ServiceUnavailable
+from agent_gateway.payments.wire import ExactPayment
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+ABI_RELPATH = Path("contracts_abi") / "usdc_abi.json"
+_TRANSFER_WITH_AUTHORIZATION = (
+    "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)")
+_TRANSFER_TOPIC = keccak(text="Transfer(address,address,uint256)")
+_ERC20_TRANSFER_SELECTOR = keccak(text="transfer(address,uint256)")[:4]
+GAS_HEADROOM_PCT = 20
+# Node messages for "I already have this exact transaction" (geth, anvil, erigon/nethermind).
+_ALREADY_KNOWN = ("already known", "already imported", "known transaction")
+_NONCE_CONFLICT = ("nonce too low", "replacement transaction underpriced", "nonce has already been used")
+
+
+@dataclass(frozen=True)
+class SignedSettlement:
+    """A signed `transferWithAuthorization` transaction: persist it, then broadcast it (any number of times)."""
+
+    tx_hash: str  # 0x + 64 lowercase hex
+    raw_tx: str  # 0x-hex of the signed envelope
+    nonce: int  # the relayer's account nonce it uses
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """An ERC-20 transfer of our token: a decoded `Transfer` log, or a decoded `transfer(...)` call."""
+
+    token: str
+    from_: str
+    to: str
+    value: int
+
+
+@dataclass(frozen=True)
+class Receipt:
+    tx_hash: str
+    ok: bool  # status == 1
+    block_number: int
+    confirmations: int  # latest - block_number + 1
+    transfers: tuple[Transfer, ...]  # Transfer logs emitted by our token only
+
+
+@dataclass(frozen=True)
+class TxInfo:
+    tx_hash: str
+    from_: str
+    to: str | None  # None for a contract creation
+    nonce: int
+    block_number: int | None  # None while pending
+    transfer: Transfer | None  # the call decoded, when it is our token's transfer(to, value)
+
+
+class SettlementWouldRevert(PaymentRequired):
+    """The node refuses to estimate the settlement: it would revert (raced since the simulation)."""
+
+    code = "settlement_would_fail"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"The settlement would fail on-chain: {reason}.")
+        self.reason = reason
+
+
+@lru_cache(maxsize=1)
+def load_token_abi() -> tuple[dict[str, Any], ...]:
+    for parent in Path(__file__).resolve().parents:
+        if (parent / ABI_RELPATH).is_file():
+            return tuple(json.loads((parent / ABI_RELPATH).read_text()))
+    raise FileNotFoundError(f"{ABI_RELPATH} not found above {Path(__file__).parent}")
+
+
+def split_signature(signature: bytes) -> tuple[int, bytes, bytes]:
+    """65 bytes r ‖ s ‖ v -> (v, r, s), with v 0/1 lifted to 27/28 as the token's ecrecover wants."""
+    if len(signature) != 65:
+        raise ValueError("an EOA signature is 65 bytes")
+    v = signature[64]
+    return (v + 27 if v < 27 else v), signature[:32], signature[32:64]
+
+
+def _hash_hex(value: str) -> str:
+    if not (isinstance(value, str) and len(value) == 66 and value[:2] == "0x"):
+        raise InvalidRequest("A transaction hash is 0x followed by 32 bytes of hex.", code="invalid_tx_hash")
+    try:
+        bytes.fromhex(value[2:])
+    except ValueError:
+        raise InvalidRequest("A transaction hash is 0x followed by 32 bytes of hex.", code="invalid_tx_hash") from None
+    return value.lower()
+
+
+def _rpc_message(exc: Web3RPCError) -> str:
+    # The JSON-RPC error object's message, never the transport text (which can carry the RPC URL).
+    response = getattr(exc, "rpc_response", None) or {}
+    error = response.get("error") if isinstance(response, dict) else None
+    return str(error.get("message", "")) if isinstance(error, dict) else str(exc.message or "")
+
+
+def _revert_reason(exc: ContractLogicError) -> str:
+    text = exc.message if isinstance(exc.message, str) else ""
+    return text.removeprefix("execution reverted").lstrip(": ").strip() or "execution reverted"
+
+
+class ChainAdapter:
+    """Async access to one chain, one EIP-3009 token and one relayer key.
+
+    Every web3, HTTP or timeout failure leaves as `ServiceUnavailable(code="chain_unavailable")`;
+    a settlement that would revert is a reason text (`simulate_settlement`), not an exception."""
+
+    def __init__(self, rpc_url: str, chain_id: int, token_address: str, relayer_key: str,
+                 request_timeout_s: float = 10) -> None:
+        self.chain_id = chain_id
+        self.token_address = to_checksum_address(token_address)
+        self._relayer = Account.from_key(relayer_key)
+        self._timeout_s = request_timeout_s
+        # No retries and no middleware: a dead node must fail within one timeout, and every
+        # request we make is explicit (the default middleware adds eth_chainId round trips).
+        provider = AsyncHTTPProvider(rpc_url, request_kwargs={"timeout": ClientTimeout(total=request_timeout_s)},
+                                     exception_retry_configuration=None)
+        self._w3 = AsyncWeb3(provider, middleware=[])
+        self._token = self._w3.eth.contract(address=self.token_address, abi=list(load_token_abi()))
+        self._nonce_lock = asyncio.Lock()
+        self._next_nonce: int | None = None
+        self._holes: set[int] = set()  # relayer nonces handed out, then released unsent
+
+    @property
+    def relayer_address(self) -> str:
+        return self._relayer.address
+
+    async def close(self) -> None:
+        await self._w3.provider.disconnect()
+
+    async def _rpc(self, what: str, call: Awaitable[T], passthrough: tuple[type[BaseException], ...] = ()) -> T:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                return await call
+        except passthrough:
+            raise
+        except Web3RPCError as exc:
+            raise ServiceUnavailable(f"The chain node refused {what}: {_rpc_message(exc)}",
+                                     code="chain_unavailable") from exc
+        except (TimeoutError, ClientError, OSError, Web3Exception, ValueError) as exc:
+            raise ServiceUnavailable(f"The chain node is unavailable ({what}: {type(exc).__name__}).",
+                                     code="chain_unavailable") from exc
+
+    # --- facts ---------------------------------------------------------------------------------
+
+    async def chain_now(self) -> int:
+        """The chain's clock: the timestamp of the block a transaction sent now would land in, at
+        the earliest. That is the pending block's where the node builds one (anvil: wall time, so an
+        idle dev chain does not lag), else the latest block's."""
+        try:
+            block = await self._rpc("the pending block", self._w3.eth.get_block("pending"),
+                                    passthrough=(Web3RPCError,))
+        except Web3RPCError:
+            block = None
+        if not block:
+            block = await self._rpc("the latest block", self._w3.eth.get_block("latest"))
+        return int(block["timestamp"])
+
+    async def authorization_used(self, authorizer: str, nonce_hex: str) -> bool:
+        call = self._token.functions.authorizationState(to_checksum_address(authorizer),
+                                                         bytes.fromhex(nonce_hex.removeprefix("0x"))).call()
+        return bool(await self._rpc("authorizationState", call))
+
+    async def balance_of(self, address: str) -> int:
+        return int(await self._rpc("balanceOf", self._token.functions.balanceOf(to_checksum_address(address)).call()))
+
+    # --- settlement ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _settlement_args(payment: ExactPayment) -> tuple[Any, ...]:
+        v, r, s = split_signature(payment.signature_bytes)
+        return (payment.payer, payment.to, payment.value, payment.valid_after, payment.valid_before,
+                bytes.fromhex(payment.nonce[2:]), v, r, s)
+
+    async def simulate_settlement(self, payment: ExactPayment) -> str | None:
+        """eth_call the settlement from the relayer against the pending block: None if it would
+        succeed, else the revert reason (e.g. "FiatTokenV2: authorization is used or canceled")."""
+        function = self._token.get_function_by_signature(_TRANSFER_WITH_AUTHORIZATION)
+        call = function(*self._settlement_args(payment)).call({"from": self.relayer_address},
+                                                             block_identifier="pending")
+        try:
+            await self._rpc("the settlement simulation", call, passthrough=(ContractLogicError,))
+        except ContractLogicError as exc:
+            return _revert_reason(exc)
+        return None
+
+    async def build_settlement(self, payment: ExactPayment) -> SignedSettlement:
+        """Sign (not send) the settlement with the next relayer nonce, so the caller can persist the
+        hash and raw bytes before anything reaches the network. A built settlement that will never
+        be sent must be given back with `release_settlement`, or later nonces wait behind the gap."""
+        data = self._token.encode_abi(_TRANSFER_WITH_AUTHORIZATION, args=self._settlement_args(payment))
+        call = {"from": self.relayer_address, "to": self.token_address, "data": data, "value": 0}
+        gas, block, tip = await asyncio.gather(
+            self._estimate_gas(call), self._rpc("the latest block", self._w3.eth.get_block("latest")),
+            self._rpc("the priority fee", self._w3.eth.max_priority_fee))
+        async with self._nonce_lock:
+            if self._next_nonce is None:
+                self._next_nonce = await self._pending_nonce()
+            if self._holes:
+                nonce = min(self._holes)
+                self._holes.discard(nonce)
+            else:
+                nonce = self._next_nonce
+                self._next_nonce += 1
+        # EIP-1559 only (every x402 network is post-London). Twice the base fee survives six full
+        # blocks of +12.5% before the settlement stalls; the tip is the node's suggestion.
+        tx = {"type": 2, "chainId": self.chain_id, "nonce": nonce, "to": self.token_address, "value": 0,
+              "data": data, "gas": gas, "maxPriorityFeePerGas": int(tip),
+              "maxFeePerGas": 2 * int(block["baseFeePerGas"]) + int(tip)}
+        signed = self._relayer.sign_transaction(tx)
+        return SignedSettlement(tx_hash="0x" + bytes(signed.hash).hex(),
+                                raw_tx="0x" + bytes(signed.raw_transaction).hex(), nonce=nonce)
+
+    async def _estimate_gas(self, call: dict[str, Any]) -> int:
+        try:
+            gas = await self._rpc("a gas estimate", self._w3.eth.estimate_gas(call, "pending"),
+                                  passthrough=(ContractLogicError,))
+        except ContractLogicError as exc:
+            raise SettlementWouldRevert(_revert_reason(exc)) from exc
+        return gas * (100 + GAS_HEADROOM_PCT) // 100
+
+    async def _pending_nonce(self) -> int:
+        return int(await self._rpc("the relayer nonce",
+                                   self._w3.eth.get_transaction_count(self.relayer_address, "pending")))
+
+    async def release_settlement(self, settlement: SignedSettlement) -> None:
+        """Give back the nonce of a settlement that was neither persisted nor sent."""
+        async with self._nonce_lock:
+            if self._next_nonce is None or settlement.nonce >= self._next_nonce:
+                return
+            self._holes.add(settlement.nonce)
+            while self._next_nonce - 1 in self._holes:  # a gap at the top is simply not there yet
+                self._next_nonce -= 1
+                self._holes.discard(self._next_nonce)
+
+    async def resync_nonce(self) -> int:
+        """Forget the local counter and take the relayer's pending nonce from the chain."""
+        async with self._nonce_lock:
+            self._next_nonce = await self._pending_nonce()
+            self._holes.clear()
+            return self._next_nonce
+
+    async def broadcast(self, raw_tx_hex: str) -> str:
+        """Send a signed transaction; idempotent: resending one the node already has, or already
+        mined, returns its hash. A nonce taken by another transaction resyncs the counter and
+        raises ServiceUnavailable(code="relayer_nonce_conflict"): these bytes can never be mined."""
+        raw = bytes.fromhex(raw_tx_hex.removeprefix("0x"))
+        tx_hash = "0x" + keccak(raw).hex()
+        try:
+            await self._rpc("the settlement", self._w3.eth.send_raw_transaction(raw), passthrough=(Web3RPCError,))
+        except Web3RPCError as exc:
+            message = _rpc_message(exc)
+            if any(marker in message.lower() for marker in _ALREADY_KNOWN):
+                return tx_hash
+            if any(marker in message.lower() for marker in _NONCE_CONFLICT):
+                if await self.transaction(tx_hash) is not None:
+                    return tx_hash  # our own bytes, already in a block or the pool
+                await self.resync_nonce()
+                log.warning("settlement %s lost its relayer nonce: %s", tx_hash, message)
+                raise ServiceUnavailable(f"The settlement's relayer nonce was used by another transaction "
+                                         f"({message}).", code="relayer_nonce_conflict") from exc
+            raise ServiceUnavailable(f"The chain node refused the settlement: {message}",
+                                     code="chain_unavailable") from exc
+        return tx_hash
+
+    # --- receipts and transactions ---------------------------------------------------------------
+
+    async def receipt(self, tx_hash: str) -> Receipt | None:
+        """The mined receipt with our token's Transfer logs decoded; None while pending or unknown."""
+        tx_hash = _hash_hex(tx_hash)
+        try:
+            raw = await self._rpc("a receipt", self._w3.eth.get_transaction_receipt(tx_hash),
+                                  passthrough=(TransactionNotFound,))
+        except TransactionNotFound:
+            return None
+        if raw is None or raw.get("blockNumber") is None:
+            return None
+        latest = await self._rpc("the block number", self._w3.eth.block_number)
+        block = int(raw["blockNumber"])
+        return Receipt(tx_hash=tx_hash, ok=raw.get("status") == 1, block_number=block,
+                       confirmations=max(0, latest - block + 1),
+                       transfers=tuple(t for t in map(self._decode_transfer_log, raw.get("logs", [])) if t))
+
+    def _decode_transfer_log(self, entry: Any) -> Transfer | None:
+        topics = [bytes(t) for t in entry.get("topics", [])]
+        if (to_checksum_address(entry["address"]) != self.token_address or len(topics) != 3
+                or topics[0] != _TRANSFER_TOPIC):
+            return None
+        return Transfer(token=self.token_address, from_=to_checksum_address(topics[1][-20:]),
+                        to=to_checksum_address(topics[2][-20:]), value=int.from_bytes(bytes(entry["data"]), "big"))
+
+    async def transaction(self, tx_hash: str) -> TxInfo | None:
+        """A transaction by hash (mined or in the pool); None if the node does not know it."""
+        tx_hash = _hash_hex(tx_hash)
+        try:
+            tx = await self._rpc("a transaction", self._w3.eth.get_transaction(tx_hash),
+                                 passthrough=(TransactionNotFound,))
+        except TransactionNotFound:
+            return None
+        if tx is None:
+            return None
+        sender, to = to_checksum_address(tx["from"]), tx.get("to")
+        to = to_checksum_address(to) if to else None
+        return TxInfo(tx_hash=tx_hash, from_=sender, to=to, nonce=int(tx["nonce"]),
+                      block_number=tx.get("blockNumber"), transfer=self._decode_transfer_call(sender, to, tx))
+
+    def _decode_transfer_call(self, sender: str, to: str | None, tx: Any) -> Transfer | None:
+        data = bytes(tx.get("input") or b"")
+        if to != self.token_address or len(data) != 68 or data[:4] != _ERC20_TRANSFER_SELECTOR:
+            return None
+        recipient, value = abi_decode(["address", "uint256"], data[4:])
+        return Transfer(token=self.token_address, from_=sender, to=to_checksum_address(recipient), value=int(value))
+
+    async def transfers_in(self, tx_hash: str, to: str | None = None) -> tuple[Transfer, ...] | None:
+        """For the tx-hash flow: our token's Transfer logs in a mined transaction, only those into
+        `to` when given (empty if it reverted); None while it is not mined. receipt() has the depth."""
+        receipt = await self.receipt(tx_hash)
+        if receipt is None:
+            return None
+        if not receipt.ok:
+            return ()
+        to = to_checksum_address(to) if to is not None else None
+        return tuple(t for t in receipt.transfers if to is None or t.to == to)

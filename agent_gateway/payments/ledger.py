@@ -1,0 +1,247 @@
+"""The payment ledger: every state of a payment is a committed row, and each transition is a
+conditional UPDATE from the state it expects, so a transition happens once even when two
+processes (a request and the reconciler) reach it together.
+
+    received ─► verified ─► reserved ─► broadcast ─► confirmed ─► delivered
+        └──────────┴───────────┴────────────┴─────────────┴──► failed (reason)
+
+`received` claims the payment (payer + authorization nonce, or the tx hash) under a unique index;
+`reserved` holds the seats in the inventory; `broadcast` stores the signed settlement *before* it
+is sent, so a restart resends the same bytes and never a second transaction; `delivered` creates
+the account (bound to the payer's wallet, if new), the subscriptions and their keys in the same
+transaction that moves the state."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+
+from agent_gateway.catalog.pools import Catalog
+from agent_gateway.catalog.pricing import BILLING_CYCLES, Order
+from agent_gateway.clock import Clock, as_utc
+from agent_gateway.db.engine import Database
+from agent_gateway.db.models import Account, ApiKey, BalanceEntry, ManagementKey, Payment, Subscription, new_id
+from agent_gateway.errors import Conflict, PaymentRequired
+from agent_gateway.keys.tokens import API_KEY_PREFIX, MANAGEMENT_KEY_PREFIX, IssuedToken, issue_token
+from agent_gateway.subscriptions.inventory import release_seats, reserve_seats
+
+log = logging.getLogger(__name__)
+
+FINAL_STATES = ("delivered", "failed")
+
+
+class PaymentAlreadyUsed(PaymentRequired):
+    code = "payment_already_used"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What identifies a payment before anything is recorded."""
+
+    method: str
+    network: str
+    payer: str
+    amount_atomic: int
+    auth_nonce: str | None = None
+    valid_before: int | None = None
+    tx_hash: str | None = None
+    authorization: dict | None = None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    payment: Payment
+    account: Account
+    subscriptions: list[Subscription]
+    keys: list[tuple[ApiKey, IssuedToken]]  # empty when delivered by the reconciler
+    management_key: IssuedToken | None  # a new account's first management key
+
+
+async def record_received(db: Database, clock: Clock, claim: Claim, order: Order, *,
+                          account_id: str | None, key_name: str, renew_subscription_id: str | None = None,
+                          state: str = "received") -> Payment:
+    """Claim the payment; a second claim of the same authorization or tx hash is refused."""
+    now = clock.now()
+    payment = Payment(
+        id=new_id("pay"), method=claim.method, network=claim.network, payer=claim.payer.lower(),
+        amount_atomic=claim.amount_atomic, auth_nonce=claim.auth_nonce, valid_before=claim.valid_before,
+        tx_hash=claim.tx_hash, authorization=claim.authorization, state=state, account_id=account_id, pool_slug=order.pool.slug,
+        blocks=list(order.blocks), quantity=order.quantity, billing_cycle=order.billing_cycle,
+        unit_price_atomic=order.unit_price_atomic, key_name=key_name,
+        renew_subscription_id=renew_subscription_id, created_at=now, updated_at=now,
+    )
+    try:
+        async with db.transaction() as session:
+            session.add(payment)
+    except IntegrityError as exc:
+        raise PaymentAlreadyUsed(
+            "This payment was already redeemed (or is being redeemed right now).") from exc
+    log.info("payment %s %s: %s from %s, %d atomic", payment.id, state, claim.method, payment.payer,
+             claim.amount_atomic)
+    return payment
+
+
+async def advance(db: Database, clock: Clock, payment_id: str, expected: str, new: str, **values: object) -> bool:
+    """Move from `expected` to `new` (with extra column values); False if the payment was elsewhere."""
+    async with db.transaction() as session:
+        moved = await session.execute(
+            update(Payment).where(Payment.id == payment_id, Payment.state == expected)
+            .values(state=new, updated_at=clock.now(), **values)
+        )
+    if moved.rowcount == 1:
+        log.info("payment %s %s -> %s", payment_id, expected, new)
+    return moved.rowcount == 1
+
+
+async def replace_settlement(db: Database, clock: Clock, payment_id: str, old_tx_hash: str,
+                             tx_hash: str, raw_tx: str) -> bool:
+    """Swap a stored settlement whose relayer nonce was taken (it can never be mined) for a new one."""
+    async with db.transaction() as session:
+        moved = await session.execute(
+            update(Payment).where(Payment.id == payment_id, Payment.state == "broadcast",
+                                  Payment.tx_hash == old_tx_hash)
+            .values(tx_hash=tx_hash, raw_tx=raw_tx, updated_at=clock.now())
+        )
+    if moved.rowcount == 1:
+        log.warning("payment %s: settlement %s replaced by %s (relayer nonce taken)", payment_id, old_tx_hash, tx_hash)
+    return moved.rowcount == 1
+
+
+async def reserve(db: Database, clock: Clock, catalog: Catalog, payment: Payment) -> None:
+    """verified -> reserved, holding the seats in the same transaction (Conflict sold_out if gone)."""
+    async with db.transaction() as session:
+        if payment.renew_subscription_id is None:
+            await reserve_seats(session, catalog, payment.pool_slug, tuple(payment.blocks), payment.quantity)
+        moved = await session.execute(
+            update(Payment).where(Payment.id == payment.id, Payment.state == "verified")
+            .values(state="reserved", seats_held=payment.renew_subscription_id is None, updated_at=clock.now())
+        )
+        if moved.rowcount != 1:
+            raise Conflict("The payment moved on while its seats were being reserved.", code="payment_state_changed")
+    log.info("payment %s verified -> reserved", payment.id)
+
+
+async def fail(db: Database, clock: Clock, payment_id: str, reason: str) -> bool:
+    """Any non-final state -> failed, giving back held seats in the same transaction."""
+    async with db.transaction() as session:
+        payment = await session.get(Payment, payment_id, with_for_update=True)
+        if payment is None or payment.state in FINAL_STATES:
+            return False
+        if payment.seats_held:
+            await release_seats(session, payment.pool_slug, list(payment.blocks), payment.quantity)
+        previous = payment.state
+        payment.state, payment.failure_reason, payment.seats_held = "failed", reason, False
+        payment.updated_at = clock.now()
+        session.add(payment)
+    log.warning("payment %s %s -> failed: %s", payment_id, previous, reason)
+    return True
+
+
+async def fail_and_credit(db: Database, clock: Clock, payment_id: str, reason: str) -> Account:
+    """Money already received but seats cannot be delivered: fail the payment and credit the
+    amount to the payer's prepaid balance (its wallet account, created if new), in one transaction."""
+    now = clock.now()
+    async with db.transaction() as session:
+        payment = await session.get(Payment, payment_id, with_for_update=True)
+        if payment.seats_held:
+            await release_seats(session, payment.pool_slug, list(payment.blocks), payment.quantity)
+        account, _ = await _account_for(session, payment, now)
+        account.balance_atomic += payment.amount_atomic
+        session.add(account)
+        session.add(BalanceEntry(id=new_id("bal"), account_id=account.id, delta_atomic=payment.amount_atomic,
+                                 kind="credit", note=f"payment {payment.id}: {reason}", created_at=now))
+        payment.state, payment.failure_reason, payment.seats_held = "failed", reason, False
+        payment.account_id, payment.updated_at = account.id, now
+        session.add(payment)
+    log.warning("payment %s failed (%s); %d atomic credited to account %s", payment_id, reason,
+                payment.amount_atomic, account.id)
+    return account
+
+
+async def deliver(db: Database, clock: Clock, payment_id: str, *, mint_keys: bool) -> Delivery | None:
+    """confirmed -> delivered: the account, the subscriptions (or the renewal) and, on request, keys.
+
+    Returns None when another caller delivered it first (the state was no longer `confirmed`)."""
+    try:
+        return await _deliver(db, clock, payment_id, mint_keys=mint_keys)
+    except IntegrityError:
+        # Two first payments from one new wallet raced to create its account; the loser finds
+        # the winner's account on the second try.
+        return await _deliver(db, clock, payment_id, mint_keys=mint_keys)
+
+
+async def _deliver(db: Database, clock: Clock, payment_id: str, *, mint_keys: bool) -> Delivery | None:
+    now = clock.now()
+    async with db.transaction() as session:
+        payment = await session.get(Payment, payment_id, with_for_update=True)
+        if payment is None or payment.state != "confirmed":
+            return None
+        account, management_key = await _account_for(session, payment, now)
+        period = BILLING_CYCLES[payment.billing_cycle][1]
+        keys: list[tuple[ApiKey, IssuedToken]] = []
+        if payment.renew_subscription_id is not None:
+            sub = await session.get(Subscription, payment.renew_subscription_id, with_for_update=True)
+            # Paid renewals extend from the current end (or from now, if it already passed).
+            sub.period_end = max(as_utc(sub.period_end), now) + period
+            session.add(sub)
+            subscriptions = [sub]
+        else:
+            subscriptions = [
+                Subscription(
+                    id=new_id("sub"), account_id=account.id, pool_slug=payment.pool_slug,
+                    blocks=list(payment.blocks), billing_cycle=payment.billing_cycle, status="active",
+                    price_atomic=payment.unit_price_atomic, period_start=now, period_end=now + period,
+                    payment_id=payment.id, created_at=now,
+                )
+                for _ in range(payment.quantity)
+            ]
+            session.add_all(subscriptions)
+            await session.flush()
+            if mint_keys:
+                for sub in subscriptions:
+                    token = issue_token(API_KEY_PREFIX)
+                    key = ApiKey(id=new_id("key"), account_id=account.id, subscription_id=sub.id,
+                                 name=payment.key_name, key_hash=token.key_hash, prefix=token.prefix,
+                                 last_four=token.last_four, status="active", created_at=now)
+                    session.add(key)
+                    keys.append((key, token))
+        payment.state, payment.seats_held, payment.account_id, payment.updated_at = "delivered", False, account.id, now
+        session.add(payment)
+    log.info("payment %s confirmed -> delivered: account %s, %d subscription(s)%s", payment_id, account.id,
+             len(subscriptions), "" if mint_keys else " (keys to be minted after wallet sign-in)")
+    return Delivery(payment, account, subscriptions, keys, management_key)
+
+
+async def _account_for(session, payment: Payment, now: datetime) -> tuple[Account, IssuedToken | None]:  # type: ignore[no-untyped-def]
+    if payment.account_id is not None:
+        return await session.get(Account, payment.account_id), None
+    account = (await session.scalars(select(Account).where(Account.wallet_address == payment.payer))).first()
+    if account is not None:
+        return account, None
+    account = Account(id=new_id("acct"), name=f"wallet {payment.payer}", wallet_address=payment.payer,
+                      created_at=now)
+    session.add(account)
+    await session.flush()
+    token = issue_token(MANAGEMENT_KEY_PREFIX)
+    session.add(ManagementKey(id=new_id("mkey"), account_id=account.id, name="x402", key_hash=token.key_hash,
+                              prefix=token.prefix, last_four=token.last_four, created_at=now))
+    return account, token
+
+
+async def get_payment(db: Database, payment_id: str) -> Payment | None:
+    async with db.transaction() as session:
+        return await session.get(Payment, payment_id)
+
+
+async def unfinished_payments(db: Database, older_than: datetime) -> list[Payment]:
+    """Payments not in a final state and not touched since `older_than`: the reconciler's work."""
+    async with db.transaction() as session:
+        rows = await session.scalars(
+            select(Payment).where(Payment.state.not_in(FINAL_STATES), Payment.updated_at <= older_than)
+            .order_by(Payment.created_at).limit(200)
+        )
+        return list(rows)

@@ -1,0 +1,329 @@
+"""The payment service: the only path from a paid request to delivered seats.
+
+Facts from the chain adapter → pure rules → a ledger row that claims the payment → seats
+reserved → the settlement signed, stored, then sent → receipt and Transfer checked → delivery.
+Every step is a committed ledger transition; a step that cannot finish leaves the payment for
+the reconciler (`reconcile`), which drives it to `delivered` or to a named failure."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+from agent_gateway.catalog.pools import Catalog
+from agent_gateway.catalog.pricing import Order
+from agent_gateway.clock import Clock
+from agent_gateway.db.engine import Database
+from agent_gateway.db.models import Payment
+from agent_gateway.errors import Conflict, GatewayError, PaymentRequired, ServiceUnavailable
+from agent_gateway.payments import ledger
+from agent_gateway.payments.amounts import format_usdc
+from agent_gateway.payments.chain import ChainAdapter, Receipt
+from agent_gateway.payments.ledger import Claim, Delivery
+from agent_gateway.payments.rules import check_chain_facts, check_payment
+from agent_gateway.payments.wallet import recover_personal_signer
+from agent_gateway.payments.wire import (
+    ExactPayment,
+    Offer,
+    WireError,
+    encode_header,
+    parse_payment,
+    payment_required,
+    payment_required_v1,
+)
+from agent_gateway.settings import Settings
+from agent_gateway.subscriptions.inventory import seats_available
+
+log = logging.getLogger(__name__)
+_POLL_S = 0.05
+
+
+def tx_claim_message(tx_hash: str) -> str:
+    """What a tx-hash buyer signs with the paying wallet, binding the claim to the sender."""
+    return f"agent_gateway: claim pool subscription for transaction {tx_hash.lower()}"
+
+
+@dataclass(frozen=True)
+class Settled:
+    """The outcome of a paid request: delivered now, or still settling (answer 202 and poll)."""
+
+    payment: Payment
+    delivery: Delivery | None
+
+    @property
+    def pending(self) -> bool:
+        return self.delivery is None
+
+
+class PaymentService:
+    def __init__(self, settings: Settings, db: Database, clock: Clock, catalog: Catalog,
+                 chain: ChainAdapter | None) -> None:
+        self.settings = settings
+        self.db = db
+        self.clock = clock
+        self.catalog = catalog
+        self.chain = chain
+
+    @property
+    def enabled(self) -> bool:
+        return self.chain is not None
+
+    @property
+    def network(self) -> str:
+        return f"eip155:{self.settings.chain_id}"
+
+    # --- the 402 -------------------------------------------------------------------------
+
+    def offer(self, order: Order, resource_url: str) -> Offer:
+        s = self.settings
+        return Offer(
+            scheme="exact", network=self.network, amount_atomic=order.total_atomic, asset=s.usdc_address,
+            pay_to=s.pay_to, max_timeout_s=s.payment_timeout_s, token_name=s.usdc_name,
+            token_version=s.usdc_version, resource_url=resource_url,
+            description=f"{order.quantity} seat(s) on {order.pool.slug} ({', '.join(order.blocks)}, "
+                        f"{order.billing_cycle})",
+        )
+
+    def challenge(self, order: Order, resource_url: str, *, message: str | None = None,
+                  code: str = "payment_required") -> PaymentRequired:
+        """The 402: the v2 challenge in PAYMENT-REQUIRED, and the same object plus a quote in the body."""
+        self._require_chain()
+        offer = self.offer(order, resource_url)
+        required = payment_required([offer], error=None if code == "payment_required" else code)
+        headers = {"PAYMENT-REQUIRED": encode_header(required), "Cache-Control": "no-store"}
+        # The body carries the same object (its `error` lives in the error envelope) plus a quote.
+        extra: dict = {**{k: v for k, v in required.items() if k != "error"}, "quote": order.quote()}
+        v1 = payment_required_v1([offer])
+        if v1 is not None:
+            extra["v1"] = v1
+        return PaymentRequired(
+            message or f"Pay {format_usdc(order.total_atomic)} USDC with x402 (exact, {self.network}) "
+                       f"to {self.settings.pay_to}, then retry with the PAYMENT-SIGNATURE header.",
+            code=code, headers=headers, extra=extra,
+        )
+
+    async def check_capacity(self, order: Order) -> None:
+        """Never ask for money for seats that are not there (checked again, atomically, before settling)."""
+        available = await seats_available(self.db, self.catalog)
+        for block in order.blocks:
+            if available.get((order.pool.slug, block), 0) < order.quantity:
+                raise Conflict(f"Not enough seats left in the {block} block of pool {order.pool.slug}.",
+                               code="sold_out")
+
+    # --- x402 exact ----------------------------------------------------------------------
+
+    async def settle_exact(self, order: Order, header: str, version: int, resource_url: str, *,
+                           account_id: str | None = None, key_name: str = "agent",
+                           renew_subscription_id: str | None = None) -> Settled:
+        chain = self._require_chain()
+        try:
+            payment = parse_payment(header, version)
+        except WireError as exc:
+            raise self.challenge(order, resource_url, message=exc.message, code=exc.code) from None
+        offer = self.offer(order, resource_url)
+        verdict = check_payment(offer, payment, self.settings.chain_id, self.settings.usdc_address,
+                                await chain.chain_now())
+        if not verdict.ok:
+            raise self.challenge(order, resource_url, message=_REASONS.get(verdict.reason, verdict.reason),
+                                 code=verdict.reason)
+        row = await ledger.record_received(
+            self.db, self.clock,
+            Claim(method="x402-exact", network=self.network, payer=payment.payer, amount_atomic=payment.value,
+                  auth_nonce=payment.nonce, valid_before=payment.valid_before,
+                  authorization=dataclasses.asdict(payment)),
+            order, account_id=account_id, key_name=key_name, renew_subscription_id=renew_subscription_id,
+        )
+        try:
+            await self._verify_on_chain(row, payment)
+            await ledger.reserve(self.db, self.clock, self.catalog, row)
+            settlement = await chain.build_settlement(payment)
+            if not await ledger.advance(self.db, self.clock, row.id, "reserved", "broadcast",
+                                        tx_hash=settlement.tx_hash, raw_tx=settlement.raw_tx):
+                await chain.release_settlement(settlement)
+                raise Conflict("The payment moved on while it was being settled.", code="payment_state_changed")
+        except BaseException as exc:
+            # Nothing was sent: the claim and any held seats are given back.
+            await ledger.fail(self.db, self.clock, row.id, getattr(exc, "code", type(exc).__name__))
+            raise
+        try:
+            tx_hash = await self._send(row.id, payment, settlement.tx_hash, settlement.raw_tx)
+        except ServiceUnavailable:
+            # Stored as broadcast: the reconciler resends (or rebuilds) it.
+            log.warning("payment %s: broadcast failed; left for the reconciler", row.id)
+            return Settled(await ledger.get_payment(self.db, row.id), None)
+        return await self._await_delivery(row.id, tx_hash, mint_keys=True)
+
+    async def _send(self, payment_id: str, payment: ExactPayment, tx_hash: str, raw_tx: str) -> str:
+        """Broadcast the stored settlement. If its relayer nonce was taken by another transaction
+        (several gateway processes share the relayer), those bytes can never be mined: sign a new
+        settlement, store it in place of the old one, and send that. The authorization itself can
+        only ever be executed once on-chain, so this cannot charge twice."""
+        chain = self._require_chain()
+        for _ in range(3):
+            try:
+                return await chain.broadcast(raw_tx)
+            except ServiceUnavailable as exc:
+                if exc.code != "relayer_nonce_conflict":
+                    raise
+            settlement = await chain.build_settlement(payment)
+            if not await ledger.replace_settlement(self.db, self.clock, payment_id, tx_hash,
+                                                   settlement.tx_hash, settlement.raw_tx):
+                await chain.release_settlement(settlement)
+                raise ServiceUnavailable("The payment moved on while its settlement was replaced.",
+                                         code="payment_state_changed")
+            tx_hash, raw_tx = settlement.tx_hash, settlement.raw_tx
+        raise ServiceUnavailable("The relayer's nonce kept being taken; the reconciler will retry.",
+                                 code="relayer_nonce_conflict")
+
+    async def _verify_on_chain(self, row: Payment, payment: ExactPayment) -> None:
+        chain = self._require_chain()
+        used, balance = await asyncio.gather(
+            chain.authorization_used(payment.payer, payment.nonce), chain.balance_of(payment.payer))
+        verdict = check_chain_facts(payment, used, balance)
+        if verdict.ok:
+            revert = await chain.simulate_settlement(payment)
+            if revert is not None:
+                raise PaymentRequired(f"The settlement would fail on-chain: {revert}.", code="settlement_would_fail")
+        else:
+            raise PaymentRequired(_REASONS.get(verdict.reason, verdict.reason), code=verdict.reason)
+        if not await ledger.advance(self.db, self.clock, row.id, "received", "verified"):
+            raise Conflict("The payment moved on while it was being verified.", code="payment_state_changed")
+
+    # --- tx hash -------------------------------------------------------------------------
+
+    async def claim_tx_hash(self, order: Order, tx_hash: str, signature: str, *, account_id: str | None = None,
+                            key_name: str = "agent") -> Settled:
+        """The reference service's flow: the buyer sent USDC itself and proves it owns the sender."""
+        chain = self._require_chain()
+        tx_hash = tx_hash.lower()
+        tx = await chain.transaction(tx_hash)
+        if tx is None:
+            raise PaymentRequired("No such transaction on this chain (yet); retry once it is mined.",
+                                  code="transaction_not_found")
+        signer = recover_personal_signer(tx_claim_message(tx_hash), signature)
+        if signer is None or signer != tx.from_.lower():
+            raise PaymentRequired("The signature must be made by the wallet that sent the transaction, over "
+                                  f"the message {tx_claim_message(tx_hash)!r}.", code="invalid_signature")
+        receipt = await chain.receipt(tx_hash)
+        if receipt is None or receipt.confirmations < self.settings.confirmations:
+            raise PaymentRequired("The transaction is not confirmed yet; retry in a few seconds.",
+                                  code="payment_pending", headers={"Retry-After": "5"})
+        paid = self._paid_to_us(receipt, signer)
+        if not receipt.ok or paid < order.total_atomic:
+            raise PaymentRequired(
+                f"The transaction does not pay {format_usdc(order.total_atomic)} USDC from {signer} to "
+                f"{self.settings.pay_to}.", code="transfer_mismatch")
+        row = await ledger.record_received(
+            self.db, self.clock,
+            Claim(method="tx-hash", network=self.network, payer=signer, amount_atomic=paid, tx_hash=tx_hash),
+            order, account_id=account_id, key_name=key_name, state="verified",
+        )
+        try:
+            await ledger.reserve(self.db, self.clock, self.catalog, row)
+        except Conflict:
+            # The money is already ours: never lose it. It becomes the wallet account's prepaid balance.
+            account = await ledger.fail_and_credit(self.db, self.clock, row.id, "sold_out_after_payment")
+            raise Conflict(
+                f"The seats sold out before this claim; the {format_usdc(paid)} USDC paid were credited to "
+                f"account {account.id} (sign in with the paying wallet to use or see it).",
+                code="sold_out_after_payment") from None
+        await ledger.advance(self.db, self.clock, row.id, "reserved", "broadcast")
+        await ledger.advance(self.db, self.clock, row.id, "broadcast", "confirmed")
+        delivery = await ledger.deliver(self.db, self.clock, row.id, mint_keys=True)
+        return Settled(delivery.payment if delivery else await ledger.get_payment(self.db, row.id), delivery)
+
+    def _paid_to_us(self, receipt: Receipt, payer: str) -> int:
+        pay_to = self.settings.pay_to.lower()
+        token = self.settings.usdc_address.lower()
+        return sum(t.value for t in receipt.transfers
+                   if t.token.lower() == token and t.from_.lower() == payer.lower() and t.to.lower() == pay_to)
+
+    # --- receipts, delivery, reconciliation ----------------------------------------------
+
+    async def _await_delivery(self, payment_id: str, tx_hash: str, *, mint_keys: bool) -> Settled:
+        """Wait (bounded) for the receipt and confirmations, then deliver; else leave it pending."""
+        chain = self._require_chain()
+        deadline = asyncio.get_running_loop().time() + self.settings.settle_wait_s
+        while True:
+            receipt = await chain.receipt(tx_hash)
+            if receipt is not None and (not receipt.ok or receipt.confirmations >= self.settings.confirmations):
+                break
+            if asyncio.get_running_loop().time() >= deadline:
+                log.info("payment %s: no receipt within %.0f s; answering 202", payment_id,
+                         self.settings.settle_wait_s)
+                return Settled(await ledger.get_payment(self.db, payment_id), None)
+            await asyncio.sleep(_POLL_S)  # polling the node for the receipt, bounded by the deadline
+        payment = await ledger.get_payment(self.db, payment_id)
+        return await self._finish(payment, receipt, mint_keys=mint_keys)
+
+    async def _finish(self, payment: Payment, receipt: Receipt, *, mint_keys: bool) -> Settled:
+        if not receipt.ok:
+            await ledger.fail(self.db, self.clock, payment.id, "settlement_reverted")
+            raise PaymentRequired("The settlement reverted on-chain; nothing was charged.",
+                                  code="settlement_reverted")
+        if self._paid_to_us(receipt, payment.payer) != payment.amount_atomic:
+            await ledger.fail(self.db, self.clock, payment.id, "transfer_mismatch")
+            raise GatewayError("The settlement's Transfer does not match the payment.", code="transfer_mismatch")
+        await ledger.advance(self.db, self.clock, payment.id, "broadcast", "confirmed")
+        delivery = await ledger.deliver(self.db, self.clock, payment.id, mint_keys=mint_keys)
+        return Settled(delivery.payment if delivery else await ledger.get_payment(self.db, payment.id), delivery)
+
+    async def reconcile(self) -> int:
+        """One pass over unfinished payments; returns how many reached a final state."""
+        if self.chain is None:
+            return 0
+        older_than = self.clock.now() - timedelta(seconds=self.settings.reconcile_after_s)
+        finished = 0
+        for payment in await ledger.unfinished_payments(self.db, older_than):
+            try:
+                finished += await self._reconcile_one(payment)
+            except GatewayError as exc:
+                log.warning("payment %s: reconciliation deferred: %s", payment.id, exc.message)
+        return finished
+
+    async def _reconcile_one(self, payment: Payment) -> int:
+        chain = self._require_chain()
+        if payment.state in ("received", "verified", "reserved"):
+            # Stopped before the settlement was stored, so it was never sent.
+            return int(await ledger.fail(self.db, self.clock, payment.id, "abandoned_before_settlement"))
+        if payment.state == "confirmed":
+            return int(await ledger.deliver(self.db, self.clock, payment.id, mint_keys=False) is not None)
+        receipt = await chain.receipt(payment.tx_hash)
+        if receipt is not None:
+            if receipt.ok and receipt.confirmations < self.settings.confirmations:
+                return 0
+            try:
+                await self._finish(payment, receipt, mint_keys=False)
+            except GatewayError:
+                pass  # _finish recorded the failure
+            return 1
+        if await chain.transaction(payment.tx_hash) is not None:
+            return 0  # in the mempool: wait
+        if payment.valid_before is not None and await chain.chain_now() >= payment.valid_before:
+            return int(await ledger.fail(self.db, self.clock, payment.id, "authorization_expired"))
+        # Never reached the node (or was dropped): resend it (rebuilt only if its nonce was taken).
+        await self._send(payment.id, ExactPayment(**payment.authorization), payment.tx_hash, payment.raw_tx)
+        log.info("payment %s: settlement %s resent", payment.id, payment.tx_hash)
+        return 0
+
+    def _require_chain(self) -> ChainAdapter:
+        if self.chain is None:
+            raise ServiceUnavailable("USDC payments are not configured on this gateway.", code="payments_disabled")
+        return self.chain
+
+
+_REASONS = {
+    "accepted_mismatch": "The payment does not match what this gateway offered.",
+    "wrong_network": "The payment is for another network.",
+    "wrong_asset": "The payment is in another token.",
+    "wrong_recipient": "The payment is not addressed to this gateway's payTo address.",
+    "wrong_amount": "The payment amount is not the exact price.",
+    "invalid_signature": "The authorization's signature does not come from the payer.",
+    "not_yet_valid": "The authorization is not valid yet.",
+    "expired": "The authorization has expired (or expires too soon to settle).",
+    "nonce_already_used": "This authorization was already used on-chain.",
+    "insufficient_balance": "The payer's USDC balance is below the price.",
+}
