@@ -316,7 +316,6 @@ class PaymentService:
 
 
 _REASONS = {
-    "accepted_mismatch": "The payment does not match what this gateway offered.",
     "wrong_network": "The payment is for another network.",
     "wrong_asset": "The payment is in another token.",
     "wrong_recipient": "The payment is not addressed to this gateway's payTo address.",
@@ -324,6 +323,8 @@ _REASONS = {
     "invalid_signature": "The authorization's signature does not come from the payer.",
     "not_yet_valid": "The authorization is not valid yet.",
     "expired": "The authorization has expired (or expires too soon to settle).",
+    "window_too_long": "The authorization stays valid far longer than this gateway's maxTimeoutSeconds.",
+    "accepted_mismatch": "The payment's `accepted` requirements differ from the ones offered.",
     "nonce_already_used": "This authorization was already used on-chain.",
     "insufficient_balance": "The payer's USDC balance is below the price.",
 }

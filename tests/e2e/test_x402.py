@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from pathlib import Path
 
 import httpx
 import openai
@@ -249,3 +250,72 @@ async def test_tx_hash_flow_claims_once_and_checks_recipient_and_sender(x402_gat
                    timeout=30)
     assert r.status_code == 402 and r.json()["error"]["code"] == "transfer_mismatch"
     assert await seats(x402_gateway) == seats_before - 1
+
+
+async def test_an_authorization_already_used_on_chain_is_refused(x402_gateway, devchain, chain_view):
+    wallet = chain_view.new_wallet()
+    attack = Attack(x402_gateway, devchain, wallet)
+    header = attack.header()
+    # Someone settles the very same authorization on-chain first, outside the gateway.
+    from agent_gateway.payments.wire import parse_payment
+
+    payment = parse_payment(header, 2)
+    w3 = devchain.web3()
+    abi = [a for a in json.loads((Path(__file__).resolve().parents[2] / "contracts_abi" / "TestUSDC.json").read_text())["abi"]
+           if a.get("name") == "transferWithAuthorization" and len(a["inputs"]) == 7]
+    token = w3.eth.contract(address=devchain.token, abi=abi)
+    frontrunner = chain_view.new_wallet(usdc_atomic=0)
+    tx = token.functions.transferWithAuthorization(
+        payment.payer, payment.to, payment.value, payment.valid_after, payment.valid_before,
+        bytes.fromhex(payment.nonce[2:]), payment.signature_bytes).build_transaction(
+        {"from": frontrunner.address, "nonce": 0, "chainId": devchain.chain_id})
+    w3.eth.wait_for_transaction_receipt(w3.eth.send_raw_transaction(Account.sign_transaction(tx, frontrunner.key).raw_transaction))
+    pay_to_before, seats_before, relayer_before = (chain_view.usdc(devchain.pay_to), await seats(x402_gateway),
+                                                   chain_view.relayer_nonce())
+    r = attack.post(header)
+    assert r.status_code == 402 and r.json()["error"]["code"] == "nonce_already_used"
+    assert chain_view.usdc(devchain.pay_to) == pay_to_before and await seats(x402_gateway) == seats_before
+    assert chain_view.relayer_nonce() == relayer_before
+
+
+async def test_management_subscribe_pays_with_x402_when_the_balance_is_short(x402_gateway, devchain, chain_view):
+    live = x402_gateway
+    mk = live.new_account(credit_usdc=0)
+    wallet = chain_view.new_wallet()
+    headers = {"Authorization": f"Bearer {mk}"}
+    r = httpx.post(live.url + "/api/pools/alpha/subscribe", json={"blocks": ["day"], "quantity": 1}, headers=headers)
+    assert r.status_code == 402 and r.json()["error"]["code"] == "insufficient_balance"
+    assert json.loads(base64.b64decode(r.headers["PAYMENT-REQUIRED"]))["accepts"][0]["amount"] == str(PRICE)
+    async with x402HttpxClient(official_client(devchain, wallet), base_url=live.url, headers=headers,
+                               timeout=60) as http:
+        r = await http.post("/api/pools/alpha/subscribe", json={"blocks": ["day"], "quantity": 1})
+    assert r.status_code == 201, r.text
+    data = r.json()["data"]
+    assert data["managementKey"] is None  # the seats went to the paying account, which already has keys
+    listed = httpx.get(live.url + "/api/subscriptions", headers=headers).json()["data"]
+    assert [s["id"] for s in listed] == [data["subscriptions"][0]["id"]]
+
+
+async def test_a_late_receipt_gets_202_and_the_reconciler_delivers(tmp_path, sqlite_url, upstream, devchain, chain_view):
+    from tests.fixtures.live import live_gateway
+    from tests.fixtures.x402 import X402_POOLS, chain_settings
+
+    wallet = chain_view.new_wallet()
+    w3 = devchain.web3()
+    with live_gateway(tmp_path, sqlite_url, upstream, pools=X402_POOLS,
+                      **chain_settings(devchain, settle_wait_s=0.5)) as live:
+        w3.provider.make_request("evm_setAutomine", [False])
+        try:
+            async with x402HttpxClient(official_client(devchain, wallet), base_url=live.url, timeout=60) as http:
+                r = await http.post("/api/agent/subscribe-pool", json=ORDER)
+            assert r.status_code == 202, r.text
+            pending = r.json()["data"]
+            assert pending["state"] == "broadcast" and pending["txHash"]
+        finally:
+            w3.provider.make_request("evm_setAutomine", [True])
+        w3.provider.make_request("evm_mine", [])
+        await live.on_server(live.services.jobs.run_once())
+        status = httpx.get(live.url + pending["poll"]).json()["data"]
+        assert status["state"] == "delivered" and status["accountId"]
+        # Nothing was broadcast twice: exactly one settlement paid us.
+        assert chain_view.usdc(wallet.address) == 100 * 10**6 - PRICE
