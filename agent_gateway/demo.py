@@ -1,10 +1,17 @@
-"""`agent-gateway demo`: the whole story on embedded defaults, against real servers on loopback."""
+"""`agent-gateway demo`: the whole story on embedded defaults, against real servers on loopback.
+
+A local anvil chain with an EIP-3009 test USDC, the test upstream and a gateway come up; an agent
+wallet buys a seat with the official x402 client; its key streams a chat completion with the
+official openai SDK while a second call is refused with 429; the usage is printed."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import logging
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -14,6 +21,8 @@ import httpx
 from agent_gateway.app import create_app
 from agent_gateway.catalog.pools import load_catalog
 from agent_gateway.clock import Clock
+from agent_gateway.payments.amounts import format_usdc
+from agent_gateway.payments.devchain import DevChain, start_devchain
 from agent_gateway.settings import EXAMPLE_POOLS_FILE, Settings
 from agent_gateway.testing.server import ServerThread
 from agent_gateway.testing.upstream import UpstreamSettings, create_upstream_app
@@ -28,124 +37,127 @@ def say(step: str, detail: str = "") -> None:
 
 
 @contextmanager
-def demo_stack(workdir: Path) -> Iterator[tuple[str, Settings]]:
-    """Test upstream + gateway on free loopback ports, with a fresh SQLite file in `workdir`."""
+def demo_stack(workdir: Path) -> Iterator[tuple[str, Settings, DevChain]]:
+    """anvil + test USDC, the test upstream and a gateway on free loopback ports, a fresh SQLite file."""
     with ExitStack() as stack:
-        upstream = stack.enter_context(
-            ServerThread(create_upstream_app(UpstreamSettings(delay_s=0.02, chunks=12)))
-        )
+        chain = stack.enter_context(start_devchain(agents=1))
+        upstream = stack.enter_context(ServerThread(create_upstream_app(UpstreamSettings(delay_s=0.02, chunks=12))))
         pools_file = workdir / "pools.toml"
-        pools_file.write_text(
-            EXAMPLE_POOLS_FILE.read_text().replace("http://127.0.0.1:9000/v1", f"{upstream.url}/v1")
-        )
+        pools_file.write_text(EXAMPLE_POOLS_FILE.read_text().replace("http://127.0.0.1:9000/v1", f"{upstream.url}/v1"))
         settings = Settings(
-            _env_file=None,
-            database_url=f"sqlite:///{workdir / 'demo.db'}",
-            pools_file=pools_file,
-            job_interval_s=5,
+            _env_file=None, database_url=f"sqlite:///{workdir / 'demo.db'}", pools_file=pools_file,
+            job_interval_s=5, chain_rpc_url=chain.rpc_url, chain_id=chain.chain_id, usdc_address=chain.token,
+            usdc_name=chain.token_name, usdc_version=chain.token_version, pay_to=chain.pay_to,
+            relayer_key=chain.relayer_key, confirmations=1,
         )
         gateway = stack.enter_context(ServerThread(create_app(settings)))
-        yield gateway.url, settings
+        yield gateway.url, settings, chain
 
 
 def run_demo() -> int:
-    import logging
-
     # The demo narrates; keep the servers' own INFO lines out of its way.
-    for noisy in ("httpx", "httpx2", "uvicorn.error", "agent_gateway", "alembic"):
+    for noisy in ("httpx", "httpx2", "uvicorn.error", "agent_gateway", "alembic", "x402", "web3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    with tempfile.TemporaryDirectory(prefix="agw-demo-") as tmp, demo_stack(Path(tmp)) as (url, settings):
-        say("Gateway up", f"gateway {url}, database {settings.database_url}")
-        http = httpx.Client(base_url=url, timeout=30)
+    with tempfile.TemporaryDirectory(prefix="agw-demo-") as tmp, demo_stack(Path(tmp)) as (url, settings, chain):
+        say("Up: anvil chain, test USDC, test upstream, gateway",
+            f"  chain {chain.network} at {chain.rpc_url}, USDC {chain.token}\n  gateway {url}")
+        http = httpx.Client(base_url=url, timeout=60)
         pools = http.get("/api/pools").json()["data"]
-        lines = [
-            f"  {p['slug']:8} {p['name']:40} "
+        say("Catalog: GET /api/pools", "\n".join(
+            f"  {p['slug']:8} {p['name']:36} "
             + "  ".join(f"{b['block']} {b['pricePerMonth']} ({b['availableSeats']} left)" for b in p["blocks"])
-            for p in pools
-        ]
-        say("Catalog: GET /api/pools", "\n".join(lines))
-
-        account_id, mk = asyncio.run(_new_account(settings))
-        say("Operator: agent-gateway accounts create + credit 200.00", f"  account {account_id}\n  management key {mk[:7]}…")
-        auth = {"Authorization": f"Bearer {mk}"}
+            for p in pools))
 
         catalog = load_catalog(settings.pools_file)
         now = Clock().now()
-        current = next(b.name for b in catalog.blocks.values() if b.contains(now))
-        response = http.post(
-            f"/api/pools/{DEMO_POOL}/subscribe",
-            json={"blocks": [current], "quantity": 1, "billingCycle": "month"},
-            headers=auth,
-        )
-        response.raise_for_status()
-        sub = response.json()["data"]["subscriptions"][0]
-        say(
-            f"Customer: POST /api/pools/{DEMO_POOL}/subscribe (block {current}, the one open now)",
-            f"  subscription {sub['id']} {sub['status']} until {sub['currentPeriodEnd']}, paid {sub['price']} USDC",
-        )
+        block = next(b.name for b in catalog.blocks.values() if b.contains(now))
+        order = {"pool": DEMO_POOL, "blocks": [block], "quantity": 1, "name": "demo-agent"}
+        challenge = http.post("/api/agent/subscribe-pool", json=order)
+        accept = json.loads(base64.b64decode(challenge.headers["PAYMENT-REQUIRED"]))["accepts"][0]
+        say(f"Agent: POST /api/agent/subscribe-pool (pool {DEMO_POOL}, block {block}, the one open now)",
+            f"  HTTP {challenge.status_code}: pay {format_usdc(int(accept['amount']))} USDC "
+            f"({accept['scheme']}, {accept['network']}) to {accept['payTo']}")
 
-        response = http.post("/api/keys/subscription", json={"name": "demo", "subscriptionId": sub["id"]}, headers=auth)
-        response.raise_for_status()
-        key = response.json()["data"]
-        say("Customer: POST /api/keys/subscription", f"  API key {key['apiKey'][:7]}… (shown once), listed as {key['key']}")
+        agent_key = chain.agent_keys[0]
+        balance_before = _usdc(chain, chain.agent_addresses[0])
+        started = time.perf_counter()
+        response = asyncio.run(_buy_with_x402(url, chain, agent_key, order))
+        elapsed = (time.perf_counter() - started) * 1000
+        bought = response.json()["data"]
+        receipt = json.loads(base64.b64decode(response.headers["PAYMENT-RESPONSE"]))
+        say("Agent: the official x402 client signs a USDC authorization and retries",
+            f"  HTTP {response.status_code} in {elapsed:.0f} ms; settled on-chain in {receipt['transaction']}\n"
+            f"  wallet {chain.agent_addresses[0]}: {format_usdc(balance_before)} -> "
+            f"{format_usdc(_usdc(chain, chain.agent_addresses[0]))} USDC\n"
+            f"  subscription {bought['subscriptions'][0]['id']} active until "
+            f"{bought['subscriptions'][0]['currentPeriodEnd']}\n"
+            f"  API key {bought['subscriptions'][0]['apiKey'][:7]}… and management key "
+            f"{bought['managementKey'][:7]}… (shown once)")
 
-        run_inference(url, key["apiKey"])
+        run_inference(url, bought["subscriptions"][0]["apiKey"])
 
+        auth = {"Authorization": f"Bearer {bought['managementKey']}"}
         usage = _wait_for_usage(http, auth)
         say("Usage: GET /api/usage", "\n".join(f"  {window:>3}: {json.dumps(totals)}" for window, totals in usage.items()))
         print("\nDemo finished.")
     return 0
 
 
+async def _buy_with_x402(url: str, chain: DevChain, agent_key: str, order: dict) -> httpx.Response:
+    from eth_account import Account
+    from x402 import x402Client
+    from x402.http.clients import x402HttpxClient
+    from x402.mechanisms.evm.exact import ExactEvmScheme
+
+    client = x402Client()
+    client.register(chain.network, ExactEvmScheme(signer=Account.from_key(agent_key)))
+    # The official client pays only assets it knows, up to $1, unless allowed: allow the test USDC.
+    client.set_spend_controls({"allowed_assets": [
+        {"network": chain.network, "asset": chain.token, "max_amount_per_payment": str(500 * 10**6)}]})
+    async with x402HttpxClient(client, base_url=url, timeout=60) as http:
+        response = await http.post("/api/agent/subscribe-pool", json=order)
+    response.raise_for_status()
+    return response
+
+
+def _usdc(chain: DevChain, address: str) -> int:
+    from agent_gateway.payments.devchain import token_contract
+
+    return token_contract(chain.web3(), chain.token).functions.balanceOf(address).call()
+
+
 def run_inference(url: str, api_key: str) -> None:
     """Stream a chat completion with the openai SDK; a second call meanwhile is refused with 429."""
     import openai
 
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0)
-    model = client.models.list().data[0].id
-    say(f"Agent: openai SDK, streaming chat completion on {model!r}")
-    stream = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "Say hello to the demo."}], stream=True
-    )
-    pieces = []
-    second = None
-    with stream:
-        for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                pieces.append(chunk.choices[0].delta.content)
-                print(chunk.choices[0].delta.content, end="", flush=True)
-                if second is None:
-                    # One request in flight per key: a second call while this stream runs is refused.
-                    try:
-                        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "me too"}])
-                        second = "admitted (unexpected)"
-                    except openai.RateLimitError as exc:
-                        second = f"HTTP {exc.status_code}: {exc.body['message'] if isinstance(exc.body, dict) else exc}"
-    print()
+    with openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0) as client:
+        model = client.models.list().data[0].id
+        say(f"Agent: openai SDK, streaming chat completion on {model!r}")
+        second = None
+        stream = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Say hello to the demo."}], stream=True)
+        with stream:
+            print("  ", end="")
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    print(chunk.choices[0].delta.content, end="", flush=True)
+                    if second is None:
+                        # One request in flight per key: a second call while this one streams is refused.
+                        try:
+                            client.chat.completions.create(model=model, messages=[{"role": "user", "content": "me too"}])
+                            second = "admitted (unexpected)"
+                        except openai.RateLimitError as exc:
+                            body = exc.body if isinstance(exc.body, dict) else {}
+                            second = f"HTTP {exc.status_code} {body.get('code')}: {body.get('message')}"
+        print()
     say("Agent: a second call while the stream ran", f"  {second}")
-    client.close()
 
 
 def _wait_for_usage(http: httpx.Client, auth: dict[str, str]) -> dict:
     """Usage is written in batches off the request path; wait (bounded) until the call shows up."""
-    import time
-
     deadline = time.monotonic() + 10
     while True:
         usage = http.get("/api/usage", headers=auth).json()["data"][0]["usage"]
         if usage["1h"]["requests"] or time.monotonic() > deadline:
             return usage
-        time.sleep(0.1)
-
-
-async def _new_account(settings: Settings) -> tuple[str, str]:
-    from agent_gateway.accounts.service import create_account, credit_account
-    from agent_gateway.db.engine import Database
-
-    db = Database(settings.database_url)
-    try:
-        account, token = await create_account(db, Clock(), "Demo customer")
-        await credit_account(db, Clock(), account.id, 200_000_000, note="demo credit")
-    finally:
-        await db.dispose()
-    return account.id, token.plaintext
+        time.sleep(0.1)  # polling for the batched write, bounded by the deadline

@@ -1,0 +1,125 @@
+"""x402 purchase benchmark on a local anvil chain: 402 → 201 latency and purchases per second.
+
+    .venv/bin/python bench/purchase_bench.py [--purchases 50] [--agents 10] [--per-agent 5]
+
+Starts anvil with the test USDC and one gateway process (SQLite), then (1) makes `--purchases`
+sequential purchases with the official x402 client, timing each from the first POST (answered
+402) to the 201, and (2) lets `--agents` wallets buy `--per-agent` seats each, all at once."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from eth_account import Account
+from x402 import x402Client
+from x402.http.clients import x402HttpxClient
+from x402.mechanisms.evm.exact import ExactEvmScheme
+
+from agent_gateway.payments.devchain import start_devchain
+
+POOLS = """
+[blocks]
+day = "00:00-24:00"
+
+[pools.bench]
+name = "Bench"
+models = ["test-model"]
+upstreams = ["http://127.0.0.1:9/v1"]
+seats = 100000
+prices = { day = "1.00" }
+"""
+ORDER = {"pool": "bench", "blocks": ["day"], "quantity": 1}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def client_for(chain, key: str) -> x402Client:
+    client = x402Client()
+    client.register(chain.network, ExactEvmScheme(signer=Account.from_key(key)))
+    client.set_spend_controls({"allowed_assets": [
+        {"network": chain.network, "asset": chain.token, "max_amount_per_payment": str(10**9)}]})
+    return client
+
+
+async def buy(url: str, client: x402Client, n: int) -> list[float]:
+    times = []
+    async with x402HttpxClient(client, base_url=url, timeout=60) as http:
+        for _ in range(n):
+            started = time.perf_counter()
+            r = await http.post("/api/agent/subscribe-pool", json=ORDER)
+            if r.status_code != 201:
+                raise SystemExit(f"purchase failed: {r.status_code} {r.text}")
+            times.append(time.perf_counter() - started)
+    return times
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--purchases", type=int, default=50)
+    parser.add_argument("--agents", type=int, default=10)
+    parser.add_argument("--per-agent", type=int, default=5)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="agw-bench-") as tmp, start_devchain(agents=1) as chain:
+        work = Path(tmp)
+        (work / "pools.toml").write_text(POOLS)
+        port = free_port()
+        env = {**os.environ, **chain.env(), "AGW_DATABASE_URL": f"sqlite:///{work / 'bench.db'}",
+               "AGW_POOLS_FILE": str(work / "pools.toml"), "AGW_LOG_LEVEL": "WARNING"}
+        gateway = subprocess.Popen([sys.executable, "-m", "agent_gateway", "serve", "--port", str(port)], env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    httpx.get(url + "/healthz", timeout=1)
+                    break
+                except httpx.TransportError:
+                    if time.monotonic() > deadline:
+                        raise SystemExit("gateway did not start") from None
+                    time.sleep(0.05)
+            wallets = [Account.create() for _ in range(args.agents + 1)]
+            for wallet in wallets:
+                chain.fund(wallet.address, 10_000 * 10**6, 10**18)
+            # Warm up the gateway's connections and caches with one purchase.
+            asyncio.run(buy(url, client_for(chain, wallets[0].key.hex()), 1))
+            sequential = asyncio.run(buy(url, client_for(chain, wallets[0].key.hex()), args.purchases))
+
+            async def crowd() -> float:
+                started = time.perf_counter()
+                await asyncio.gather(*(buy(url, client_for(chain, w.key.hex()), args.per_agent) for w in wallets[1:]))
+                return time.perf_counter() - started
+
+            seconds = asyncio.run(crowd())
+        finally:
+            gateway.terminate()
+            gateway.wait(10)
+    total = args.agents * args.per_agent
+    print(f"| sequential purchases | {args.purchases} | p50 {pct(sequential, .5):.1f} ms | "
+          f"p99 {pct(sequential, .99):.1f} ms | mean {statistics.fmean(sequential) * 1000:.1f} ms |")
+    print(f"| {args.agents} agents at once | {total} | {total / seconds:.1f} purchases/s | "
+          f"{seconds:.2f} s total | |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""The README's first command: the demo runs the whole story and exits cleanly."""
+
+import subprocess
+import sys
+
+
+def test_the_demo_tells_the_whole_story():
+    result = subprocess.run([sys.executable, "-m", "agent_gateway", "demo"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "HTTP 402: pay" in out
+    assert "HTTP 201 in" in out and "settled on-chain in 0x" in out
+    assert "HTTP 429 concurrency_limit" in out
+    assert '"requests": 1' in out and "Demo finished." in out
