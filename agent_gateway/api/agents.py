@@ -17,7 +17,6 @@ from agent_gateway.api.rendering import iso, ok
 from agent_gateway.catalog.pricing import make_order
 from agent_gateway.db.models import Subscription
 from agent_gateway.errors import Conflict, InvalidRequest, NotFound
-from agent_gateway.lifespan import Services
 from agent_gateway.payments.ledger import get_payment
 from agent_gateway.payments.service import tx_claim_message
 from agent_gateway.payments.wallet import issue_challenge, normalize_address, sign_in

@@ -9,10 +9,8 @@ import json
 import logging
 import random
 import struct
-import threading
 import time
 import zlib
-from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
@@ -22,8 +20,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from agent_gateway.testing.recorder import Behaviour, BehaviourControl, Recorder, DEFAULT_BEHAVIOUR, parse_behaviour
+
 MAX_TOKENS_CAP = 10_000
-MODES = frozenset({"ok", "fail", "stall", "cut", "stall_after", "slow_headers"})
 # ASCII-only tokens, so they can be spliced into JSON bytes without escaping.
 _VOCAB = [b"tok%d " % i for i in range(4096)]
 _JSON_CT = (b"content-type", b"application/json")
@@ -41,179 +40,6 @@ class UpstreamSettings:
     models: list[str] = field(default_factory=lambda: ["test-model", "test-model-large", "test-embedding"])
     first_byte_delay_s: float = 0.0
     embedding_dimensions: int = 16
-
-
-@dataclass(frozen=True, slots=True)
-class Behaviour:
-    mode: str = "ok"  # one of MODES
-    status: int = 500  # for fail
-    after_chunks: int = 0  # for cut / stall_after
-    seconds: float = 1.0  # for slow_headers
-    delay_s: float | None = None  # overrides UpstreamSettings.delay_s
-
-
-_OK = Behaviour()
-
-
-def parse_behaviour(text: str) -> Behaviour:
-    """Parse an X-Test-Behaviour value such as "fail:503", "cut:3", "delay:0.01, stall_after:2"."""
-    fields: dict[str, Any] = {}
-    for part in text.split(","):
-        name, _, arg = part.strip().partition(":")
-        name, arg = name.strip().lower(), arg.strip()
-        if not name:
-            continue
-        if name == "delay":
-            fields["delay_s"] = float(arg)
-        elif name == "fail":
-            fields.update(mode="fail", status=int(arg or 500))
-        elif name in ("cut", "stall_after"):
-            fields.update(mode=name, after_chunks=int(arg or 0))
-        elif name == "slow_headers":
-            fields.update(mode=name, seconds=float(arg or 1.0))
-        elif name in ("ok", "stall"):
-            fields["mode"] = name
-        else:
-            raise ValueError(f"unknown test behaviour {name!r}")
-    return Behaviour(**fields)
-
-
-class BehaviourControl:
-    """The behaviour applied to /v1 requests that carry no X-Test-Behaviour header."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._current = _OK
-        self._remaining: int | None = None
-
-    def set(self, mode: str = "ok", *, status: int = 500, after_chunks: int = 0, seconds: float = 1.0,
-            delay_s: float | None = None, count: int | None = None) -> None:
-        """Apply to the next `count` requests (None = until reset)."""
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; expected one of {sorted(MODES)}")
-        with self._lock:
-            self._current = Behaviour(mode, int(status), int(after_chunks), float(seconds),
-                                      None if delay_s is None else float(delay_s))
-            self._remaining = None if count is None else int(count)
-
-    def reset(self) -> None:
-        with self._lock:
-            self._current, self._remaining = _OK, None
-
-    @property
-    def current(self) -> Behaviour:
-        return self._current
-
-    def take(self) -> Behaviour:
-        if self._current is _OK:  # lock-free fast path for the benchmark
-            return _OK
-        with self._lock:
-            current = self._current
-            if self._remaining is not None:
-                self._remaining -= 1
-                if self._remaining <= 0:
-                    self._current, self._remaining = _OK, None
-            return current
-
-
-class Recorder:
-    """Request statistics; safe to read and wait on from any thread or event loop.
-
-    A request's key is its X-Agent-Gateway-Key-Id header, else its Authorization header, else "".
-    """
-
-    def __init__(self, recent: int = 1000) -> None:
-        # Reentrant so predicates may call recorder methods while we evaluate them under the lock.
-        self._cond = threading.Condition(threading.RLock())
-        self._async_waiters: list[tuple[Callable[[Recorder], bool], asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-        self._recent = recent
-        self.in_flight = 0
-        self._in_flight_by_key: dict[str, int] = {}
-        self.reset()
-
-    def reset(self) -> None:
-        """Zero the counters; requests still in flight stay counted, and the peaks restart from them."""
-        with self._cond:
-            self.total = self.completed = self.cancelled = 0
-            self.peak_in_flight = self.in_flight
-            self._max_by_key = {k: v for k, v in self._in_flight_by_key.items() if v}
-            self.models: deque[str | None] = deque(maxlen=self._recent)
-            self._changed()
-
-    def begin(self, key: str, model: str | None) -> None:
-        with self._cond:
-            self.total += 1
-            self.in_flight += 1
-            if self.in_flight > self.peak_in_flight:
-                self.peak_in_flight = self.in_flight
-            n = self._in_flight_by_key.get(key, 0) + 1
-            self._in_flight_by_key[key] = n
-            if n > self._max_by_key.get(key, 0):
-                self._max_by_key[key] = n
-            self.models.append(model)
-            self._changed()
-
-    def end(self, key: str, cancelled: bool) -> None:
-        with self._cond:
-            self.in_flight -= 1
-            self._in_flight_by_key[key] -= 1
-            if cancelled:
-                self.cancelled += 1
-            else:
-                self.completed += 1
-            self._changed()
-
-    def max_in_flight(self, key: str | None = None) -> int:
-        """Most requests seen at once for `key`, or across all keys when key is None."""
-        with self._cond:
-            return self.peak_in_flight if key is None else self._max_by_key.get(key, 0)
-
-    def in_flight_for(self, key: str) -> int:
-        with self._cond:
-            return self._in_flight_by_key.get(key, 0)
-
-    def stats(self) -> dict[str, Any]:
-        with self._cond:
-            return {"total": self.total, "in_flight": self.in_flight, "max_in_flight": self.peak_in_flight,
-                    "completed": self.completed, "cancelled": self.cancelled,
-                    "in_flight_by_key": {k: v for k, v in self._in_flight_by_key.items() if v},
-                    "max_in_flight_by_key": dict(self._max_by_key), "models": list(self.models)}
-
-    def _changed(self) -> None:
-        self._cond.notify_all()
-        for waiter in list(self._async_waiters):
-            pred, loop, fut = waiter
-            if pred(self):
-                self._async_waiters.remove(waiter)
-                loop.call_soon_threadsafe(_resolve, fut)
-
-    def wait_for_sync(self, pred: Callable[[Recorder], bool], timeout: float = 5.0) -> None:
-        """Block until pred(recorder) holds; never call it from the upstream's own event loop."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: pred(self), timeout):
-                raise TimeoutError(f"recorder condition not met within {timeout}s: {self.stats()}")
-
-    async def wait_for(self, pred: Callable[[Recorder], bool], timeout: float = 5.0) -> None:
-        """Await until pred(recorder) holds, from any event loop (the upstream's own included)."""
-        loop = asyncio.get_running_loop()
-        with self._cond:
-            if pred(self):
-                return
-            waiter = (pred, loop, loop.create_future())
-            self._async_waiters.append(waiter)
-        try:
-            await asyncio.wait_for(waiter[2], timeout)
-        except TimeoutError:
-            raise TimeoutError(f"recorder condition not met within {timeout}s: {self.stats()}") from None
-        finally:
-            with self._cond:
-                if waiter in self._async_waiters:
-                    self._async_waiters.remove(waiter)
-
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
 
 
 class _CutConnection(Exception):
@@ -447,7 +273,7 @@ class _Endpoint:
     async def _serve(self, send: Callable[..., Any], client: _Client, payload: Any, beh: Behaviour | str) -> bool:
         """Send the reply; True if the client disconnected first."""
         if isinstance(beh, str):
-            return await _send_whole(send, client, _Reply(400, _error_body(400, beh)), _OK, 0.0)
+            return await _send_whole(send, client, _Reply(400, _error_body(400, beh)), DEFAULT_BEHAVIOUR, 0.0)
         settings = self.up.settings
         if beh.mode == "stall":
             await client.wait_gone()
@@ -456,7 +282,7 @@ class _Endpoint:
         if wait > 0 and not await client.sleep(wait):
             return True
         if beh.mode == "fail":
-            return await _send_whole(send, client, _Reply(beh.status, _error_body(beh.status, "injected failure")), _OK, 0.0)
+            return await _send_whole(send, client, _Reply(beh.status, _error_body(beh.status, "injected failure")), DEFAULT_BEHAVIOUR, 0.0)
         try:
             if not isinstance(payload, dict):
                 raise _BadRequest("request body must be a JSON object")
@@ -467,7 +293,7 @@ class _Endpoint:
             else:
                 reply = self.up.completion(payload, chat=self.kind == "chat")
         except _BadRequest as exc:
-            return await _send_whole(send, client, _Reply(400, _error_body(400, str(exc))), _OK, 0.0)
+            return await _send_whole(send, client, _Reply(400, _error_body(400, str(exc))), DEFAULT_BEHAVIOUR, 0.0)
         delay = settings.delay_s if beh.delay_s is None else beh.delay_s
         if reply.chunks is None:
             return await _send_whole(send, client, reply, beh, delay * reply.tokens)

@@ -14,7 +14,6 @@ from web3.exceptions import ContractLogicError
 from web3.logs import DISCARD
 
 from agent_gateway.payments.devchain import ANVIL_DEV_KEYS, DevChain, token_contract
-from tests.fixtures.chain import devchain  # noqa: F401
 
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 TRANSFER_WITH_AUTHORIZATION_TYPES = {

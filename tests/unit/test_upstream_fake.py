@@ -8,8 +8,9 @@ import httpx
 import openai
 import pytest
 
-from agent_gateway.testing.upstream import UpstreamSettings, parse_behaviour
-from tests.fixtures.upstream import RunningUpstream, upstream  # noqa: F401
+from agent_gateway.testing.recorder import parse_behaviour
+from agent_gateway.testing.upstream import UpstreamSettings
+from tests.fixtures.upstream import RunningUpstream
 
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "say three words"}]
 
