@@ -29,12 +29,18 @@ async def subscriptions(visit: Visit) -> Response:
     offers = [pool for pool in catalog.pools.values() if pool.status != "paused"]
     example = offers[0] if offers else None
     example_blocks = [next(iter(example.prices_atomic))] if example else []
+    # The renewal example names the seat the user picked (?renew=…), else the first active one.
+    active = [v.subscription.id for v in views if v.subscription.status == "active"]
+    picked = visit.request.query_params.get("renew")
+    renew_id = picked if picked in active else (active[0] if active else None)
     return visit.render(
         "subscriptions.html", title="Subscriptions", nav="subscriptions", rows=rows, offers=offers,
         blocks=catalog.blocks, balance=format_usdc(account.balance_atomic), example=example,
+        renew_id=renew_id,
         subscribe_body=json.dumps({"blocks": example_blocks, "quantity": 1, "billingCycle": "month"}),
         agent_body=json.dumps({"pool": example.slug if example else "POOL", "blocks": example_blocks,
                                "quantity": 1}),
+        renew_body=json.dumps({"subscriptionId": renew_id or "SUBSCRIPTION_ID", "billingCycle": "month"}),
     )
 
 

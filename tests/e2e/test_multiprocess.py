@@ -62,19 +62,20 @@ def start_gateway(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str
 
 
 @pytest.fixture
-def two_gateways(tmp_path: Path, database_url: str, redis_url: str, upstream) -> Iterator[tuple[str, str]]:
+def gateway_processes(tmp_path: Path, database_url: str, redis_url: str, upstream) -> Iterator[list]:
     pools = tmp_path / "pools.toml"
     pools.write_text(ALL_DAY_POOLS.format(upstream=upstream.url))
     env = {"AGW_DATABASE_URL": database_url, "AGW_REDIS_URL": redis_url, "AGW_POOLS_FILE": str(pools),
-           "AGW_AUTO_MIGRATE": "false", "AGW_LOG_LEVEL": "WARNING"}
+           "AGW_AUTO_MIGRATE": "false", "AGW_LOG_LEVEL": "WARNING", "AGW_LEASE_TTL_S": "1"}
     processes = []
     try:
         for name in ("a", "b"):
             processes.append(start_gateway(env, tmp_path / f"gateway-{name}.log"))
-        yield processes[0][1], processes[1][1]
+        yield processes
     finally:
         for process, _ in processes:
-            process.terminate()
+            if process.poll() is None:
+                process.terminate()
         for process, _ in processes:
             try:
                 process.wait(10)
@@ -82,15 +83,21 @@ def two_gateways(tmp_path: Path, database_url: str, redis_url: str, upstream) ->
                 process.kill()
 
 
+@pytest.fixture
+def two_gateways(gateway_processes) -> tuple[str, str]:
+    return gateway_processes[0][1], gateway_processes[1][1]
+
+
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-@pytest.mark.parametrize("upstream", [UpstreamSettings(delay_s=0.03, chunks=20)], indirect=True)
+# Each admitted request lasts 2 s, so all twenty are in while it runs even on a loaded machine.
+@pytest.mark.parametrize("upstream", [UpstreamSettings(delay_s=0.1, chunks=20)], indirect=True)
 async def test_one_in_flight_across_two_processes(two_gateways, database_url, upstream):
     url_a, url_b = two_gateways
     sk, key_id = buy_key(url_a, provision_account(database_url), "alpha", ["day"])
 
-    async def call(http: httpx.AsyncClient, url: str) -> int:
+    async def call(http: httpx.AsyncClient, url: str, tokens: int = 20) -> int:
         r = await http.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {sk}"},
-                            json={"model": "test-model", "messages": MESSAGES})
+                            json={"model": "test-model", "messages": MESSAGES, "max_tokens": tokens})
         return r.status_code
 
     async with httpx.AsyncClient(timeout=30) as http:
@@ -99,7 +106,7 @@ async def test_one_in_flight_across_two_processes(two_gateways, database_url, up
             assert sorted(statuses) == [200] + [429] * 19
         # Sequential calls alternate processes and are all admitted: every slot was released.
         for i in range(6):
-            assert await call(http, url_a if i % 2 else url_b) == 200
+            assert await call(http, url_a if i % 2 else url_b, tokens=1) == 200
     assert upstream.recorder.max_in_flight(key_id) == 1
     assert upstream.recorder.total == 9
 
@@ -133,3 +140,35 @@ async def test_revoked_through_one_process_is_refused_and_cut_by_the_other(two_g
                             json={"model": "test-model", "messages": MESSAGES})
         assert r.status_code == 403 and r.json()["error"]["code"] == "key_disabled"
     await upstream.recorder.wait_for(lambda r: r.in_flight == 0)
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("upstream", [UpstreamSettings(delay_s=0.05, chunks=400)], indirect=True)
+async def test_a_stream_outliving_its_lease_ttl_keeps_the_slot_and_a_crash_frees_it(gateway_processes, database_url,
+                                                                                     upstream):
+    """Leases live 1 s here: renewal must hold the slot through a long stream, and a process
+    killed mid-stream must give the slot back when its lease expires."""
+    (process_a, url_a), (_, url_b) = gateway_processes
+    sk, key_id = buy_key(url_a, provision_account(database_url), "alpha", ["day"])
+    headers = {"Authorization": f"Bearer {sk}"}
+    body = {"model": "test-model", "messages": MESSAGES, "max_tokens": 1}
+    async with httpx.AsyncClient(timeout=30) as http:
+        async with http.stream("POST", url_a + "/v1/chat/completions", headers=headers,
+                               json={**body, "max_tokens": 400, "stream": True}) as stream:
+            events = 0
+            async for line in stream.aiter_lines():
+                events += line.startswith("data:")
+                if events == 50:  # 2.5 s in: more than twice the lease TTL, and still streaming
+                    r = await http.post(url_b + "/v1/chat/completions", headers=headers, json=body)
+                    assert r.status_code == 429 and r.json()["error"]["code"] == "concurrency_limit"
+                    process_a.kill()
+                    process_a.wait(10)
+                    break
+        deadline = time.monotonic() + 5
+        while True:
+            r = await http.post(url_b + "/v1/chat/completions", headers=headers, json=body)
+            if r.status_code == 200:
+                break
+            assert r.status_code == 429 and time.monotonic() < deadline
+            await asyncio.sleep(0.1)  # polling until the dead process's lease expires, bounded
+    assert upstream.recorder.max_in_flight(key_id) == 1

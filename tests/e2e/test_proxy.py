@@ -89,7 +89,8 @@ async def test_openai_sdk_sync_and_async_streaming_and_not(gateway_live: LiveGat
 
 # --- one request in flight -------------------------------------------------------------------
 
-@pytest.mark.parametrize("upstream", [UpstreamSettings(delay_s=0.02, chunks=20)], indirect=True)
+# The admitted request lasts 3 s, so all twenty are in while it runs even on a loaded machine.
+@pytest.mark.parametrize("upstream", [UpstreamSettings(delay_s=0.15, chunks=20)], indirect=True)
 async def test_twenty_simultaneous_requests_one_admitted(gateway_live: LiveGateway):
     sk, key_id = gateway_live.new_key()
     async with httpx.AsyncClient(base_url=gateway_live.url, timeout=30) as http:
@@ -106,7 +107,7 @@ async def test_twenty_simultaneous_requests_one_admitted(gateway_live: LiveGatew
     # Refused requests changed nothing: one usage row, and the key is free again.
     assert len(await wait_usage(gateway_live, key_id, 1)) == 1
     r = httpx.post(gateway_live.url + "/v1/chat/completions", headers=bearer(sk),
-                   json={"model": "test-model", "messages": MESSAGES}, timeout=30)
+                   json={"model": "test-model", "messages": MESSAGES, "max_tokens": 1}, timeout=30)
     assert r.status_code == 200
 
 
