@@ -148,6 +148,8 @@ def hold_streams(gateway: str, keys: list[str], pid: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer requests, for a smoke run")
+    parser.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp",
+                        help="the gateway's upstream HTTP client (AGW_UPSTREAM_CLIENT)")
     opts = parser.parse_args()
     scale = 0.2 if opts.quick else 1.0
     with tempfile.TemporaryDirectory(prefix="agw-bench-") as tmp:
@@ -158,7 +160,7 @@ def main() -> int:
         up_url, slow_url = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{slow_port}"
         (work / "pools.toml").write_text(POOLS.format(upstream=up_url))
         env = {"AGW_DATABASE_URL": f"sqlite:///{work / 'bench.db'}", "AGW_POOLS_FILE": str(work / "pools.toml"),
-               "AGW_LOG_LEVEL": "WARNING"}
+               "AGW_LOG_LEVEL": "WARNING", "AGW_UPSTREAM_CLIENT": opts.client}
         gateway_url = f"http://127.0.0.1:{gw_port}"
         gateway = start(["serve", "--port", str(gw_port)], env)
         processes = [upstream, slow, gateway]

@@ -282,6 +282,9 @@ class PaymentService:
                 finished += await self._reconcile_one(payment)
             except GatewayError as exc:
                 log.warning("payment %s: reconciliation deferred: %s", payment.id, exc.message)
+            except Exception:
+                # One broken payment must not stop the others from being reconciled.
+                log.exception("payment %s: reconciliation failed; retried next pass", payment.id)
         return finished
 
     async def _reconcile_one(self, payment: Payment) -> int:
