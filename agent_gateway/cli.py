@@ -111,9 +111,25 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if args.port:
         settings.port = args.port
     app = create_app(settings)
+    _tune_garbage_collector()
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                 access_log=False, proxy_headers=False)
     return 0
+
+
+def _tune_garbage_collector() -> None:
+    """Keep the cyclic garbage collector off the request path.
+
+    Start-up leaves ~160,000 long-lived objects (SQLAlchemy, pydantic, Starlette, our modules);
+    each full collection walked them all and stalled every request in flight for tens of
+    milliseconds. Freezing them and collecting the young generation less often cut the proxy's
+    p99 at 64 connections from ~110 ms to ~30 ms and its CPU per request by a quarter
+    (docs/performance.md)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 1_000)
 
 
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:

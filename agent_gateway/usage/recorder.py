@@ -8,8 +8,7 @@ from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import insert, update
-from sqlmodel import col
+from sqlalchemy import bindparam, insert, update
 
 from agent_gateway.db.engine import Database
 from agent_gateway.db.models import ApiKey, UsageRecord
@@ -106,10 +105,12 @@ class UsageRecorder:
                 insert(UsageRecord),
                 [event.__dict__ for event in batch],
             )
-            for key_id, at in last_used.items():
-                await session.execute(
-                    update(ApiKey)
-                    .where(ApiKey.id == key_id)
-                    .where((col(ApiKey.last_used_at).is_(None)) | (col(ApiKey.last_used_at) < at))
-                    .values(last_used_at=at)
-                )
+            # One executemany for every key's "last used", not one statement per key.
+            keys = ApiKey.__table__
+            await session.execute(
+                update(keys)
+                .where(keys.c.id == bindparam("key_id"))
+                .where(keys.c.last_used_at.is_(None) | (keys.c.last_used_at < bindparam("at")))
+                .values(last_used_at=bindparam("at")),
+                [{"key_id": key_id, "at": at} for key_id, at in last_used.items()],
+            )
