@@ -1,9 +1,9 @@
 """Proxy benchmark: the test upstream called directly vs through one gateway process, same run.
 
-    .venv/bin/python bench/proxy_bench.py [--quick]
+    .venv/bin/python bench/proxy_bench.py [--quick] [--client aiohttp|httpx] [--redis URL]
 
-Starts the test upstream and a gateway (SQLite, in-process leases) as separate processes,
-provisions one API key per connection, then runs bench/load.py at concurrency 1 / 16 / 64,
+Starts the test upstream and a gateway (SQLite; leases in process, or in Redis with --redis) as
+separate processes, provisions one API key per connection, then runs bench/load.py at concurrency 1 / 16 / 64,
 non-streaming and streaming (100 chunks), first direct, then through the gateway. Also holds
 1,000 concurrent streams through the gateway and reads its peak RSS. Prints a Markdown report."""
 
@@ -150,6 +150,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer requests, for a smoke run")
     parser.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp",
                         help="the gateway's upstream HTTP client (AGW_UPSTREAM_CLIENT)")
+    parser.add_argument("--redis", metavar="URL", help="keep leases in this Redis (AGW_REDIS_URL)")
     opts = parser.parse_args()
     scale = 0.2 if opts.quick else 1.0
     with tempfile.TemporaryDirectory(prefix="agw-bench-") as tmp:
@@ -161,6 +162,8 @@ def main() -> int:
         (work / "pools.toml").write_text(POOLS.format(upstream=up_url))
         env = {"AGW_DATABASE_URL": f"sqlite:///{work / 'bench.db'}", "AGW_POOLS_FILE": str(work / "pools.toml"),
                "AGW_LOG_LEVEL": "WARNING", "AGW_UPSTREAM_CLIENT": opts.client}
+        if opts.redis:
+            env["AGW_REDIS_URL"] = opts.redis
         gateway_url = f"http://127.0.0.1:{gw_port}"
         gateway = start(["serve", "--port", str(gw_port)], env)
         processes = [upstream, slow, gateway]

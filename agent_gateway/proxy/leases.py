@@ -163,18 +163,25 @@ class RedisLeases:
         *,
         connect_timeout_s: float = 1.0,
         command_timeout_s: float = 1.0,
+        max_connections: int = 64,
+        pool_wait_s: float = 5.0,
     ) -> None:
         self.lease_ttl_ms = lease_ttl_ms
         self.tombstone_ttl_ms = tombstone_ttl_ms
         self.prefix = prefix
         # Bounded timeouts and a single quick retry (a pooled connection may be stale after a
-        # Redis restart): an outage turns into a fast 503, not a hung request.
-        self._redis = aioredis.Redis.from_url(
+        # Redis restart): an outage turns into a fast 503, not a hung request. The pool is
+        # bounded and *waits* for a free connection: redis-py's default pool refuses the 101st
+        # concurrent command outright, which turned a burst of new streams into false 503s.
+        pool = aioredis.BlockingConnectionPool.from_url(
             redis_url,
+            max_connections=max_connections,
+            timeout=pool_wait_s,
             socket_connect_timeout=connect_timeout_s,
             socket_timeout=command_timeout_s,
             retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1),
         )
+        self._redis = aioredis.Redis.from_pool(pool)
         # Registered once; each call is an EVALSHA that reloads the script if Redis lost it.
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._release = self._redis.register_script(_RELEASE)

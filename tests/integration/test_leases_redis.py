@@ -123,6 +123,19 @@ async def test_two_hundred_concurrent_acquires_from_two_processes_admit_one(make
     assert verdicts.count(BUSY) == 199
 
 
+async def test_a_burst_of_a_thousand_new_requests_waits_for_connections_instead_of_failing(
+    make_leases: MakeLeases, redis_admin: aioredis.Redis, prefix: str
+) -> None:
+    # 1,000 streams starting at once on 1,000 keys: more commands in flight than the pool has
+    # connections. Each must queue for a connection, not be refused as "store unavailable".
+    leases = make_leases()
+    acquired = await asyncio.gather(*(leases.acquire(f"k{i}") for i in range(1000)))
+    assert [result for result, _ in acquired] == [ACQUIRED] * 1000
+    freed = await asyncio.gather(*(leases.release(lease) for _, lease in acquired if lease is not None))
+    assert freed == [True] * 1000
+    assert [key async for key in redis_admin.scan_iter(match=f"{prefix}:lease:*")] == []
+
+
 async def test_revoke_blocks_even_while_free_and_restore_reenables(make_leases: MakeLeases) -> None:
     leases, other_process = make_leases(), make_leases()
     _, held = await leases.acquire("k1")
