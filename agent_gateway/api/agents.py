@@ -87,8 +87,14 @@ async def payment_status(request: Request) -> Response:
                "txHash": payment.tx_hash, "pool": payment.pool_slug, "blocks": payment.blocks,
                "quantity": payment.quantity, "accountId": payment.account_id,
                "updatedAt": iso(payment.updated_at),
-               "next": "Sign in with the paying wallet (POST /api/agent/auth/challenge) to manage the seats."
-               if payment.state == "delivered" else None})
+               "next": _NEXT_STEP.get(payment.state)})
+
+
+_NEXT_STEP = {
+    "delivered": "Sign in with the paying wallet (POST /api/agent/auth/challenge) to manage the seats.",
+    "credited": "The amount is the account's prepaid balance: sign in with the paying wallet "
+                "(POST /api/agent/auth/challenge) and buy seats with it (POST /api/pools/{slug}/subscribe).",
+}
 
 
 async def wallet_challenge(request: Request) -> Response:

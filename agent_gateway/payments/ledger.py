@@ -4,6 +4,12 @@ processes (a request and the reconciler) reach it together.
 
     received ─► verified ─► reserved ─► broadcast ─► confirmed ─► delivered
         └──────────┴───────────┴────────────┴─────────────┴──► failed (reason)
+                                                               └──► credited (reason)
+
+`failed` means no money moved, so the claim is released and the authorization or tx hash may be
+redeemed again. `credited` means the money arrived but the seats could not be delivered (sold out
+before a tx-hash claim, or a renewed subscription expired while its payment settled): the amount
+went to the account's prepaid balance, and the claim stays taken for good.
 
 `received` claims the payment (payer + authorization nonce, or the tx hash) under a unique index;
 `reserved` holds the seats in the inventory; `broadcast` stores the signed settlement *before* it
@@ -31,7 +37,9 @@ from agent_gateway.subscriptions.inventory import release_seats, reserve_seats
 
 log = logging.getLogger(__name__)
 
-FINAL_STATES = ("delivered", "failed")
+FINAL_STATES = ("delivered", "failed", "credited")
+# Before the settlement was stored: nothing can have been sent for these.
+UNSENT_STATES = ("received", "verified", "reserved")
 
 
 class PaymentAlreadyUsed(PaymentRequired):
@@ -125,11 +133,14 @@ async def reserve(db: Database, clock: Clock, catalog: Catalog, payment: Payment
     log.info("payment %s verified -> reserved", payment.id)
 
 
-async def fail(db: Database, clock: Clock, payment_id: str, reason: str) -> bool:
-    """Any non-final state -> failed, giving back held seats in the same transaction."""
+async def fail(db: Database, clock: Clock, payment_id: str, reason: str, *, only_from: tuple[str, ...]) -> bool:
+    """One of the states `only_from` -> failed, giving back held seats in the same transaction.
+
+    The caller names the states it saw: a payment that moved on meanwhile (a request broadcast it
+    while the reconciler looked at an older copy) is left alone, and False is returned."""
     async with db.transaction() as session:
         payment = await session.get(Payment, payment_id, with_for_update=True)
-        if payment is None or payment.state in FINAL_STATES:
+        if payment is None or payment.state not in only_from:
             return False
         if payment.seats_held:
             await release_seats(session, payment.pool_slug, list(payment.blocks), payment.quantity)
@@ -141,23 +152,33 @@ async def fail(db: Database, clock: Clock, payment_id: str, reason: str) -> bool
     return True
 
 
-async def fail_and_credit(db: Database, clock: Clock, payment_id: str, reason: str) -> Account:
-    """Money already received but seats cannot be delivered: fail the payment and credit the
-    amount to the payer's prepaid balance (its wallet account, created if new), in one transaction."""
+async def credit_instead(db: Database, clock: Clock, payment_id: str, reason: str, *,
+                         only_from: tuple[str, ...]) -> Account | None:
+    """Money already received but seats cannot be delivered: credit the amount to the payer's
+    prepaid balance (its wallet account, created if new) and end the payment as `credited`, in one
+    transaction. None if the payment was no longer in one of the states `only_from`."""
     now = clock.now()
     async with db.transaction() as session:
         payment = await session.get(Payment, payment_id, with_for_update=True)
-        if payment.seats_held:
-            await release_seats(session, payment.pool_slug, list(payment.blocks), payment.quantity)
-        account, _ = await _account_for(session, payment, now)
-        account.balance_atomic += payment.amount_atomic
-        session.add(account)
-        session.add(BalanceEntry(id=new_id("bal"), account_id=account.id, delta_atomic=payment.amount_atomic,
-                                 kind="credit", note=f"payment {payment.id}: {reason}", created_at=now))
-        payment.state, payment.failure_reason, payment.seats_held = "failed", reason, False
-        payment.account_id, payment.updated_at = account.id, now
-        session.add(payment)
-    log.warning("payment %s failed (%s); %d atomic credited to account %s", payment_id, reason,
+        if payment is None or payment.state not in only_from:
+            return None
+        account = await _credit(session, payment, reason, now)
+    return account
+
+
+async def _credit(session, payment: Payment, reason: str, now: datetime) -> Account:  # type: ignore[no-untyped-def]
+    if payment.seats_held:
+        await release_seats(session, payment.pool_slug, list(payment.blocks), payment.quantity)
+    account, _ = await _account_for(session, payment, now)
+    account.balance_atomic += payment.amount_atomic
+    session.add(account)
+    session.add(BalanceEntry(id=new_id("bal"), account_id=account.id, delta_atomic=payment.amount_atomic,
+                             kind="credit", note=f"payment {payment.id}: {reason}", created_at=now))
+    previous = payment.state
+    payment.state, payment.failure_reason, payment.seats_held = "credited", reason, False
+    payment.account_id, payment.updated_at = account.id, now
+    session.add(payment)
+    log.warning("payment %s %s -> credited (%s): %d atomic to account %s", payment.id, previous, reason,
                 payment.amount_atomic, account.id)
     return account
 
@@ -165,7 +186,8 @@ async def fail_and_credit(db: Database, clock: Clock, payment_id: str, reason: s
 async def deliver(db: Database, clock: Clock, payment_id: str, *, mint_keys: bool) -> Delivery | None:
     """confirmed -> delivered: the account, the subscriptions (or the renewal) and, on request, keys.
 
-    Returns None when another caller delivered it first (the state was no longer `confirmed`)."""
+    Returns None when another caller delivered it first (the state was no longer `confirmed`), or
+    when a renewal could not be delivered and was credited instead (the state is `credited`)."""
     try:
         return await _deliver(db, clock, payment_id, mint_keys=mint_keys)
     except IntegrityError:
@@ -185,6 +207,11 @@ async def _deliver(db: Database, clock: Clock, payment_id: str, *, mint_keys: bo
         keys: list[tuple[ApiKey, IssuedToken]] = []
         if payment.renew_subscription_id is not None:
             sub = await session.get(Subscription, payment.renew_subscription_id, with_for_update=True)
+            if sub.status != "active":
+                # It expired (seats given back, keys revoked) while the renewal settled: the
+                # money is kept for the customer as prepaid balance instead of being lost.
+                await _credit(session, payment, "subscription_expired_before_renewal", now)
+                return None
             # Paid renewals extend from the current end (or from now, if it already passed).
             sub.period_end = max(as_utc(sub.period_end), now) + period
             session.add(sub)

@@ -140,13 +140,23 @@ class PaymentService:
             await self._verify_on_chain(row, payment)
             await ledger.reserve(self.db, self.clock, self.catalog, row)
             settlement = await chain.build_settlement(payment)
-            if not await ledger.advance(self.db, self.clock, row.id, "reserved", "broadcast",
-                                        tx_hash=settlement.tx_hash, raw_tx=settlement.raw_tx):
-                await chain.release_settlement(settlement)
+            try:
+                stored = await ledger.advance(self.db, self.clock, row.id, "reserved", "broadcast",
+                                              tx_hash=settlement.tx_hash, raw_tx=settlement.raw_tx)
+            except BaseException:
+                stored = False
+                raise
+            finally:
+                if not stored:
+                    # The relayer nonce goes back, or every later settlement would queue behind
+                    # a gap. (Had the row been stored after all, _send rebuilds on the conflict.)
+                    await chain.release_settlement(settlement)
+            if not stored:
                 raise Conflict("The payment moved on while it was being settled.", code="payment_state_changed")
         except BaseException as exc:
             # Nothing was sent: the claim and any held seats are given back.
-            await ledger.fail(self.db, self.clock, row.id, getattr(exc, "code", type(exc).__name__))
+            await ledger.fail(self.db, self.clock, row.id, getattr(exc, "code", type(exc).__name__),
+                              only_from=ledger.UNSENT_STATES)
             raise
         try:
             tx_hash = await self._send(row.id, payment, settlement.tx_hash, settlement.raw_tx)
@@ -169,9 +179,14 @@ class PaymentService:
                 if exc.code != "relayer_nonce_conflict":
                     raise
             settlement = await chain.build_settlement(payment)
-            if not await ledger.replace_settlement(self.db, self.clock, payment_id, tx_hash,
-                                                   settlement.tx_hash, settlement.raw_tx):
-                await chain.release_settlement(settlement)
+            replaced = False
+            try:
+                replaced = await ledger.replace_settlement(self.db, self.clock, payment_id, tx_hash,
+                                                           settlement.tx_hash, settlement.raw_tx)
+            finally:
+                if not replaced:
+                    await chain.release_settlement(settlement)
+            if not replaced:
                 raise ServiceUnavailable("The payment moved on while its settlement was replaced.",
                                          code="payment_state_changed")
             tx_hash, raw_tx = settlement.tx_hash, settlement.raw_tx
@@ -224,8 +239,13 @@ class PaymentService:
         try:
             await ledger.reserve(self.db, self.clock, self.catalog, row)
         except Conflict:
-            # The money is already ours: never lose it. It becomes the wallet account's prepaid balance.
-            account = await ledger.fail_and_credit(self.db, self.clock, row.id, "sold_out_after_payment")
+            # The money is already ours: never lose it. It becomes the wallet account's prepaid
+            # balance, and the tx hash stays claimed (`credited`), so it cannot be credited twice.
+            account = await ledger.credit_instead(self.db, self.clock, row.id, "sold_out_after_payment",
+                                                  only_from=("verified",))
+            if account is None:
+                raise Conflict("The claim moved on while its seats were being reserved; retry it.",
+                               code="payment_state_changed") from None
             raise Conflict(
                 f"The seats sold out before this claim; the {format_usdc(paid)} USDC paid were credited to "
                 f"account {account.id} (sign in with the paying wallet to use or see it).",
@@ -261,15 +281,23 @@ class PaymentService:
 
     async def _finish(self, payment: Payment, receipt: Receipt, *, mint_keys: bool) -> Settled:
         if not receipt.ok:
-            await ledger.fail(self.db, self.clock, payment.id, "settlement_reverted")
+            await ledger.fail(self.db, self.clock, payment.id, "settlement_reverted", only_from=("broadcast",))
             raise PaymentRequired("The settlement reverted on-chain; nothing was charged.",
                                   code="settlement_reverted")
         if self._paid_to_us(receipt, payment.payer) != payment.amount_atomic:
-            await ledger.fail(self.db, self.clock, payment.id, "transfer_mismatch")
+            await ledger.fail(self.db, self.clock, payment.id, "transfer_mismatch", only_from=("broadcast",))
             raise GatewayError("The settlement's Transfer does not match the payment.", code="transfer_mismatch")
         await ledger.advance(self.db, self.clock, payment.id, "broadcast", "confirmed")
         delivery = await ledger.deliver(self.db, self.clock, payment.id, mint_keys=mint_keys)
-        return Settled(delivery.payment if delivery else await ledger.get_payment(self.db, payment.id), delivery)
+        if delivery is not None:
+            return Settled(delivery.payment, delivery)
+        current = await ledger.get_payment(self.db, payment.id)
+        if current.state == "credited":
+            raise Conflict(
+                f"The subscription expired while this renewal was settling; the {format_usdc(current.amount_atomic)} "
+                f"USDC paid were credited to account {current.account_id}'s prepaid balance.",
+                code="renewal_credited")
+        return Settled(current, None)
 
     async def reconcile(self) -> int:
         """One pass over unfinished payments; returns how many reached a final state."""
@@ -289,11 +317,16 @@ class PaymentService:
 
     async def _reconcile_one(self, payment: Payment) -> int:
         chain = self._require_chain()
-        if payment.state in ("received", "verified", "reserved"):
-            # Stopped before the settlement was stored, so it was never sent.
-            return int(await ledger.fail(self.db, self.clock, payment.id, "abandoned_before_settlement"))
+        if payment.state in ledger.UNSENT_STATES:
+            # Stopped before the settlement was stored, so it was never sent. (If a request moved
+            # it on since this pass read it, `only_from` leaves it alone.)
+            return int(await ledger.fail(self.db, self.clock, payment.id, "abandoned_before_settlement",
+                                         only_from=ledger.UNSENT_STATES))
         if payment.state == "confirmed":
             return int(await ledger.deliver(self.db, self.clock, payment.id, mint_keys=False) is not None)
+        # Read the clock before the receipt: once the chain is past the authorization's window no
+        # block can execute it any more, so "no receipt" after that is final.
+        expired = payment.valid_before is not None and await chain.chain_now() >= payment.valid_before
         receipt = await chain.receipt(payment.tx_hash)
         if receipt is not None:
             if receipt.ok and receipt.confirmations < self.settings.confirmations:
@@ -301,12 +334,15 @@ class PaymentService:
             try:
                 await self._finish(payment, receipt, mint_keys=False)
             except GatewayError:
-                pass  # _finish recorded the failure
+                pass  # _finish recorded the failure (or the credit)
             return 1
+        if expired:
+            # Even a settlement still waiting in a mempool can only revert now: nothing can be
+            # charged any more, so the seats are given back.
+            return int(await ledger.fail(self.db, self.clock, payment.id, "authorization_expired",
+                                         only_from=("broadcast",)))
         if await chain.transaction(payment.tx_hash) is not None:
             return 0  # in the mempool: wait
-        if payment.valid_before is not None and await chain.chain_now() >= payment.valid_before:
-            return int(await ledger.fail(self.db, self.clock, payment.id, "authorization_expired"))
         # Never reached the node (or was dropped): resend it (rebuilt only if its nonce was taken).
         await self._send(payment.id, ExactPayment(**payment.authorization), payment.tx_hash, payment.raw_tx)
         log.info("payment %s: settlement %s resent", payment.id, payment.tx_hash)

@@ -114,12 +114,18 @@ class RelayResponse:
                 try:
                     message = await asyncio.wait_for(receive(), timeout=interval)
                 except TimeoutError:
+                    if exchange.released:
+                        return  # the upstream is done and the slot already given back
                     try:
                         held = await self.deps.leases.renew(self.call.lease)
                     except GatewayError:
                         # A blip in the lease store: the TTL leaves room for the next attempt.
                         log.warning("lease renewal failed key=%s; retrying", self.call.key.key_id)
                         continue
+                    if exchange.released:
+                        # The pump released the slot while this renewal was on its way, so the
+                        # lease is gone by our own hand: the response goes on to its end.
+                        return
                     if not held:
                         # Someone else may hold the slot now; going on would make two in flight.
                         log.warning("lease lost while relaying key=%s; ending the request", self.call.key.key_id)

@@ -252,6 +252,29 @@ async def test_tx_hash_flow_claims_once_and_checks_recipient_and_sender(x402_gat
     assert await seats(x402_gateway) == seats_before - 1
 
 
+async def test_a_tx_hash_paid_after_the_last_seat_sold_is_credited_once(x402_gateway, devchain, chain_view):
+    from tests.e2e.test_x402_recovery import sign_in
+
+    wallet, rival = chain_view.new_wallet(), chain_view.new_wallet()
+    order = {"pool": "one", "blocks": ["day"], "quantity": 1}
+    paid = transfer(devchain, wallet, devchain.pay_to, 3_000_000)
+    # The rival buys the only seat after our transfer, before our claim.
+    async with x402HttpxClient(official_client(devchain, rival), base_url=x402_gateway.url, timeout=60) as http:
+        assert (await http.post("/api/agent/subscribe-pool", json=order)).status_code == 201
+    claim = {**order, "txHash": paid, "signature": claim_signature(wallet.key, paid)}
+    url = x402_gateway.url + "/api/agent/subscribe-pool"
+    r = httpx.post(url, json=claim, timeout=30)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "sold_out_after_payment", r.text
+    # The money is the wallet account's prepaid balance, and the claim cannot be credited again.
+    for _ in range(3):
+        again = httpx.post(url, json=claim, timeout=30)
+        assert again.status_code == 402 and again.json()["error"]["code"] == "payment_already_used", again.text
+    mk = sign_in(x402_gateway.url, wallet)
+    account = httpx.get(x402_gateway.url + "/api/account", headers={"Authorization": f"Bearer {mk}"}).json()["data"]
+    assert account["balance"] == "3.00"
+    assert await seats(x402_gateway, "one") == 0
+
+
 async def test_an_authorization_already_used_on_chain_is_refused(x402_gateway, devchain, chain_view):
     wallet = chain_view.new_wallet()
     attack = Attack(x402_gateway, devchain, wallet)

@@ -1,0 +1,94 @@
+"""The payment ledger's guarantees under the races a request and the reconciler can run into,
+on SQLite and PostgreSQL. (The chain side is attacked end to end in tests/e2e/test_x402*.py.)"""
+
+import secrets
+from datetime import timedelta
+
+import pytest
+
+from agent_gateway.catalog.pricing import make_order
+from agent_gateway.jobs.expiry import expire_subscriptions
+from agent_gateway.payments import ledger
+from agent_gateway.payments.ledger import Claim, PaymentAlreadyUsed
+from tests.fixtures.state import balance, seats_held
+
+pytestmark = pytest.mark.anyio
+PAYER = "0x" + "ab" * 20
+
+
+def order(gateway, blocks=("europe",)):
+    return make_order(gateway.services.catalog, "alpha", list(blocks), 1, "month")
+
+
+def x402_claim(amount: int) -> Claim:
+    return Claim(method="x402-exact", network="eip155:31337", payer=PAYER, amount_atomic=amount,
+                 auth_nonce="0x" + secrets.token_hex(32), valid_before=2**40)
+
+
+async def to_broadcast(gateway, payment) -> None:
+    db, clock, catalog = gateway.services.db, gateway.services.clock, gateway.services.catalog
+    assert await ledger.advance(db, clock, payment.id, "received", "verified")
+    payment.state = "verified"
+    await ledger.reserve(db, clock, catalog, payment)
+    assert await ledger.advance(db, clock, payment.id, "reserved", "broadcast", tx_hash="0x" + "11" * 32)
+
+
+async def test_a_stale_reconciler_never_fails_a_payment_a_request_broadcast(gateway):
+    db, clock = gateway.services.db, gateway.services.clock
+    the_order = order(gateway)
+    payment = await ledger.record_received(db, clock, x402_claim(the_order.total_atomic), the_order,
+                                           account_id=None, key_name="agent")
+    stale = await ledger.get_payment(db, payment.id)  # what a reconciler pass read: still `received`
+    await to_broadcast(gateway, payment)
+    # The reconciler acts on its stale copy ("never sent"): the payment must stay broadcast,
+    # its seats held, since the settlement may be mined any moment.
+    assert stale.state in ledger.UNSENT_STATES
+    assert not await ledger.fail(db, clock, stale.id, "abandoned_before_settlement", only_from=ledger.UNSENT_STATES)
+    current = await ledger.get_payment(db, payment.id)
+    assert current.state == "broadcast" and current.seats_held
+    assert await seats_held(db, "alpha", "europe") == 1
+    # Once confirmed, it is delivered exactly once.
+    assert await ledger.advance(db, clock, payment.id, "broadcast", "confirmed")
+    assert await ledger.deliver(db, clock, payment.id, mint_keys=True) is not None
+    assert await ledger.deliver(db, clock, payment.id, mint_keys=True) is None
+
+
+async def test_a_renewal_settled_after_its_subscription_expired_is_credited_not_lost(gateway, clock):
+    db = gateway.services.db
+    account, mk = await gateway.new_account(credit="49.00")
+    sub = (await gateway.buy(mk, blocks=["europe"]))[0]
+    assert await balance(db, account) == 0
+    the_order = order(gateway)
+    renewal = await ledger.record_received(db, clock, x402_claim(the_order.total_atomic), the_order,
+                                           account_id=account, key_name="renewal", renew_subscription_id=sub["id"])
+    await to_broadcast(gateway, renewal)
+    # The subscription runs out while the renewal's settlement waits for its receipt.
+    clock.advance(timedelta(days=30, seconds=1))
+    assert (await expire_subscriptions(db, clock)).subscription_ids == [sub["id"]]
+    assert await ledger.advance(db, clock, renewal.id, "broadcast", "confirmed")
+
+    assert await ledger.deliver(db, clock, renewal.id, mint_keys=False) is None
+    done = await ledger.get_payment(db, renewal.id)
+    assert done.state == "credited" and done.failure_reason == "subscription_expired_before_renewal"
+    assert await balance(db, account) == the_order.total_atomic
+    # Not credited twice, and the subscription stays expired with its seat back in the pool.
+    assert await ledger.deliver(db, clock, renewal.id, mint_keys=False) is None
+    assert await balance(db, account) == the_order.total_atomic
+    assert await seats_held(db, "alpha", "europe") == 0
+
+
+async def test_a_credited_tx_hash_stays_claimed(gateway):
+    db, clock = gateway.services.db, gateway.services.clock
+    the_order = order(gateway)
+    tx_hash = "0x" + secrets.token_hex(32)
+    claim = Claim(method="tx-hash", network="eip155:31337", payer=PAYER, amount_atomic=the_order.total_atomic,
+                  tx_hash=tx_hash)
+    payment = await ledger.record_received(db, clock, claim, the_order, account_id=None, key_name="agent",
+                                           state="verified")
+    account = await ledger.credit_instead(db, clock, payment.id, "sold_out_after_payment", only_from=("verified",))
+    assert account is not None and await balance(db, account.id) == the_order.total_atomic
+    # Crediting again is refused by the state, and claiming the hash again by the database.
+    assert await ledger.credit_instead(db, clock, payment.id, "sold_out_after_payment", only_from=("verified",)) is None
+    with pytest.raises(PaymentAlreadyUsed):
+        await ledger.record_received(db, clock, claim, the_order, account_id=None, key_name="agent", state="verified")
+    assert await balance(db, account.id) == the_order.total_atomic
