@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.routing import Mount, Route
 
 from agent_gateway.api import agents, management, public
-from agent_gateway.api.rendering import handle_gateway_error, handle_http_exception, handle_unexpected
+from agent_gateway.api.rendering import RefuseNul, handle_gateway_error, handle_http_exception, handle_unexpected
 from agent_gateway.clock import Clock
 from agent_gateway.dashboard import create_dashboard
 from agent_gateway.errors import GatewayError
@@ -34,6 +35,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None,
             HTTPException: handle_http_exception,
             Exception: handle_unexpected,
         },
+        middleware=[Middleware(RefuseNul)],
         lifespan=lifespan_for(services),
     )
     app.state.services = services

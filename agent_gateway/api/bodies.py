@@ -43,10 +43,24 @@ async def read_json(request: Request, model: type[ModelT], max_bytes: int) -> Mo
         raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    if _has_nul(data):
+        # PostgreSQL cannot store NUL in text; no field of ours has a use for it.
+        raise InvalidRequest("Text in the request body must not contain NUL (\\u0000) characters.",
+                             code="invalid_field")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise InvalidRequest(describe_validation(exc), code="invalid_field") from None
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 def describe_validation(exc: ValidationError) -> str:

@@ -113,7 +113,8 @@ async def delete_key(request: Request, services: Services, account: Account) -> 
 @management
 async def create_management_key(request: Request, services: Services, account: Account) -> Response:
     body = await read_json(request, ManagementKeyBody, services.settings.max_body_bytes)
-    key, token = await mkeys.create_management_key(services.db, services.clock, account.id, body.name.strip())
+    key, token = await mkeys.create_management_key(services.db, services.clock, account.id,
+                                                   api_keys.validate_key_name(body.name))
     data = render_management_key(key)
     data["apiKey"] = token.plaintext
     return ok(data, status=201)

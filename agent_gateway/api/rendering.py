@@ -60,3 +60,19 @@ def iso(value: datetime | None) -> str | None:
     if value is None:
         return None
     return as_utc(value).isoformat().replace("+00:00", "Z")
+
+
+class RefuseNul:
+    """ASGI middleware: a NUL in the path or query (`%00`) is refused before routing. No id or
+    parameter of ours contains one, and PostgreSQL cannot even compare it with stored text."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and ("\x00" in scope["path"] or b"%00" in scope.get("query_string", b"")):
+            response = JSONResponse(error_body("invalid_request_error", "invalid_path",
+                                               "The URL must not contain NUL (%00) characters."), status_code=400)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)

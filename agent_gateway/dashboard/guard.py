@@ -146,6 +146,8 @@ async def _refuse_forgery(visit: Visit) -> Response | None:
         try:
             raw = await read_body(request, _MAX_FORM_BYTES)
             visit.form = dict(parse_qsl(raw.decode("utf-8"), keep_blank_values=True, max_num_fields=20))
+            if any("\x00" in k or "\x00" in v for k, v in visit.form.items()):
+                raise ValueError("NUL in a form field")
         except (GatewayError, UnicodeDecodeError, ValueError):
             return error_page(visit, 400, "Unreadable form", "The form could not be read. Go back and try again.")
     problem = forgery_problem(request, visit.session, visit.form)

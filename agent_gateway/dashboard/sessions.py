@@ -17,6 +17,7 @@ from starlette.responses import Response
 COOKIE_NAME = "agw_dashboard"
 SESSION_TTL_S = 12 * 3600
 CSRF_FIELD = "csrf_token"
+_MAX_FLASH_CHARS = 400  # at most three flashes: the cookie stays well under 4 KB
 
 
 @dataclass
@@ -47,6 +48,11 @@ class Session:
         return self.account_id is not None and self.mkey_id is not None
 
     def flash(self, kind: str, text: str) -> None:
+        # Flashes ride in the cookie; an error echoing a huge form value must not push it past
+        # the browsers' 4 KB limit (the cookie would be dropped, and the message with it).
+        if len(text) > _MAX_FLASH_CHARS:
+            text = text[: _MAX_FLASH_CHARS - 1] + "…"
+        self.flashes = self.flashes[-2:]
         self.flashes.append((kind, text))
         self.changed = True
 

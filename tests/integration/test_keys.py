@@ -126,3 +126,24 @@ async def test_expired_subscriptions_mint_no_keys_and_cannot_be_re_enabled(gatew
     r = await gateway.client.post("/api/keys/subscription", json={"name": "x", "subscriptionId": other["id"]},
                                   headers=auth(mk))
     assert r.status_code == 409 and r.json()["error"]["code"] == "subscription_not_active"
+
+
+async def test_nul_characters_anywhere_are_a_clear_400_and_change_nothing(gateway):
+    # PostgreSQL cannot store or even compare NUL in text; it must never turn into a 500.
+    _, mk = await gateway.new_account(credit="100")
+    sub = (await gateway.buy(mk))[0]
+    before = await snapshot(gateway.services.db)
+    attempts = [
+        ("POST", "/api/keys/subscription", {"name": "k", "subscriptionId": "sub\x00"}),
+        ("POST", "/api/keys/subscription", {"name": "k\x00", "subscriptionId": sub["id"]}),
+        ("POST", "/api/keys/%00/disable", None),
+        ("DELETE", "/api/keys/key_%00", None),
+        ("DELETE", "/api/management-keys/%00", None),
+        ("GET", "/api/usage?window=%00", None),
+        ("GET", "/api/agent/payments/%00", None),
+    ]
+    for method, path, body in attempts:
+        r = await gateway.client.request(method, path, json=body, headers=auth(mk))
+        assert r.status_code == 400, (path, r.text)
+        assert "NUL" in r.json()["error"]["message"]
+    assert await snapshot(gateway.services.db) == before

@@ -49,7 +49,7 @@ async def test_another_accounts_management_key_is_404(gateway):
 async def test_bad_create_bodies_change_nothing(gateway):
     _, mk = await gateway.new_account()
     before = await snapshot(gateway.services.db)
-    for body in ({}, {"name": ""}, {"name": 3}, {"name": "x", "admin": True}):
+    for body in ({}, {"name": ""}, {"name": "   "}, {"name": 3}, {"name": "x", "admin": True}, {"name": "a\x00b"}):
         r = await gateway.client.post("/api/management-keys", json=body, headers=auth(mk))
         assert r.status_code == 400, body
     assert await snapshot(gateway.services.db) == before
