@@ -110,7 +110,9 @@ async def run_services(services: Services) -> AsyncIterator[Services]:
 
     def on_revocation(key_id: str, reason: str) -> None:
         services.directory.forget(key_id)
-        if reason != RESTORED:
+        if reason == RESTORED:
+            services.streams.restored(key_id)
+        else:
             services.streams.cancel_key(key_id, reason)
 
     services.bus.subscribe(on_revocation)

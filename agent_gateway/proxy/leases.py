@@ -137,7 +137,10 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+# KEYS[1] lease, KEYS[2] tombstone. A revoked key's lease is not renewed: should a process miss
+# the revocation message, its stream still ends at the next renewal instead of running on.
 _RENEW = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
@@ -208,6 +211,11 @@ class RedisLeases:
         except asyncio.CancelledError:
             call.add_done_callback(lambda done: self._undo(done, lease))
             raise
+        except ServiceUnavailable:
+            # Redis may have granted the lease and only the reply was lost: give it back (by
+            # lease id, so nobody else's), or the key would stay busy for a whole TTL.
+            self._release_later(lease)
+            raise
         verdict = _VERDICTS[code]
         return verdict, (lease if verdict is AcquireResult.ACQUIRED else None)
 
@@ -217,7 +225,8 @@ class RedisLeases:
 
     async def renew(self, lease: Lease) -> bool:
         kept = await self._guarded(
-            "renew", self._renew, [self._lease_key(lease.key_id)], [lease.lease_id, self.lease_ttl_ms]
+            "renew", self._renew, [self._lease_key(lease.key_id), self._tombstone_key(lease.key_id)],
+            [lease.lease_id, self.lease_ttl_ms],
         )
         return kept == 1
 
@@ -245,8 +254,12 @@ class RedisLeases:
             raise _unavailable(op, exc) from exc
 
     def _undo(self, call: asyncio.Future[int], lease: Lease) -> None:
-        if call.cancelled() or call.exception() is not None or call.result() != 1:
+        if call.cancelled():
             return
+        if call.exception() is not None or call.result() == 1:
+            self._release_later(lease)
+
+    def _release_later(self, lease: Lease) -> None:
         task = asyncio.ensure_future(self.release(lease))
         self._undoing.add(task)
         task.add_done_callback(self._undone)

@@ -8,6 +8,9 @@ _PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 _EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 _USAGE = b'"usage"'
+# The end of an OpenAI stream is a line of its own. Model text inside an event is JSON, which
+# cannot hold a raw newline, so "[DONE]" written by the model can never match this.
+_DONE_EVENT = re.compile(rb"(?m)^data: ?\[DONE\]\r?$")
 
 
 def find_usage(data: bytes) -> tuple[int, int] | None:
@@ -33,6 +36,7 @@ class StreamMeter:
         self._pending = b""
         self.events = 0
         self.usage: tuple[int, int] | None = None
+        self.done = False  # the upstream sent its terminal `data: [DONE]` event
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._pending + chunk if self._pending else chunk
@@ -50,6 +54,8 @@ class StreamMeter:
 
     def _inspect(self, out: bytes) -> bytes:
         self.events += out.count(b"data:")
+        if not self.done and b"[DONE]" in out and _DONE_EVENT.search(out):
+            self.done = True
         if _USAGE not in out:
             return out
         kept = []

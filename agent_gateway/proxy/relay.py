@@ -32,6 +32,8 @@ from agent_gateway.usage.recorder import UsageEvent, UsageRecorder
 
 log = logging.getLogger(__name__)
 
+# How long an error may wait for a client that does not read before we give up telling it.
+_ERROR_SEND_TIMEOUT_S = 2.0
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
                 (b"x-accel-buffering", b"no")]
 
@@ -68,6 +70,7 @@ class _Exchange:
     upstream_started: float = 0.0
     upstream_done: float = 0.0
     upstream: UpstreamResponse | None = None
+    upstream_closed: bool = False
     released: bool = False
     outcome: str = "ok"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -170,8 +173,8 @@ class RelayResponse:
                     "The gateway lost this key's concurrency slot; retry the request.", code="lease_lost"))
             # A client that left gets nothing; a shutdown ends the body as it is.
         finally:
-            if exchange.upstream is not None and not exchange.finished:
-                exchange.upstream.close()
+            if not exchange.finished:
+                _close_upstream(exchange)
 
     async def _relay_whole(self, send: Any, response: UpstreamResponse, exchange: _Exchange) -> None:
         body = await response.read()
@@ -207,7 +210,7 @@ class RelayResponse:
             async for chunk in response.chunks():
                 out = meter.feed(chunk)
                 if out:
-                    if b"[DONE]" in out:
+                    if meter.done:
                         # The upstream has finished generating; free the slot before the client
                         # reads the end of the stream (see _relay_whole).
                         await self._release(exchange)
@@ -220,22 +223,29 @@ class RelayResponse:
             exchange.usage, exchange.events = meter.usage, meter.events
 
     async def _fail(self, send: Any, exchange: _Exchange, exc: GatewayError) -> None:
-        """Tell the client what went wrong: a JSON error before the headers, one SSE event after."""
+        """Tell the client what went wrong: a JSON error before the headers, one SSE event after.
+
+        The upstream is stopped and the slot freed first: a client that does not read (its
+        socket is full) must not keep the upstream generating, or the key locked, while we
+        wait to hand it the error — and that wait is bounded."""
         exchange.outcome = exc.code
+        _close_upstream(exchange)
+        await self._release(exchange)
         payload = {"error": {"type": exc.type, "code": exc.code, "message": exc.message}}
         try:
-            if not exchange.headers_sent:
-                exchange.status = exc.status
-                body = json.dumps(payload).encode()
-                await send({"type": "http.response.start", "status": exchange.status, "headers": [
-                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                    (b"x-request-id", self.call.request_id.encode())]})
-                exchange.headers_sent = True
-                await send({"type": "http.response.body", "body": body})
-            else:
-                event = b"data: " + json.dumps(payload).encode() + b"\n\n"
-                await send({"type": "http.response.body", "body": event, "more_body": False})
-        except Exception:  # the client may be gone already; nothing left to tell it
+            async with asyncio.timeout(_ERROR_SEND_TIMEOUT_S):
+                if not exchange.headers_sent:
+                    exchange.status = exc.status
+                    body = json.dumps(payload).encode()
+                    await send({"type": "http.response.start", "status": exchange.status, "headers": [
+                        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                        (b"x-request-id", self.call.request_id.encode())]})
+                    exchange.headers_sent = True
+                    await send({"type": "http.response.body", "body": body})
+                else:
+                    event = b"data: " + json.dumps(payload).encode() + b"\n\n"
+                    await send({"type": "http.response.body", "body": event, "more_body": False})
+        except Exception:  # the client may be gone or not reading; nothing left to tell it
             log.debug("could not deliver the error to the client", exc_info=True)
 
     async def _release(self, exchange: _Exchange) -> None:
@@ -273,6 +283,13 @@ class RelayResponse:
         if outcome != "ok":
             log.info("request %s key=%s endpoint=%s ended: %s", call.request_id, call.key.key_id,
                      call.endpoint, outcome)
+
+
+def _close_upstream(exchange: _Exchange) -> None:
+    """Stop the upstream request (once): closing its connection cancels the generation."""
+    if exchange.upstream is not None and not exchange.upstream_closed:
+        exchange.upstream_closed = True
+        exchange.upstream.close()
 
 
 def _stop(pump: asyncio.Task[None], exchange: _Exchange, reason: str) -> None:

@@ -40,6 +40,8 @@ class UpstreamSettings:
     models: list[str] = field(default_factory=lambda: ["test-model", "test-model-large", "test-embedding"])
     first_byte_delay_s: float = 0.0
     embedding_dimensions: int = 16
+    # Replaces the generated tokens, cycled; ASCII without quotes or backslashes (spliced into JSON).
+    words: tuple[str, ...] = ()
 
 
 class _CutConnection(Exception):
@@ -171,7 +173,10 @@ class _Upstream:
         n = _max_tokens(payload, self.settings.chunks)
         # Seeded by the prompt, so different prompts stream different (but reproducible) text.
         seed = zlib.crc32(text.encode())
-        toks = [_VOCAB[(seed + i * 7) % 4096] for i in range(n)]
+        if self.settings.words:
+            toks = [self.settings.words[i % len(self.settings.words)].encode("ascii") for i in range(n)]
+        else:
+            toks = [_VOCAB[(seed + i * 7) % 4096] for i in range(n)]
         rid, created, mj = next(self._ids), int(time.time()), json.dumps(model).encode()
         if not payload.get("stream"):
             content = b"".join(toks)

@@ -132,6 +132,26 @@ async def test_a_client_calling_back_to_back_is_never_refused(gateway_live: Live
             assert r.status_code == 200, r.text
 
 
+# A coding model writing SSE client code: every token of its text is the stream's end marker.
+@pytest.mark.parametrize("upstream", [UpstreamSettings(delay_s=0.05, chunks=30, words=("data: [DONE]",))],
+                         indirect=True)
+async def test_model_text_that_mentions_the_end_marker_does_not_free_the_slot(gateway_live: LiveGateway):
+    sk, key_id = gateway_live.new_key()
+    body = {"model": "test-model", "messages": MESSAGES, "stream": True}
+    async with httpx.AsyncClient(base_url=gateway_live.url, timeout=30) as http:
+        async with http.stream("POST", "/v1/chat/completions", headers=bearer(sk), json=body) as response:
+            assert response.status_code == 200
+            seen = 0
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    seen += 1
+                    if seen == 5:
+                        # Mid-stream, after several "[DONE]"s in the text: the key is still busy.
+                        second = await http.post("/v1/chat/completions", headers=bearer(sk), json=body)
+                        assert second.status_code == 429, second.text
+    assert gateway_live.upstream.recorder.max_in_flight(key_id) == 1
+
+
 async def test_different_keys_run_in_parallel(gateway_live: LiveGateway):
     gateway_live.upstream.control("stall")
     mk = gateway_live.new_account()

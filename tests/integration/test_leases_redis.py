@@ -148,6 +148,18 @@ async def test_revoke_blocks_even_while_free_and_restore_reenables(make_leases: 
     assert (await leases.acquire("k1"))[0] is ACQUIRED
 
 
+async def test_a_revoked_keys_lease_is_not_renewed(make_leases: MakeLeases) -> None:
+    # The backstop for a process that missed the revocation message: its stream ends at the
+    # next renewal.
+    leases = make_leases()
+    _, lease = await leases.acquire("k1")
+    assert lease is not None and await leases.renew(lease) is True
+    await leases.revoke("k1")
+    assert await leases.renew(lease) is False
+    await leases.restore("k1")
+    assert await leases.renew(lease) is True
+
+
 async def test_tombstone_expires_after_its_ttl(make_leases: MakeLeases) -> None:
     leases = make_leases(tombstone_ttl_ms=200)
     await leases.revoke("k1")

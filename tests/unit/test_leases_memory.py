@@ -173,6 +173,31 @@ def test_a_callback_may_remove_itself_and_a_failing_one_does_not_stop_the_rest()
     assert registry.count("k1") == 2
 
 
+async def test_a_stream_registered_after_its_key_was_revoked_is_cancelled_once_it_runs() -> None:
+    # Admitted just before the revocation, registered just after it: it must not run on.
+    now = [1000.0]
+    registry = StreamRegistry(remember_s=120, clock=lambda: now[0])
+    assert registry.cancel_key("k1", "disabled") == 0
+    late: list[str] = []
+    registry.add("k1", late.append)
+    assert late == []  # not from inside add(): the stream's task must be running first
+    await asyncio.sleep(0)
+    assert late == ["disabled"]
+    # Re-enabled: new streams run.
+    registry.restored("k1")
+    after: list[str] = []
+    registry.add("k1", after.append)
+    await asyncio.sleep(0)
+    assert after == []
+    # A revocation is remembered only as long as a lease tombstone lives.
+    registry.cancel_key("k2", "deleted")
+    now[0] += 121
+    old: list[str] = []
+    registry.add("k2", old.append)
+    await asyncio.sleep(0)
+    assert old == []
+
+
 async def test_local_bus_delivers_to_every_handler() -> None:
     bus = LocalRevocationBus()
     registry = StreamRegistry()
