@@ -54,8 +54,10 @@ class UsageRecorder:
 
     def record(self, event: UsageEvent) -> None:
         if len(self._buffer) >= self._max_buffer:
-            log.error("usage buffer full (%d); dropping the oldest event", self._max_buffer)
-            self._buffer.popleft()
+            # The database has been down for a long while. Drop the new event, not the oldest:
+            # a flush in flight is writing the oldest ones and removes them by count afterwards.
+            log.error("usage buffer full (%d events); dropping this one", self._max_buffer)
+            return
         self._buffer.append(event)
         if len(self._buffer) >= self._batch_size:
             self._wake.set()

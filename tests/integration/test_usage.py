@@ -72,3 +72,22 @@ async def test_buffered_usage_is_written_at_shutdown(settings, clock):
     reopened = build_services(settings, clock)
     assert (await snapshot(reopened.db))["counts"]["usage_records"] == 3
     await reopened.db.dispose()
+
+
+async def test_a_full_buffer_drops_new_events_and_writes_each_kept_one_once(gateway, clock):
+    # The database was unreachable long enough to fill the buffer; what is kept is written once.
+    from agent_gateway.usage.recorder import UsageRecorder
+    from tests.fixtures.state import snapshot
+
+    account, mk = await gateway.new_account(credit="100")
+    sub = (await gateway.buy(mk))[0]
+    key = await gateway.mint(mk, sub["id"])
+    recorder = UsageRecorder(gateway.services.db, max_buffer=3)
+    for i in range(5):
+        recorder.record(event(key, account, clock.now(), prompt=i))
+    assert recorder.pending == 3
+    assert await recorder.flush() == 3
+    assert await recorder.flush() == 0
+    assert (await snapshot(gateway.services.db))["counts"]["usage_records"] == 3
+    usage = (await gateway.client.get("/api/usage", headers=auth(mk))).json()["data"]
+    assert usage[0]["usage"]["24h"]["promptTokens"] == 0 + 1 + 2
