@@ -263,6 +263,33 @@ async def test_upstream_total_timeout_mid_stream_ends_with_an_error_event(tmp_pa
         await _next_request_is_admitted(live, sk)
 
 
+# A long, fast stream: far more bytes than the sockets between gateway and client can buffer.
+@pytest.mark.parametrize("upstream", [UpstreamSettings(chunks=200_000)], indirect=True)
+async def test_a_client_that_stops_reading_keeps_neither_the_upstream_nor_the_key(tmp_path, sqlite_url, upstream):
+    import socket
+    from urllib.parse import urlsplit
+
+    from tests.fixtures.live import live_gateway
+
+    with live_gateway(tmp_path, sqlite_url, upstream, upstream_total_timeout_s=3.0) as live:
+        sk, key_id = live.new_key()
+        url = urlsplit(live.url)
+        body = json.dumps({"model": "test-model", "messages": MESSAGES, "stream": True}).encode()
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect((url.hostname, url.port))
+        try:
+            stalled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer " + sk.encode()
+                            + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            # The client never reads. At the total timeout the gateway must stop the upstream and
+            # free the key at once, not wait (forever) to hand the error to a client that won't read.
+            await upstream.recorder.wait_for(lambda r: r.total >= 1, timeout=5)
+            await upstream.recorder.wait_for(lambda r: r.in_flight == 0, timeout=6)
+            await _next_request_is_admitted(live, sk)
+        finally:
+            stalled.close()
+
+
 async def test_a_stream_cut_by_upstream_ends_with_an_error_event_the_sdk_raises(gateway_live: LiveGateway):
     sk, _ = gateway_live.new_key()
     gateway_live.upstream.control("cut", after_chunks=3)
