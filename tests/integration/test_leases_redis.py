@@ -231,6 +231,28 @@ async def test_cancelled_acquire_does_not_strand_a_granted_lease(
         await eventually(freed, timeout_s=3.0)
 
 
+async def test_an_acquire_whose_reply_was_lost_gives_the_lease_back(
+    make_leases: MakeLeases, redis_admin: aioredis.Redis, prefix: str
+) -> None:
+    # Redis granted the lease, but the reply never came in time: the caller got a 503, and the
+    # key must not stay busy for a whole TTL because of a lease nobody knows it holds.
+    async with ReplyHoldingProxy(REDIS_URL) as proxy:
+        leases = make_leases(proxy.url, command_timeout_s=0.2, lease_ttl_ms=60_000)
+        _, warm = await leases.acquire("warmup")
+        assert warm is not None and await leases.release(warm)
+        proxy.replies.clear()
+        with pytest.raises(ServiceUnavailable):
+            await leases.acquire("k1")
+        assert await redis_admin.exists(f"{prefix}:lease:k1") == 1  # granted after all
+        proxy.replies.set()
+
+        async def freed() -> bool:
+            return await redis_admin.exists(f"{prefix}:lease:k1") == 0
+
+        await eventually(freed, timeout_s=3.0)
+        assert (await make_leases().acquire("k1"))[0] is ACQUIRED
+
+
 async def test_redis_down_fails_closed_quickly(make_leases: MakeLeases) -> None:
     leases = make_leases(CLOSED_PORT_URL, connect_timeout_s=1.0)
     lease = Lease("k1", "0" * 32)
