@@ -154,10 +154,13 @@ class RedisRevocationBus:
         # Publishing retries once (a pooled connection may be stale after a Redis restart; a
         # duplicate revocation is harmless). The subscriber never retries inside redis-py, so a
         # dropped subscription always reaches _listen, which logs it and reconnects with backoff.
-        self._publisher = aioredis.Redis.from_url(
-            redis_url, retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1),
+        # A bounded pool that waits for a free connection (redis-py's default refuses the 101st
+        # concurrent command), as for the leases.
+        self._publisher = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
+            redis_url, max_connections=32, timeout=5.0,
+            retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1),
             client_name=client_name, **timeouts,
-        )
+        ))
         self._subscriber = aioredis.Redis.from_url(
             redis_url, retry=Retry(NoBackoff(), retries=0), client_name=client_name, **timeouts
         )

@@ -321,6 +321,22 @@ async def test_publish_reaches_the_other_process_and_this_one(make_bus: Callable
     assert await at_publisher.next() == ("k1", "key_revoked")
 
 
+async def test_many_revocations_at_once_are_all_published(make_bus: Callable[..., RedisRevocationBus]) -> None:
+    # Hundreds of keys disabled at the same moment: more publishes in flight than connections.
+    publisher, listener = make_bus(), make_bus()
+    at_listener = Inbox()
+    listener.subscribe(at_listener)
+    await publisher.start()
+    await listener.start()
+    await asyncio.gather(*(publisher.publish(f"k{i}", "disabled") for i in range(300)))
+
+    async def all_arrived() -> bool:
+        return len(at_listener.received) == 300
+
+    await eventually(all_arrived)
+    assert sorted(at_listener.received) == sorted((f"k{i}", "disabled") for i in range(300))
+
+
 async def test_bad_messages_and_failing_handlers_do_not_stop_the_reader(
     make_bus: Callable[..., RedisRevocationBus], redis_admin: aioredis.Redis
 ) -> None:
