@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from agent_gateway.testing.processes import free_port, start_gateway
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -36,12 +37,6 @@ upstreams = ["{upstream}/v1"]
 seats = 5000
 prices = {{ day = "1.00" }}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, process: subprocess.Popen, seconds: float = 30) -> None:
@@ -164,13 +159,12 @@ def main() -> int:
                "AGW_LOG_LEVEL": "WARNING", "AGW_UPSTREAM_CLIENT": opts.client}
         if opts.redis:
             env["AGW_REDIS_URL"] = opts.redis
-        gateway_url = f"http://127.0.0.1:{gw_port}"
-        gateway = start(["serve", "--port", str(gw_port)], env)
-        processes = [upstream, slow, gateway]
+        processes = [upstream, slow]
         try:
-            for url, process in ((up_url + "/v1/models", upstream), (slow_url + "/v1/models", slow),
-                                 (gateway_url + "/healthz", gateway)):
+            for url, process in ((up_url + "/v1/models", upstream), (slow_url + "/v1/models", slow)):
                 wait_http(url, process)
+            gateway, gateway_url = start_gateway(env, port=gw_port)
+            processes.append(gateway)
             keys = provision_keys(gateway_url, env, 1000)
             (work / "keys.txt").write_text("\n".join(keys))
             (work / "direct.txt").write_text("\n".join(f"direct-{i}" for i in range(1000)))
@@ -188,9 +182,8 @@ def main() -> int:
             (work / "pools.toml").write_text(POOLS.format(upstream=slow_url))
             gateway.terminate()
             gateway.wait(10)
-            gateway = start(["serve", "--port", str(gw_port)], env)
+            gateway, gateway_url = start_gateway(env, port=gw_port)
             processes.append(gateway)
-            wait_http(gateway_url + "/healthz", gateway)
             held = hold_streams(gateway_url, keys, gateway.pid)
         finally:
             for process in processes:

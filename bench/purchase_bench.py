@@ -10,22 +10,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 from eth_account import Account
 from x402 import x402Client
 from x402.http.clients import x402HttpxClient
 from x402.mechanisms.evm.exact import ExactEvmScheme
 
 from agent_gateway.payments.devchain import start_devchain
+from agent_gateway.testing.processes import start_gateway
+from load import percentile  # bench/load.py, beside this script
 
 POOLS = """
 [blocks]
@@ -39,12 +37,6 @@ seats = 100000
 prices = { day = "1.00" }
 """
 ORDER = {"pool": "bench", "blocks": ["day"], "quantity": 1}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def client_for(chain, key: str) -> x402Client:
@@ -68,8 +60,7 @@ async def buy(url: str, client: x402Client, n: int) -> list[float]:
 
 
 def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+    return percentile(values, q) * 1000
 
 
 def main() -> int:
@@ -81,22 +72,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="agw-bench-") as tmp, start_devchain(agents=1) as chain:
         work = Path(tmp)
         (work / "pools.toml").write_text(POOLS)
-        port = free_port()
-        env = {**os.environ, **chain.env(), "AGW_DATABASE_URL": f"sqlite:///{work / 'bench.db'}",
+        env = {**chain.env(), "AGW_DATABASE_URL": f"sqlite:///{work / 'bench.db'}",
                "AGW_POOLS_FILE": str(work / "pools.toml"), "AGW_LOG_LEVEL": "WARNING"}
-        gateway = subprocess.Popen([sys.executable, "-m", "agent_gateway", "serve", "--port", str(port)], env=env,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
+        gateway, url = start_gateway(env)
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    httpx.get(url + "/healthz", timeout=1)
-                    break
-                except httpx.TransportError:
-                    if time.monotonic() > deadline:
-                        raise SystemExit("gateway did not start") from None
-                    time.sleep(0.05)
             wallets = [Account.create() for _ in range(args.agents + 1)]
             for wallet in wallets:
                 chain.fund(wallet.address, 10_000 * 10**6, 10**18)

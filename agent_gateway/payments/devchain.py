@@ -6,7 +6,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,8 @@ from typing import Any
 
 from eth_account import Account
 from web3 import Web3
+
+from agent_gateway.testing.processes import free_port
 
 ANVIL_MNEMONIC = "test test test test test test test test test test test junk"
 # The first 10 accounts anvil derives from ANVIL_MNEMONIC (m/44'/60'/0'/0/i). Public test constants:
@@ -80,12 +81,6 @@ def find_anvil() -> str:
         "anvil not found: run `npm ci` at the repository root (it installs @foundry-rs/anvil into "
         "node_modules/), or set AGW_ANVIL_BIN to an anvil binary, or put anvil on PATH"
     )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rpc(url: str, method: str, params: list[Any] | None = None, timeout: float = 2.0) -> Any:

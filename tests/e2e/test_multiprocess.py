@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from agent_gateway.testing.processes import start_gateway
 from agent_gateway.testing.upstream import UpstreamSettings
 from tests.fixtures.live import ALL_DAY_POOLS, buy_key, provision_account
 
@@ -35,32 +34,6 @@ def redis_url() -> str:
     return REDIS_URL
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_gateway(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "agent_gateway", "serve", "--port", str(port)],
-        env={**os.environ, **env}, stdout=log.open("w"), stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"gateway exited with {process.returncode}: {log.read_text()}")
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            time.sleep(0.05)  # polling for the port to open, bounded by the deadline
-    process.kill()
-    raise RuntimeError(f"gateway did not start: {log.read_text()}")
-
-
 @pytest.fixture
 def gateway_processes(tmp_path: Path, database_url: str, redis_url: str, upstream) -> Iterator[list]:
     pools = tmp_path / "pools.toml"
@@ -70,7 +43,7 @@ def gateway_processes(tmp_path: Path, database_url: str, redis_url: str, upstrea
     processes = []
     try:
         for name in ("a", "b"):
-            processes.append(start_gateway(env, tmp_path / f"gateway-{name}.log"))
+            processes.append(start_gateway(env, log=tmp_path / f"gateway-{name}.log"))
         yield processes
     finally:
         for process, _ in processes:

@@ -3,11 +3,8 @@ broadcast of a settlement and the delivery of the seats."""
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +15,7 @@ from eth_account import Account
 from eth_account.messages import encode_defunct
 from x402.http.clients import x402HttpxClient
 
+from agent_gateway.testing.processes import free_port, start_gateway
 from tests.e2e.test_x402 import ORDER, PRICE, official_client
 from tests.fixtures.x402 import X402_POOLS, Wallet
 
@@ -84,24 +82,9 @@ def _payment_state(db: Path) -> tuple[str, str] | None:
     return row
 
 
-def _start(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-m", "agent_gateway", "serve", "--port", str(port)],
-                               env={**os.environ, **env}, stdout=log.open("a"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return process
-        except httpx.TransportError:
-            time.sleep(0.05)  # waiting for the port to open, bounded by the deadline
-    raise RuntimeError(log.read_text())
-
-
 async def test_a_gateway_killed_after_broadcast_completes_the_purchase_after_restart(
         tmp_path, upstream, devchain, chain_view, sqlite_template):
     import shutil
-
-    from agent_gateway.payments.devchain import free_port
 
     db = tmp_path / "crash.db"
     shutil.copyfile(sqlite_template, db)
@@ -115,7 +98,7 @@ async def test_a_gateway_killed_after_broadcast_completes_the_purchase_after_res
     wallet = chain_view.new_wallet()
     pay_to_before, relayer_before = chain_view.usdc(devchain.pay_to), chain_view.relayer_nonce()
     w3 = devchain.web3()
-    gateway = _start(env, port, log)
+    gateway, _ = start_gateway(env, port=port, log=log)
     w3.provider.make_request("evm_setAutomine", [False])
     try:
         outcome: dict = {}
@@ -145,7 +128,7 @@ async def test_a_gateway_killed_after_broadcast_completes_the_purchase_after_res
         w3.provider.make_request("evm_mine", [])
     finally:
         w3.provider.make_request("evm_setAutomine", [True])
-    gateway = _start(env, port, log)
+    gateway, _ = start_gateway(env, port=port, log=log)
     try:
         deadline = time.monotonic() + 30
         while True:

@@ -24,6 +24,7 @@ from agent_gateway.payments.rules import (
     check_chain_facts,
     check_payment,
     recover_authorizer,
+    transfer_authorization_typed_data,
 )
 from agent_gateway.payments.wire import (
     ExactPayment,
@@ -71,20 +72,9 @@ def signed(signer_key: bytes | str, *, payer: str = PAYER.address, to: str = PAY
     """A hand-made v2 payment, signed by any key over any domain (for forgeries)."""
     valid_before = int(time.time()) + 300 if valid_before is None else valid_before
     nonce = "0x" + secrets.token_hex(32)
-    typed = {
-        "types": {
-            "EIP712Domain": [{"name": "name", "type": "string"}, {"name": "version", "type": "string"},
-                             {"name": "chainId", "type": "uint256"}, {"name": "verifyingContract", "type": "address"}],
-            "TransferWithAuthorization": [
-                {"name": "from", "type": "address"}, {"name": "to", "type": "address"},
-                {"name": "value", "type": "uint256"}, {"name": "validAfter", "type": "uint256"},
-                {"name": "validBefore", "type": "uint256"}, {"name": "nonce", "type": "bytes32"}],
-        },
-        "primaryType": "TransferWithAuthorization",
-        "domain": {"name": name, "version": "2", "chainId": chain_id, "verifyingContract": token},
-        "message": {"from": payer, "to": to, "value": value, "validAfter": valid_after, "validBefore": valid_before,
-                    "nonce": bytes.fromhex(nonce[2:])},
-    }
+    typed = transfer_authorization_typed_data(
+        token_name=name, token_version="2", chain_id=chain_id, token_address=token, payer=payer, to=to,
+        value=value, valid_after=valid_after, valid_before=valid_before, nonce=nonce)
     signature = Account.sign_typed_data(signer_key, full_message=typed).signature
     header = {"x402Version": 2, "accepted": accepted or OFFER.requirements(), "payload": {
         "signature": "0x" + bytes(signature).hex(),

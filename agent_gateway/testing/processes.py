@@ -1,0 +1,46 @@
+"""Gateway processes for tests and benchmarks: a free loopback port, and `agent-gateway serve`
+started as a child process and waited for until it answers /healthz."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_gateway(env: dict[str, str], *, port: int | None = None, log: Path | None = None,
+                  timeout_s: float = 30.0) -> tuple[subprocess.Popen, str]:
+    """Start `python -m agent_gateway serve` with `env` added to ours; return it and its URL once
+    /healthz answers. Its output goes to `log` (appended) or nowhere; a start that fails raises
+    with the log's text."""
+    port = port or free_port()
+    output = log.open("a") if log is not None else subprocess.DEVNULL
+    process = subprocess.Popen([sys.executable, "-m", "agent_gateway", "serve", "--port", str(port)],
+                               env={**os.environ, **env}, stdout=output, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"gateway exited with {process.returncode}: {_tail(log)}")
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            time.sleep(0.05)  # polling for the port to open, bounded by the deadline
+    process.kill()
+    raise RuntimeError(f"gateway did not start within {timeout_s:g} s: {_tail(log)}")
+
+
+def _tail(log: Path | None) -> str:
+    return log.read_text()[-4000:] if log is not None and log.exists() else "(no log)"
