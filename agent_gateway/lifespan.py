@@ -85,7 +85,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         jobs=JobRunner(settings.job_interval_s, {"expiry": expiry_pass, "payments": payments.reconcile}),
         directory=KeyDirectory(db, ttl_s=settings.key_cache_ttl_s),
         leases=leases, bus=bus, streams=streams, revoker=revoker, upstream=upstream,
-        relay_deps=RelayDeps(upstream=upstream, leases=leases, streams=streams, usage=usage,
+        relay_deps=RelayDeps(upstream=upstream, leases=leases, usage=usage,
                              renew_interval_s=renew_interval_s),
         payments=payments,
     )
@@ -110,9 +110,7 @@ async def run_services(services: Services) -> AsyncIterator[Services]:
 
     def on_revocation(key_id: str, reason: str) -> None:
         services.directory.forget(key_id)
-        if reason == RESTORED:
-            services.streams.restored(key_id)
-        else:
+        if reason != RESTORED:
             services.streams.cancel_key(key_id, reason)
 
     services.bus.subscribe(on_revocation)

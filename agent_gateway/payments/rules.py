@@ -46,20 +46,6 @@ def _refuse(reason: str) -> Verdict:
     return Verdict(ok=False, reason=reason, payer=None)
 
 
-def transfer_authorization_typed_data(*, token_name: str, token_version: str, chain_id: int, token_address: str,
-                                      payer: str, to: str, value: int, valid_after: int, valid_before: int,
-                                      nonce: str) -> dict:
-    """EIP-3009 `TransferWithAuthorization` as EIP-712 typed data, ready to sign or recover."""
-    return {
-        "types": {"EIP712Domain": _DOMAIN_TYPE, "TransferWithAuthorization": _TRANSFER_WITH_AUTHORIZATION_TYPE},
-        "primaryType": "TransferWithAuthorization",
-        "domain": {"name": token_name, "version": token_version, "chainId": chain_id,
-                   "verifyingContract": to_checksum_address(token_address)},
-        "message": {"from": payer, "to": to, "value": value, "validAfter": valid_after,
-                    "validBefore": valid_before, "nonce": bytes.fromhex(nonce[2:])},
-    }
-
-
 def recover_authorizer(payment: ExactPayment, token_name: str, token_version: str, chain_id: int,
                        token_address: str) -> str | None:
     """The checksummed signer of the payment's `TransferWithAuthorization`, under OUR EIP-712 domain.
@@ -71,10 +57,15 @@ def recover_authorizer(payment: ExactPayment, token_name: str, token_version: st
     s, v = int.from_bytes(sig[32:64], "big"), sig[64]
     if v not in (0, 1, 27, 28) or not 0 < s <= _SECP256K1_N // 2:
         return None
-    typed = transfer_authorization_typed_data(
-        token_name=token_name, token_version=token_version, chain_id=chain_id, token_address=token_address,
-        payer=payment.payer, to=payment.to, value=payment.value, valid_after=payment.valid_after,
-        valid_before=payment.valid_before, nonce=payment.nonce)
+    typed = {
+        "types": {"EIP712Domain": _DOMAIN_TYPE, "TransferWithAuthorization": _TRANSFER_WITH_AUTHORIZATION_TYPE},
+        "primaryType": "TransferWithAuthorization",
+        "domain": {"name": token_name, "version": token_version, "chainId": chain_id,
+                   "verifyingContract": to_checksum_address(token_address)},
+        "message": {"from": payment.payer, "to": payment.to, "value": payment.value,
+                    "validAfter": payment.valid_after, "validBefore": payment.valid_before,
+                    "nonce": bytes.fromhex(payment.nonce[2:])},
+    }
     try:
         return Account.recover_message(encode_typed_data(full_message=typed), signature=sig)
     except (BadSignature, ValidationError, ValueError):  # r or s out of range, not a curve point

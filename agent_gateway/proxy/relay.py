@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,7 @@ from agent_gateway.metrics import PROXY_IN_FLIGHT, PROXY_OVERHEAD, PROXY_REQUEST
 from agent_gateway.proxy.directory import KeyRecord
 from agent_gateway.proxy.leases import Lease, Leases
 from agent_gateway.proxy.metering import StreamMeter, find_usage
-from agent_gateway.proxy.revocations import StreamRegistry
+from agent_gateway.proxy.revocations import Registration
 from agent_gateway.proxy.upstream import UpstreamClient, UpstreamResponse
 from agent_gateway.usage.recorder import UsageEvent, UsageRecorder
 
@@ -55,6 +56,8 @@ class ProxyCall:
     request_id: str
     started: float  # perf_counter when the request arrived
     created_at: Any  # datetime from the clock
+    registration: Registration  # in the stream registry since before the lease was taken
+    unregister: Callable[[], None]
 
 
 @dataclass
@@ -80,7 +83,6 @@ class _Exchange:
 class RelayDeps:
     upstream: UpstreamClient
     leases: Leases
-    streams: StreamRegistry
     usage: UsageRecorder
     renew_interval_s: float | None  # None: leases that never expire (in process)
 
@@ -93,8 +95,16 @@ class RelayResponse:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         call, exchange = self.call, _Exchange()
         PROXY_IN_FLIGHT.inc()
+        if call.registration.reason is not None:
+            # Revoked between admission and now: refuse without calling the upstream.
+            try:
+                await self._fail(send, exchange, _revoked_error(call.registration.reason))
+            finally:
+                call.unregister()
+                await asyncio.shield(self._settle(exchange))
+            return
         pump = asyncio.create_task(self._pump(send, exchange))
-        remove = self.deps.streams.add(call.key.key_id, lambda reason: _stop(pump, exchange, f"revoked:{reason}"))
+        call.registration.bind(lambda reason: _stop(pump, exchange, f"revoked:{reason}"))
         watcher = asyncio.create_task(self._watch(receive, pump, exchange))
         try:
             await asyncio.shield(pump)
@@ -105,7 +115,7 @@ class RelayResponse:
             raise
         finally:
             watcher.cancel()
-            remove()
+            call.unregister()
             await asyncio.shield(self._settle(exchange))
 
     async def _watch(self, receive: Any, pump: asyncio.Task[None], exchange: _Exchange) -> None:
@@ -163,11 +173,7 @@ class RelayResponse:
             reason = exchange.end_reason or ""
             if reason.startswith("revoked:"):
                 STREAMS_REVOKED.inc()
-                expired = reason == "revoked:subscription_expired"
-                await self._fail(send, exchange, PermissionDenied(
-                    "This key's subscription ended while the request was running." if expired
-                    else f"This API key was {reason.split(':')[1]} while the request was running.",
-                    code="subscription_expired" if expired else "key_revoked"))
+                await self._fail(send, exchange, _revoked_error(reason.split(":", 1)[1]))
             elif reason == "lease_lost":
                 await self._fail(send, exchange, ServiceUnavailable(
                     "The gateway lost this key's concurrency slot; retry the request.", code="lease_lost"))
@@ -283,6 +289,13 @@ class RelayResponse:
         if outcome != "ok":
             log.info("request %s key=%s endpoint=%s ended: %s", call.request_id, call.key.key_id,
                      call.endpoint, outcome)
+
+
+def _revoked_error(reason: str) -> PermissionDenied:
+    if reason == "subscription_expired":
+        return PermissionDenied("This key's subscription ended while the request was running.",
+                                code="subscription_expired")
+    return PermissionDenied(f"This API key was {reason} while the request was running.", code="key_revoked")
 
 
 def _close_upstream(exchange: _Exchange) -> None:

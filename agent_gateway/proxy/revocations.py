@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -24,31 +23,16 @@ Handler = Callable[[str, str], object]
 
 
 class StreamRegistry:
-    """This process's running streams, by key id, each with a callback that cancels it.
+    """This process's running streams, by key id, each with a callback that cancels it."""
 
-    A revocation can arrive between a request's admission (the lease was granted before the
-    tombstone existed) and the registration of its stream; so revocations are remembered for
-    `remember_s` (as long as the lease tombstones live), and a stream registered for a key revoked
-    meanwhile is cancelled as soon as it starts."""
-
-    def __init__(self, remember_s: float = 120.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self) -> None:
         # Keyed by a per-registration token rather than a set of callables, so registering the
         # same callable twice still gives two independent removers.
         self._streams: dict[str, dict[object, Cancel]] = {}
-        self._revoked: dict[str, tuple[str, float]] = {}  # key id -> (reason, remembered until)
-        self._remember_s = remember_s
-        self._clock = clock
 
     def add(self, key_id: str, cancel: Cancel) -> Callable[[], None]:
         token = object()
         self._streams.setdefault(key_id, {})[token] = cancel
-        revoked = self._revoked.get(key_id)
-        if revoked is not None:
-            if revoked[1] > self._clock():
-                # Soon, not now: the stream's task has to be running to end with an error event.
-                asyncio.get_running_loop().call_soon(_safely, cancel, revoked[0], key_id)
-            else:
-                del self._revoked[key_id]
 
         def remove() -> None:
             streams = self._streams.get(key_id)
@@ -60,28 +44,38 @@ class StreamRegistry:
         return remove
 
     def cancel_key(self, key_id: str, reason: str) -> int:
-        now = self._clock()
-        self._revoked = {k: v for k, v in self._revoked.items() if v[1] > now}
-        self._revoked[key_id] = (reason, now + self._remember_s)
         # Copy first: a callback may finish its stream and call its remover while we iterate.
         callbacks = list(self._streams.get(key_id, {}).values())
         for cancel in callbacks:
-            _safely(cancel, reason, key_id)
+            try:
+                cancel(reason)
+            except Exception:
+                log.exception("cancelling a stream of key %s failed", key_id)
         return len(callbacks)
-
-    def restored(self, key_id: str) -> None:
-        """The key was enabled again: streams registered from now on run."""
-        self._revoked.pop(key_id, None)
 
     def count(self, key_id: str) -> int:
         return len(self._streams.get(key_id, ()))
 
 
-def _safely(cancel: Cancel, reason: str, key_id: str) -> None:
-    try:
-        cancel(reason)
-    except Exception:
-        log.exception("cancelling a stream of key %s failed", key_id)
+class Registration:
+    """A request's place in the registry, taken *before* its lease is acquired.
+
+    A revocation that lands between admission and the start of the relay is kept here and acted
+    on when the relay binds its canceller. (One that lands before the registration was published
+    after its tombstone was written, so the acquire that follows is refused anyway.)"""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._cancel: Cancel | None = None
+
+    def cancel(self, reason: str) -> None:
+        if self._cancel is not None:
+            self._cancel(reason)
+        elif self.reason is None:
+            self.reason = reason
+
+    def bind(self, cancel: Cancel) -> None:
+        self._cancel = cancel
 
 
 class RevocationBus(Protocol):

@@ -32,6 +32,7 @@ from agent_gateway.metrics import PROXY_REQUESTS
 from agent_gateway.proxy.directory import KeyRecord
 from agent_gateway.proxy.leases import AcquireResult
 from agent_gateway.proxy.relay import ProxyCall, RelayResponse
+from agent_gateway.proxy.revocations import Registration
 from agent_gateway.usage.report import WINDOWS, empty_totals, usage_by_key
 
 _STREAMABLE = {"chat.completions", "completions"}
@@ -122,7 +123,16 @@ async def _proxy(request: Request, path: str, endpoint: str) -> Response:
                 payload["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
                 body = json.dumps(payload).encode()
                 strip_usage = True
-        result, lease = await services.leases.acquire(key.key_id)
+        # Registered before the lease is taken, so a revocation arriving from here on is seen.
+        registration = Registration()
+        unregister = services.streams.add(key.key_id, registration.cancel)
+        try:
+            result, lease = await services.leases.acquire(key.key_id)
+        except BaseException:
+            unregister()
+            raise
+        if lease is None:
+            unregister()
         if result is AcquireResult.REVOKED:
             services.directory.forget(key.key_id)
             raise PermissionDenied("This API key was revoked.", code="key_revoked")
@@ -140,7 +150,7 @@ async def _proxy(request: Request, path: str, endpoint: str) -> Response:
         key=key, lease=lease, pool=pool, path=path, endpoint=endpoint, model=model, body=body,
         headers={k: v for k, v in request.headers.items()}, stream=stream, strip_usage=strip_usage,
         request_id=request.headers.get("x-request-id") or f"req_{_PROCESS_TAG}{next(_REQUEST_COUNTER):x}",
-        started=started, created_at=services.clock.now(),
+        started=started, created_at=services.clock.now(), registration=registration, unregister=unregister,
     )
     return RelayResponse(call, services.relay_deps)  # type: ignore[return-value]
 

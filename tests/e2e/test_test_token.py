@@ -14,18 +14,8 @@ from web3.exceptions import ContractLogicError
 from web3.logs import DISCARD
 
 from agent_gateway.payments.devchain import ANVIL_DEV_KEYS, DevChain, token_contract
+from tests.fixtures.x402 import SECP256K1_N, TRANSFER_WITH_AUTHORIZATION_TYPES
 
-SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
-TRANSFER_WITH_AUTHORIZATION_TYPES = {
-    "TransferWithAuthorization": [
-        {"name": "from", "type": "address"},
-        {"name": "to", "type": "address"},
-        {"name": "value", "type": "uint256"},
-        {"name": "validAfter", "type": "uint256"},
-        {"name": "validBefore", "type": "uint256"},
-        {"name": "nonce", "type": "bytes32"},
-    ]
-}
 USDC_1 = 10**6
 
 

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from agent_gateway.proxy.leases import AcquireResult, MemoryLeases, RedisLeases, make_leases
-from agent_gateway.proxy.revocations import LocalRevocationBus, StreamRegistry, make_revocation_bus
+from agent_gateway.proxy.revocations import LocalRevocationBus, Registration, StreamRegistry, make_revocation_bus
 
 pytestmark = pytest.mark.anyio
 
@@ -173,29 +173,30 @@ def test_a_callback_may_remove_itself_and_a_failing_one_does_not_stop_the_rest()
     assert registry.count("k1") == 2
 
 
-async def test_a_stream_registered_after_its_key_was_revoked_is_cancelled_once_it_runs() -> None:
-    # Admitted just before the revocation, registered just after it: it must not run on.
-    now = [1000.0]
-    registry = StreamRegistry(remember_s=120, clock=lambda: now[0])
-    assert registry.cancel_key("k1", "disabled") == 0
+def test_a_request_revoked_between_admission_and_relay_is_cancelled_once_it_runs() -> None:
+    # Registered before its lease is taken, so a revocation landing before the relay starts is
+    # kept and acted on when the relay binds its canceller; it must not run on.
+    registry = StreamRegistry()
+    registration = Registration()
+    remove = registry.add("k1", registration.cancel)
+    assert registry.cancel_key("k1", "disabled") == 1
     late: list[str] = []
-    registry.add("k1", late.append)
-    assert late == []  # not from inside add(): the stream's task must be running first
-    await asyncio.sleep(0)
-    assert late == ["disabled"]
-    # Re-enabled: new streams run.
-    registry.restored("k1")
-    after: list[str] = []
-    registry.add("k1", after.append)
-    await asyncio.sleep(0)
-    assert after == []
-    # A revocation is remembered only as long as a lease tombstone lives.
-    registry.cancel_key("k2", "deleted")
-    now[0] += 121
-    old: list[str] = []
-    registry.add("k2", old.append)
-    await asyncio.sleep(0)
-    assert old == []
+    assert registration.reason == "disabled" and late == []
+    registration.bind(late.append)
+    registry.cancel_key("k1", "deleted")
+    assert late == ["deleted"]
+    remove()
+    # Once it is gone, revocations of that key reach nobody (later requests are refused by the
+    # tombstone at acquire), and a new request's registration starts clean.
+    assert registry.cancel_key("k1", "disabled") == 0
+    after = Registration()
+    registry.add("k1", after.cancel)
+    assert after.reason is None
+    # The first revocation is the one kept.
+    registration2 = Registration()
+    registration2.cancel("disabled")
+    registration2.cancel("deleted")
+    assert registration2.reason == "disabled"
 
 
 async def test_local_bus_delivers_to_every_handler() -> None:

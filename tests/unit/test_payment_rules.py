@@ -24,7 +24,6 @@ from agent_gateway.payments.rules import (
     check_chain_facts,
     check_payment,
     recover_authorizer,
-    transfer_authorization_typed_data,
 )
 from agent_gateway.payments.wire import (
     ExactPayment,
@@ -34,6 +33,7 @@ from agent_gateway.payments.wire import (
     payment_required,
     payment_required_v1,
 )
+from tests.fixtures.x402 import SECP256K1_N, sign_transfer_authorization
 
 CHAIN_ID = 31337
 PAYER = Account.from_key("0x" + "22" * 32)
@@ -42,7 +42,6 @@ PAY_TO = "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"
 TOKEN = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
 OTHER_TOKEN = "0x036CbD53842c5426634e7929541eC2318f3dCF7e"
 PRICE = 49_000_000
-SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
 
 def make_offer(**changes: Any) -> Offer:
@@ -72,12 +71,11 @@ def signed(signer_key: bytes | str, *, payer: str = PAYER.address, to: str = PAY
     """A hand-made v2 payment, signed by any key over any domain (for forgeries)."""
     valid_before = int(time.time()) + 300 if valid_before is None else valid_before
     nonce = "0x" + secrets.token_hex(32)
-    typed = transfer_authorization_typed_data(
-        token_name=name, token_version="2", chain_id=chain_id, token_address=token, payer=payer, to=to,
-        value=value, valid_after=valid_after, valid_before=valid_before, nonce=nonce)
-    signature = Account.sign_typed_data(signer_key, full_message=typed).signature
+    signature = sign_transfer_authorization(
+        signer_key, name=name, version="2", chain_id=chain_id, token=token, payer=payer, to=to, value=value,
+        valid_after=valid_after, valid_before=valid_before, nonce=nonce)
     header = {"x402Version": 2, "accepted": accepted or OFFER.requirements(), "payload": {
-        "signature": "0x" + bytes(signature).hex(),
+        "signature": signature,
         "authorization": {"from": payer, "to": to, "value": str(value), "validAfter": str(valid_after),
                           "validBefore": str(valid_before), "nonce": nonce}}}
     return parse_payment(base64.b64encode(json.dumps(header).encode()).decode(), 2)
