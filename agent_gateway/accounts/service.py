@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import logging
 
+from datetime import datetime
+
 from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from agent_gateway.clock import Clock
 from agent_gateway.db.engine import Database
-from agent_gateway.db.models import Account, BalanceEntry, ManagementKey, new_id
+from agent_gateway.db.models import Account, BalanceEntry, new_id
 from agent_gateway.errors import InvalidRequest, NotFound
-from agent_gateway.keys.tokens import MANAGEMENT_KEY_PREFIX, IssuedToken, issue_token
+from agent_gateway.keys.management import new_management_key
+from agent_gateway.keys.tokens import IssuedToken
 
 log = logging.getLogger(__name__)
 
@@ -22,21 +26,11 @@ async def create_account(db: Database, clock: Clock, name: str) -> tuple[Account
         raise InvalidRequest("An account name must be 1 to 200 characters.", code="invalid_name")
     now = clock.now()
     account = Account(id=new_id("acct"), name=name, created_at=now)
-    token = issue_token(MANAGEMENT_KEY_PREFIX)
     async with db.transaction() as session:
         session.add(account)
         await session.flush()
-        session.add(
-            ManagementKey(
-                id=new_id("mkey"),
-                account_id=account.id,
-                name="initial",
-                key_hash=token.key_hash,
-                prefix=token.prefix,
-                last_four=token.last_four,
-                created_at=now,
-            )
-        )
+        key, token = new_management_key(account.id, "initial", now)
+        session.add(key)
     log.info("account created id=%s", account.id)
     return account, token
 
@@ -48,26 +42,23 @@ async def credit_account(
     if amount_atomic <= 0:
         raise InvalidRequest("The amount to credit must be above zero.", code="invalid_amount")
     async with db.transaction() as session:
-        result = await session.execute(
-            update(Account)
-            .where(Account.id == account_id)
-            .values(balance_atomic=Account.balance_atomic + amount_atomic)
-            .returning(Account.balance_atomic)
-        )
-        balance = result.scalar_one_or_none()
-        if balance is None:
-            raise NotFound(f"No account {account_id!r}.", code="account_not_found")
-        session.add(
-            BalanceEntry(
-                id=new_id("bal"),
-                account_id=account_id,
-                delta_atomic=amount_atomic,
-                kind="credit",
-                note=note,
-                created_at=clock.now(),
-            )
-        )
+        balance = await add_credit(session, account_id, amount_atomic, note, clock.now())
     log.info("account credited id=%s amount_atomic=%d", account_id, amount_atomic)
+    return balance
+
+
+async def add_credit(session: AsyncSession, account_id: str, amount_atomic: int, note: str, now: datetime) -> int:
+    """Within the caller's transaction: raise the balance atomically (no read-modify-write that a
+    concurrent credit or charge could overwrite) and journal it; returns the new balance."""
+    result = await session.execute(
+        update(Account).where(Account.id == account_id)
+        .values(balance_atomic=Account.balance_atomic + amount_atomic).returning(Account.balance_atomic)
+    )
+    balance = result.scalar_one_or_none()
+    if balance is None:
+        raise NotFound(f"No account {account_id!r}.", code="account_not_found")
+    session.add(BalanceEntry(id=new_id("bal"), account_id=account_id, delta_atomic=amount_atomic, kind="credit",
+                             note=note, created_at=now))
     return balance
 
 

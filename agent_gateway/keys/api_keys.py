@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
@@ -23,11 +24,19 @@ class KeyView:
     subscription: Subscription
 
 
+def new_api_key(account_id: str, subscription_id: str, name: str, now: datetime) -> tuple[ApiKey, IssuedToken]:
+    """An active API key row and its plaintext (shown once); the caller adds the row to its session."""
+    token = issue_token(API_KEY_PREFIX)
+    key = ApiKey(id=new_id("key"), account_id=account_id, subscription_id=subscription_id, name=name,
+                 key_hash=token.key_hash, prefix=token.prefix, last_four=token.last_four, status="active",
+                 created_at=now)
+    return key, token
+
+
 async def mint_key(
     db: Database, clock: Clock, account_id: str, subscription_id: str, name: str
 ) -> tuple[KeyView, IssuedToken]:
     """Mint the subscription's key; the plaintext is returned once and never stored."""
-    token = issue_token(API_KEY_PREFIX)
     try:
         async with db.transaction() as session:
             subscription = await session.get(Subscription, subscription_id, with_for_update=True)
@@ -45,17 +54,7 @@ async def mint_key(
             )
             if existing.first() is not None:
                 raise _one_key_conflict(subscription_id)
-            key = ApiKey(
-                id=new_id("key"),
-                account_id=account_id,
-                subscription_id=subscription_id,
-                name=name,
-                key_hash=token.key_hash,
-                prefix=token.prefix,
-                last_four=token.last_four,
-                status="active",
-                created_at=clock.now(),
-            )
+            key, token = new_api_key(account_id, subscription_id, name, clock.now())
             session.add(key)
     except IntegrityError as exc:
         # Two mints raced past the check; the partial unique index let exactly one through.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from datetime import timedelta
 
 from sqlalchemy import func, update
@@ -53,19 +54,18 @@ async def authenticate_management_key(db: Database, clock: Clock, plaintext: str
     return account
 
 
+def new_management_key(account_id: str, name: str, now: datetime) -> tuple[ManagementKey, IssuedToken]:
+    """A management key row and its plaintext (shown once); the caller adds the row to its session."""
+    token = issue_token(MANAGEMENT_KEY_PREFIX)
+    key = ManagementKey(id=new_id("mkey"), account_id=account_id, name=name, key_hash=token.key_hash,
+                        prefix=token.prefix, last_four=token.last_four, created_at=now)
+    return key, token
+
+
 async def create_management_key(
     db: Database, clock: Clock, account_id: str, name: str
 ) -> tuple[ManagementKey, IssuedToken]:
-    token = issue_token(MANAGEMENT_KEY_PREFIX)
-    key = ManagementKey(
-        id=new_id("mkey"),
-        account_id=account_id,
-        name=name,
-        key_hash=token.key_hash,
-        prefix=token.prefix,
-        last_four=token.last_four,
-        created_at=clock.now(),
-    )
+    key, token = new_management_key(account_id, name, clock.now())
     async with db.transaction() as session:
         session.add(key)
     log.info("management key created id=%s account=%s", key.id, account_id)

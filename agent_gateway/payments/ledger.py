@@ -26,13 +26,16 @@ from datetime import datetime
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
+from agent_gateway.accounts.service import add_credit
 from agent_gateway.catalog.pools import Catalog
 from agent_gateway.catalog.pricing import BILLING_CYCLES, Order
 from agent_gateway.clock import Clock, as_utc
 from agent_gateway.db.engine import Database
-from agent_gateway.db.models import Account, ApiKey, BalanceEntry, ManagementKey, Payment, Subscription, new_id
+from agent_gateway.db.models import Account, ApiKey, Payment, Subscription, new_id
 from agent_gateway.errors import Conflict, PaymentRequired
-from agent_gateway.keys.tokens import API_KEY_PREFIX, MANAGEMENT_KEY_PREFIX, IssuedToken, issue_token
+from agent_gateway.keys.api_keys import new_api_key
+from agent_gateway.keys.management import new_management_key
+from agent_gateway.keys.tokens import IssuedToken
 from agent_gateway.subscriptions.inventory import release_seats, reserve_seats
 
 log = logging.getLogger(__name__)
@@ -170,10 +173,7 @@ async def _credit(session, payment: Payment, reason: str, now: datetime) -> Acco
     if payment.seats_held:
         await release_seats(session, payment.pool_slug, list(payment.blocks), payment.quantity)
     account, _ = await _account_for(session, payment, now)
-    account.balance_atomic += payment.amount_atomic
-    session.add(account)
-    session.add(BalanceEntry(id=new_id("bal"), account_id=account.id, delta_atomic=payment.amount_atomic,
-                             kind="credit", note=f"payment {payment.id}: {reason}", created_at=now))
+    await add_credit(session, account.id, payment.amount_atomic, f"payment {payment.id}: {reason}", now)
     previous = payment.state
     payment.state, payment.failure_reason, payment.seats_held = "credited", reason, False
     payment.account_id, payment.updated_at = account.id, now
@@ -230,10 +230,7 @@ async def _deliver(db: Database, clock: Clock, payment_id: str, *, mint_keys: bo
             await session.flush()
             if mint_keys:
                 for sub in subscriptions:
-                    token = issue_token(API_KEY_PREFIX)
-                    key = ApiKey(id=new_id("key"), account_id=account.id, subscription_id=sub.id,
-                                 name=payment.key_name, key_hash=token.key_hash, prefix=token.prefix,
-                                 last_four=token.last_four, status="active", created_at=now)
+                    key, token = new_api_key(account.id, sub.id, payment.key_name, now)
                     session.add(key)
                     keys.append((key, token))
         payment.state, payment.seats_held, payment.account_id, payment.updated_at = "delivered", False, account.id, now
@@ -253,9 +250,8 @@ async def _account_for(session, payment: Payment, now: datetime) -> tuple[Accoun
                       created_at=now)
     session.add(account)
     await session.flush()
-    token = issue_token(MANAGEMENT_KEY_PREFIX)
-    session.add(ManagementKey(id=new_id("mkey"), account_id=account.id, name="x402", key_hash=token.key_hash,
-                              prefix=token.prefix, last_four=token.last_four, created_at=now))
+    key, token = new_management_key(account.id, "x402", now)
+    session.add(key)
     return account, token
 
 

@@ -14,9 +14,10 @@ from sqlalchemy import select, update
 
 from agent_gateway.clock import Clock, as_utc
 from agent_gateway.db.engine import Database
-from agent_gateway.db.models import Account, ManagementKey, WalletChallenge, new_id
+from agent_gateway.db.models import Account, WalletChallenge, new_id
 from agent_gateway.errors import AuthenticationError, InvalidRequest, NotFound
-from agent_gateway.keys.tokens import MANAGEMENT_KEY_PREFIX, IssuedToken, issue_token
+from agent_gateway.keys.management import new_management_key
+from agent_gateway.keys.tokens import IssuedToken
 
 log = logging.getLogger(__name__)
 CHALLENGE_TTL = timedelta(minutes=10)
@@ -65,10 +66,8 @@ async def sign_in(db: Database, clock: Clock, challenge_id: str, signature: str)
             WalletChallenge.id == challenge_id, WalletChallenge.used_at.is_(None)).values(used_at=now))
         if used.rowcount != 1:
             raise AuthenticationError("This challenge was used already.", code="challenge_expired")
-        token = issue_token(MANAGEMENT_KEY_PREFIX)
-        session.add(ManagementKey(id=new_id("mkey"), account_id=account.id, name="wallet sign-in",
-                                  key_hash=token.key_hash, prefix=token.prefix, last_four=token.last_four,
-                                  created_at=now))
+        key, token = new_management_key(account.id, "wallet sign-in", now)
+        session.add(key)
     log.info("wallet sign-in account=%s", account.id)
     return account, token
 

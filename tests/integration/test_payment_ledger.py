@@ -92,3 +92,25 @@ async def test_a_credited_tx_hash_stays_claimed(gateway):
     with pytest.raises(PaymentAlreadyUsed):
         await ledger.record_received(db, clock, claim, the_order, account_id=None, key_name="agent", state="verified")
     assert await balance(db, account.id) == the_order.total_atomic
+
+
+async def test_credits_landing_at_once_all_count(gateway):
+    # Refunds of unsellable payments and operator credits hit one account together: none is lost.
+    import asyncio
+
+    from agent_gateway.accounts.service import credit_account
+
+    db, clock = gateway.services.db, gateway.services.clock
+    account, _ = await gateway.new_account()
+    the_order = order(gateway)
+    payments = []
+    for _ in range(5):
+        claim = Claim(method="tx-hash", network="eip155:31337", payer=PAYER, amount_atomic=the_order.total_atomic,
+                      tx_hash="0x" + secrets.token_hex(32))
+        payments.append(await ledger.record_received(db, clock, claim, the_order, account_id=account,
+                                                     key_name="agent", state="verified"))
+    await asyncio.gather(
+        *(ledger.credit_instead(db, clock, p.id, "sold_out_after_payment", only_from=("verified",)) for p in payments),
+        *(credit_account(db, clock, account, 1_000_000) for _ in range(10)),
+    )
+    assert await balance(db, account) == 5 * the_order.total_atomic + 10 * 1_000_000
