@@ -20,7 +20,7 @@ from agent_gateway.metrics import SUBSCRIPTIONS_EXPIRED
 from agent_gateway.payments.chain import ChainAdapter
 from agent_gateway.payments.service import PaymentService
 from agent_gateway.proxy.directory import KeyDirectory
-from agent_gateway.proxy.leases import Leases, MemoryLeases, RedisLeases
+from agent_gateway.proxy.leases import Leases, make_leases
 from agent_gateway.proxy.relay import RelayDeps
 from agent_gateway.proxy.revocations import RevocationBus, StreamRegistry, make_revocation_bus
 from agent_gateway.proxy.upstream import UpstreamClient, UpstreamTimeouts
@@ -55,11 +55,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     catalog = load_catalog(settings.pools_file)
     db = Database(settings.database_url)
     usage = UsageRecorder(db)
-    if settings.redis_url:
-        leases: Leases = RedisLeases(settings.redis_url, lease_ttl_ms=int(settings.lease_ttl_s * 1000))
-        renew_interval_s: float | None = settings.lease_ttl_s / 3
-    else:
-        leases, renew_interval_s = MemoryLeases(), None
+    leases = make_leases(settings.redis_url, settings.lease_ttl_s)
     bus = make_revocation_bus(settings.redis_url)
     streams = StreamRegistry()
     revoker = KeyRevoker(leases, bus)
@@ -85,8 +81,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         jobs=JobRunner(settings.job_interval_s, {"expiry": expiry_pass, "payments": payments.reconcile}),
         directory=KeyDirectory(db, ttl_s=settings.key_cache_ttl_s),
         leases=leases, bus=bus, streams=streams, revoker=revoker, upstream=upstream,
-        relay_deps=RelayDeps(upstream=upstream, leases=leases, usage=usage,
-                             renew_interval_s=renew_interval_s),
+        relay_deps=RelayDeps(upstream=upstream, leases=leases, usage=usage),
         payments=payments,
     )
 

@@ -37,12 +37,7 @@ async def read_json(request: Request, model: type[ModelT], max_bytes: int) -> Mo
     raw = await read_body(request, max_bytes)
     if not raw.strip():
         raise InvalidRequest("The request needs a JSON body.", code="missing_body")
-    try:
-        data: Any = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    data = parse_json_object(raw)
     if _has_nul(data):
         # PostgreSQL cannot store NUL in text; no field of ours has a use for it.
         raise InvalidRequest("Text in the request body must not contain NUL (\\u0000) characters.",
@@ -51,6 +46,16 @@ async def read_json(request: Request, model: type[ModelT], max_bytes: int) -> Mo
         return model.model_validate(data)
     except ValidationError as exc:
         raise InvalidRequest(describe_validation(exc), code="invalid_field") from None
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        data: Any = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    return data
 
 
 def _has_nul(value: Any) -> bool:

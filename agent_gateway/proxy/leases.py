@@ -36,6 +36,9 @@ class AcquireResult(enum.Enum):
 
 
 class Leases(Protocol):
+    # How often a running request renews its lease; None for leases that never expire.
+    renew_interval_s: float | None
+
     async def acquire(self, key_id: str) -> tuple[AcquireResult, Lease | None]:
         """Atomically take the key's one slot; a refusal (BUSY, REVOKED) changes nothing."""
         ...
@@ -72,6 +75,8 @@ def new_lease(key_id: str) -> Lease:
 class MemoryLeases:
     """Per-process leases: correct only when one process serves all traffic (the limit would
     otherwise multiply by the number of workers)."""
+
+    renew_interval_s = None  # they never expire
 
     def __init__(self, tombstone_ttl_s: float = 120.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.tombstone_ttl_s = tombstone_ttl_s
@@ -170,6 +175,7 @@ class RedisLeases:
         pool_wait_s: float = 5.0,
     ) -> None:
         self.lease_ttl_ms = lease_ttl_ms
+        self.renew_interval_s = lease_ttl_ms / 3000  # three renewals per TTL
         self.tombstone_ttl_ms = tombstone_ttl_ms
         self.prefix = prefix
         # Bounded timeouts and a single quick retry (a pooled connection may be stale after a
@@ -281,8 +287,8 @@ def _unavailable(op: str, exc: BaseException) -> ServiceUnavailable:
     )
 
 
-def make_leases(redis_url: str | None) -> Leases:
+def make_leases(redis_url: str | None, lease_ttl_s: float = 30.0) -> Leases:
     """Redis leases when a URL is configured (any number of processes), else in-memory (one process)."""
     if redis_url:
-        return RedisLeases(redis_url)
+        return RedisLeases(redis_url, lease_ttl_ms=int(lease_ttl_s * 1000))
     return MemoryLeases()

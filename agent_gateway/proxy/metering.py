@@ -10,6 +10,7 @@ _EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 _USAGE = b'"usage"'
 # The end of an OpenAI stream is a line of its own. Model text inside an event is JSON, which
 # cannot hold a raw newline, so "[DONE]" written by the model can never match this.
+_EVENT_BOUNDARY = re.compile(rb"(?<=\n\n)|(?<=\r\n\r\n)")
 _DONE_EVENT = re.compile(rb"(?m)^data: ?\[DONE\]\r?$")
 
 
@@ -59,7 +60,7 @@ class StreamMeter:
         if _USAGE not in out:
             return out
         kept = []
-        for event in re.split(rb"(?<=\n\n)|(?<=\r\n\r\n)", out):
+        for event in _EVENT_BOUNDARY.split(out):
             if _USAGE in event:
                 usage = find_usage(event)
                 if usage is not None:

@@ -11,8 +11,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from agent_gateway.catalog.pools import Pool
@@ -50,7 +50,7 @@ class ProxyCall:
     endpoint: str
     model: str
     body: bytes
-    headers: dict[str, str]
+    headers: Mapping[str, str]  # the client's (case-insensitive); upstream.py picks what to forward
     stream: bool
     strip_usage: bool
     request_id: str
@@ -76,7 +76,6 @@ class _Exchange:
     upstream_closed: bool = False
     released: bool = False
     outcome: str = "ok"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -84,7 +83,6 @@ class RelayDeps:
     upstream: UpstreamClient
     leases: Leases
     usage: UsageRecorder
-    renew_interval_s: float | None  # None: leases that never expire (in process)
 
 
 class RelayResponse:
@@ -119,7 +117,7 @@ class RelayResponse:
             await asyncio.shield(self._settle(exchange))
 
     async def _watch(self, receive: Any, pump: asyncio.Task[None], exchange: _Exchange) -> None:
-        interval = self.deps.renew_interval_s
+        interval = self.deps.leases.renew_interval_s
         while True:
             if interval is None:
                 message = await receive()

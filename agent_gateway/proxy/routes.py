@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import itertools
 import json
-import secrets
 import time
-from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from agent_gateway.api.auth import bearer_token, services_of
-from agent_gateway.api.bodies import read_body
+from agent_gateway.api.bodies import parse_json_object, read_body
 from agent_gateway.api.public import plans_catalog
 from agent_gateway.api.rendering import iso
 from agent_gateway.catalog.blocks import seconds_until_next
@@ -36,9 +33,6 @@ from agent_gateway.proxy.revocations import Registration
 from agent_gateway.usage.report import WINDOWS, empty_totals, usage_by_key
 
 _STREAMABLE = {"chat.completions", "completions"}
-# Request ids: a random tag per process and a counter, unique without a system call per request.
-_PROCESS_TAG = secrets.token_hex(6)
-_REQUEST_COUNTER = itertools.count(1)
 
 
 async def admit_key(request: Request, services: Services) -> KeyRecord:
@@ -105,7 +99,7 @@ async def _proxy(request: Request, path: str, endpoint: str) -> Response:
     try:
         key = await admit_key(request, services)
         body = await read_body(request, services.settings.max_proxy_body_bytes)
-        payload = _json_object(body)
+        payload = parse_json_object(body)
         model = payload.get("model")
         if not isinstance(model, str) or not model:
             raise InvalidRequest("The request needs a \"model\" string.", code="invalid_model")
@@ -148,21 +142,12 @@ async def _proxy(request: Request, path: str, endpoint: str) -> Response:
         raise
     call = ProxyCall(
         key=key, lease=lease, pool=pool, path=path, endpoint=endpoint, model=model, body=body,
-        headers={k: v for k, v in request.headers.items()}, stream=stream, strip_usage=strip_usage,
-        request_id=request.headers.get("x-request-id") or f"req_{_PROCESS_TAG}{next(_REQUEST_COUNTER):x}",
+        headers=request.headers, stream=stream, strip_usage=strip_usage,
+        # Lease ids are already unique (a process tag and a counter): no system call per request.
+        request_id=request.headers.get("x-request-id") or f"req_{lease.lease_id}",
         started=started, created_at=services.clock.now(), registration=registration, unregister=unregister,
     )
     return RelayResponse(call, services.relay_deps)  # type: ignore[return-value]
-
-
-def _json_object(body: bytes) -> dict[str, Any]:
-    try:
-        payload = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
-    if not isinstance(payload, dict):
-        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-    return payload
 
 
 async def chat_completions(request: Request) -> Response:

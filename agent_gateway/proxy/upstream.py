@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -97,8 +97,7 @@ class _HttpxBody:
         # aclose() is a coroutine; schedule it so close() can be called from a finally block.
         asyncio.ensure_future(self._response.aclose())
 
-    def release(self) -> None:
-        asyncio.ensure_future(self._response.aclose())
+    release = close  # httpx has no "return to the pool" apart from closing the response
 
 
 _BODY_ERRORS = (aiohttp.ClientError, asyncio.IncompleteReadError, httpx.TransportError)
@@ -146,7 +145,7 @@ class UpstreamClient:
             cycle = self._round_robin[pool.slug] = itertools.cycle(pool.upstreams)
         return next(cycle)
 
-    async def send(self, pool: Pool, path: str, body: bytes, request_headers: dict[str, str],
+    async def send(self, pool: Pool, path: str, body: bytes, request_headers: Mapping[str, str],
                    extra_headers: dict[str, str]) -> UpstreamResponse:
         """Send the request and wait for the response headers (the first-byte timeout)."""
         headers = {name: request_headers[name] for name in _FORWARDED_REQUEST_HEADERS if name in request_headers}

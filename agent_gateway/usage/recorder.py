@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections import deque
 from dataclasses import dataclass
@@ -71,7 +72,7 @@ class UsageRecorder:
         written = 0
         async with self._lock:
             while self._buffer:
-                batch = [self._buffer[i] for i in range(min(self._batch_size, len(self._buffer)))]
+                batch = list(itertools.islice(self._buffer, self._batch_size))
                 await self._write(batch)
                 for _ in batch:
                     self._buffer.popleft()
