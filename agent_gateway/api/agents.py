@@ -19,7 +19,7 @@ from agent_gateway.db.models import Subscription
 from agent_gateway.errors import Conflict, InvalidRequest, NotFound
 from agent_gateway.payments.ledger import get_payment
 from agent_gateway.payments.service import tx_claim_message
-from agent_gateway.payments.wallet import issue_challenge, normalize_address, sign_in
+from agent_gateway.payments.wallet import issue_challenge, sign_in
 
 
 class SubscribePoolBody(CamelBody):
@@ -55,10 +55,9 @@ async def subscribe_pool(request: Request) -> Response:
             raise InvalidRequest(f"A txHash claim needs \"signature\": the paying wallet's signature (EIP-191) "
                                  f"of {tx_claim_message(body.tx_hash)!r}.", code="missing_signature")
         settled = await services.payments.claim_tx_hash(order, body.tx_hash, body.signature, key_name=body.name)
-        return render_settled(services, settled)
-    await services.payments.check_capacity(order)
+        return render_settled(settled)
     settled = await pay_for(request, services, order, account_id=None, key_name=body.name)
-    return render_settled(services, settled)
+    return render_settled(settled)
 
 
 async def renew(request: Request) -> Response:
@@ -74,7 +73,7 @@ async def renew(request: Request) -> Response:
     order = make_order(services.catalog, sub.pool_slug, list(sub.blocks), 1, body.billing_cycle)
     settled = await pay_for(request, services, order, account_id=sub.account_id, key_name="renewal",
                             renew_subscription_id=sub.id)
-    return render_settled(services, settled, status_if_done=200)
+    return render_settled(settled, status_if_done=200)
 
 
 async def payment_status(request: Request) -> Response:
@@ -100,7 +99,7 @@ _NEXT_STEP = {
 async def wallet_challenge(request: Request) -> Response:
     services = services_of(request)
     body = await read_json(request, ChallengeBody, services.settings.max_body_bytes)
-    challenge = await issue_challenge(services.db, services.clock, normalize_address(body.address),
+    challenge = await issue_challenge(services.db, services.clock, body.address,
                                       request.url.netloc)
     return ok({"challengeId": challenge.id, "message": challenge.message, "expiresAt": iso(challenge.expires_at),
                "signWith": "EIP-191 personal_sign of message, then POST /api/agent/auth/sign-in"}, status=201)

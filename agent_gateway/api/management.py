@@ -47,9 +47,8 @@ async def subscribe(request: Request, services: Services, account: Account) -> R
     )
     if payment_header(request) is not None:
         # Paid with x402 exactly like the agent endpoint, for this account.
-        await services.payments.check_capacity(order)
         settled = await pay_for(request, services, order, account_id=account.id, key_name="seat")
-        return render_settled(services, settled)
+        return render_settled(settled)
     try:
         subscriptions = await subscribe_with_balance(
             services.db, services.clock, services.catalog, account.id, order

@@ -24,8 +24,13 @@ def payment_header(request: Request) -> tuple[str, int] | None:
 
 async def pay_for(request: Request, services: Services, order: Order, *, account_id: str | None,
                   key_name: str, renew_subscription_id: str | None = None) -> Settled:
-    """Settle the request's x402 payment for `order`, or raise the 402 challenge when it has none."""
+    """Settle the request's x402 payment for `order`, or raise the 402 challenge when it has none.
+
+    New seats must be there before we ask for (or take) money; they are reserved atomically
+    again before settling. A renewal keeps the seats it holds."""
     payments = services.payments
+    if renew_subscription_id is None:
+        await payments.check_capacity(order)
     resource = str(request.url)
     carried = payment_header(request)
     if carried is None:
@@ -34,7 +39,7 @@ async def pay_for(request: Request, services: Services, order: Order, *, account
                                        key_name=key_name, renew_subscription_id=renew_subscription_id)
 
 
-def render_settled(services: Services, settled: Settled, status_if_done: int = 201) -> Response:
+def render_settled(settled: Settled, status_if_done: int = 201) -> Response:
     payment = settled.payment
     if settled.pending:
         return ok({"paymentId": payment.id, "state": payment.state, "txHash": payment.tx_hash,

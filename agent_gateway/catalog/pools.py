@@ -35,10 +35,6 @@ class Pool:
     annual_discount: Decimal
     prices_atomic: dict[str, int]  # block name -> USDC atomic units per seat per 30 days
 
-    @property
-    def block_names(self) -> tuple[str, ...]:
-        return tuple(self.prices_atomic)
-
 
 @dataclass(frozen=True)
 class Catalog:

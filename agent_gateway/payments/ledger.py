@@ -37,6 +37,7 @@ from agent_gateway.keys.api_keys import new_api_key
 from agent_gateway.keys.management import new_management_key
 from agent_gateway.keys.tokens import IssuedToken
 from agent_gateway.subscriptions.inventory import release_seats, reserve_seats
+from agent_gateway.subscriptions.service import new_subscriptions
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,6 @@ async def _deliver(db: Database, clock: Clock, payment_id: str, *, mint_keys: bo
         if payment is None or payment.state != "confirmed":
             return None
         account, management_key = await _account_for(session, payment, now)
-        period = BILLING_CYCLES[payment.billing_cycle][1]
         keys: list[tuple[ApiKey, IssuedToken]] = []
         if payment.renew_subscription_id is not None:
             sub = await session.get(Subscription, payment.renew_subscription_id, with_for_update=True)
@@ -213,19 +213,13 @@ async def _deliver(db: Database, clock: Clock, payment_id: str, *, mint_keys: bo
                 await _credit(session, payment, "subscription_expired_before_renewal", now)
                 return None
             # Paid renewals extend from the current end (or from now, if it already passed).
-            sub.period_end = max(as_utc(sub.period_end), now) + period
+            sub.period_end = max(as_utc(sub.period_end), now) + BILLING_CYCLES[payment.billing_cycle][1]
             session.add(sub)
             subscriptions = [sub]
         else:
-            subscriptions = [
-                Subscription(
-                    id=new_id("sub"), account_id=account.id, pool_slug=payment.pool_slug,
-                    blocks=list(payment.blocks), billing_cycle=payment.billing_cycle, status="active",
-                    price_atomic=payment.unit_price_atomic, period_start=now, period_end=now + period,
-                    payment_id=payment.id, created_at=now,
-                )
-                for _ in range(payment.quantity)
-            ]
+            subscriptions = new_subscriptions(account.id, payment.pool_slug, payment.blocks, payment.billing_cycle,
+                                              payment.unit_price_atomic, payment.quantity, now,
+                                              payment_id=payment.id)
             session.add_all(subscriptions)
             await session.flush()
             if mint_keys:

@@ -21,7 +21,7 @@ from agent_gateway.db.models import Payment
 from agent_gateway.errors import Conflict, GatewayError, PaymentRequired, ServiceUnavailable
 from agent_gateway.payments import ledger
 from agent_gateway.payments.amounts import format_usdc
-from agent_gateway.payments.chain import ChainAdapter, Receipt
+from agent_gateway.payments.chain import ChainAdapter, Receipt, SettlementWouldRevert
 from agent_gateway.payments.ledger import Claim, Delivery
 from agent_gateway.payments.rules import check_chain_facts, check_payment
 from agent_gateway.payments.wallet import recover_personal_signer
@@ -140,12 +140,10 @@ class PaymentService:
             await self._verify_on_chain(row, payment)
             await ledger.reserve(self.db, self.clock, self.catalog, row)
             settlement = await chain.build_settlement(payment)
+            stored = False
             try:
                 stored = await ledger.advance(self.db, self.clock, row.id, "reserved", "broadcast",
                                               tx_hash=settlement.tx_hash, raw_tx=settlement.raw_tx)
-            except BaseException:
-                stored = False
-                raise
             finally:
                 if not stored:
                     # The relayer nonce goes back, or every later settlement would queue behind
@@ -198,19 +196,17 @@ class PaymentService:
         used, balance = await asyncio.gather(
             chain.authorization_used(payment.payer, payment.nonce), chain.balance_of(payment.payer))
         verdict = check_chain_facts(payment, used, balance)
-        if verdict.ok:
-            revert = await chain.simulate_settlement(payment)
-            if revert is not None:
-                raise PaymentRequired(f"The settlement would fail on-chain: {revert}.", code="settlement_would_fail")
-        else:
+        if not verdict.ok:
             raise PaymentRequired(_REASONS.get(verdict.reason, verdict.reason), code=verdict.reason)
+        revert = await chain.simulate_settlement(payment)
+        if revert is not None:
+            raise SettlementWouldRevert(revert)
         if not await ledger.advance(self.db, self.clock, row.id, "received", "verified"):
             raise Conflict("The payment moved on while it was being verified.", code="payment_state_changed")
 
     # --- tx hash -------------------------------------------------------------------------
 
-    async def claim_tx_hash(self, order: Order, tx_hash: str, signature: str, *, account_id: str | None = None,
-                            key_name: str = "agent") -> Settled:
+    async def claim_tx_hash(self, order: Order, tx_hash: str, signature: str, *, key_name: str = "agent") -> Settled:
         """The reference service's flow: the buyer sent USDC itself and proves it owns the sender."""
         chain = self._require_chain()
         tx_hash = tx_hash.lower()
@@ -234,7 +230,7 @@ class PaymentService:
         row = await ledger.record_received(
             self.db, self.clock,
             Claim(method="tx-hash", network=self.network, payer=signer, amount_atomic=paid, tx_hash=tx_hash),
-            order, account_id=account_id, key_name=key_name, state="verified",
+            order, account_id=None, key_name=key_name, state="verified",
         )
         try:
             await ledger.reserve(self.db, self.clock, self.catalog, row)
@@ -250,8 +246,8 @@ class PaymentService:
                 f"The seats sold out before this claim; the {format_usdc(paid)} USDC paid were credited to "
                 f"account {account.id} (sign in with the paying wallet to use or see it).",
                 code="sold_out_after_payment") from None
-        await ledger.advance(self.db, self.clock, row.id, "reserved", "broadcast")
-        await ledger.advance(self.db, self.clock, row.id, "broadcast", "confirmed")
+        # The transfer is already on-chain and confirmed: nothing to broadcast.
+        await ledger.advance(self.db, self.clock, row.id, "reserved", "confirmed")
         delivery = await ledger.deliver(self.db, self.clock, row.id, mint_keys=True)
         return Settled(delivery.payment if delivery else await ledger.get_payment(self.db, row.id), delivery)
 

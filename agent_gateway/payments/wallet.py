@@ -10,7 +10,7 @@ from datetime import timedelta
 from eth_account import Account as EthAccount
 from eth_account.messages import encode_defunct
 from eth_utils import is_address, to_checksum_address
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from agent_gateway.clock import Clock, as_utc
 from agent_gateway.db.engine import Database
@@ -62,10 +62,8 @@ async def sign_in(db: Database, clock: Clock, challenge_id: str, signature: str)
         if account is None:
             raise NotFound("No account is bound to this wallet; buy a seat with it first.",
                            code="account_not_found")
-        used = await session.execute(update(WalletChallenge).where(
-            WalletChallenge.id == challenge_id, WalletChallenge.used_at.is_(None)).values(used_at=now))
-        if used.rowcount != 1:
-            raise AuthenticationError("This challenge was used already.", code="challenge_expired")
+        challenge.used_at = now  # the row is locked: no other sign-in can use it meanwhile
+        session.add(challenge)
         key, token = new_management_key(account.id, "wallet sign-in", now)
         session.add(key)
     log.info("wallet sign-in account=%s", account.id)

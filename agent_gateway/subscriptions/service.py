@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import update
 from sqlmodel import col, select
 
 from agent_gateway.catalog.pools import Catalog
-from agent_gateway.catalog.pricing import Order
+from agent_gateway.catalog.pricing import BILLING_CYCLES, Order
 from agent_gateway.clock import Clock
 from agent_gateway.db.engine import Database
 from agent_gateway.db.models import Account, ApiKey, BalanceEntry, Subscription, new_id
-from agent_gateway.errors import NotFound, PaymentRequired
+from agent_gateway.errors import PaymentRequired
 from agent_gateway.payments.amounts import format_usdc
 from agent_gateway.subscriptions.inventory import reserve_seats
 
@@ -58,28 +60,28 @@ async def subscribe_with_balance(
         )
         session.add(charge)
         await session.flush()
-        subscriptions = [
-            Subscription(
-                id=new_id("sub"),
-                account_id=account_id,
-                pool_slug=order.pool.slug,
-                blocks=list(order.blocks),
-                billing_cycle=order.billing_cycle,
-                status="active",
-                price_atomic=order.unit_price_atomic,
-                period_start=now,
-                period_end=now + order.period,
-                charge_id=charge.id,
-                created_at=now,
-            )
-            for _ in range(order.quantity)
-        ]
+        subscriptions = new_subscriptions(account_id, order.pool.slug, order.blocks, order.billing_cycle,
+                                          order.unit_price_atomic, order.quantity, now, charge_id=charge.id)
         session.add_all(subscriptions)
     log.info(
         "seats bought account=%s pool=%s blocks=%s quantity=%d total_atomic=%d",
         account_id, order.pool.slug, ",".join(order.blocks), order.quantity, order.total_atomic,
     )
     return subscriptions
+
+
+def new_subscriptions(account_id: str, pool_slug: str, blocks: Sequence[str], billing_cycle: str,
+                      unit_price_atomic: int, quantity: int, now: datetime, *, charge_id: str | None = None,
+                      payment_id: str | None = None) -> list[Subscription]:
+    """`quantity` independent active seats from now, paid by a balance charge or a payment."""
+    period = BILLING_CYCLES[billing_cycle][1]
+    return [
+        Subscription(id=new_id("sub"), account_id=account_id, pool_slug=pool_slug, blocks=list(blocks),
+                     billing_cycle=billing_cycle, status="active", price_atomic=unit_price_atomic,
+                     period_start=now, period_end=now + period, charge_id=charge_id, payment_id=payment_id,
+                     created_at=now)
+        for _ in range(quantity)
+    ]
 
 
 async def list_subscriptions(db: Database, account_id: str) -> list[SubscriptionView]:
@@ -94,11 +96,3 @@ async def list_subscriptions(db: Database, account_id: str) -> list[Subscription
             .order_by(col(Subscription.created_at), col(Subscription.id))
         )
         return [SubscriptionView(sub, key) for sub, key in rows]
-
-
-async def get_subscription(db: Database, account_id: str, subscription_id: str) -> Subscription:
-    async with db.transaction() as session:
-        sub = await session.get(Subscription, subscription_id)
-    if sub is None or sub.account_id != account_id:
-        raise NotFound(f"No subscription {subscription_id!r}.", code="subscription_not_found")
-    return sub
