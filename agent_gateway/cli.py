@@ -166,6 +166,9 @@ def _accounts_credit(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as exc:
         print(f"agent-gateway: AMOUNT {exc}", file=sys.stderr)
         return 2
+    if amount == 0:
+        print("agent-gateway: AMOUNT must be above zero", file=sys.stderr)
+        return 2
 
     async def run() -> None:
         db = await _ready_database(settings)

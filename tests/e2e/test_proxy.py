@@ -105,7 +105,9 @@ async def test_twenty_simultaneous_requests_one_admitted(gateway_live: LiveGatew
     assert gateway_live.upstream.recorder.max_in_flight(key_id) == 1
     assert gateway_live.upstream.recorder.total == 1
     # Refused requests changed nothing: one usage row, and the key is free again.
-    assert len(await wait_usage(gateway_live, key_id, 1)) == 1
+    await wait_usage(gateway_live, key_id, 1)
+    await gateway_live.on_server(gateway_live.services.usage.flush())
+    assert len(await usage_rows(gateway_live, key_id)) == 1
     r = httpx.post(gateway_live.url + "/v1/chat/completions", headers=bearer(sk),
                    json={"model": "test-model", "messages": MESSAGES, "max_tokens": 1}, timeout=30)
     assert r.status_code == 200

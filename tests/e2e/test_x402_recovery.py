@@ -55,7 +55,7 @@ async def test_wallet_sign_in_gives_a_new_management_key_once(x402_gateway, devc
         challenge = http.post("/api/agent/auth/challenge", json={"address": stranger.address}).json()["data"]
         sig = Account.sign_message(encode_defunct(text=challenge["message"]), stranger.key).signature.hex()
         r = http.post("/api/agent/auth/sign-in", json={"challengeId": challenge["challengeId"], "signature": "0x" + sig.removeprefix("0x")})
-        assert r.status_code == 404
+        assert r.status_code == 404 and r.json()["error"]["code"] == "account_not_found"
 
 
 async def test_paying_again_renews_a_subscription(x402_gateway, devchain, chain_view):

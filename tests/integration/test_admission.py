@@ -36,11 +36,13 @@ async def test_no_key_is_402_with_the_catalog_and_where_to_buy(gateway):
 
 
 async def test_unknown_and_garbled_keys_are_401(gateway):
-    assert (await refused(gateway, auth("sk_" + "x" * 43))).status_code == 401
+    r = await refused(gateway, auth("sk_" + "x" * 43))
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     r = await refused(gateway, {"Authorization": "Token abc"})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_authorization_header"
     mk, _, _ = await key_for(gateway)
-    assert (await refused(gateway, auth(mk))).status_code == 401
+    r = await refused(gateway, auth(mk))
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
 
 
 async def test_disabled_beats_wrong_model_and_expired_subscription_is_403(gateway, clock):
@@ -53,7 +55,7 @@ async def test_disabled_beats_wrong_model_and_expired_subscription_is_403(gatewa
     r = await refused(gateway, auth(sk2))
     assert r.status_code == 403 and r.json()["error"]["code"] == "subscription_expired"
     r = await gateway.client.get("/v1/models", headers=auth(sk2))
-    assert r.status_code == 403
+    assert r.status_code == 403 and r.json()["error"]["code"] == "subscription_expired"
 
 
 async def test_wrong_model_beats_outside_blocks(gateway):

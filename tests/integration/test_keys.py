@@ -88,7 +88,7 @@ async def test_another_accounts_ids_are_404_and_change_nothing(gateway):
     for method, path in (("POST", f"/api/keys/{key_a}/disable"), ("POST", f"/api/keys/{key_a}/enable"),
                          ("DELETE", f"/api/keys/{key_a}")):
         r = await gateway.client.request(method, path, headers=auth(mk_b))
-        assert r.status_code == 404, r.text
+        assert r.status_code == 404 and r.json()["error"]["code"] == "api_key_not_found", r.text
     r = await gateway.client.post("/api/keys/subscription", json={"name": "x", "subscriptionId": sub_a["id"]},
                                   headers=auth(mk_b))
     assert r.status_code == 404 and r.json()["error"]["code"] == "subscription_not_found"
@@ -98,19 +98,19 @@ async def test_another_accounts_ids_are_404_and_change_nothing(gateway):
     assert await snapshot(gateway.services.db) == before
 
 
-@pytest.mark.parametrize("body", [
-    {"name": "", "subscriptionId": "sub_x"},
-    {"name": 5, "subscriptionId": "sub_x"},
-    {"subscriptionId": "sub_x"},
-    {"name": "k"},
-    {"name": "k", "subscriptionId": "sub_nope"},
+@pytest.mark.parametrize("body,status,code", [
+    ({"name": "", "subscriptionId": "sub_x"}, 400, "invalid_field"),
+    ({"name": 5, "subscriptionId": "sub_x"}, 400, "invalid_field"),
+    ({"subscriptionId": "sub_x"}, 400, "invalid_field"),
+    ({"name": "k"}, 400, "invalid_field"),
+    ({"name": "k", "subscriptionId": "sub_nope"}, 404, "subscription_not_found"),
 ])
-async def test_bad_mint_requests_change_nothing(gateway, body):
+async def test_bad_mint_requests_change_nothing(gateway, body, status, code):
     _, mk = await gateway.new_account(credit="100")
     await gateway.buy(mk)
     before = await snapshot(gateway.services.db)
     r = await gateway.client.post("/api/keys/subscription", json=body, headers=auth(mk))
-    assert r.status_code in (400, 404) and r.json()["error"]["message"]
+    assert r.status_code == status and r.json()["error"]["code"] == code and r.json()["error"]["message"]
     assert await snapshot(gateway.services.db) == before
 
 

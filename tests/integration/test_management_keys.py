@@ -42,7 +42,7 @@ async def test_another_accounts_management_key_is_404(gateway):
     before = await snapshot(gateway.services.db)
     for key_id in ids_a:
         r = await gateway.client.delete(f"/api/management-keys/{key_id}", headers=auth(mk_b))
-        assert r.status_code == 404
+        assert r.status_code == 404 and r.json()["error"]["code"] == "management_key_not_found"
     assert await snapshot(gateway.services.db) == before
 
 

@@ -69,7 +69,7 @@ async def test_a_sold_out_block_is_409_and_nothing_changes(gateway):
     response = await gateway.client.post(
         "/api/pools/alpha/subscribe", json={"blocks": ["asia", "europe"], "quantity": 4}, headers=auth(mk)
     )
-    assert response.status_code == 409
+    assert response.status_code == 409 and response.json()["error"]["code"] == "sold_out"
     assert await snapshot(gateway.services.db) == before
 
 
@@ -158,7 +158,7 @@ async def test_missing_or_garbled_authorization_is_401_and_changes_nothing(gatew
                                   headers=headers)
     assert r.status_code == status and r.json()["error"]["code"] == code
     r = await gateway.client.get("/api/keys", headers=headers)
-    assert r.status_code == status
+    assert r.status_code == status and r.json()["error"]["code"] == code
     assert await snapshot(gateway.services.db) == before
 
 
@@ -170,5 +170,6 @@ async def test_an_api_key_cannot_use_management_endpoints(gateway):
     r = await gateway.client.post("/api/pools/alpha/subscribe", json={"blocks": ["europe"], "quantity": 1},
                                   headers=auth(sk))
     assert r.status_code == 403 and r.json()["error"]["code"] == "management_key_required"
-    assert (await gateway.client.get("/api/keys", headers=auth(sk))).status_code == 403
+    r = await gateway.client.get("/api/keys", headers=auth(sk))
+    assert r.status_code == 403 and r.json()["error"]["code"] == "management_key_required"
     assert await snapshot(gateway.services.db) == before

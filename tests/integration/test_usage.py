@@ -4,7 +4,7 @@ from datetime import timedelta
 
 import pytest
 
-from agent_gateway.usage.recorder import UsageEvent
+from agent_gateway.usage.recorder import UsageEvent, UsageRecorder
 from tests.conftest import auth
 
 pytestmark = pytest.mark.anyio
@@ -59,6 +59,8 @@ async def test_buffered_usage_is_written_at_shutdown(settings, clock):
     from tests.fixtures.state import snapshot
 
     services = build_services(settings, clock)
+    # No timed flush during the test: only the shutdown may write these events.
+    services.usage = UsageRecorder(services.db, flush_interval_s=3600)
     app = create_app(services=services)
     async with app.router.lifespan_context(app):
         from agent_gateway.accounts.service import create_account
@@ -68,6 +70,9 @@ async def test_buffered_usage_is_written_at_shutdown(settings, clock):
                 api_key_id=f"key_{i}", account_id=account.id, subscription_id="sub_x",
                 endpoint="chat.completions", model="m", status_code=200, prompt_tokens=1,
                 completion_tokens=1, latency_ms=1.0, usage_source="estimated", created_at=clock.now()))
+        # Still only in memory when the server stops: the shutdown itself must write them.
+        assert services.usage.pending == 3
+        assert (await snapshot(services.db))["counts"]["usage_records"] == 0
     # The app is stopped: the buffer was drained into a database we can reopen.
     reopened = build_services(settings, clock)
     assert (await snapshot(reopened.db))["counts"]["usage_records"] == 3
