@@ -104,17 +104,9 @@ def run_demo() -> int:
 
 
 async def _buy_with_x402(url: str, chain: DevChain, agent_key: str, order: dict) -> httpx.Response:
-    from eth_account import Account
-    from x402 import x402Client
     from x402.http.clients import x402HttpxClient
-    from x402.mechanisms.evm.exact import ExactEvmScheme
 
-    client = x402Client()
-    client.register(chain.network, ExactEvmScheme(signer=Account.from_key(agent_key)))
-    # The official client pays only assets it knows, up to $1, unless allowed: allow the test USDC.
-    client.set_spend_controls({"allowed_assets": [
-        {"network": chain.network, "asset": chain.token, "max_amount_per_payment": str(500 * 10**6)}]})
-    async with x402HttpxClient(client, base_url=url, timeout=60) as http:
+    async with x402HttpxClient(chain.x402_client(agent_key, 500 * 10**6), base_url=url, timeout=60) as http:
         response = await http.post("/api/agent/subscribe-pool", json=order)
     response.raise_for_status()
     return response

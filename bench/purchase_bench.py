@@ -15,11 +15,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from eth_account import Account
-from x402 import x402Client
 from x402.http.clients import x402HttpxClient
-from x402.mechanisms.evm.exact import ExactEvmScheme
 
 from agent_gateway.payments.devchain import start_devchain
 from agent_gateway.testing.processes import start_gateway
@@ -39,15 +38,7 @@ prices = { day = "1.00" }
 ORDER = {"pool": "bench", "blocks": ["day"], "quantity": 1}
 
 
-def client_for(chain, key: str) -> x402Client:
-    client = x402Client()
-    client.register(chain.network, ExactEvmScheme(signer=Account.from_key(key)))
-    client.set_spend_controls({"allowed_assets": [
-        {"network": chain.network, "asset": chain.token, "max_amount_per_payment": str(10**9)}]})
-    return client
-
-
-async def buy(url: str, client: x402Client, n: int) -> list[float]:
+async def buy(url: str, client: Any, n: int) -> list[float]:
     times = []
     async with x402HttpxClient(client, base_url=url, timeout=60) as http:
         for _ in range(n):
@@ -80,12 +71,12 @@ def main() -> int:
             for wallet in wallets:
                 chain.fund(wallet.address, 10_000 * 10**6, 10**18)
             # Warm up the gateway's connections and caches with one purchase.
-            asyncio.run(buy(url, client_for(chain, wallets[0].key.hex()), 1))
-            sequential = asyncio.run(buy(url, client_for(chain, wallets[0].key.hex()), args.purchases))
+            asyncio.run(buy(url, chain.x402_client(wallets[0].key.hex()), 1))
+            sequential = asyncio.run(buy(url, chain.x402_client(wallets[0].key.hex()), args.purchases))
 
             async def crowd() -> float:
                 started = time.perf_counter()
-                await asyncio.gather(*(buy(url, client_for(chain, w.key.hex()), args.per_agent) for w in wallets[1:]))
+                await asyncio.gather(*(buy(url, chain.x402_client(w.key.hex()), args.per_agent) for w in wallets[1:]))
                 return time.perf_counter() - started
 
             seconds = asyncio.run(crowd())

@@ -255,6 +255,19 @@ class DevChain:
     def web3(self) -> Web3:
         return _web3(self.rpc_url)
 
+    def x402_client(self, private_key: str, max_usdc_atomic: int = 1000 * 10**6) -> Any:
+        """The official x402 client for a wallet on this chain (the `x402` package: test/demo extra).
+
+        Out of the box it pays only assets it knows, up to $1: this allows our test USDC."""
+        from x402 import x402Client
+        from x402.mechanisms.evm.exact import ExactEvmScheme
+
+        client = x402Client()
+        client.register(self.network, ExactEvmScheme(signer=Account.from_key(private_key)))
+        client.set_spend_controls({"allowed_assets": [
+            {"network": self.network, "asset": self.token, "max_amount_per_payment": str(max_usdc_atomic)}]})
+        return client
+
     def fund(self, address: str, usdc_atomic: int, eth_wei: int = 0) -> None:
         fund_wallet(self.rpc_url, self.token, self.deployer_key, address, usdc_atomic, eth_wei)
 

@@ -13,9 +13,7 @@ import openai
 import pytest
 from eth_account import Account
 from eth_account.messages import encode_defunct
-from x402 import x402Client
 from x402.http.clients import x402HttpxClient
-from x402.mechanisms.evm.exact import ExactEvmScheme
 
 from agent_gateway.payments.service import tx_claim_message
 from tests.fixtures.live import LiveGateway
@@ -26,13 +24,8 @@ PRICE = 10_000_000  # pool alpha: 10.00 USDC per seat, one block
 ORDER = {"pool": "alpha", "blocks": ["day"], "quantity": 1}
 
 
-def official_client(devchain, wallet: Wallet) -> x402Client:
-    client = x402Client()
-    client.register(devchain.network, ExactEvmScheme(signer=Account.from_key(wallet.key)))
-    # The official client only pays assets it knows, up to $1, unless told otherwise.
-    client.set_spend_controls({"allowed_assets": [
-        {"network": devchain.network, "asset": devchain.token, "max_amount_per_payment": str(1000 * 10**6)}]})
-    return client
+def official_client(devchain, wallet: Wallet):
+    return devchain.x402_client(wallet.key)
 
 
 async def seats(live: LiveGateway, pool: str = "alpha") -> int:
