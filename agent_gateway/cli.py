@@ -188,7 +188,7 @@ def _pools_check(args: argparse.Namespace, settings: Settings) -> int:
     path = Path(args.file) if args.file else settings.pools_file
     catalog = load_catalog(path)
     print(f"{path}: OK")
-    print("blocks: " + ", ".join(f"{b.name} {b.hours_utc} UTC" for b in catalog.blocks.values()))
+    print("blocks: " + ", ".join(f"{b.name} {b.label}" for b in catalog.blocks.values()))
     for pool in catalog.pools.values():
         prices = ", ".join(f"{b} {format_usdc(p)}" for b, p in pool.prices_atomic.items())
         print(f"pool {pool.slug} ({pool.status}): {pool.seats} seats/block; models {', '.join(pool.models)}; {prices} USDC/30d")

@@ -21,7 +21,7 @@ from agent_gateway.keys import api_keys, management as mkeys
 from agent_gateway.lifespan import Services
 from agent_gateway.payments.amounts import format_usdc
 from agent_gateway.subscriptions.service import list_subscriptions, subscribe_with_balance
-from agent_gateway.usage.report import WINDOWS, empty_totals, usage_by_key
+from agent_gateway.usage.report import empty_usage, usage_by_key
 
 
 class SubscribeBody(CamelBody):
@@ -139,7 +139,7 @@ async def get_usage(request: Request, services: Services, account: Account) -> R
     data = []
     for view in views:
         row = render_key(view.key, view.subscription)
-        row["usage"] = usage.get(view.key.id, {w: empty_totals() for w in WINDOWS})
+        row["usage"] = usage.get(view.key.id, empty_usage())
         data.append(row)
     return ok(data)
 

@@ -28,7 +28,7 @@ def render_pool(pool: Pool, catalog: Catalog, available: dict[tuple[str, str], i
         blocks.append(
             {
                 "block": name,
-                "hoursUtc": f"{catalog.blocks[name].hours_utc} UTC",
+                "hoursUtc": catalog.blocks[name].label,
                 "pricePerMonth": format_usdc(price),
                 "seats": pool.seats,
                 "availableSeats": left,
@@ -87,7 +87,7 @@ async def plans_catalog(services: Services) -> dict:
                 "blocks": [
                     {
                         "block": name,
-                        "hoursUtc": f"{catalog.blocks[name].hours_utc} UTC",
+                        "hoursUtc": catalog.blocks[name].label,
                         "priceUsdc": format_usdc(price),
                         "availableSeats": available.get((pool.slug, name), 0),
                     }

@@ -30,6 +30,11 @@ class Block:
         return f"{_hhmm(self.start_min)}-{_hhmm(self.end_min)}"
 
     @property
+    def label(self) -> str:
+        """How the API shows a block's hours: "08:00-16:00 UTC"."""
+        return f"{self.hours_utc} UTC"
+
+    @property
     def duration_min(self) -> int:
         return (self.end_min - self.start_min) % MINUTES_PER_DAY or MINUTES_PER_DAY
 

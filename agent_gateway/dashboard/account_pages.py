@@ -13,8 +13,9 @@ from agent_gateway.dashboard.guard import Visit, form_field, page
 from agent_gateway.dashboard.rendering import when
 from agent_gateway.dashboard.sessions import Session
 from agent_gateway.db.models import ManagementKey
-from agent_gateway.errors import InvalidRequest, NotFound
+from agent_gateway.errors import NotFound
 from agent_gateway.keys import management as mkeys
+from agent_gateway.keys.api_keys import validate_key_name
 from agent_gateway.payments.amounts import format_usdc
 from agent_gateway.subscriptions.service import SubscriptionView, list_subscriptions
 
@@ -64,9 +65,7 @@ async def management_keys(visit: Visit) -> Response:
 async def create_management_key(visit: Visit) -> Response:
     services, account = visit.services, visit.account
     assert account is not None
-    name = form_field(visit, "name", "A key name")
-    if len(name) > 200:
-        raise InvalidRequest("A key name is at most 200 characters.", code="invalid_name")
+    name = validate_key_name(form_field(visit, "name", "A key name"))
     key, token = await mkeys.create_management_key(services.db, services.clock, account.id, name)
     return await _management_keys_page(visit, created=key, plaintext=token.plaintext)
 

@@ -30,7 +30,7 @@ from agent_gateway.proxy.directory import KeyRecord
 from agent_gateway.proxy.leases import AcquireResult
 from agent_gateway.proxy.relay import ProxyCall, RelayResponse
 from agent_gateway.proxy.revocations import Registration
-from agent_gateway.usage.report import WINDOWS, empty_totals, usage_by_key
+from agent_gateway.usage.report import empty_usage, usage_by_key
 
 _STREAMABLE = {"chat.completions", "completions"}
 
@@ -78,12 +78,12 @@ def _check_blocks(services: Services, key: KeyRecord) -> None:
     if any(block.contains(now) for block in blocks):
         return
     wait = seconds_until_next(blocks, now) if blocks else 86_400
-    hours = ", ".join(f"{b.name} {b.hours_utc} UTC" for b in blocks)
+    hours = ", ".join(f"{b.name} {b.label}" for b in blocks)
     raise RateLimited(
         f"This key is reserved for {hours}; the next block opens in {_human(wait)}.",
         code="outside_reserved_hours",
         headers={"Retry-After": str(wait)},
-        extra={"blocks": [{"block": b.name, "hoursUtc": f"{b.hours_utc} UTC"} for b in blocks],
+        extra={"blocks": [{"block": b.name, "hoursUtc": b.label} for b in blocks],
                "retryAfterSeconds": wait},
     )
 
@@ -178,11 +178,11 @@ async def key_usage(request: Request) -> Response:
     key = await admit_key(request, services)
     now = services.clock.now()
     usage = (await usage_by_key(services.db, now, api_key_id=key.key_id)).get(
-        key.key_id, {w: empty_totals() for w in WINDOWS})
+        key.key_id, empty_usage())
     blocks = [services.catalog.blocks[b] for b in key.blocks if b in services.catalog.blocks]
     return JSONResponse({"success": True, "data": {
         "plan": {"slug": key.pool_slug, "status": key.subscription_status, "expires_at": iso(key.period_end),
-                 "blocks": [{"block": b.name, "hours_utc": f"{b.hours_utc} UTC"} for b in blocks],
+                 "blocks": [{"block": b.name, "hours_utc": b.label} for b in blocks],
                  "in_block_now": any(b.contains(now) for b in blocks)},
         "rate_limits": {"concurrent_requests": 1, "rpm": None, "tpm": None},
         "budget": {"limit": None},

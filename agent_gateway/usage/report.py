@@ -14,6 +14,11 @@ from agent_gateway.db.models import UsageRecord
 WINDOWS = {"1h": timedelta(hours=1), "24h": timedelta(days=1), "7d": timedelta(days=7), "30d": timedelta(days=30)}
 
 
+def empty_usage() -> dict[str, dict[str, int]]:
+    """A key's usage in every window, before it made any request."""
+    return {w: empty_totals() for w in WINDOWS}
+
+
 def empty_totals() -> dict[str, int]:
     return {"requests": 0, "promptTokens": 0, "completionTokens": 0, "errors": 0}
 
@@ -41,7 +46,7 @@ async def usage_by_key(
             if api_key_id is not None:
                 query = query.where(UsageRecord.api_key_id == api_key_id)
             for key_id, requests, prompt, completion, errors in await session.execute(query):
-                result.setdefault(key_id, {w: empty_totals() for w in WINDOWS})[window] = {
+                result.setdefault(key_id, empty_usage())[window] = {
                     "requests": int(requests),
                     "promptTokens": int(prompt),
                     "completionTokens": int(completion),
