@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -31,6 +32,25 @@ class Settings(BaseSettings):
     port: int = Field(default=8080, ge=1, le=65535)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     log_level: str = "INFO"
+    # The gateway's canonical external URL (scheme://host[:port]); every absolute URL it emits and
+    # the wallet sign-in domain come from it, never from a request's Host header.
+    # Unset: http://HOST:PORT of `serve`. Required when serving on a non-loopback address.
+    public_url: str | None = None
+    # Addresses (IPs or CIDRs, comma-separated) of reverse proxies whose X-Forwarded-For and
+    # X-Forwarded-Proto headers are trusted. Empty: forwarded headers are ignored.
+    trusted_proxies: str = ""
+    # Deepest JSON nesting accepted in any parsed body or header (objects and arrays).
+    max_json_depth: int = Field(default=64, ge=4, le=512)
+    # Slow clients: a connection must finish sending its request headers, and a request its body,
+    # within these (seconds); at most this many connections are open at once per process.
+    header_read_timeout_s: float = Field(default=10.0, gt=0)
+    body_read_timeout_s: float = Field(default=30.0, gt=0)
+    max_connections: int = Field(default=20_000, ge=16)
+    # Unauthenticated writes that did not end in a delivery (failed x402 attempts, sign-in
+    # challenges) allowed per client address per minute; shared through Redis when set.
+    unauth_writes_per_minute: int = Field(default=30, ge=1)
+    # A bearer token that /metrics requires when set. Unset: /metrics is public.
+    metrics_token: str | None = None
 
     # Proxy.
     max_proxy_body_bytes: int = Field(default=10_485_760, ge=1024)
@@ -56,7 +76,12 @@ class Settings(BaseSettings):
     usdc_version: str = "2"
     pay_to: str | None = None
     relayer_key: str | None = None
-    confirmations: int = Field(default=1, ge=1)
+    # Confirmations before delivery, and the depth after which a delivered payment is final (no
+    # more reorg checks). Unset: the defaults for the chain id (payments.networks).
+    confirmations: int | None = Field(default=None, ge=1)
+    reorg_horizon_blocks: int | None = Field(default=None, ge=1)
+    # The oldest transfer a tx-hash claim may name (seconds, by block time).
+    tx_claim_max_age_s: int = Field(default=3600, ge=60)
     # How long a paying request waits for its settlement's receipt before answering 202.
     settle_wait_s: float = Field(default=30.0, gt=0)
     # The x402 authorization window offered to payers (maxTimeoutSeconds); it must cover settlement.
@@ -65,7 +90,8 @@ class Settings(BaseSettings):
     reconcile_after_s: float = Field(default=60.0, ge=0)
 
     @field_validator("redis_url", "chain_rpc_url", "chain_id", "usdc_address", "pay_to", "relayer_key",
-                     "session_secret", mode="before")
+                     "session_secret", "public_url", "metrics_token", "confirmations",
+                     "reorg_horizon_blocks", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
@@ -78,6 +104,22 @@ class Settings(BaseSettings):
         if missing and len(missing) < len(chain):
             raise ValueError(f"x402 payments need every chain setting; missing {', '.join(missing)}")
         return self
+
+    @field_validator("public_url")
+    @classmethod
+    def _absolute_base_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ValueError("must be an absolute http:// or https:// URL without query or fragment, "
+                             "e.g. https://gateway.example.com")
+        return value.rstrip("/")
+
+    @property
+    def external_url(self) -> str:
+        """The base of every absolute URL the gateway emits (no trailing slash)."""
+        return self.public_url or f"http://{self.host}:{self.port}"
 
     @field_validator("pools_file", mode="before")
     @classmethod

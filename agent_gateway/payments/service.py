@@ -23,6 +23,7 @@ from agent_gateway.payments import ledger
 from agent_gateway.payments.amounts import format_usdc
 from agent_gateway.payments.chain import ChainAdapter, Receipt, SettlementWouldRevert
 from agent_gateway.payments.ledger import Claim, Delivery
+from agent_gateway.payments.networks import chain_defaults
 from agent_gateway.payments.rules import check_chain_facts, check_payment
 from agent_gateway.payments.wallet import recover_personal_signer
 from agent_gateway.payments.wire import (
@@ -66,6 +67,9 @@ class PaymentService:
         self.clock = clock
         self.catalog = catalog
         self.chain = chain
+        defaults = chain_defaults(settings.chain_id)
+        self.confirmations = settings.confirmations or defaults.confirmations
+        self.reorg_horizon_blocks = settings.reorg_horizon_blocks or defaults.reorg_horizon_blocks
 
     @property
     def enabled(self) -> bool:
@@ -219,7 +223,7 @@ class PaymentService:
             raise PaymentRequired("The signature must be made by the wallet that sent the transaction, over "
                                   f"the message {tx_claim_message(tx_hash)!r}.", code="invalid_signature")
         receipt = await chain.receipt(tx_hash)
-        if receipt is None or receipt.confirmations < self.settings.confirmations:
+        if receipt is None or receipt.confirmations < self.confirmations:
             raise PaymentRequired("The transaction is not confirmed yet; retry in a few seconds.",
                                   code="payment_pending", headers={"Retry-After": "5"})
         paid = self._paid_to_us(receipt, signer)
@@ -265,7 +269,7 @@ class PaymentService:
         deadline = asyncio.get_running_loop().time() + self.settings.settle_wait_s
         while True:
             receipt = await chain.receipt(tx_hash)
-            if receipt is not None and (not receipt.ok or receipt.confirmations >= self.settings.confirmations):
+            if receipt is not None and (not receipt.ok or receipt.confirmations >= self.confirmations):
                 break
             if asyncio.get_running_loop().time() >= deadline:
                 log.info("payment %s: no receipt within %.0f s; answering 202", payment_id,
@@ -325,7 +329,7 @@ class PaymentService:
         expired = payment.valid_before is not None and await chain.chain_now() >= payment.valid_before
         receipt = await chain.receipt(payment.tx_hash)
         if receipt is not None:
-            if receipt.ok and receipt.confirmations < self.settings.confirmations:
+            if receipt.ok and receipt.confirmations < self.confirmations:
                 return 0
             try:
                 await self._finish(payment, receipt, mint_keys=False)
