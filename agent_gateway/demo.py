@@ -24,6 +24,7 @@ from agent_gateway.clock import Clock
 from agent_gateway.payments.amounts import format_usdc
 from agent_gateway.payments.devchain import DevChain, start_devchain
 from agent_gateway.settings import EXAMPLE_POOLS_FILE, Settings
+from agent_gateway.testing.processes import free_port
 from agent_gateway.testing.server import ServerThread
 from agent_gateway.testing.upstream import UpstreamSettings, create_upstream_app
 
@@ -44,13 +45,15 @@ def demo_stack(workdir: Path) -> Iterator[tuple[str, Settings, DevChain]]:
         upstream = stack.enter_context(ServerThread(create_upstream_app(UpstreamSettings(delay_s=0.02, chunks=12))))
         pools_file = workdir / "pools.toml"
         pools_file.write_text(EXAMPLE_POOLS_FILE.read_text().replace("http://127.0.0.1:9000/v1", f"{upstream.url}/v1"))
+        port = free_port()  # chosen first: the sign-in message names the gateway's public URL
         settings = Settings(
             _env_file=None, database_url=f"sqlite:///{workdir / 'demo.db'}", pools_file=pools_file,
+            public_url=f"http://127.0.0.1:{port}",
             job_interval_s=5, chain_rpc_url=chain.rpc_url, chain_id=chain.chain_id, usdc_address=chain.token,
             usdc_name=chain.token_name, usdc_version=chain.token_version, pay_to=chain.pay_to,
             relayer_key=chain.relayer_key, confirmations=1,
         )
-        gateway = stack.enter_context(ServerThread(create_app(settings)))
+        gateway = stack.enter_context(ServerThread(create_app(settings), port=port))
         yield gateway.url, settings, chain
 
 
@@ -96,7 +99,8 @@ def run_demo() -> int:
 
         run_inference(url, bought["subscriptions"][0]["apiKey"])
 
-        auth = {"Authorization": f"Bearer {bought['managementKey']}"}
+        management_key = sign_in_with_wallet(http, agent_key, chain.agent_addresses[0])
+        auth = {"Authorization": f"Bearer {management_key}"}
         usage = _wait_for_usage(http, auth)
         say("Usage: GET /api/usage", "\n".join(f"  {window:>3}: {json.dumps(totals)}" for window, totals in usage.items()))
         print("\nDemo finished.")
@@ -110,6 +114,22 @@ async def _buy_with_x402(url: str, chain: DevChain, agent_key: str, order: dict)
         response = await http.post("/api/agent/subscribe-pool", json=order)
     response.raise_for_status()
     return response
+
+
+def sign_in_with_wallet(http: httpx.Client, wallet_key: str, address: str) -> str:
+    """A lost 201 loses nothing: the wallet signs the gateway's Sign-In with Ethereum message."""
+    from eth_account import Account
+    from eth_account.messages import encode_defunct
+
+    challenge = http.post("/api/agent/auth/challenge", json={"address": address}).json()["data"]
+    signature = Account.sign_message(encode_defunct(text=challenge["message"]), wallet_key).signature.hex()
+    response = http.post("/api/agent/auth/sign-in", json={"challengeId": challenge["challengeId"],
+                                                          "signature": "0x" + signature.removeprefix("0x")})
+    management_key = response.json()["data"]["managementKey"]
+    say("Agent: signs in with its wallet (EIP-4361, Sign-In with Ethereum) for a new management key",
+        "\n".join(f"  | {line}".rstrip() for line in challenge["message"].splitlines())
+        + f"\n  HTTP {response.status_code}: management key {management_key[:7]}… (the usage below is read with it)")
+    return management_key
 
 
 def _usdc(chain: DevChain, address: str) -> int:

@@ -19,7 +19,7 @@ from agent_gateway.db.models import Subscription
 from agent_gateway.errors import Conflict, InvalidRequest, NotFound
 from agent_gateway.payments.ledger import get_payment
 from agent_gateway.payments.service import tx_claim_message
-from agent_gateway.payments.wallet import issue_challenge, sign_in
+from agent_gateway.payments.wallet import issue_challenge, sign_in, sign_in_chain_id
 
 
 class SubscribePoolBody(CamelBody):
@@ -99,10 +99,12 @@ _NEXT_STEP = {
 async def wallet_challenge(request: Request) -> Response:
     services = services_of(request)
     body = await read_json(request, ChallengeBody, services.settings.max_body_bytes)
-    challenge = await issue_challenge(services.db, services.clock, body.address,
-                                      request.url.netloc)
+    settings = services.settings
+    chain_id = sign_in_chain_id(settings.chain_id, services.payments.enabled)
+    challenge = await issue_challenge(services.db, services.clock, body.address, settings.external_url, chain_id)
     return ok({"challengeId": challenge.id, "message": challenge.message, "expiresAt": iso(challenge.expires_at),
-               "signWith": "EIP-191 personal_sign of message, then POST /api/agent/auth/sign-in"}, status=201)
+               "signWith": "EIP-4361 (Sign-In with Ethereum): EIP-191 personal_sign of message, "
+                           "then POST /api/agent/auth/sign-in"}, status=201)
 
 
 async def wallet_sign_in(request: Request) -> Response:

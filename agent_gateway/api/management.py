@@ -11,7 +11,7 @@ from starlette.routing import Route
 
 from agent_gateway.api.auth import management
 from agent_gateway.api.bodies import CamelBody, read_json
-from agent_gateway.api.paying import pay_for, payment_header, render_settled
+from agent_gateway.api.paying import pay_for, payment_header, render_settled, resource_url
 from agent_gateway.api.rendering import iso, ok
 from agent_gateway.api.views import render_key, render_management_key, render_subscription
 from agent_gateway.catalog.pricing import make_order
@@ -57,7 +57,7 @@ async def subscribe(request: Request, services: Services, account: Account) -> R
         if not services.payments.enabled:
             raise
         raise services.payments.challenge(
-            order, str(request.url), message=f"{exc.message} Or pay with x402: retry with PAYMENT-SIGNATURE.",
+            order, resource_url(request, services), message=f"{exc.message} Or pay with x402: retry with PAYMENT-SIGNATURE.",
             code=exc.code) from None
     return ok(
         {"quote": order.quote(), "subscriptions": [render_subscription(s) for s in subscriptions]},

@@ -22,6 +22,11 @@ def payment_header(request: Request) -> tuple[str, int] | None:
     return None
 
 
+def resource_url(request: Request, services: Services) -> str:
+    """The x402 `resource` of a paid route: AGW_PUBLIC_URL plus the path, never the Host header."""
+    return services.settings.external_url + request.url.path
+
+
 async def pay_for(request: Request, services: Services, order: Order, *, account_id: str | None,
                   key_name: str, renew_subscription_id: str | None = None) -> Settled:
     """Settle the request's x402 payment for `order`, or raise the 402 challenge when it has none.
@@ -31,7 +36,7 @@ async def pay_for(request: Request, services: Services, order: Order, *, account
     payments = services.payments
     if renew_subscription_id is None:
         await payments.check_capacity(order)
-    resource = str(request.url)
+    resource = resource_url(request, services)
     carried = payment_header(request)
     if carried is None:
         raise payments.challenge(order, resource)

@@ -12,7 +12,6 @@ from urllib.parse import parse_qsl
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from agent_gateway.accounts.service import get_account
 from agent_gateway.api.bodies import read_body
 from agent_gateway.dashboard.rendering import PageRenderer
 from agent_gateway.dashboard.sessions import (
@@ -24,8 +23,8 @@ from agent_gateway.dashboard.sessions import (
     write_cookie,
 )
 from agent_gateway.db.models import Account
-from agent_gateway.errors import GatewayError, InvalidRequest, NotFound
-from agent_gateway.keys.management import list_management_keys
+from agent_gateway.errors import GatewayError, InvalidRequest
+from agent_gateway.keys.sessions import find_live_session
 from agent_gateway.lifespan import Services
 
 log = logging.getLogger(__name__)
@@ -41,6 +40,10 @@ class Dashboard:
     services: Services
     codec: SessionCodec
     pages: PageRenderer
+
+    @property
+    def secure_cookies(self) -> bool:
+        return self.services.settings.external_url.startswith("https://")
 
 
 @dataclass
@@ -64,8 +67,8 @@ class Visit:
 
     @property
     def site_url(self) -> str:
-        """The gateway's own URL, for the examples on the pages."""
-        return str(self.request.base_url).rstrip("/")
+        """The gateway's own URL, for the examples on the pages: AGW_PUBLIC_URL, never the Host header."""
+        return self.services.settings.external_url
 
     def redirect(self, path: str, flash: tuple[str, str] | None = None) -> Response:
         if flash is not None:
@@ -113,7 +116,8 @@ def page(*, sign_in: bool = True, back: str | None = None) -> Callable[[Handler]
             else:
                 response = await _run(handler, visit, back)
             if visit.session.changed:
-                write_cookie(response, request, dashboard.codec, visit.session, now)
+                write_cookie(response, request, dashboard.codec, visit.session, now,
+                             secure=dashboard.secure_cookies)
             return response
 
         return endpoint
@@ -122,20 +126,17 @@ def page(*, sign_in: bool = True, back: str | None = None) -> Callable[[Handler]
 
 
 async def _identify(visit: Visit) -> None:
-    """Re-validate the session's management key: revoked key or vanished account ends the session."""
+    """Look the session up in the database: ended (signed out anywhere), expired, revoked key or
+    vanished account all mean "not signed in" from this request on."""
     session, services = visit.session, visit.services
-    assert session.account_id is not None
-    keys = await list_management_keys(services.db, session.account_id)
-    if any(key.id == session.mkey_id for key in keys):
-        try:
-            visit.account = await get_account(services.db, session.account_id)
-            visit.mkey_id = session.mkey_id
-            return
-        except NotFound:
-            pass
+    assert session.session_id is not None
+    live = await find_live_session(services.db, services.clock, session.session_id)
+    if live is not None:
+        visit.account, visit.mkey_id = live
+        return
     visit.session = Session.anonymous(services.clock.now())
-    visit.session.flash("error", "Your session ended because its management key was revoked. "
-                                 "Sign in with another key.")
+    visit.session.flash("error", "Your session ended: it was signed out, it expired, or its management key "
+                                 "was revoked. Sign in again.")
 
 
 async def _refuse_forgery(visit: Visit) -> Response | None:

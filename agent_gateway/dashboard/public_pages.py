@@ -8,9 +8,10 @@ from starlette.responses import Response
 
 from agent_gateway.api.public import render_pool
 from agent_gateway.dashboard.guard import Visit, page
-from agent_gateway.dashboard.sessions import Session
+from agent_gateway.dashboard.sessions import SESSION_TTL, Session
 from agent_gateway.errors import AuthenticationError, PermissionDenied
 from agent_gateway.keys.management import authenticate_management_key, list_management_keys
+from agent_gateway.keys.sessions import end_session, start_session
 from agent_gateway.keys.tokens import hash_token
 from agent_gateway.subscriptions.inventory import seats_available
 
@@ -45,12 +46,16 @@ async def signin(visit: Visit) -> Response:
     key = next((k for k in keys if hmac.compare_digest(k.key_hash, digest)), None)
     if key is None:  # revoked between the two reads
         return visit.render("signin.html", status=401, title="Sign in", error="The management key is not valid.")
-    visit.session = Session.signed_in(services.clock.now(), account.id, key.id)
+    started = await start_session(services.db, account.id, key.id, services.clock.now(), SESSION_TTL)
+    visit.session = Session.signed_in(started.id, started.expires_at)
     return visit.redirect("/keys")
 
 
 @page(sign_in=False)
 async def signout(visit: Visit) -> Response:
+    # Ended in the database, not just forgotten by this browser: a copy of the cookie is worthless.
+    if visit.session.session_id is not None:
+        await end_session(visit.services.db, visit.services.clock, visit.session.session_id)
     visit.session = Session.anonymous(visit.services.clock.now())
     return visit.redirect("/signin", flash=("info", "You are signed out."))
 

@@ -1,4 +1,4 @@
-"""Dashboard sessions: a signed cookie holding the management key's id, a CSRF token and flashes."""
+"""Dashboard sessions: a signed cookie holding the server-side session's id, a CSRF token and flashes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import hmac
 import json
 import secrets
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
 from starlette.requests import Request
@@ -17,17 +17,19 @@ from starlette.responses import Response
 COOKIE_NAME = "agw_dashboard"
 SESSION_TTL_S = 12 * 3600
 CSRF_FIELD = "csrf_token"
+SESSION_TTL = timedelta(seconds=SESSION_TTL_S)
 _MAX_FLASH_CHARS = 400  # at most three flashes: the cookie stays well under 4 KB
+_MAX_COOKIE_CHARS = 4096  # browsers keep no larger cookie: anything longer is not ours
 
 
 @dataclass
 class Session:
-    """What the cookie carries. Never a plaintext key: only ids, re-validated on every request."""
+    """What the cookie carries. Never a key, nor who is signed in: only the id of a server-side
+    session (keys.sessions), which every request looks up, so sign-out ends it everywhere."""
 
     csrf: str
     expires_at: int  # epoch seconds
-    account_id: str | None = None
-    mkey_id: str | None = None
+    session_id: str | None = None
     flashes: list[tuple[str, str]] = field(default_factory=list)
     changed: bool = False
 
@@ -37,15 +39,14 @@ class Session:
         return cls(csrf=secrets.token_urlsafe(32), expires_at=expires_at, changed=True)
 
     @classmethod
-    def signed_in(cls, now: datetime, account_id: str, mkey_id: str) -> Session:
+    def signed_in(cls, session_id: str, expires_at: datetime) -> Session:
         # A fresh CSRF token at sign-in, so a token seen before signing in is worth nothing after.
-        session = cls.anonymous(now)
-        session.account_id, session.mkey_id = account_id, mkey_id
-        return session
+        return cls(csrf=secrets.token_urlsafe(32), expires_at=int(expires_at.timestamp()),
+                   session_id=session_id, changed=True)
 
     @property
     def is_signed_in(self) -> bool:
-        return self.account_id is not None and self.mkey_id is not None
+        return self.session_id is not None
 
     def flash(self, kind: str, text: str) -> None:
         # Flashes ride in the cookie; an error echoing a huge form value must not push it past
@@ -72,25 +73,30 @@ class SessionCodec:
         self._key = hmac.new(raw, b"agent_gateway dashboard session v1", hashlib.sha256).digest()
 
     def encode(self, session: Session) -> str:
-        payload = {"c": session.csrf, "e": session.expires_at, "a": session.account_id,
-                   "k": session.mkey_id, "f": session.flashes}
+        payload = {"c": session.csrf, "e": session.expires_at, "s": session.session_id, "f": session.flashes}
         body = _b64(json.dumps(payload, separators=(",", ":")).encode())
         return f"{body}.{self._sign(body)}"
 
     def decode(self, cookie: str | None, now: datetime) -> Session | None:
-        """The session in a cookie, or None when it is missing, forged, garbled or expired."""
-        if not cookie or cookie.count(".") != 1:
+        """The session in a cookie, or None when it is missing, forged, garbled or expired.
+
+        Anything a client sends may arrive here (non-ASCII, any shape, any size): every failure
+        is None, "not signed in", never an exception."""
+        if not cookie or len(cookie) > _MAX_COOKIE_CHARS or not cookie.isascii() or cookie.count(".") != 1:
             return None
         body, signature = cookie.split(".")
-        if not hmac.compare_digest(signature, self._sign(body)):
+        if not hmac.compare_digest(signature.encode(), self._sign(body).encode()):
             return None
         try:
             data = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+            session_id = data["s"]
+            if session_id is not None and not isinstance(session_id, str):
+                raise TypeError("session id")
             session = Session(
-                csrf=str(data["c"]), expires_at=int(data["e"]), account_id=data["a"], mkey_id=data["k"],
+                csrf=str(data["c"]), expires_at=int(data["e"]), session_id=session_id,
                 flashes=[(str(kind), str(text)) for kind, text in data["f"]],
             )
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, OverflowError):
             return None
         return session if session.expires_at > now.timestamp() else None
 
@@ -99,11 +105,13 @@ class SessionCodec:
 
 
 def write_cookie(
-    response: Response, request: Request, codec: SessionCodec, session: Session, now: datetime
+    response: Response, request: Request, codec: SessionCodec, session: Session, now: datetime, *, secure: bool
 ) -> None:
+    """`secure` follows AGW_PUBLIC_URL's scheme: the address users reach, not this hop's scheme
+    (behind a TLS-terminating proxy the gateway itself only ever sees http)."""
     response.set_cookie(
         COOKIE_NAME, codec.encode(session), max_age=max(0, session.expires_at - int(now.timestamp())),
-        path=cookie_path(request), httponly=True, samesite="lax", secure=request.url.scheme == "https",
+        path=cookie_path(request), httponly=True, samesite="lax", secure=secure,
     )
 
 
@@ -118,7 +126,11 @@ def forgery_problem(request: Request, session: Session, form: dict[str, str]) ->
     source = request.headers.get("origin") or request.headers.get("referer")
     if not source:
         return "The request did not say which page sent it (no Origin or Referer header)."
-    if urlsplit(source).netloc.lower() != request.url.netloc.lower():
+    try:
+        netloc = urlsplit(source).netloc
+    except ValueError:  # e.g. "http://[" — unparseable is not our page
+        netloc = None
+    if netloc is None or netloc.lower() != request.url.netloc.lower():
         return "The form was sent from another site."
     token = form.get(CSRF_FIELD, "")
     if not token or not hmac.compare_digest(token.encode(), session.csrf.encode()):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from datetime import datetime
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, text
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, Text, text
 from sqlmodel import Field, SQLModel
 
 
@@ -186,7 +186,23 @@ class WalletChallenge(SQLModel, table=True):
 
     id: str = Field(primary_key=True, max_length=40)
     address: str = Field(max_length=42, index=True)
-    message: str = Field(max_length=500)
+    # The EIP-4361 message; its length follows AGW_PUBLIC_URL's, so the column has no bound.
+    message: str = Field(sa_column=Column(Text, nullable=False))
     expires_at: datetime = Field(sa_column=_ts())
     used_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
     created_at: datetime = Field(sa_column=_ts())
+
+
+class DashboardSession(SQLModel, table=True):
+    """A dashboard sign-in. The cookie carries only this id; sign-out or revoking the management key
+    sets `ended_at`, and every process checks the row on every request, so an ended session is
+    refused everywhere at once."""
+
+    __tablename__ = "dashboard_sessions"
+
+    id: str = Field(primary_key=True, max_length=40)
+    account_id: str = Field(foreign_key="accounts.id", max_length=40)
+    management_key_id: str = Field(foreign_key="management_keys.id", index=True, max_length=40)
+    created_at: datetime = Field(sa_column=_ts())
+    expires_at: datetime = Field(sa_column=_ts())
+    ended_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))

@@ -13,6 +13,7 @@ from agent_gateway.clock import Clock, as_utc
 from agent_gateway.db.engine import Database
 from agent_gateway.db.models import Account, ManagementKey, new_id
 from agent_gateway.errors import AuthenticationError, Conflict, NotFound, PermissionDenied
+from agent_gateway.keys.sessions import end_key_sessions
 from agent_gateway.keys.tokens import (
     API_KEY_PREFIX,
     MANAGEMENT_KEY_PREFIX,
@@ -101,4 +102,5 @@ async def revoke_management_key(db: Database, clock: Clock, account_id: str, key
             )
         key.revoked_at = clock.now()
         session.add(key)
+        await end_key_sessions(session, key.id, key.revoked_at)
     log.info("management key revoked id=%s account=%s", key_id, account_id)

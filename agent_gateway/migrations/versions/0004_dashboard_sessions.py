@@ -16,8 +16,35 @@ depends_on = None
 
 
 def upgrade() -> None:
-    pass
+    op.create_table('dashboard_sessions',
+    sa.Column('id', sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
+    sa.Column('account_id', sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
+    sa.Column('management_key_id', sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('expires_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('ended_at', sa.DateTime(timezone=True), nullable=True),
+    sa.ForeignKeyConstraint(['account_id'], ['accounts.id'], ),
+    sa.ForeignKeyConstraint(['management_key_id'], ['management_keys.id'], ),
+    sa.PrimaryKeyConstraint('id')
+    )
+    with op.batch_alter_table('dashboard_sessions', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_dashboard_sessions_management_key_id'), ['management_key_id'],
+                              unique=False)
+
+    # A SIWE message carries AGW_PUBLIC_URL twice (domain and URI): no fixed bound fits it.
+    with op.batch_alter_table('wallet_challenges', schema=None) as batch_op:
+        batch_op.alter_column('message', existing_type=sqlmodel.sql.sqltypes.AutoString(length=500),
+                              type_=sa.Text(), existing_nullable=False)
 
 
 def downgrade() -> None:
-    pass
+    # Challenges live ten minutes: drop the ones a 500-character column cannot hold.
+    op.execute("DELETE FROM wallet_challenges WHERE length(message) > 500")
+    with op.batch_alter_table('wallet_challenges', schema=None) as batch_op:
+        batch_op.alter_column('message', existing_type=sa.Text(),
+                              type_=sqlmodel.sql.sqltypes.AutoString(length=500), existing_nullable=False)
+
+    with op.batch_alter_table('dashboard_sessions', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_dashboard_sessions_management_key_id'))
+
+    op.drop_table('dashboard_sessions')
