@@ -151,7 +151,7 @@ async def _refuse_forgery(visit: Visit) -> Response | None:
                 raise ValueError("NUL in a form field")
         except (GatewayError, UnicodeDecodeError, ValueError):
             return error_page(visit, 400, "Unreadable form", "The form could not be read. Go back and try again.")
-    problem = forgery_problem(request, visit.session, visit.form)
+    problem = forgery_problem(request, visit.session, visit.form, visit.site_url)
     if problem is None:
         return None
     log.warning("dashboard refused a cross-site form post path=%s reason=%s", request.url.path, problem)

@@ -119,7 +119,7 @@ def cookie_path(request: Request) -> str:
     return request.scope.get("root_path") or "/"
 
 
-def forgery_problem(request: Request, session: Session, form: dict[str, str]) -> str | None:
+def forgery_problem(request: Request, session: Session, form: dict[str, str], public_url: str) -> str | None:
     """Why a POST must be refused as cross-site, or None when it comes from our own page."""
     # Browsers send Origin on every POST; Referer is the fallback for the few that do not.
     # "null" (a sandboxed or data: page) stays as it is and is refused below.
@@ -127,10 +127,12 @@ def forgery_problem(request: Request, session: Session, form: dict[str, str]) ->
     if not source:
         return "The request did not say which page sent it (no Origin or Referer header)."
     try:
-        netloc = urlsplit(source).netloc
+        netloc = urlsplit(source).netloc.lower()
     except ValueError:  # e.g. "http://[" — unparseable is not our page
-        netloc = None
-    if netloc is None or netloc.lower() != request.url.netloc.lower():
+        return "The form was sent from another site."
+    # Our page is at the public URL; behind a proxy that rewrites Host (nginx does by default)
+    # that is the only match. The Host itself still counts for direct use (e.g. localhost).
+    if netloc not in (urlsplit(public_url).netloc.lower(), request.url.netloc.lower()):
         return "The form was sent from another site."
     token = form.get(CSRF_FIELD, "")
     if not token or not hmac.compare_digest(token.encode(), session.csrf.encode()):

@@ -145,3 +145,16 @@ async def test_unreadable_origin_or_referer_headers_refuse_the_form_never_a_serv
     r = await gateway.client.post("/dashboard/signin", data={"management_key": "mk_x", "csrf_token": "t"},
                                   headers={k: v.encode("latin-1") for k, v in headers.items()})
     assert r.status_code == 403, r.text
+
+
+async def test_forms_from_the_public_url_are_accepted_behind_a_proxy_that_rewrites_host(settings, clock, gateway):
+    """nginx sends the upstream's address as Host by default: the page's Origin is the public URL."""
+    _, mk = await gateway.new_account()
+    public = settings.model_copy(update={"public_url": "http://dashboard.example.com"})
+    async with dashboard_client(public, clock) as client:  # its Host header: gateway.test
+        token = await csrf_token(client)
+        form = {"csrf_token": token, "management_key": mk}
+        refused = await client.post("/dashboard/signin", data=form, headers={"origin": "http://evil.example"})
+        assert refused.status_code == 403
+        r = await client.post("/dashboard/signin", data=form, headers={"origin": "http://dashboard.example.com"})
+        assert r.status_code == 303 and r.headers["location"] == "/dashboard/keys", r.text
