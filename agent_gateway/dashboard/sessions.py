@@ -15,9 +15,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 COOKIE_NAME = "agw_dashboard"
-SESSION_TTL_S = 12 * 3600
+SESSION_TTL = timedelta(hours=12)
 CSRF_FIELD = "csrf_token"
-SESSION_TTL = timedelta(seconds=SESSION_TTL_S)
 _MAX_FLASH_CHARS = 400  # at most three flashes: the cookie stays well under 4 KB
 _MAX_COOKIE_CHARS = 4096  # browsers keep no larger cookie: anything longer is not ours
 
@@ -35,7 +34,7 @@ class Session:
 
     @classmethod
     def anonymous(cls, now: datetime) -> Session:
-        expires_at = int(now.timestamp()) + SESSION_TTL_S
+        expires_at = int((now + SESSION_TTL).timestamp())
         return cls(csrf=secrets.token_urlsafe(32), expires_at=expires_at, changed=True)
 
     @classmethod
