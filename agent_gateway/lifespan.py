@@ -76,9 +76,14 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         SUBSCRIPTIONS_EXPIRED.inc(len(result.subscription_ids))
         await revoker.revoke(result.revoked_key_ids, "subscription_expired")
 
+    async def reorg_pass() -> None:
+        for revocation in await payments.recheck_settled():
+            await revoker.revoke(revocation.key_ids, "payment_revoked")
+
     return Services(
         settings=settings, clock=clock, db=db, catalog=catalog, usage=usage,
-        jobs=JobRunner(settings.job_interval_s, {"expiry": expiry_pass, "payments": payments.reconcile}),
+        jobs=JobRunner(settings.job_interval_s, {"expiry": expiry_pass, "payments": payments.reconcile,
+                                                   "reorgs": reorg_pass}),
         directory=KeyDirectory(db, ttl_s=settings.key_cache_ttl_s),
         leases=leases, bus=bus, streams=streams, revoker=revoker, upstream=upstream,
         relay_deps=RelayDeps(upstream=upstream, leases=leases, usage=usage),

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 from agent_gateway.catalog.pools import Catalog
 from agent_gateway.catalog.pricing import Order
@@ -21,8 +22,9 @@ from agent_gateway.db.models import Payment
 from agent_gateway.errors import Conflict, GatewayError, PaymentRequired, ServiceUnavailable
 from agent_gateway.payments import ledger
 from agent_gateway.payments.amounts import format_usdc
+from agent_gateway.metrics import PAYMENTS_REVOKED
 from agent_gateway.payments.chain import ChainAdapter, Receipt, SettlementWouldRevert
-from agent_gateway.payments.ledger import Claim, Delivery
+from agent_gateway.payments.ledger import Claim, Delivery, Revocation
 from agent_gateway.payments.networks import chain_defaults
 from agent_gateway.payments.rules import check_chain_facts, check_payment
 from agent_gateway.payments.wallet import recover_personal_signer
@@ -42,9 +44,10 @@ log = logging.getLogger(__name__)
 _POLL_S = 0.05
 
 
-def tx_claim_message(tx_hash: str) -> str:
-    """What a tx-hash buyer signs with the paying wallet, binding the claim to the sender."""
-    return f"agent_gateway: claim pool subscription for transaction {tx_hash.lower()}"
+def tx_claim_message(tx_hash: str, chain_id: int, domain: str) -> str:
+    """What a tx-hash buyer signs with the paying wallet: binds the claim to the sender, to the
+    chain and to one deployment (its public URL's host), so another gateway cannot honour it."""
+    return f"agent_gateway: claim pool subscription for transaction {tx_hash.lower()} on chain {chain_id} at {domain}"
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,14 @@ class PaymentService:
     @property
     def network(self) -> str:
         return f"eip155:{self.settings.chain_id}"
+
+    @property
+    def domain(self) -> str:
+        """This deployment's domain: the host (and port) of its public URL."""
+        return urlsplit(self.settings.external_url).netloc
+
+    def tx_claim_message(self, tx_hash: str) -> str:
+        return tx_claim_message(tx_hash, self.settings.chain_id, self.domain)
 
     # --- the 402 -------------------------------------------------------------------------
 
@@ -128,8 +139,9 @@ class PaymentService:
         except WireError as exc:
             raise self.challenge(order, resource_url, message=exc.message, code=exc.code) from None
         offer = self.offer(order, resource_url)
-        verdict = check_payment(offer, payment, self.settings.chain_id, self.settings.usdc_address,
-                                await chain.chain_now())
+        # The head before the authorization is checked unused: any use of it is in a later block.
+        chain_now, watch_from_block = await asyncio.gather(chain.chain_now(), chain.block_number())
+        verdict = check_payment(offer, payment, self.settings.chain_id, self.settings.usdc_address, chain_now)
         if not verdict.ok:
             raise self.challenge(order, resource_url, message=_REASONS.get(verdict.reason, verdict.reason),
                                  code=verdict.reason)
@@ -137,7 +149,7 @@ class PaymentService:
             self.db, self.clock,
             Claim(method="x402-exact", network=self.network, payer=payment.payer, amount_atomic=payment.value,
                   auth_nonce=payment.nonce, valid_before=payment.valid_before,
-                  authorization=dataclasses.asdict(payment)),
+                  authorization=dataclasses.asdict(payment), watch_from_block=watch_from_block),
             order, account_id=account_id, key_name=key_name, renew_subscription_id=renew_subscription_id,
         )
         try:
@@ -161,18 +173,23 @@ class PaymentService:
                               only_from=ledger.UNSENT_STATES)
             raise
         try:
-            tx_hash = await self._send(row.id, payment, settlement.tx_hash, settlement.raw_tx)
+            sent = await self._send(row.id, payment, settlement.tx_hash, settlement.raw_tx, mint_keys=True)
         except ServiceUnavailable:
             # Stored as broadcast: the reconciler resends (or rebuilds) it.
             log.warning("payment %s: broadcast failed; left for the reconciler", row.id)
             return Settled(await ledger.get_payment(self.db, row.id), None)
-        return await self._await_delivery(row.id, tx_hash, mint_keys=True)
+        if isinstance(sent, Settled):
+            return sent
+        return await self._await_delivery(row.id, sent, mint_keys=True)
 
-    async def _send(self, payment_id: str, payment: ExactPayment, tx_hash: str, raw_tx: str) -> str:
-        """Broadcast the stored settlement. If its relayer nonce was taken by another transaction
-        (several gateway processes share the relayer), those bytes can never be mined: sign a new
-        settlement, store it in place of the old one, and send that. The authorization itself can
-        only ever be executed once on-chain, so this cannot charge twice."""
+    async def _send(self, payment_id: str, payment: ExactPayment, tx_hash: str, raw_tx: str, *,
+                    mint_keys: bool) -> str | Settled:
+        """Broadcast the stored settlement; returns its hash. If its relayer nonce was taken by
+        another transaction (several gateway processes share the relayer), those bytes can never be
+        mined: sign a new settlement, store it in place of the old one, and send that. The
+        authorization itself can only ever be executed once on-chain, so this cannot charge twice.
+        If no new settlement can be built because it would revert, the chain decides the outcome
+        (`settle_by_authorization`), and that outcome is returned instead of a hash."""
         chain = self._require_chain()
         for _ in range(3):
             try:
@@ -180,7 +197,11 @@ class PaymentService:
             except ServiceUnavailable as exc:
                 if exc.code != "relayer_nonce_conflict":
                     raise
-            settlement = await chain.build_settlement(payment)
+            try:
+                settlement = await chain.build_settlement(payment)
+            except SettlementWouldRevert:
+                row = await ledger.get_payment(self.db, payment_id)
+                return await self.settle_by_authorization(row, "settlement_would_fail", mint_keys=mint_keys)
             replaced = False
             try:
                 replaced = await ledger.replace_settlement(self.db, self.clock, payment_id, tx_hash,
@@ -218,14 +239,20 @@ class PaymentService:
         if tx is None:
             raise PaymentRequired("No such transaction on this chain (yet); retry once it is mined.",
                                   code="transaction_not_found")
-        signer = recover_personal_signer(tx_claim_message(tx_hash), signature)
+        message = self.tx_claim_message(tx_hash)
+        signer = recover_personal_signer(message, signature)
         if signer is None or signer != tx.from_.lower():
             raise PaymentRequired("The signature must be made by the wallet that sent the transaction, over "
-                                  f"the message {tx_claim_message(tx_hash)!r}.", code="invalid_signature")
+                                  f"the message {message!r}.", code="invalid_signature")
         receipt = await chain.receipt(tx_hash)
         if receipt is None or receipt.confirmations < self.confirmations:
             raise PaymentRequired("The transaction is not confirmed yet; retry in a few seconds.",
                                   code="payment_pending", headers={"Retry-After": "5"})
+        mined_at, chain_now = await asyncio.gather(chain.block_timestamp(receipt.block_number), chain.chain_now())
+        if chain_now - mined_at > self.settings.tx_claim_max_age_s:
+            raise PaymentRequired(
+                f"The transaction was mined {chain_now - mined_at} s ago; this gateway accepts claims of transfers "
+                f"up to {self.settings.tx_claim_max_age_s} s old. Pay with x402 instead.", code="transfer_too_old")
         paid = self._paid_to_us(receipt, signer)
         if not receipt.ok or paid < order.total_atomic:
             raise PaymentRequired(
@@ -233,7 +260,8 @@ class PaymentService:
                 f"{self.settings.pay_to}.", code="transfer_mismatch")
         row = await ledger.record_received(
             self.db, self.clock,
-            Claim(method="tx-hash", network=self.network, payer=signer, amount_atomic=paid, tx_hash=tx_hash),
+            Claim(method="tx-hash", network=self.network, payer=signer, amount_atomic=paid, tx_hash=tx_hash,
+                  block_number=receipt.block_number, sender_nonce=tx.nonce, credit_atomic=paid - order.total_atomic),
             order, account_id=None, key_name=key_name, state="verified",
         )
         try:
@@ -281,17 +309,73 @@ class PaymentService:
 
     async def _finish(self, payment: Payment, receipt: Receipt, *, mint_keys: bool) -> Settled:
         if not receipt.ok:
-            await ledger.fail(self.db, self.clock, payment.id, "settlement_reverted", only_from=("broadcast",))
-            raise PaymentRequired("The settlement reverted on-chain; nothing was charged.",
-                                  code="settlement_reverted")
+            return await self.settle_by_authorization(payment, "settlement_reverted", mint_keys=mint_keys)
         if self._paid_to_us(receipt, payment.payer) != payment.amount_atomic:
             await ledger.fail(self.db, self.clock, payment.id, "transfer_mismatch", only_from=("broadcast",))
             raise GatewayError("The settlement's Transfer does not match the payment.", code="transfer_mismatch")
-        await ledger.advance(self.db, self.clock, payment.id, "broadcast", "confirmed")
-        delivery = await ledger.deliver(self.db, self.clock, payment.id, mint_keys=mint_keys)
+        await ledger.confirm(self.db, self.clock, payment.id, "broadcast", receipt.tx_hash, receipt.block_number)
+        return await self._deliver_confirmed(payment.id, mint_keys=mint_keys)
+
+    async def settle_by_authorization(self, payment: Payment, reason: str, *, mint_keys: bool) -> Settled:
+        """The one rule for a broadcast payment whose own settlement reverted, cannot be rebuilt
+        (it would revert), or expired unsent (`reason`): the chain decides, never our transaction.
+
+        - The authorization is unused: nothing was charged; the payment fails with `reason`.
+        - It was used by a mined transaction (ours, a front-runner's copy of ours, anyone's) whose
+          Transfer paid `payTo` the amount: the purchase is delivered, and the ledger names that
+          transaction, so the reorg re-checks follow it. Until it has the confirmations, the
+          payment stays pending.
+        - The payer canceled it, or its use paid someone else: failed, nothing delivered.
+        Used alike by the request path (`_finish`, `_send`) and the reconciler."""
+        chain = self._require_chain()
+        if not await chain.authorization_used(payment.payer, payment.auth_nonce):
+            await ledger.fail(self.db, self.clock, payment.id, reason, only_from=("broadcast",))
+            raise PaymentRequired(f"{_UNSETTLED[reason]} The authorization is still unused: nothing was charged.",
+                                  code=reason)
+        event = await chain.authorization_event(payment.payer, payment.auth_nonce, await self._watch_from(payment))
+        if event is None:
+            # Used, yet no event found (a lagging log index): look again on the next pass.
+            raise ServiceUnavailable("The authorization was used on-chain, but the transaction is not found yet; "
+                                     "poll the payment.", code="authorization_use_not_found")
+        if event.kind == "canceled":
+            await ledger.fail(self.db, self.clock, payment.id, "authorization_canceled", only_from=("broadcast",))
+            raise PaymentRequired("The payer canceled the authorization on-chain before it was settled; nothing "
+                                  "was charged and nothing is delivered.", code="authorization_canceled")
+        carrier = await chain.receipt(event.tx_hash)
+        if carrier is None or carrier.confirmations < self.confirmations:
+            return Settled(await ledger.get_payment(self.db, payment.id), None)
+        if not self._carries(carrier, payment):
+            await ledger.fail(self.db, self.clock, payment.id, "authorization_used_elsewhere", only_from=("broadcast",))
+            raise PaymentRequired("The authorization was used by a transaction that did not pay this gateway.",
+                                  code="authorization_used_elsewhere")
+        if event.tx_hash != payment.tx_hash:
+            log.warning("payment %s: settled by another transaction %s (front-run of %s); delivering",
+                        payment.id, event.tx_hash, payment.tx_hash)
+        if not await ledger.confirm(self.db, self.clock, payment.id, "broadcast", event.tx_hash, carrier.block_number):
+            current = await ledger.get_payment(self.db, payment.id)
+            if current.state == "broadcast":  # another payment holds that transaction
+                await ledger.fail(self.db, self.clock, payment.id, "transfer_claimed_elsewhere",
+                                  only_from=("broadcast",))
+                raise Conflict("The transaction that carried this payment was already claimed by another "
+                               "payment.", code="transfer_claimed_elsewhere")
+        return await self._deliver_confirmed(payment.id, mint_keys=mint_keys)
+
+    async def _watch_from(self, payment: Payment) -> int:
+        if payment.watch_from_block is not None:
+            return payment.watch_from_block
+        # Recorded before the gateway kept it: the authorization window is minutes, so its use
+        # lies within the last reorg horizon's worth of blocks (and many more).
+        return max(0, await self._require_chain().block_number() - 100 * self.reorg_horizon_blocks)
+
+    def _carries(self, receipt: Receipt, payment: Payment) -> bool:
+        """The mined receipt still pays `payTo` what the payment recorded, from the payer."""
+        return receipt.ok and self._paid_to_us(receipt, payment.payer) >= payment.amount_atomic
+
+    async def _deliver_confirmed(self, payment_id: str, *, mint_keys: bool) -> Settled:
+        delivery = await ledger.deliver(self.db, self.clock, payment_id, mint_keys=mint_keys)
         if delivery is not None:
             return Settled(delivery.payment, delivery)
-        current = await ledger.get_payment(self.db, payment.id)
+        current = await ledger.get_payment(self.db, payment_id)
         if current.state == "credited":
             raise Conflict(
                 f"The subscription expired while this renewal was settling; the {format_usdc(current.amount_atomic)} "
@@ -332,27 +416,131 @@ class PaymentService:
             if receipt.ok and receipt.confirmations < self.confirmations:
                 return 0
             try:
-                await self._finish(payment, receipt, mint_keys=False)
+                settled = await self._finish(payment, receipt, mint_keys=False)
+            except ServiceUnavailable:
+                raise  # nothing decided: the next pass looks again
             except GatewayError:
-                pass  # _finish recorded the failure (or the credit)
-            return 1
+                return 1  # _finish recorded the failure (or the credit)
+            return int(not settled.pending)
         if expired:
-            # Even a settlement still waiting in a mempool can only revert now: nothing can be
-            # charged any more, so the seats are given back.
-            return int(await ledger.fail(self.db, self.clock, payment.id, "authorization_expired",
-                                         only_from=("broadcast",)))
+            # Even a settlement still waiting in a mempool can only revert now. Whether anything
+            # was charged is the chain's to say: someone else may have used the authorization.
+            try:
+                settled = await self.settle_by_authorization(payment, "authorization_expired", mint_keys=False)
+            except PaymentRequired:
+                return 1  # failed, recorded
+            return int(not settled.pending)
         if await chain.transaction(payment.tx_hash) is not None:
             return 0  # in the mempool: wait
         # Never reached the node (or was dropped): resend it (rebuilt only if its nonce was taken).
-        await self._send(payment.id, ExactPayment(**payment.authorization), payment.tx_hash, payment.raw_tx)
+        try:
+            sent = await self._send(payment.id, ExactPayment(**payment.authorization), payment.tx_hash,
+                                    payment.raw_tx, mint_keys=False)
+        except PaymentRequired:
+            return 1  # the chain said failed, recorded
+        if isinstance(sent, Settled):
+            return int(not sent.pending)
         log.info("payment %s: settlement %s resent", payment.id, payment.tx_hash)
         return 0
+
+    # --- reorgs ----------------------------------------------------------------------------
+
+    async def recheck_settled(self) -> list[Revocation]:
+        """One pass over delivered and credited payments not yet past the reorg horizon: those
+        whose transfer is gone for good are revoked (the caller ends their keys everywhere)."""
+        if self.chain is None:
+            return []
+        revoked = []
+        for payment in await ledger.settled_payments_to_recheck(self.db):
+            try:
+                revocation = await self._recheck_one(payment)
+            except GatewayError as exc:
+                log.warning("payment %s: reorg check deferred: %s", payment.id, exc.message)
+                continue
+            except Exception:
+                log.exception("payment %s: reorg check failed; retried next pass", payment.id)
+                continue
+            if revocation is not None:
+                revoked.append(revocation)
+        return revoked
+
+    async def _recheck_one(self, payment: Payment) -> Revocation | None:
+        chain = self._require_chain()
+        receipt = await chain.receipt(payment.tx_hash)
+        if receipt is not None and self._carries(receipt, payment):
+            if receipt.block_number != payment.block_number:  # mined again, in another block
+                await ledger.record_carrier(self.db, self.clock, payment.id, payment.tx_hash, receipt.block_number)
+            if receipt.confirmations >= self.reorg_horizon_blocks:
+                await ledger.mark_chain_final(self.db, payment.id)
+            return None
+        if payment.method == "x402-exact":
+            reason = await self._authorization_gone(payment)
+        else:
+            reason = await self._transfer_gone(payment, mined_without_paying=receipt is not None)
+        if reason is None:
+            return None
+        revocation = await ledger.revoke(self.db, self.clock, payment.id, reason)
+        if revocation is not None:
+            PAYMENTS_REVOKED.labels(reason=reason).inc()
+            log.warning("payment %s revoked: %s (was %s in block %s); subscriptions %s canceled, keys %s revoked",
+                        payment.id, reason, payment.tx_hash, payment.block_number,
+                        ",".join(revocation.subscription_ids) or "-", ",".join(revocation.key_ids) or "-")
+        return revocation
+
+    async def _authorization_gone(self, payment: Payment) -> str | None:
+        """Why an x402 payment's transfer is gone for good, or None while it may still (re)appear."""
+        chain = self._require_chain()
+        # The clock first: expired before an "unused" reading means unused for ever.
+        expired = await chain.chain_now() >= payment.valid_before
+        if await chain.authorization_used(payment.payer, payment.auth_nonce):
+            event = await chain.authorization_event(payment.payer, payment.auth_nonce, await self._watch_from(payment))
+            if event is None:
+                return None  # the log index lags: next pass
+            if event.kind == "canceled":
+                return "authorization_canceled"
+            carrier = await chain.receipt(event.tx_hash)
+            if carrier is None:
+                return None
+            if not self._carries(carrier, payment):
+                return "authorization_used_elsewhere"
+            # Mined again, by another transaction (ours re-sent, or someone's copy).
+            await ledger.record_carrier(self.db, self.clock, payment.id, event.tx_hash, carrier.block_number)
+            return None
+        if expired:
+            return "authorization_expired_unused"
+        if payment.raw_tx:
+            # Still valid: our own signed settlement is a legitimate way to get it mined again.
+            try:
+                await chain.broadcast(payment.raw_tx)
+                log.warning("payment %s: transfer reorganised away; our settlement sent again", payment.id)
+            except GatewayError as exc:
+                log.info("payment %s: re-sending the settlement failed: %s", payment.id, exc.message)
+        return None
+
+    async def _transfer_gone(self, payment: Payment, *, mined_without_paying: bool) -> str | None:
+        """Why a tx-hash payment's transfer is gone for good, or None while it may be mined again."""
+        chain = self._require_chain()
+        if mined_without_paying:
+            return "transfer_reverted"  # re-executed after the reorg, and no longer pays us
+        if await chain.transaction(payment.tx_hash) is not None:
+            return None  # back in the mempool: it will be mined again
+        if payment.sender_nonce is not None and await chain.sender_nonce(payment.payer) > payment.sender_nonce:
+            return "transfer_replaced"  # another transaction took its nonce: it can never be mined
+        if await chain.block_number() >= payment.block_number + self.reorg_horizon_blocks:
+            return "transfer_vanished"  # unknown to the node a whole horizon later
+        return None
 
     def _require_chain(self) -> ChainAdapter:
         if self.chain is None:
             raise ServiceUnavailable("USDC payments are not configured on this gateway.", code="payments_disabled")
         return self.chain
 
+
+_UNSETTLED = {
+    "settlement_reverted": "The settlement reverted on-chain.",
+    "settlement_would_fail": "The settlement could not be sent again: it would revert.",
+    "authorization_expired": "The authorization expired before the settlement was mined.",
+}
 
 _REASONS = {
     "wrong_network": "The payment is for another network.",
