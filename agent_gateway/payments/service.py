@@ -297,7 +297,9 @@ class PaymentService:
         deadline = asyncio.get_running_loop().time() + self.settings.settle_wait_s
         while True:
             receipt = await chain.receipt(tx_hash)
-            if receipt is not None and (not receipt.ok or receipt.confirmations >= self.confirmations):
+            # A reverted settlement waits for its confirmations too: if a front-runner's copy
+            # carried the payment, that one is in the same block or an earlier one, and deep enough.
+            if receipt is not None and receipt.confirmations >= self.confirmations:
                 break
             if asyncio.get_running_loop().time() >= deadline:
                 log.info("payment %s: no receipt within %.0f s; answering 202", payment_id,
@@ -413,7 +415,7 @@ class PaymentService:
         expired = payment.valid_before is not None and await chain.chain_now() >= payment.valid_before
         receipt = await chain.receipt(payment.tx_hash)
         if receipt is not None:
-            if receipt.ok and receipt.confirmations < self.confirmations:
+            if receipt.confirmations < self.confirmations:
                 return 0
             try:
                 settled = await self._finish(payment, receipt, mint_keys=False)

@@ -14,6 +14,7 @@ import pytest
 from x402.http.clients import x402HttpxClient
 
 from tests.attacks.conftest import (
+    ATTACK_POOLS,
     ORDER,
     PRICE,
     attack_gateway_settings,
@@ -70,39 +71,43 @@ def manual_mining(chain):
         rpc(chain, "evm_setAutomine", [True])
 
 
-def test_a_front_run_settlement_still_delivers_the_seats(attack_gateway, attack_chain, attack_view):
-    live, chain = attack_gateway, attack_chain
+@pytest.mark.parametrize("confirmations", [1, 3])
+def test_a_front_run_settlement_still_delivers_the_seats(tmp_path, sqlite_url, upstream, attack_chain, attack_view,
+                                                         confirmations):
+    chain = attack_chain
     buyer, attacker = attack_view.new_wallet(), attack_view.new_wallet(usdc_atomic=0)
     buyer_before, pay_to_before = attack_view.usdc(buyer.address), attack_view.usdc(chain.pay_to)
-    with manual_mining(chain):
-        purchase = Purchase(chain, buyer, live.url)
-        purchase.start()
-        attacker_tx, copied = front_run(chain, chain.relayer_address, attacker)
-        purchase.join(120)
+    with live_gateway(tmp_path, sqlite_url, upstream, pools=ATTACK_POOLS,
+                      **attack_gateway_settings(chain, confirmations=confirmations)) as live:
+        with manual_mining(chain):
+            purchase = Purchase(chain, buyer, live.url)
+            purchase.start()
+            attacker_tx, copied = front_run(chain, chain.relayer_address, attacker)
+            for _ in range(confirmations - 1):
+                rpc(chain, "evm_mine")
+            purchase.join(120)
 
-    # The attacker's copy carried the transfer; the relayer's own transaction reverted.
-    assert receipt_status(chain, attacker_tx) == 1
-    assert receipt_status(chain, copied["hash"]) == 0
-    assert attack_view.usdc(buyer.address) == buyer_before - PRICE
-    assert attack_view.usdc(chain.pay_to) == pay_to_before + PRICE
-    # ... and the buyer has what it paid for: a 201 with a working key.
-    response = purchase.response
-    assert response is not None and response.status_code == 201, response and response.text
-    data = response.json()["data"]
-    assert data["txHash"] == attacker_tx
-    [sub] = data["subscriptions"]
-    assert sub["status"] == "active" and key_works(live, sub["apiKey"]) == 200
-    # The ledger names the transaction that really paid, so the reorg checks follow that one.
-    status = payment_status(live, data["paymentId"])
-    assert status["state"] == "delivered" and status["txHash"] == attacker_tx
+        # The attacker's copy carried the transfer; the relayer's own transaction reverted.
+        assert receipt_status(chain, attacker_tx) == 1
+        assert receipt_status(chain, copied["hash"]) == 0
+        assert attack_view.usdc(buyer.address) == buyer_before - PRICE
+        assert attack_view.usdc(chain.pay_to) == pay_to_before + PRICE
+        # ... and the buyer has what it paid for: a 201 with a working key.
+        response = purchase.response
+        assert response is not None and response.status_code == 201, response and response.text
+        data = response.json()["data"]
+        assert data["txHash"] == attacker_tx
+        [sub] = data["subscriptions"]
+        assert sub["status"] == "active" and key_works(live, sub["apiKey"]) == 200
+        # The ledger names the transaction that really paid, so the reorg checks follow that one.
+        status = payment_status(live, data["paymentId"])
+        assert status["state"] == "delivered" and status["txHash"] == attacker_tx
 
 
 def test_a_front_run_found_by_the_reconciler_delivers_the_seats(tmp_path, sqlite_url, upstream, attack_chain,
                                                                  attack_view):
     chain = attack_chain
     buyer, attacker = attack_view.new_wallet(), attack_view.new_wallet(usdc_atomic=0)
-    from tests.attacks.conftest import ATTACK_POOLS
-
     # The request gives up waiting before the block is mined (as a gateway that restarted would).
     with live_gateway(tmp_path, sqlite_url, upstream, pools=ATTACK_POOLS,
                       **attack_gateway_settings(chain, settle_wait_s=0.5)) as live:
@@ -126,8 +131,6 @@ def test_an_authorization_the_payer_canceled_first_fails_and_delivers_nothing(
         tmp_path, sqlite_url, upstream, attack_chain, attack_view):
     chain = attack_chain
     payer = attack_view.new_wallet()
-    from tests.attacks.conftest import ATTACK_POOLS
-
     with live_gateway(tmp_path, sqlite_url, upstream, pools=ATTACK_POOLS,
                       **attack_gateway_settings(chain, settle_wait_s=0.5)) as live:
         http = httpx.Client(base_url=live.url, timeout=60)
