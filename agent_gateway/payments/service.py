@@ -22,9 +22,8 @@ from agent_gateway.db.models import Payment
 from agent_gateway.errors import Conflict, GatewayError, PaymentRequired, ServiceUnavailable
 from agent_gateway.payments import ledger
 from agent_gateway.payments.amounts import format_usdc
-from agent_gateway.metrics import PAYMENTS_REVOKED
 from agent_gateway.payments.chain import ChainAdapter, Receipt, SettlementWouldRevert
-from agent_gateway.payments.ledger import Claim, Delivery, Revocation
+from agent_gateway.payments.ledger import Claim, Delivery
 from agent_gateway.payments.networks import chain_defaults
 from agent_gateway.payments.rules import check_chain_facts, check_payment
 from agent_gateway.payments.wallet import recover_personal_signer
@@ -105,7 +104,7 @@ class PaymentService:
     def challenge(self, order: Order, resource_url: str, *, message: str | None = None,
                   code: str = "payment_required") -> PaymentRequired:
         """The 402: the v2 challenge in PAYMENT-REQUIRED, and the same object plus a quote in the body."""
-        self._require_chain()
+        self.require_chain()
         offer = self.offer(order, resource_url)
         required = payment_required([offer], error=None if code == "payment_required" else code)
         headers = {"PAYMENT-REQUIRED": encode_header(required), "Cache-Control": "no-store"}
@@ -133,7 +132,7 @@ class PaymentService:
     async def settle_exact(self, order: Order, header: str, version: int, resource_url: str, *,
                            account_id: str | None = None, key_name: str = "agent",
                            renew_subscription_id: str | None = None) -> Settled:
-        chain = self._require_chain()
+        chain = self.require_chain()
         try:
             payment = parse_payment(header, version)
         except WireError as exc:
@@ -190,7 +189,7 @@ class PaymentService:
         authorization itself can only ever be executed once on-chain, so this cannot charge twice.
         If no new settlement can be built because it would revert, the chain decides the outcome
         (`settle_by_authorization`), and that outcome is returned instead of a hash."""
-        chain = self._require_chain()
+        chain = self.require_chain()
         for _ in range(3):
             try:
                 return await chain.broadcast(raw_tx)
@@ -217,7 +216,7 @@ class PaymentService:
                                  code="relayer_nonce_conflict")
 
     async def _verify_on_chain(self, row: Payment, payment: ExactPayment) -> None:
-        chain = self._require_chain()
+        chain = self.require_chain()
         used, balance = await asyncio.gather(
             chain.authorization_used(payment.payer, payment.nonce), chain.balance_of(payment.payer))
         verdict = check_chain_facts(payment, used, balance)
@@ -233,7 +232,7 @@ class PaymentService:
 
     async def claim_tx_hash(self, order: Order, tx_hash: str, signature: str, *, key_name: str = "agent") -> Settled:
         """The reference service's flow: the buyer sent USDC itself and proves it owns the sender."""
-        chain = self._require_chain()
+        chain = self.require_chain()
         tx_hash = tx_hash.lower()
         tx = await chain.transaction(tx_hash)
         if tx is None:
@@ -293,7 +292,7 @@ class PaymentService:
 
     async def _await_delivery(self, payment_id: str, tx_hash: str, *, mint_keys: bool) -> Settled:
         """Wait (bounded) for the receipt and confirmations, then deliver; else leave it pending."""
-        chain = self._require_chain()
+        chain = self.require_chain()
         deadline = asyncio.get_running_loop().time() + self.settings.settle_wait_s
         while True:
             receipt = await chain.receipt(tx_hash)
@@ -329,12 +328,12 @@ class PaymentService:
           payment stays pending.
         - The payer canceled it, or its use paid someone else: failed, nothing delivered.
         Used alike by the request path (`_finish`, `_send`) and the reconciler."""
-        chain = self._require_chain()
+        chain = self.require_chain()
         if not await chain.authorization_used(payment.payer, payment.auth_nonce):
             await ledger.fail(self.db, self.clock, payment.id, reason, only_from=("broadcast",))
             raise PaymentRequired(f"{_UNSETTLED[reason]} The authorization is still unused: nothing was charged.",
                                   code=reason)
-        event = await chain.authorization_event(payment.payer, payment.auth_nonce, await self._watch_from(payment))
+        event = await chain.authorization_event(payment.payer, payment.auth_nonce, await self.watch_from_block(payment))
         if event is None:
             # Used, yet no event found (a lagging log index): look again on the next pass.
             raise ServiceUnavailable("The authorization was used on-chain, but the transaction is not found yet; "
@@ -346,7 +345,7 @@ class PaymentService:
         carrier = await chain.receipt(event.tx_hash)
         if carrier is None or carrier.confirmations < self.confirmations:
             return Settled(await ledger.get_payment(self.db, payment.id), None)
-        if not self._carries(carrier, payment):
+        if not self.carries(carrier, payment):
             await ledger.fail(self.db, self.clock, payment.id, "authorization_used_elsewhere", only_from=("broadcast",))
             raise PaymentRequired("The authorization was used by a transaction that did not pay this gateway.",
                                   code="authorization_used_elsewhere")
@@ -362,14 +361,15 @@ class PaymentService:
                                "payment.", code="transfer_claimed_elsewhere")
         return await self._deliver_confirmed(payment.id, mint_keys=mint_keys)
 
-    async def _watch_from(self, payment: Payment) -> int:
+    async def watch_from_block(self, payment: Payment) -> int:
+        """The block from which on an x402 payment's authorization can have been used."""
         if payment.watch_from_block is not None:
             return payment.watch_from_block
         # Recorded before the gateway kept it: the authorization window is minutes, so its use
         # lies within the last reorg horizon's worth of blocks (and many more).
-        return max(0, await self._require_chain().block_number() - 100 * self.reorg_horizon_blocks)
+        return max(0, await self.require_chain().block_number() - 100 * self.reorg_horizon_blocks)
 
-    def _carries(self, receipt: Receipt, payment: Payment) -> bool:
+    def carries(self, receipt: Receipt, payment: Payment) -> bool:
         """The mined receipt still pays `payTo` what the payment recorded, from the payer."""
         return receipt.ok and self._paid_to_us(receipt, payment.payer) >= payment.amount_atomic
 
@@ -402,7 +402,7 @@ class PaymentService:
         return finished
 
     async def _reconcile_one(self, payment: Payment) -> int:
-        chain = self._require_chain()
+        chain = self.require_chain()
         if payment.state in ledger.UNSENT_STATES:
             # Stopped before the settlement was stored, so it was never sent. (If a request moved
             # it on since this pass read it, `only_from` leaves it alone.)
@@ -429,7 +429,7 @@ class PaymentService:
             # was charged is the chain's to say: someone else may have used the authorization.
             try:
                 settled = await self.settle_by_authorization(payment, "authorization_expired", mint_keys=False)
-            except PaymentRequired:
+            except (PaymentRequired, Conflict):
                 return 1  # failed, recorded
             return int(not settled.pending)
         if await chain.transaction(payment.tx_hash) is not None:
@@ -438,101 +438,14 @@ class PaymentService:
         try:
             sent = await self._send(payment.id, ExactPayment(**payment.authorization), payment.tx_hash,
                                     payment.raw_tx, mint_keys=False)
-        except PaymentRequired:
+        except (PaymentRequired, Conflict):
             return 1  # the chain said failed, recorded
         if isinstance(sent, Settled):
             return int(not sent.pending)
         log.info("payment %s: settlement %s resent", payment.id, payment.tx_hash)
         return 0
 
-    # --- reorgs ----------------------------------------------------------------------------
-
-    async def recheck_settled(self) -> list[Revocation]:
-        """One pass over delivered and credited payments not yet past the reorg horizon: those
-        whose transfer is gone for good are revoked (the caller ends their keys everywhere)."""
-        if self.chain is None:
-            return []
-        revoked = []
-        for payment in await ledger.settled_payments_to_recheck(self.db):
-            try:
-                revocation = await self._recheck_one(payment)
-            except GatewayError as exc:
-                log.warning("payment %s: reorg check deferred: %s", payment.id, exc.message)
-                continue
-            except Exception:
-                log.exception("payment %s: reorg check failed; retried next pass", payment.id)
-                continue
-            if revocation is not None:
-                revoked.append(revocation)
-        return revoked
-
-    async def _recheck_one(self, payment: Payment) -> Revocation | None:
-        chain = self._require_chain()
-        receipt = await chain.receipt(payment.tx_hash)
-        if receipt is not None and self._carries(receipt, payment):
-            if receipt.block_number != payment.block_number:  # mined again, in another block
-                await ledger.record_carrier(self.db, self.clock, payment.id, payment.tx_hash, receipt.block_number)
-            if receipt.confirmations >= self.reorg_horizon_blocks:
-                await ledger.mark_chain_final(self.db, payment.id)
-            return None
-        if payment.method == "x402-exact":
-            reason = await self._authorization_gone(payment)
-        else:
-            reason = await self._transfer_gone(payment, mined_without_paying=receipt is not None)
-        if reason is None:
-            return None
-        revocation = await ledger.revoke(self.db, self.clock, payment.id, reason)
-        if revocation is not None:
-            PAYMENTS_REVOKED.labels(reason=reason).inc()
-            log.warning("payment %s revoked: %s (was %s in block %s); subscriptions %s canceled, keys %s revoked",
-                        payment.id, reason, payment.tx_hash, payment.block_number,
-                        ",".join(revocation.subscription_ids) or "-", ",".join(revocation.key_ids) or "-")
-        return revocation
-
-    async def _authorization_gone(self, payment: Payment) -> str | None:
-        """Why an x402 payment's transfer is gone for good, or None while it may still (re)appear."""
-        chain = self._require_chain()
-        # The clock first: expired before an "unused" reading means unused for ever.
-        expired = await chain.chain_now() >= payment.valid_before
-        if await chain.authorization_used(payment.payer, payment.auth_nonce):
-            event = await chain.authorization_event(payment.payer, payment.auth_nonce, await self._watch_from(payment))
-            if event is None:
-                return None  # the log index lags: next pass
-            if event.kind == "canceled":
-                return "authorization_canceled"
-            carrier = await chain.receipt(event.tx_hash)
-            if carrier is None:
-                return None
-            if not self._carries(carrier, payment):
-                return "authorization_used_elsewhere"
-            # Mined again, by another transaction (ours re-sent, or someone's copy).
-            await ledger.record_carrier(self.db, self.clock, payment.id, event.tx_hash, carrier.block_number)
-            return None
-        if expired:
-            return "authorization_expired_unused"
-        if payment.raw_tx:
-            # Still valid: our own signed settlement is a legitimate way to get it mined again.
-            try:
-                await chain.broadcast(payment.raw_tx)
-                log.warning("payment %s: transfer reorganised away; our settlement sent again", payment.id)
-            except GatewayError as exc:
-                log.info("payment %s: re-sending the settlement failed: %s", payment.id, exc.message)
-        return None
-
-    async def _transfer_gone(self, payment: Payment, *, mined_without_paying: bool) -> str | None:
-        """Why a tx-hash payment's transfer is gone for good, or None while it may be mined again."""
-        chain = self._require_chain()
-        if mined_without_paying:
-            return "transfer_reverted"  # re-executed after the reorg, and no longer pays us
-        if await chain.transaction(payment.tx_hash) is not None:
-            return None  # back in the mempool: it will be mined again
-        if payment.sender_nonce is not None and await chain.sender_nonce(payment.payer) > payment.sender_nonce:
-            return "transfer_replaced"  # another transaction took its nonce: it can never be mined
-        if await chain.block_number() >= payment.block_number + self.reorg_horizon_blocks:
-            return "transfer_vanished"  # unknown to the node a whole horizon later
-        return None
-
-    def _require_chain(self) -> ChainAdapter:
+    def require_chain(self) -> ChainAdapter:
         if self.chain is None:
             raise ServiceUnavailable("USDC payments are not configured on this gateway.", code="payments_disabled")
         return self.chain
