@@ -141,3 +141,47 @@ def test_a_payment_past_the_reorg_horizon_is_no_longer_rechecked(attack_gateway,
     assert payment_status(live, new["paymentId"])["state"] == "revoked"
     assert payment_status(live, old["paymentId"])["state"] == "delivered"
     assert key_works(live, old["subscriptions"][0]["apiKey"]) == 200
+
+
+def test_a_reorganised_purchase_whose_authorization_expires_unused_is_revoked(
+        tmp_path, sqlite_url, upstream, attack_view):
+    from agent_gateway.payments.devchain import start_devchain
+    from tests.attacks.conftest import ATTACK_POOLS, attack_gateway_settings
+    from tests.fixtures.live import live_gateway
+    from tests.fixtures.x402 import ChainView
+
+    # A chain of its own: its clock is moved past the authorization's validBefore.
+    with start_devchain(agents=0) as chain, live_gateway(tmp_path, sqlite_url, upstream, pools=ATTACK_POOLS,
+                                                          **attack_gateway_settings(chain)) as live:
+        payer = ChainView(chain).new_wallet()
+        bought, _ = buy(live, chain, payer)
+        reorg(chain, 1)
+        rpc(chain, "evm_increaseTime", [3600])
+        mine(chain, 1)
+
+        run_background_pass(live)
+
+        status = payment_status(live, bought["paymentId"])
+        assert status["state"] == "revoked" and status["failureReason"] == "authorization_expired_unused", status
+        assert key_works(live, bought["subscriptions"][0]["apiKey"]) == 403
+        assert ChainView(chain).usdc(payer.address) == 100 * 10**6  # and it can never be charged now
+
+
+def test_a_reorganised_tx_hash_claim_whose_nonce_is_reused_is_revoked_at_once(attack_gateway, attack_chain,
+                                                                              attack_view):
+    live, chain = attack_gateway, attack_chain
+    wallet = attack_view.new_wallet()
+    paid = transfer(chain, wallet, chain.pay_to, PRICE)
+    r = httpx.post(live.url + "/api/agent/subscribe-pool", timeout=30,
+                   json={**ORDER, "txHash": paid, "signature": claim_signature(wallet.key, paid, live)})
+    assert r.status_code == 201, r.text
+    data = r.json()["data"]
+    reorg(chain, 1)
+    # The sender spends the same account nonce on another transaction: the claimed one can never return.
+    transfer(chain, wallet, wallet.address, 1)
+
+    run_background_pass(live)
+
+    status = payment_status(live, data["paymentId"])
+    assert status["state"] == "revoked" and status["failureReason"] == "transfer_replaced", status
+    assert key_works(live, data["subscriptions"][0]["apiKey"]) == 403
