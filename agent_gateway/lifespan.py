@@ -18,6 +18,7 @@ from agent_gateway.jobs.runner import JobRunner
 from agent_gateway.keys.revocation import RESTORED, KeyRevoker
 from agent_gateway.metrics import SUBSCRIPTIONS_EXPIRED
 from agent_gateway.payments.chain import ChainAdapter
+from agent_gateway.payments.reorgs import ReorgWatch
 from agent_gateway.payments.service import PaymentService
 from agent_gateway.proxy.directory import KeyDirectory
 from agent_gateway.proxy.leases import Leases, make_leases
@@ -76,9 +77,16 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         SUBSCRIPTIONS_EXPIRED.inc(len(result.subscription_ids))
         await revoker.revoke(result.revoked_key_ids, "subscription_expired")
 
+    reorgs = ReorgWatch(payments)
+
+    async def reorg_pass() -> None:
+        for revocation in await reorgs.recheck_settled():
+            await revoker.revoke(revocation.key_ids, "payment_revoked")
+
     return Services(
         settings=settings, clock=clock, db=db, catalog=catalog, usage=usage,
-        jobs=JobRunner(settings.job_interval_s, {"expiry": expiry_pass, "payments": payments.reconcile}),
+        jobs=JobRunner(settings.job_interval_s, {"expiry": expiry_pass, "payments": payments.reconcile,
+                                                   "reorgs": reorg_pass}),
         directory=KeyDirectory(db, ttl_s=settings.key_cache_ttl_s),
         leases=leases, bus=bus, streams=streams, revoker=revoker, upstream=upstream,
         relay_deps=RelayDeps(upstream=upstream, leases=leases, usage=usage),

@@ -19,6 +19,11 @@ PROXY_OVERHEAD = Histogram(
 )
 STREAMS_REVOKED = Counter("agw_streams_revoked_total", "Running streams ended because their key was revoked.")
 SUBSCRIPTIONS_EXPIRED = Counter("agw_subscriptions_expired_total", "Subscriptions expired by the background job.")
+PAYMENTS_REVOKED = Counter(
+    "agw_payments_revoked_total",
+    "Delivered or credited payments revoked because their transfer was reorganised away for good, by reason.",
+    ["reason"],
+)
 
 
 async def metrics_endpoint(request: Request) -> Response:

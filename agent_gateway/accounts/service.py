@@ -62,6 +62,22 @@ async def add_credit(session: AsyncSession, account_id: str, amount_atomic: int,
     return balance
 
 
+async def take_back_credit(session: AsyncSession, account_id: str, amount_atomic: int, note: str,
+                           now: datetime) -> int:
+    """Within the caller's transaction: reverse a credit whose money never stayed (a reorganised
+    transfer). The balance may go below zero: that is what the account owes, on the record."""
+    result = await session.execute(
+        update(Account).where(Account.id == account_id)
+        .values(balance_atomic=Account.balance_atomic - amount_atomic).returning(Account.balance_atomic)
+    )
+    balance = result.scalar_one_or_none()
+    if balance is None:
+        raise NotFound(f"No account {account_id!r}.", code="account_not_found")
+    session.add(BalanceEntry(id=new_id("bal"), account_id=account_id, delta_atomic=-amount_atomic, kind="reversal",
+                             note=note, created_at=now))
+    return balance
+
+
 async def get_account(db: Database, account_id: str) -> Account:
     async with db.transaction() as session:
         account = await session.get(Account, account_id)

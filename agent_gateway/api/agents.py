@@ -18,7 +18,6 @@ from agent_gateway.catalog.pricing import make_order
 from agent_gateway.db.models import Subscription
 from agent_gateway.errors import Conflict, InvalidRequest, NotFound
 from agent_gateway.payments.ledger import get_payment
-from agent_gateway.payments.service import tx_claim_message
 from agent_gateway.payments.wallet import issue_challenge, sign_in, sign_in_chain_id
 
 
@@ -53,7 +52,7 @@ async def subscribe_pool(request: Request) -> Response:
     if body.tx_hash is not None:
         if not body.signature:
             raise InvalidRequest(f"A txHash claim needs \"signature\": the paying wallet's signature (EIP-191) "
-                                 f"of {tx_claim_message(body.tx_hash)!r}.", code="missing_signature")
+                                 f"of {services.payments.tx_claim_message(body.tx_hash)!r}.", code="missing_signature")
         settled = await services.payments.claim_tx_hash(order, body.tx_hash, body.signature, key_name=body.name)
         return render_settled(settled)
     settled = await pay_for(request, services, order, account_id=None, key_name=body.name)

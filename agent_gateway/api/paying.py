@@ -9,6 +9,7 @@ from agent_gateway.api.rendering import ok
 from agent_gateway.api.views import render_subscription
 from agent_gateway.catalog.pricing import Order
 from agent_gateway.lifespan import Services
+from agent_gateway.payments.amounts import format_usdc
 from agent_gateway.payments.service import Settled
 from agent_gateway.payments.wire import settle_response_header
 
@@ -63,6 +64,10 @@ def render_settled(settled: Settled, status_if_done: int = 201) -> Response:
         "managementKey": delivery.management_key.plaintext if delivery.management_key else None,
         "subscriptions": [],
     }
+    if payment.credit_atomic:  # an overpaid tx-hash transfer: the excess is prepaid balance
+        data.update(credited=format_usdc(payment.credit_atomic), creditedAtomic=str(payment.credit_atomic),
+                    message=f"You paid {format_usdc(payment.credit_atomic)} USDC beyond the price; it was credited "
+                            f"to account {delivery.account.id}'s prepaid balance.")
     for sub in delivery.subscriptions:
         row = render_subscription(sub)
         if sub.id in keys:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from datetime import datetime
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, Text, text
+from sqlalchemy import JSON, BigInteger, Boolean, Column, DateTime, Index, Integer, Text, false, text
 from sqlmodel import Field, SQLModel
 
 
@@ -36,7 +36,7 @@ class BalanceEntry(SQLModel, table=True):
     id: str = Field(primary_key=True, max_length=40)
     account_id: str = Field(foreign_key="accounts.id", index=True, max_length=40)
     delta_atomic: int = Field(sa_column=Column(BigInteger, nullable=False))
-    kind: str = Field(max_length=20)  # credit | charge
+    kind: str = Field(max_length=20)  # credit | charge | reversal
     note: str = Field(default="", max_length=500)
     created_at: datetime = Field(sa_column=_ts())
 
@@ -149,6 +149,7 @@ class Payment(SQLModel, table=True):
               sqlite_where=text("state <> 'failed' AND tx_hash IS NOT NULL"),
               postgresql_where=text("state <> 'failed' AND tx_hash IS NOT NULL")),
         Index("ix_payments_state_updated", "state", "updated_at"),
+        Index("ix_payments_recheck", "chain_final", "state"),
     )
 
     id: str = Field(primary_key=True, max_length=40)
@@ -163,7 +164,8 @@ class Payment(SQLModel, table=True):
     # The EIP-3009 authorization and its signature (x402-exact), to rebuild a settlement whose
     # relayer nonce was taken before it reached the chain.
     authorization: dict | None = Field(default=None, sa_column=Column(JSON, nullable=True))
-    state: str = Field(max_length=12)  # received | verified | reserved | broadcast | confirmed | delivered | failed
+    # received | verified | reserved | broadcast | confirmed | delivered | failed | credited | revoked
+    state: str = Field(max_length=12)
     failure_reason: str | None = Field(default=None, max_length=60)
     seats_held: bool = False  # seats reserved in the inventory for this payment, not yet delivered
     # The order.
@@ -175,6 +177,18 @@ class Payment(SQLModel, table=True):
     unit_price_atomic: int = Field(sa_column=Column(BigInteger, nullable=False))
     key_name: str = Field(default="agent", max_length=200)
     renew_subscription_id: str | None = Field(default=None, max_length=40)
+    # Chain facts for the checks after delivery (payments.ledger, "Reorgs").
+    # The chain head when the authorization was checked unused: its use can only be in a later block.
+    watch_from_block: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    # The block of the transaction that carried the Transfer (`tx_hash`), once confirmed.
+    block_number: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    # tx-hash flow: the sender's account nonce of the claimed transaction (another transaction
+    # with that nonce means the claimed one can never be mined again).
+    sender_nonce: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    # What of amount_atomic went to the prepaid balance at delivery (an overpaid tx-hash transfer).
+    credit_atomic: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    # Past the reorg horizon (or ended without money): no longer re-checked.
+    chain_final: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, server_default=false()))
     created_at: datetime = Field(sa_column=_ts())
     updated_at: datetime = Field(sa_column=_ts())
 

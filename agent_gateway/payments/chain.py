@@ -29,6 +29,9 @@ _TRANSFER_WITH_AUTHORIZATION = (
     "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)")
 _TRANSFER_TOPIC = keccak(text="Transfer(address,address,uint256)")
 _ERC20_TRANSFER_SELECTOR = keccak(text="transfer(address,uint256)")[:4]
+# EIP-3009: the token marks a nonce used (a transfer or receive with authorization) or canceled.
+_AUTHORIZATION_USED_TOPIC = keccak(text="AuthorizationUsed(address,bytes32)")
+_AUTHORIZATION_CANCELED_TOPIC = keccak(text="AuthorizationCanceled(address,bytes32)")
 GAS_HEADROOM_PCT = 20
 # Node messages for "I already have this exact transaction" (geth, anvil, erigon/nethermind).
 _ALREADY_KNOWN = ("already known", "already imported", "known transaction")
@@ -71,6 +74,15 @@ class TxInfo:
     nonce: int
     block_number: int | None  # None while pending
     transfer: Transfer | None  # the call decoded, when it is our token's transfer(to, value)
+
+
+@dataclass(frozen=True)
+class AuthorizationEvent:
+    """The mined transaction that used (a Transfer) or canceled an EIP-3009 authorization."""
+
+    kind: str  # used | canceled
+    tx_hash: str
+    block_number: int
 
 
 class SettlementWouldRevert(PaymentRequired):
@@ -182,6 +194,34 @@ class ChainAdapter:
         call = self._token.functions.authorizationState(to_checksum_address(authorizer),
                                                          bytes.fromhex(nonce_hex.removeprefix("0x"))).call()
         return bool(await self._rpc("authorizationState", call))
+
+    async def block_number(self) -> int:
+        """The latest block's number."""
+        return int(await self._rpc("the block number", self._w3.eth.block_number))
+
+    async def block_timestamp(self, number: int) -> int:
+        return int((await self._rpc("a block", self._w3.eth.get_block(number)))["timestamp"])
+
+    async def sender_nonce(self, address: str) -> int:
+        """How many transactions `address` has in mined blocks (its next nonce at the latest block)."""
+        return int(await self._rpc("an account nonce",
+                                   self._w3.eth.get_transaction_count(to_checksum_address(address), "latest")))
+
+    async def authorization_event(self, authorizer: str, nonce_hex: str, from_block: int) -> AuthorizationEvent | None:
+        """Which mined transaction, in blocks from `from_block` on, used or canceled the authorization
+        `(authorizer, nonce)`; None if none did. (A nonce is spent once, so there is one at most.)"""
+        topics = [["0x" + _AUTHORIZATION_USED_TOPIC.hex(), "0x" + _AUTHORIZATION_CANCELED_TOPIC.hex()],
+                  "0x" + bytes(12).hex() + authorizer.lower().removeprefix("0x"),
+                  "0x" + nonce_hex.lower().removeprefix("0x")]
+        logs = await self._rpc("the authorization's events", self._w3.eth.get_logs(
+            {"address": self.token_address, "fromBlock": max(0, from_block), "toBlock": "latest", "topics": topics}))
+        for entry in logs:
+            if entry.get("removed"):
+                continue
+            kind = "used" if bytes(entry["topics"][0]) == _AUTHORIZATION_USED_TOPIC else "canceled"
+            return AuthorizationEvent(kind=kind, tx_hash="0x" + bytes(entry["transactionHash"]).hex(),
+                                      block_number=int(entry["blockNumber"]))
+        return None
 
     async def balance_of(self, address: str) -> int:
         return int(await self._rpc("balanceOf", self._token.functions.balanceOf(to_checksum_address(address)).call()))

@@ -2,9 +2,9 @@
 conditional UPDATE from the state it expects, so a transition happens once even when two
 processes (a request and the reconciler) reach it together.
 
-    received ─► verified ─► reserved ─► broadcast ─► confirmed ─► delivered
-        └──────────┴───────────┴────────────┴─────────────┴──► failed (reason)
-                                                               └──► credited (reason)
+    received ─► verified ─► reserved ─► broadcast ─► confirmed ─► delivered ─► revoked (reason)
+        └──────────┴───────────┴────────────┴─────────────┴──► failed (reason)       ▲
+                                                               └──► credited (reason) ┘
 
 `failed` means no money moved, so the claim is released and the authorization or tx hash may be
 redeemed again. `credited` means the money arrived but the seats could not be delivered (sold out
@@ -15,7 +15,13 @@ went to the account's prepaid balance, and the claim stays taken for good.
 `reserved` holds the seats in the inventory; `broadcast` stores the signed settlement *before* it
 is sent, so a restart resends the same bytes and never a second transaction; `delivered` creates
 the account (bound to the payer's wallet, if new), the subscriptions and their keys in the same
-transaction that moves the state."""
+transaction that moves the state.
+
+`confirmed` names the transaction that really carried the Transfer (`tx_hash`, `block_number`):
+our relayer's settlement, or a front-runner's copy of it. Until that block is past the reorg
+horizon (`chain_final`), a delivered or credited payment is checked again; if its transfer is
+gone for good it becomes `revoked`: subscriptions canceled and their seats released, keys
+revoked, a renewal's added period and any credit taken back, all in one transaction."""
 
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ from datetime import datetime
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from agent_gateway.accounts.service import add_credit
+from agent_gateway.accounts.service import add_credit, take_back_credit
 from agent_gateway.catalog.pools import Catalog
 from agent_gateway.catalog.pricing import BILLING_CYCLES, Order
 from agent_gateway.clock import Clock, as_utc
@@ -41,7 +47,9 @@ from agent_gateway.subscriptions.service import new_subscriptions
 
 log = logging.getLogger(__name__)
 
-FINAL_STATES = ("delivered", "failed", "credited")
+FINAL_STATES = ("delivered", "failed", "credited", "revoked")
+# Money arrived: re-checked for reorgs until past the horizon.
+SETTLED_STATES = ("delivered", "credited")
 # Before the settlement was stored: nothing can have been sent for these.
 UNSENT_STATES = ("received", "verified", "reserved")
 
@@ -62,6 +70,10 @@ class Claim:
     valid_before: int | None = None
     tx_hash: str | None = None
     authorization: dict | None = None
+    watch_from_block: int | None = None  # the head when the authorization was seen unused
+    block_number: int | None = None  # tx-hash: the claimed transaction's block
+    sender_nonce: int | None = None  # tx-hash: the claimed transaction's nonce
+    credit_atomic: int = 0  # tx-hash: paid beyond the price, credited at delivery
 
 
 @dataclass(frozen=True)
@@ -84,7 +96,9 @@ async def record_received(db: Database, clock: Clock, claim: Claim, order: Order
         tx_hash=claim.tx_hash, authorization=claim.authorization, state=state, account_id=account_id, pool_slug=order.pool.slug,
         blocks=list(order.blocks), quantity=order.quantity, billing_cycle=order.billing_cycle,
         unit_price_atomic=order.unit_price_atomic, key_name=key_name,
-        renew_subscription_id=renew_subscription_id, created_at=now, updated_at=now,
+        renew_subscription_id=renew_subscription_id, watch_from_block=claim.watch_from_block,
+        block_number=claim.block_number, sender_nonce=claim.sender_nonce, credit_atomic=claim.credit_atomic,
+        created_at=now, updated_at=now,
     )
     try:
         async with db.transaction() as session:
@@ -107,6 +121,18 @@ async def advance(db: Database, clock: Clock, payment_id: str, expected: str, ne
     if moved.rowcount == 1:
         log.info("payment %s %s -> %s", payment_id, expected, new)
     return moved.rowcount == 1
+
+
+async def confirm(db: Database, clock: Clock, payment_id: str, expected: str, tx_hash: str,
+                  block_number: int) -> bool:
+    """`expected` -> confirmed, recording the transaction that carried the Transfer. False if the
+    payment was elsewhere, or if another payment already claimed that transaction (a payer who
+    front-ran its own authorization, then claimed the transaction by tx hash)."""
+    try:
+        return await advance(db, clock, payment_id, expected, "confirmed", tx_hash=tx_hash, block_number=block_number)
+    except IntegrityError:
+        log.warning("payment %s: transaction %s already belongs to another payment", payment_id, tx_hash)
+        return False
 
 
 async def replace_settlement(db: Database, clock: Clock, payment_id: str, old_tx_hash: str,
@@ -150,7 +176,7 @@ async def fail(db: Database, clock: Clock, payment_id: str, reason: str, *, only
             await release_seats(session, payment.pool_slug, list(payment.blocks), payment.quantity)
         previous = payment.state
         payment.state, payment.failure_reason, payment.seats_held = "failed", reason, False
-        payment.updated_at = clock.now()
+        payment.chain_final, payment.updated_at = True, clock.now()
         session.add(payment)
     log.warning("payment %s %s -> failed: %s", payment_id, previous, reason)
     return True
@@ -227,6 +253,9 @@ async def _deliver(db: Database, clock: Clock, payment_id: str, *, mint_keys: bo
                     key, token = new_api_key(account.id, sub.id, payment.key_name, now)
                     session.add(key)
                     keys.append((key, token))
+        if payment.credit_atomic:
+            await add_credit(session, account.id, payment.credit_atomic,
+                             f"payment {payment.id}: paid beyond the price", now)
         payment.state, payment.seats_held, payment.account_id, payment.updated_at = "delivered", False, account.id, now
         session.add(payment)
     log.info("payment %s confirmed -> delivered: account %s, %d subscription(s)%s", payment_id, account.id,
@@ -247,6 +276,89 @@ async def _account_for(session, payment: Payment, now: datetime) -> tuple[Accoun
     key, token = new_management_key(account.id, "x402", now)
     session.add(key)
     return account, token
+
+
+@dataclass(frozen=True)
+class Revocation:
+    payment: Payment
+    subscription_ids: list[str]  # canceled
+    key_ids: list[str]  # revoked: the caller ends them everywhere (KeyRevoker)
+    taken_back_atomic: int  # credit reversed on the account's prepaid balance
+
+
+async def revoke(db: Database, clock: Clock, payment_id: str, reason: str) -> Revocation | None:
+    """delivered | credited -> revoked: the money is gone (a reorganised transfer), so is what it
+    bought, in one transaction. None if the payment was not in one of those states any more."""
+    now = clock.now()
+    async with db.transaction() as session:
+        payment = await session.get(Payment, payment_id, with_for_update=True)
+        if payment is None or payment.state not in SETTLED_STATES:
+            return None
+        canceled: list[Subscription] = []
+        if payment.state == "delivered" and payment.renew_subscription_id is not None:
+            sub = await session.get(Subscription, payment.renew_subscription_id, with_for_update=True)
+            # The renewal's period goes; if nothing paid is left, the seat goes too.
+            sub.period_end = as_utc(sub.period_end) - BILLING_CYCLES[payment.billing_cycle][1]
+            session.add(sub)
+            if sub.status == "active" and sub.period_end <= now:
+                canceled.append(sub)
+        elif payment.state == "delivered":
+            canceled = list(await session.scalars(
+                select(Subscription).where(Subscription.payment_id == payment.id,
+                                           Subscription.status.in_(("active", "pending")))
+                .with_for_update()))
+        for sub in canceled:
+            sub.status = "canceled"
+            session.add(sub)
+            await release_seats(session, sub.pool_slug, list(sub.blocks))
+        key_ids: list[str] = []
+        if canceled:
+            key_ids = list((await session.execute(
+                update(ApiKey).where(ApiKey.subscription_id.in_([s.id for s in canceled]), ApiKey.status != "revoked")
+                .values(status="revoked").returning(ApiKey.id))).scalars())
+        taken_back = payment.credit_atomic if payment.state == "delivered" else payment.amount_atomic
+        if taken_back and payment.account_id is not None:
+            await take_back_credit(session, payment.account_id, taken_back,
+                                   f"payment {payment.id} revoked: {reason}", now)
+        previous = payment.state
+        payment.state, payment.failure_reason, payment.chain_final, payment.updated_at = "revoked", reason, True, now
+        session.add(payment)
+    log.warning("payment %s %s -> revoked (%s): %d subscription(s) canceled, %d key(s) revoked, %d atomic "
+                "taken back from account %s", payment_id, previous, reason, len(canceled), len(key_ids), taken_back,
+                payment.account_id)
+    return Revocation(payment, [s.id for s in canceled], key_ids, taken_back)
+
+
+async def record_carrier(db: Database, clock: Clock, payment_id: str, tx_hash: str, block_number: int) -> bool:
+    """A settled payment's Transfer is now in another block (re-mined after a reorg), or in
+    another transaction (the same authorization, mined again by someone else)."""
+    try:
+        async with db.transaction() as session:
+            moved = await session.execute(
+                update(Payment).where(Payment.id == payment_id, Payment.state.in_(SETTLED_STATES))
+                .values(tx_hash=tx_hash, block_number=block_number, updated_at=clock.now()))
+    except IntegrityError:
+        return False
+    if moved.rowcount == 1:
+        log.warning("payment %s: its Transfer is now in %s, block %d", payment_id, tx_hash, block_number)
+    return moved.rowcount == 1
+
+
+async def mark_chain_final(db: Database, payment_id: str) -> None:
+    """Past the reorg horizon: the payment is no longer re-checked."""
+    async with db.transaction() as session:
+        await session.execute(update(Payment).where(Payment.id == payment_id).values(chain_final=True))
+    log.info("payment %s is past the reorg horizon", payment_id)
+
+
+async def settled_payments_to_recheck(db: Database) -> list[Payment]:
+    """Delivered or credited payments whose transfer is not yet past the reorg horizon."""
+    async with db.transaction() as session:
+        rows = await session.scalars(
+            select(Payment).where(Payment.chain_final.is_(False), Payment.state.in_(SETTLED_STATES),
+                                  Payment.block_number.is_not(None))
+            .order_by(Payment.created_at).limit(500))
+        return list(rows)
 
 
 async def get_payment(db: Database, payment_id: str) -> Payment | None:

@@ -14,17 +14,21 @@ class ChainDefaults:
 
 
 # Base and Base Sepolia are OP-stack rollups: the sequencer's blocks (2 s) are reorganised only by
-# a sequencer fault or an L1 reorg, and are final once their batch is final on L1 (~15 min, 450
-# blocks); 3 confirmations (~6 s) keeps delivery fast while the re-check job covers the rest.
-# Ethereum mainnet: 12 s slots, finality after two epochs (64 blocks).
+# a sequencer fault or an L1 reorg, and are final once the L1 block holding their batch is final:
+# the batcher posts every few minutes and L1 finality takes another ~13 min, so ~25 min in the
+# worst common case; the horizon is 30 min (900 blocks). 3 confirmations (~6 s; 2 on the testnet)
+# keep delivery fast while the re-check job covers the rest.
+# Ethereum mainnet: 12 s slots; a block is finalized two epochs after its own epoch is justified,
+# i.e. 64 to 95 slots later: 96 blocks.
+# anvil: reorganised only on request (anvil_reorg); a small horizon keeps the re-check cheap.
 CHAIN_DEFAULTS: dict[int, ChainDefaults] = {
-    1: ChainDefaults("ethereum", confirmations=3, reorg_horizon_blocks=64),
-    8453: ChainDefaults("base", confirmations=3, reorg_horizon_blocks=450),
-    84532: ChainDefaults("base-sepolia", confirmations=2, reorg_horizon_blocks=450),
+    1: ChainDefaults("ethereum", confirmations=3, reorg_horizon_blocks=96),
+    8453: ChainDefaults("base", confirmations=3, reorg_horizon_blocks=900),
+    84532: ChainDefaults("base-sepolia", confirmations=2, reorg_horizon_blocks=900),
     31337: ChainDefaults("anvil", confirmations=1, reorg_horizon_blocks=10),
 }
 # Any other chain: the cautious end.
-UNKNOWN_CHAIN = ChainDefaults("unknown", confirmations=3, reorg_horizon_blocks=450)
+UNKNOWN_CHAIN = ChainDefaults("unknown", confirmations=3, reorg_horizon_blocks=900)
 
 
 def chain_defaults(chain_id: int | None) -> ChainDefaults:

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 from agent_gateway.catalog.pools import Catalog
 from agent_gateway.catalog.pricing import Order
@@ -42,9 +43,10 @@ log = logging.getLogger(__name__)
 _POLL_S = 0.05
 
 
-def tx_claim_message(tx_hash: str) -> str:
-    """What a tx-hash buyer signs with the paying wallet, binding the claim to the sender."""
-    return f"agent_gateway: claim pool subscription for transaction {tx_hash.lower()}"
+def tx_claim_message(tx_hash: str, chain_id: int, domain: str) -> str:
+    """What a tx-hash buyer signs with the paying wallet: binds the claim to the sender, to the
+    chain and to one deployment (its public URL's host), so another gateway cannot honour it."""
+    return f"agent_gateway: claim pool subscription for transaction {tx_hash.lower()} on chain {chain_id} at {domain}"
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,14 @@ class PaymentService:
     def network(self) -> str:
         return f"eip155:{self.settings.chain_id}"
 
+    @property
+    def domain(self) -> str:
+        """This deployment's domain: the host (and port) of its public URL."""
+        return urlsplit(self.settings.external_url).netloc
+
+    def tx_claim_message(self, tx_hash: str) -> str:
+        return tx_claim_message(tx_hash, self.settings.chain_id, self.domain)
+
     # --- the 402 -------------------------------------------------------------------------
 
     def offer(self, order: Order, resource_url: str) -> Offer:
@@ -94,7 +104,7 @@ class PaymentService:
     def challenge(self, order: Order, resource_url: str, *, message: str | None = None,
                   code: str = "payment_required") -> PaymentRequired:
         """The 402: the v2 challenge in PAYMENT-REQUIRED, and the same object plus a quote in the body."""
-        self._require_chain()
+        self.require_chain()
         offer = self.offer(order, resource_url)
         required = payment_required([offer], error=None if code == "payment_required" else code)
         headers = {"PAYMENT-REQUIRED": encode_header(required), "Cache-Control": "no-store"}
@@ -122,14 +132,15 @@ class PaymentService:
     async def settle_exact(self, order: Order, header: str, version: int, resource_url: str, *,
                            account_id: str | None = None, key_name: str = "agent",
                            renew_subscription_id: str | None = None) -> Settled:
-        chain = self._require_chain()
+        chain = self.require_chain()
         try:
             payment = parse_payment(header, version)
         except WireError as exc:
             raise self.challenge(order, resource_url, message=exc.message, code=exc.code) from None
         offer = self.offer(order, resource_url)
-        verdict = check_payment(offer, payment, self.settings.chain_id, self.settings.usdc_address,
-                                await chain.chain_now())
+        # The head before the authorization is checked unused: any use of it is in a later block.
+        chain_now, watch_from_block = await asyncio.gather(chain.chain_now(), chain.block_number())
+        verdict = check_payment(offer, payment, self.settings.chain_id, self.settings.usdc_address, chain_now)
         if not verdict.ok:
             raise self.challenge(order, resource_url, message=_REASONS.get(verdict.reason, verdict.reason),
                                  code=verdict.reason)
@@ -137,7 +148,7 @@ class PaymentService:
             self.db, self.clock,
             Claim(method="x402-exact", network=self.network, payer=payment.payer, amount_atomic=payment.value,
                   auth_nonce=payment.nonce, valid_before=payment.valid_before,
-                  authorization=dataclasses.asdict(payment)),
+                  authorization=dataclasses.asdict(payment), watch_from_block=watch_from_block),
             order, account_id=account_id, key_name=key_name, renew_subscription_id=renew_subscription_id,
         )
         try:
@@ -161,26 +172,35 @@ class PaymentService:
                               only_from=ledger.UNSENT_STATES)
             raise
         try:
-            tx_hash = await self._send(row.id, payment, settlement.tx_hash, settlement.raw_tx)
+            sent = await self._send(row.id, payment, settlement.tx_hash, settlement.raw_tx, mint_keys=True)
         except ServiceUnavailable:
             # Stored as broadcast: the reconciler resends (or rebuilds) it.
             log.warning("payment %s: broadcast failed; left for the reconciler", row.id)
             return Settled(await ledger.get_payment(self.db, row.id), None)
-        return await self._await_delivery(row.id, tx_hash, mint_keys=True)
+        if isinstance(sent, Settled):
+            return sent
+        return await self._await_delivery(row.id, sent, mint_keys=True)
 
-    async def _send(self, payment_id: str, payment: ExactPayment, tx_hash: str, raw_tx: str) -> str:
-        """Broadcast the stored settlement. If its relayer nonce was taken by another transaction
-        (several gateway processes share the relayer), those bytes can never be mined: sign a new
-        settlement, store it in place of the old one, and send that. The authorization itself can
-        only ever be executed once on-chain, so this cannot charge twice."""
-        chain = self._require_chain()
+    async def _send(self, payment_id: str, payment: ExactPayment, tx_hash: str, raw_tx: str, *,
+                    mint_keys: bool) -> str | Settled:
+        """Broadcast the stored settlement; returns its hash. If its relayer nonce was taken by
+        another transaction (several gateway processes share the relayer), those bytes can never be
+        mined: sign a new settlement, store it in place of the old one, and send that. The
+        authorization itself can only ever be executed once on-chain, so this cannot charge twice.
+        If no new settlement can be built because it would revert, the chain decides the outcome
+        (`settle_by_authorization`), and that outcome is returned instead of a hash."""
+        chain = self.require_chain()
         for _ in range(3):
             try:
                 return await chain.broadcast(raw_tx)
             except ServiceUnavailable as exc:
                 if exc.code != "relayer_nonce_conflict":
                     raise
-            settlement = await chain.build_settlement(payment)
+            try:
+                settlement = await chain.build_settlement(payment)
+            except SettlementWouldRevert:
+                row = await ledger.get_payment(self.db, payment_id)
+                return await self.settle_by_authorization(row, "settlement_would_fail", mint_keys=mint_keys)
             replaced = False
             try:
                 replaced = await ledger.replace_settlement(self.db, self.clock, payment_id, tx_hash,
@@ -196,7 +216,7 @@ class PaymentService:
                                  code="relayer_nonce_conflict")
 
     async def _verify_on_chain(self, row: Payment, payment: ExactPayment) -> None:
-        chain = self._require_chain()
+        chain = self.require_chain()
         used, balance = await asyncio.gather(
             chain.authorization_used(payment.payer, payment.nonce), chain.balance_of(payment.payer))
         verdict = check_chain_facts(payment, used, balance)
@@ -212,20 +232,26 @@ class PaymentService:
 
     async def claim_tx_hash(self, order: Order, tx_hash: str, signature: str, *, key_name: str = "agent") -> Settled:
         """The reference service's flow: the buyer sent USDC itself and proves it owns the sender."""
-        chain = self._require_chain()
+        chain = self.require_chain()
         tx_hash = tx_hash.lower()
         tx = await chain.transaction(tx_hash)
         if tx is None:
             raise PaymentRequired("No such transaction on this chain (yet); retry once it is mined.",
                                   code="transaction_not_found")
-        signer = recover_personal_signer(tx_claim_message(tx_hash), signature)
+        message = self.tx_claim_message(tx_hash)
+        signer = recover_personal_signer(message, signature)
         if signer is None or signer != tx.from_.lower():
             raise PaymentRequired("The signature must be made by the wallet that sent the transaction, over "
-                                  f"the message {tx_claim_message(tx_hash)!r}.", code="invalid_signature")
+                                  f"the message {message!r}.", code="invalid_signature")
         receipt = await chain.receipt(tx_hash)
         if receipt is None or receipt.confirmations < self.confirmations:
             raise PaymentRequired("The transaction is not confirmed yet; retry in a few seconds.",
                                   code="payment_pending", headers={"Retry-After": "5"})
+        mined_at, chain_now = await asyncio.gather(chain.block_timestamp(receipt.block_number), chain.chain_now())
+        if chain_now - mined_at > self.settings.tx_claim_max_age_s:
+            raise PaymentRequired(
+                f"The transaction was mined {chain_now - mined_at} s ago; this gateway accepts claims of transfers "
+                f"up to {self.settings.tx_claim_max_age_s} s old. Pay with x402 instead.", code="transfer_too_old")
         paid = self._paid_to_us(receipt, signer)
         if not receipt.ok or paid < order.total_atomic:
             raise PaymentRequired(
@@ -233,7 +259,8 @@ class PaymentService:
                 f"{self.settings.pay_to}.", code="transfer_mismatch")
         row = await ledger.record_received(
             self.db, self.clock,
-            Claim(method="tx-hash", network=self.network, payer=signer, amount_atomic=paid, tx_hash=tx_hash),
+            Claim(method="tx-hash", network=self.network, payer=signer, amount_atomic=paid, tx_hash=tx_hash,
+                  block_number=receipt.block_number, sender_nonce=tx.nonce, credit_atomic=paid - order.total_atomic),
             order, account_id=None, key_name=key_name, state="verified",
         )
         try:
@@ -265,11 +292,13 @@ class PaymentService:
 
     async def _await_delivery(self, payment_id: str, tx_hash: str, *, mint_keys: bool) -> Settled:
         """Wait (bounded) for the receipt and confirmations, then deliver; else leave it pending."""
-        chain = self._require_chain()
+        chain = self.require_chain()
         deadline = asyncio.get_running_loop().time() + self.settings.settle_wait_s
         while True:
             receipt = await chain.receipt(tx_hash)
-            if receipt is not None and (not receipt.ok or receipt.confirmations >= self.confirmations):
+            # A reverted settlement waits for its confirmations too: if a front-runner's copy
+            # carried the payment, that one is in the same block or an earlier one, and deep enough.
+            if receipt is not None and receipt.confirmations >= self.confirmations:
                 break
             if asyncio.get_running_loop().time() >= deadline:
                 log.info("payment %s: no receipt within %.0f s; answering 202", payment_id,
@@ -281,17 +310,74 @@ class PaymentService:
 
     async def _finish(self, payment: Payment, receipt: Receipt, *, mint_keys: bool) -> Settled:
         if not receipt.ok:
-            await ledger.fail(self.db, self.clock, payment.id, "settlement_reverted", only_from=("broadcast",))
-            raise PaymentRequired("The settlement reverted on-chain; nothing was charged.",
-                                  code="settlement_reverted")
+            return await self.settle_by_authorization(payment, "settlement_reverted", mint_keys=mint_keys)
         if self._paid_to_us(receipt, payment.payer) != payment.amount_atomic:
             await ledger.fail(self.db, self.clock, payment.id, "transfer_mismatch", only_from=("broadcast",))
             raise GatewayError("The settlement's Transfer does not match the payment.", code="transfer_mismatch")
-        await ledger.advance(self.db, self.clock, payment.id, "broadcast", "confirmed")
-        delivery = await ledger.deliver(self.db, self.clock, payment.id, mint_keys=mint_keys)
+        await ledger.confirm(self.db, self.clock, payment.id, "broadcast", receipt.tx_hash, receipt.block_number)
+        return await self._deliver_confirmed(payment.id, mint_keys=mint_keys)
+
+    async def settle_by_authorization(self, payment: Payment, reason: str, *, mint_keys: bool) -> Settled:
+        """The one rule for a broadcast payment whose own settlement reverted, cannot be rebuilt
+        (it would revert), or expired unsent (`reason`): the chain decides, never our transaction.
+
+        - The authorization is unused: nothing was charged; the payment fails with `reason`.
+        - It was used by a mined transaction (ours, a front-runner's copy of ours, anyone's) whose
+          Transfer paid `payTo` the amount: the purchase is delivered, and the ledger names that
+          transaction, so the reorg re-checks follow it. Until it has the confirmations, the
+          payment stays pending.
+        - The payer canceled it, or its use paid someone else: failed, nothing delivered.
+        Used alike by the request path (`_finish`, `_send`) and the reconciler."""
+        chain = self.require_chain()
+        if not await chain.authorization_used(payment.payer, payment.auth_nonce):
+            await ledger.fail(self.db, self.clock, payment.id, reason, only_from=("broadcast",))
+            raise PaymentRequired(f"{_UNSETTLED[reason]} The authorization is still unused: nothing was charged.",
+                                  code=reason)
+        event = await chain.authorization_event(payment.payer, payment.auth_nonce, await self.watch_from_block(payment))
+        if event is None:
+            # Used, yet no event found (a lagging log index): look again on the next pass.
+            raise ServiceUnavailable("The authorization was used on-chain, but the transaction is not found yet; "
+                                     "poll the payment.", code="authorization_use_not_found")
+        if event.kind == "canceled":
+            await ledger.fail(self.db, self.clock, payment.id, "authorization_canceled", only_from=("broadcast",))
+            raise PaymentRequired("The payer canceled the authorization on-chain before it was settled; nothing "
+                                  "was charged and nothing is delivered.", code="authorization_canceled")
+        carrier = await chain.receipt(event.tx_hash)
+        if carrier is None or carrier.confirmations < self.confirmations:
+            return Settled(await ledger.get_payment(self.db, payment.id), None)
+        if not self.carries(carrier, payment):
+            await ledger.fail(self.db, self.clock, payment.id, "authorization_used_elsewhere", only_from=("broadcast",))
+            raise PaymentRequired("The authorization was used by a transaction that did not pay this gateway.",
+                                  code="authorization_used_elsewhere")
+        if event.tx_hash != payment.tx_hash:
+            log.warning("payment %s: settled by another transaction %s (front-run of %s); delivering",
+                        payment.id, event.tx_hash, payment.tx_hash)
+        if not await ledger.confirm(self.db, self.clock, payment.id, "broadcast", event.tx_hash, carrier.block_number):
+            current = await ledger.get_payment(self.db, payment.id)
+            if current.state == "broadcast":  # another payment holds that transaction
+                await ledger.fail(self.db, self.clock, payment.id, "transfer_claimed_elsewhere",
+                                  only_from=("broadcast",))
+                raise Conflict("The transaction that carried this payment was already claimed by another "
+                               "payment.", code="transfer_claimed_elsewhere")
+        return await self._deliver_confirmed(payment.id, mint_keys=mint_keys)
+
+    async def watch_from_block(self, payment: Payment) -> int:
+        """The block from which on an x402 payment's authorization can have been used."""
+        if payment.watch_from_block is not None:
+            return payment.watch_from_block
+        # Recorded before the gateway kept it: the authorization window is minutes, so its use
+        # lies within the last reorg horizon's worth of blocks (and many more).
+        return max(0, await self.require_chain().block_number() - 100 * self.reorg_horizon_blocks)
+
+    def carries(self, receipt: Receipt, payment: Payment) -> bool:
+        """The mined receipt still pays `payTo` what the payment recorded, from the payer."""
+        return receipt.ok and self._paid_to_us(receipt, payment.payer) >= payment.amount_atomic
+
+    async def _deliver_confirmed(self, payment_id: str, *, mint_keys: bool) -> Settled:
+        delivery = await ledger.deliver(self.db, self.clock, payment_id, mint_keys=mint_keys)
         if delivery is not None:
             return Settled(delivery.payment, delivery)
-        current = await ledger.get_payment(self.db, payment.id)
+        current = await ledger.get_payment(self.db, payment_id)
         if current.state == "credited":
             raise Conflict(
                 f"The subscription expired while this renewal was settling; the {format_usdc(current.amount_atomic)} "
@@ -316,7 +402,7 @@ class PaymentService:
         return finished
 
     async def _reconcile_one(self, payment: Payment) -> int:
-        chain = self._require_chain()
+        chain = self.require_chain()
         if payment.state in ledger.UNSENT_STATES:
             # Stopped before the settlement was stored, so it was never sent. (If a request moved
             # it on since this pass read it, `only_from` leaves it alone.)
@@ -329,30 +415,47 @@ class PaymentService:
         expired = payment.valid_before is not None and await chain.chain_now() >= payment.valid_before
         receipt = await chain.receipt(payment.tx_hash)
         if receipt is not None:
-            if receipt.ok and receipt.confirmations < self.confirmations:
+            if receipt.confirmations < self.confirmations:
                 return 0
             try:
-                await self._finish(payment, receipt, mint_keys=False)
+                settled = await self._finish(payment, receipt, mint_keys=False)
+            except ServiceUnavailable:
+                raise  # nothing decided: the next pass looks again
             except GatewayError:
-                pass  # _finish recorded the failure (or the credit)
-            return 1
+                return 1  # _finish recorded the failure (or the credit)
+            return int(not settled.pending)
         if expired:
-            # Even a settlement still waiting in a mempool can only revert now: nothing can be
-            # charged any more, so the seats are given back.
-            return int(await ledger.fail(self.db, self.clock, payment.id, "authorization_expired",
-                                         only_from=("broadcast",)))
+            # Even a settlement still waiting in a mempool can only revert now. Whether anything
+            # was charged is the chain's to say: someone else may have used the authorization.
+            try:
+                settled = await self.settle_by_authorization(payment, "authorization_expired", mint_keys=False)
+            except (PaymentRequired, Conflict):
+                return 1  # failed, recorded
+            return int(not settled.pending)
         if await chain.transaction(payment.tx_hash) is not None:
             return 0  # in the mempool: wait
         # Never reached the node (or was dropped): resend it (rebuilt only if its nonce was taken).
-        await self._send(payment.id, ExactPayment(**payment.authorization), payment.tx_hash, payment.raw_tx)
+        try:
+            sent = await self._send(payment.id, ExactPayment(**payment.authorization), payment.tx_hash,
+                                    payment.raw_tx, mint_keys=False)
+        except (PaymentRequired, Conflict):
+            return 1  # the chain said failed, recorded
+        if isinstance(sent, Settled):
+            return int(not sent.pending)
         log.info("payment %s: settlement %s resent", payment.id, payment.tx_hash)
         return 0
 
-    def _require_chain(self) -> ChainAdapter:
+    def require_chain(self) -> ChainAdapter:
         if self.chain is None:
             raise ServiceUnavailable("USDC payments are not configured on this gateway.", code="payments_disabled")
         return self.chain
 
+
+_UNSETTLED = {
+    "settlement_reverted": "The settlement reverted on-chain.",
+    "settlement_would_fail": "The settlement could not be sent again: it would revert.",
+    "authorization_expired": "The authorization expired before the settlement was mined.",
+}
 
 _REASONS = {
     "wrong_network": "The payment is for another network.",

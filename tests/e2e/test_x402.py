@@ -220,8 +220,15 @@ def transfer(devchain, wallet: Wallet, to: str, value: int) -> str:
     return "0x" + tx_hash.hex().removeprefix("0x")
 
 
-def claim_signature(key: str, tx_hash: str) -> str:
-    return "0x" + Account.sign_message(encode_defunct(text=tx_claim_message(tx_hash)), key).signature.hex().removeprefix("0x")
+def claim_signature(key: str, tx_hash: str, live: LiveGateway, *, chain_id: int | None = None,
+                    domain: str | None = None) -> str:
+    """The wallet's EIP-191 signature of the claim message, bound to a chain and a deployment's domain
+    (by default the live gateway's: its chain id and the host of its public URL)."""
+    from urllib.parse import urlsplit
+
+    message = tx_claim_message(tx_hash, chain_id or live.settings.chain_id,
+                               domain or urlsplit(live.settings.external_url).netloc)
+    return "0x" + Account.sign_message(encode_defunct(text=message), key).signature.hex().removeprefix("0x")
 
 
 async def test_tx_hash_flow_claims_once_and_checks_recipient_and_sender(x402_gateway, devchain, chain_view):
@@ -230,17 +237,17 @@ async def test_tx_hash_flow_claims_once_and_checks_recipient_and_sender(x402_gat
     paid = transfer(devchain, wallet, devchain.pay_to, PRICE)
     seats_before = await seats(x402_gateway)
     # Someone else cannot claim it: the signature must come from the sender.
-    r = httpx.post(url, json={**ORDER, "txHash": paid, "signature": claim_signature(thief.key, paid)}, timeout=30)
+    r = httpx.post(url, json={**ORDER, "txHash": paid, "signature": claim_signature(thief.key, paid, x402_gateway)}, timeout=30)
     assert r.status_code == 402 and r.json()["error"]["code"] == "invalid_signature"
-    r = httpx.post(url, json={**ORDER, "txHash": paid, "signature": claim_signature(wallet.key, paid)}, timeout=30)
+    r = httpx.post(url, json={**ORDER, "txHash": paid, "signature": claim_signature(wallet.key, paid, x402_gateway)}, timeout=30)
     assert r.status_code == 201, r.text
     assert r.json()["data"]["subscriptions"][0]["apiKey"].startswith("sk_")
     # The same hash again: refused, nothing more delivered.
-    r = httpx.post(url, json={**ORDER, "txHash": paid, "signature": claim_signature(wallet.key, paid)}, timeout=30)
+    r = httpx.post(url, json={**ORDER, "txHash": paid, "signature": claim_signature(wallet.key, paid, x402_gateway)}, timeout=30)
     assert r.status_code == 402 and r.json()["error"]["code"] == "payment_already_used"
     # A transfer to someone else is not a payment to us.
     elsewhere = transfer(devchain, wallet, thief.address, PRICE)
-    r = httpx.post(url, json={**ORDER, "txHash": elsewhere, "signature": claim_signature(wallet.key, elsewhere)},
+    r = httpx.post(url, json={**ORDER, "txHash": elsewhere, "signature": claim_signature(wallet.key, elsewhere, x402_gateway)},
                    timeout=30)
     assert r.status_code == 402 and r.json()["error"]["code"] == "transfer_mismatch"
     assert await seats(x402_gateway) == seats_before - 1
@@ -255,7 +262,7 @@ async def test_a_tx_hash_paid_after_the_last_seat_sold_is_credited_once(x402_gat
     # The rival buys the only seat after our transfer, before our claim.
     async with x402HttpxClient(official_client(devchain, rival), base_url=x402_gateway.url, timeout=60) as http:
         assert (await http.post("/api/agent/subscribe-pool", json=order)).status_code == 201
-    claim = {**order, "txHash": paid, "signature": claim_signature(wallet.key, paid)}
+    claim = {**order, "txHash": paid, "signature": claim_signature(wallet.key, paid, x402_gateway)}
     url = x402_gateway.url + "/api/agent/subscribe-pool"
     r = httpx.post(url, json=claim, timeout=30)
     assert r.status_code == 409 and r.json()["error"]["code"] == "sold_out_after_payment", r.text

@@ -114,3 +114,57 @@ async def test_credits_landing_at_once_all_count(gateway):
         *(credit_account(db, clock, account, 1_000_000) for _ in range(10)),
     )
     assert await balance(db, account) == 5 * the_order.total_atomic + 10 * 1_000_000
+
+
+async def test_a_revoked_purchase_loses_its_seats_keys_and_credit_in_one_step_and_only_once(gateway):
+    db, clock = gateway.services.db, gateway.services.clock
+    the_order = order(gateway)
+    claim = Claim(method="tx-hash", network="eip155:31337", payer=PAYER, amount_atomic=the_order.total_atomic + 7,
+                  tx_hash="0x" + secrets.token_hex(32), block_number=5, sender_nonce=0, credit_atomic=7)
+    payment = await ledger.record_received(db, clock, claim, the_order, account_id=None, key_name="agent",
+                                           state="verified")
+    await ledger.reserve(db, clock, gateway.services.catalog, payment)
+    assert await ledger.advance(db, clock, payment.id, "reserved", "confirmed")
+    delivery = await ledger.deliver(db, clock, payment.id, mint_keys=True)
+    assert await balance(db, delivery.account.id) == 7 and await seats_held(db, "alpha", "europe") == 1
+    assert [p.id for p in await ledger.settled_payments_to_recheck(db)] == [payment.id]
+
+    revocation = await ledger.revoke(db, clock, payment.id, "transfer_vanished")
+
+    assert revocation.key_ids == [delivery.keys[0][0].id] and revocation.taken_back_atomic == 7
+    assert await balance(db, delivery.account.id) == 0 and await seats_held(db, "alpha", "europe") == 0
+    done = await ledger.get_payment(db, payment.id)
+    assert done.state == "revoked" and done.failure_reason == "transfer_vanished"
+    assert await ledger.revoke(db, clock, payment.id, "transfer_vanished") is None
+    assert await ledger.settled_payments_to_recheck(db) == []
+    assert await balance(db, delivery.account.id) == 0 and await seats_held(db, "alpha", "europe") == 0
+    # The hash stays claimed: the same transaction cannot buy the seats again.
+    with pytest.raises(PaymentAlreadyUsed):
+        await ledger.record_received(db, clock, claim, the_order, account_id=None, key_name="agent", state="verified")
+
+
+async def test_a_revoked_renewal_takes_back_the_period_it_added(gateway, clock):
+    db = gateway.services.db
+    account, mk = await gateway.new_account(credit="49.00")
+    sub = (await gateway.buy(mk, blocks=["europe"]))[0]
+    the_order = order(gateway)
+    renewal = await ledger.record_received(db, clock, x402_claim(the_order.total_atomic), the_order,
+                                           account_id=account, key_name="renewal", renew_subscription_id=sub["id"])
+    await to_broadcast(gateway, renewal)
+    assert await ledger.confirm(db, clock, renewal.id, "broadcast", "0x" + "22" * 32, 9)
+    assert await ledger.deliver(db, clock, renewal.id, mint_keys=False) is not None
+    renewed_end = await period_end(db, sub["id"])
+
+    revocation = await ledger.revoke(db, clock, renewal.id, "authorization_canceled")
+
+    # The seat itself was paid by the first purchase: it stays, one billing cycle shorter.
+    assert revocation.subscription_ids == [] and revocation.key_ids == []
+    assert renewed_end - await period_end(db, sub["id"]) == timedelta(days=30)
+
+
+async def period_end(db, subscription_id: str):
+    from agent_gateway.clock import as_utc
+    from agent_gateway.db.models import Subscription
+
+    async with db.transaction() as session:
+        return as_utc((await session.get(Subscription, subscription_id)).period_end)

@@ -1,0 +1,110 @@
+"""The reorg re-check: a delivered (or credited) payment is looked up again on every pass until its
+transaction is past the reorg horizon. A transfer reorganised away is revoked only once it is gone
+for good; one that can still be mined again is waited for (and an x402 settlement of ours is sent
+again). The rules for "gone for good" are in docs/decisions.md, "Confirmations and reorgs"."""
+
+from __future__ import annotations
+
+import logging
+
+from agent_gateway.db.models import Payment
+from agent_gateway.errors import GatewayError
+from agent_gateway.metrics import PAYMENTS_REVOKED
+from agent_gateway.payments import ledger
+from agent_gateway.payments.ledger import Revocation
+from agent_gateway.payments.service import PaymentService
+
+log = logging.getLogger(__name__)
+
+
+class ReorgWatch:
+    def __init__(self, payments: PaymentService) -> None:
+        self.payments = payments
+        self.db = payments.db
+        self.clock = payments.clock
+
+    async def recheck_settled(self) -> list[Revocation]:
+        """One pass over delivered and credited payments not yet past the reorg horizon: those
+        whose transfer is gone for good are revoked (the caller ends their keys everywhere)."""
+        if not self.payments.enabled:
+            return []
+        revoked = []
+        for payment in await ledger.settled_payments_to_recheck(self.db):
+            try:
+                revocation = await self._recheck_one(payment)
+            except GatewayError as exc:
+                log.warning("payment %s: reorg check deferred: %s", payment.id, exc.message)
+                continue
+            except Exception:
+                log.exception("payment %s: reorg check failed; retried next pass", payment.id)
+                continue
+            if revocation is not None:
+                revoked.append(revocation)
+        return revoked
+
+    async def _recheck_one(self, payment: Payment) -> Revocation | None:
+        chain = self.payments.require_chain()
+        receipt = await chain.receipt(payment.tx_hash)
+        if receipt is not None and self.payments.carries(receipt, payment):
+            if receipt.block_number != payment.block_number:  # mined again, in another block
+                await ledger.record_carrier(self.db, self.clock, payment.id, payment.tx_hash, receipt.block_number)
+            if receipt.confirmations >= self.payments.reorg_horizon_blocks:
+                await ledger.mark_chain_final(self.db, payment.id)
+            return None
+        if payment.method == "x402-exact":
+            reason = await self._authorization_gone(payment)
+        else:
+            reason = await self._transfer_gone(payment, mined_without_paying=receipt is not None)
+        if reason is None:
+            return None
+        revocation = await ledger.revoke(self.db, self.clock, payment.id, reason)
+        if revocation is not None:
+            PAYMENTS_REVOKED.labels(reason=reason).inc()
+            log.warning("payment %s revoked: %s (was %s in block %s); subscriptions %s canceled, keys %s revoked",
+                        payment.id, reason, payment.tx_hash, payment.block_number,
+                        ",".join(revocation.subscription_ids) or "-", ",".join(revocation.key_ids) or "-")
+        return revocation
+
+    async def _authorization_gone(self, payment: Payment) -> str | None:
+        """Why an x402 payment's transfer is gone for good, or None while it may still (re)appear."""
+        chain = self.payments.require_chain()
+        # The clock first: expired before an "unused" reading means unused for ever.
+        expired = await chain.chain_now() >= payment.valid_before
+        if await chain.authorization_used(payment.payer, payment.auth_nonce):
+            event = await chain.authorization_event(payment.payer, payment.auth_nonce,
+                                                    await self.payments.watch_from_block(payment))
+            if event is None:
+                return None  # the log index lags: next pass
+            if event.kind == "canceled":
+                return "authorization_canceled"
+            carrier = await chain.receipt(event.tx_hash)
+            if carrier is None:
+                return None
+            if not self.payments.carries(carrier, payment):
+                return "authorization_used_elsewhere"
+            # Mined again, by another transaction (ours re-sent, or someone's copy).
+            await ledger.record_carrier(self.db, self.clock, payment.id, event.tx_hash, carrier.block_number)
+            return None
+        if expired:
+            return "authorization_expired_unused"
+        if payment.raw_tx:
+            # Still valid: our own signed settlement is a legitimate way to get it mined again.
+            try:
+                await chain.broadcast(payment.raw_tx)
+                log.warning("payment %s: transfer reorganised away; our settlement sent again", payment.id)
+            except GatewayError as exc:
+                log.info("payment %s: re-sending the settlement failed: %s", payment.id, exc.message)
+        return None
+
+    async def _transfer_gone(self, payment: Payment, *, mined_without_paying: bool) -> str | None:
+        """Why a tx-hash payment's transfer is gone for good, or None while it may be mined again."""
+        chain = self.payments.require_chain()
+        if mined_without_paying:
+            return "transfer_reverted"  # re-executed after the reorg, and no longer pays us
+        if await chain.transaction(payment.tx_hash) is not None:
+            return None  # back in the mempool: it will be mined again
+        if payment.sender_nonce is not None and await chain.sender_nonce(payment.payer) > payment.sender_nonce:
+            return "transfer_replaced"  # another transaction took its nonce: it can never be mined
+        if await chain.block_number() >= payment.block_number + self.payments.reorg_horizon_blocks:
+            return "transfer_vanished"  # unknown to the node a whole horizon later
+        return None
