@@ -162,7 +162,7 @@ class RedisLeases:
     def __init__(
         self,
         redis_url: str,
-        lease_ttl_ms: int = 30_000,
+        lease_ttl_ms: int = 9_000,
         # The gateway caches ACTIVE keys for at most 60 s and then re-reads the database, where
         # the revocation is already written; a tombstone only has to outlive those cache entries
         # (with margin), so it can expire instead of piling up in Redis forever.
@@ -287,7 +287,7 @@ def _unavailable(op: str, exc: BaseException) -> ServiceUnavailable:
     )
 
 
-def make_leases(redis_url: str | None, lease_ttl_s: float = 30.0) -> Leases:
+def make_leases(redis_url: str | None, lease_ttl_s: float) -> Leases:
     """Redis leases when a URL is configured (any number of processes), else in-memory (one process)."""
     if redis_url:
         return RedisLeases(redis_url, lease_ttl_ms=int(lease_ttl_s * 1000))
