@@ -4,9 +4,14 @@ time (and the expiry pass revoking keys in use) queue behind each other instead 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import time
+from collections import Counter
 from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import func, select, text
 
@@ -15,7 +20,10 @@ from agent_gateway.db.engine import Database, is_sqlite
 from agent_gateway.db.models import Account, ApiKey, Subscription, UsageRecord, new_id
 from agent_gateway.jobs.expiry import expire_subscriptions
 from agent_gateway.keys.api_keys import new_api_key
+from agent_gateway.testing.processes import start_gateway
 from agent_gateway.usage.recorder import UsageEvent, UsageRecorder
+from tests.e2e.test_multiprocess import redis_url  # noqa: F401 (a fixture)
+from tests.fixtures.live import ALL_DAY_POOLS, buy_key, provision_account
 
 pytestmark = pytest.mark.anyio
 KEYS = 16
@@ -139,4 +147,72 @@ async def test_expiring_keys_while_their_usage_is_written_never_deadlocks(databa
         for db in (setup, writer_db, job_db):
             await db.dispose()
     assert statuses == {"revoked"} and written == KEYS
+    assert await deadlocks(database_url) == deadlocks_before
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_two_processes_under_load_on_shared_keys_record_every_admitted_request(
+        tmp_path: Path, database_url, redis_url, upstream):  # noqa: F811
+    # The load that found the deadlock: two processes, 64 clients on 16 keys, each client
+    # alternating processes. Every admitted request must have exactly one usage row afterwards,
+    # and PostgreSQL must have detected no deadlock.
+    pools = tmp_path / "pools.toml"
+    pools.write_text(ALL_DAY_POOLS.format(upstream=upstream.url))
+    env = {"AGW_DATABASE_URL": database_url, "AGW_REDIS_URL": redis_url, "AGW_POOLS_FILE": str(pools),
+           "AGW_AUTO_MIGRATE": "false", "AGW_LOG_LEVEL": "WARNING", "AGW_JOB_INTERVAL_S": "3600"}
+    processes = [start_gateway(env, log=tmp_path / f"gateway-{name}.log") for name in ("a", "b")]
+    try:
+        urls = [url for _, url in processes]
+        mk = provision_account(database_url)
+        keys = [buy_key(urls[0], mk, "alpha", ["day"]) for _ in range(KEYS)]
+        deadlocks_before = await deadlocks(database_url)
+        admitted: Counter[str] = Counter()
+        statuses: Counter[int] = Counter()
+        stop_at = time.monotonic() + 6
+
+        async def client(http: httpx.AsyncClient, i: int) -> None:
+            sk, key_id = keys[i % KEYS]
+            n = i
+            while time.monotonic() < stop_at:
+                n += 1
+                r = await http.post(urls[n % 2] + "/v1/chat/completions", headers={"Authorization": f"Bearer {sk}"},
+                                    json={"model": "test-model", "max_tokens": 2,
+                                          "messages": [{"role": "user", "content": "count me"}]})
+                statuses[r.status_code] += 1
+                if r.status_code == 200:
+                    admitted[key_id] += 1
+
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(timeout=30, limits=limits) as http:
+            await asyncio.gather(*(client(http, i) for i in range(64)))
+    finally:
+        # A graceful stop drains each process's usage buffer into the database.
+        for process, _ in processes:
+            process.terminate()
+        for process, _ in processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    assert set(statuses) <= {200, 429} and statuses[200] > 0, statuses
+    db = Database(database_url)
+    try:
+        async with db.transaction() as session:
+            rows = dict((await session.execute(
+                select(UsageRecord.api_key_id, func.count()).group_by(UsageRecord.api_key_id))).all())
+        # The processes are gone; wait for their database sessions to end, so their statistics
+        # (the deadlock counter among them) have been reported.
+        deadline = time.monotonic() + 10
+        while True:
+            async with db.transaction() as session:
+                others = await session.scalar(text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND pid <> pg_backend_pid()"))
+            if others == 0 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)  # polling pg_stat_activity, bounded by the deadline
+    finally:
+        await db.dispose()
+    assert rows == dict(admitted)
     assert await deadlocks(database_url) == deadlocks_before
