@@ -121,11 +121,11 @@ async def seats_left(url: str) -> int:
         return (await http.get("/api/pools/alpha")).json()["data"]["blocks"][0]["availableSeats"]
 
 
-async def post_everywhere(urls: list[str], body: dict, headers: dict[str, str], copies_each: int) -> list[httpx.Response]:
+async def post_everywhere(urls: list[str], body: dict, headers: dict[str, str], copies_each: int, *,
+                          path: str = "/api/agent/subscribe-pool") -> list[httpx.Response]:
     async with httpx.AsyncClient(timeout=60) as http:
         return await asyncio.gather(*(
-            http.post(url + "/api/agent/subscribe-pool", json=body, headers=headers)
-            for _ in range(copies_each) for url in urls))
+            http.post(url + path, json=body, headers=headers) for _ in range(copies_each) for url in urls))
 
 
 def assert_one_delivery(responses: list[httpx.Response]) -> dict:
@@ -137,9 +137,10 @@ def assert_one_delivery(responses: list[httpx.Response]) -> dict:
     return delivered[0].json()["data"]
 
 
-async def test_one_payment_sent_to_both_processes_at_once_settles_and_delivers_once(two_processes, devchain,
-                                                                                  chain_view: ChainView):
+async def test_one_payment_sent_to_both_processes_at_once_settles_and_delivers_once(two_processes, database_url,
+                                                                                  devchain, chain_view: ChainView):
     wallet = chain_view.new_wallet()
+    mk = provision_account(database_url, credit_usdc=0)  # so its subscribe asks for x402 too
     with httpx.Client(base_url=two_processes[0]) as http:
         accepted = challenge(http, ORDER)
     authorization, signature = sign_authorization(devchain, wallet.key, payer=wallet.address, to=accepted["payTo"],
@@ -148,7 +149,13 @@ async def test_one_payment_sent_to_both_processes_at_once_settles_and_delivers_o
     pay_to_before, relayer_before = chain_view.usdc(devchain.pay_to), chain_view.relayer_nonce()
     seats_before = await seats_left(two_processes[0])
 
-    responses = await post_everywhere(two_processes, ORDER, {"PAYMENT-SIGNATURE": header}, copies_each=6)
+    # Copies to the agent endpoint of both processes and, the same order bought by an account,
+    # to the management endpoint of both, all at once.
+    responses = [r for batch in await asyncio.gather(
+        post_everywhere(two_processes, ORDER, {"PAYMENT-SIGNATURE": header}, copies_each=4),
+        post_everywhere(two_processes, {"blocks": ["day"], "quantity": 1},
+                        {"PAYMENT-SIGNATURE": header, "Authorization": f"Bearer {mk}"}, copies_each=2,
+                        path="/api/pools/alpha/subscribe")) for r in batch]
 
     data = assert_one_delivery(responses)
     assert len(data["subscriptions"]) == 1 and data["subscriptions"][0]["apiKey"].startswith("sk_")
