@@ -18,7 +18,7 @@ from agent_gateway.testing.upstream import UpstreamSettings
 from tests.e2e.test_multiprocess import redis_url  # noqa: F401 (a fixture)
 from tests.e2e.test_x402 import claim_signature, transfer
 from tests.fixtures.live import buy_key, provision_account
-from tests.fixtures.x402 import X402_POOLS, ChainView, challenge, payment_header, sign_authorization
+from tests.fixtures.x402 import X402_POOLS, ChainView, Wallet, challenge, payment_header, sign_authorization
 
 pytestmark = [
     pytest.mark.anyio,
@@ -33,7 +33,8 @@ MESSAGES = [{"role": "user", "content": "two processes, one key"}]
 
 
 @pytest.fixture
-def two_processes(tmp_path: Path, database_url: str, redis_url: str, upstream, devchain) -> Iterator[list[str]]:  # noqa: F811
+def two_processes(tmp_path: Path, database_url: str, redis_url: str,  # noqa: F811
+                  upstream, devchain) -> Iterator[list[str]]:
     """Two `agent-gateway serve` processes configured as one deployment: same database, Redis,
     pools, chain and relayer key."""
     pools = tmp_path / "pools.toml"
@@ -193,15 +194,16 @@ async def test_one_tx_hash_claimed_through_both_processes_at_once_is_delivered_o
 
 async def test_two_processes_sharing_the_relayer_key_settle_every_payment_once(two_processes, devchain,
                                                                             chain_view: ChainView):
-    # Each process counts the relayer's nonces itself, so after one process settles, the other
-    # signs its next settlement with a nonce already used: it must notice and sign again, not
-    # fail the purchase or charge twice. Alternating processes makes that happen every time.
+    # Each process counts the relayer's nonces itself, so once both have settled something,
+    # every settlement after the other process's signs a nonce already used: it must notice and
+    # sign again, not fail the purchase or charge twice. Alternating processes makes that happen
+    # from the third purchase on.
     wallets = [chain_view.new_wallet() for _ in range(6)]
     with httpx.Client(base_url=two_processes[0]) as http:
         accepted = challenge(http, ORDER)
     relayer_before, pay_to_before = chain_view.relayer_nonce(), chain_view.usdc(devchain.pay_to)
 
-    def header(wallet) -> dict[str, str]:  # noqa: ANN001
+    def header(wallet: Wallet) -> dict[str, str]:
         authorization, signature = sign_authorization(devchain, wallet.key, payer=wallet.address,
                                                       to=accepted["payTo"], value=PRICE)
         return {"PAYMENT-SIGNATURE": payment_header(accepted, authorization, signature)}
