@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 
 from sqlalchemy import select, update
@@ -38,8 +39,12 @@ async def expire_subscriptions(db: Database, clock: Clock) -> ExpiryResult:
         if not expired:
             return ExpiryResult([], [])
         ids = [row.id for row in expired]
-        for row in expired:
-            await release_seats(session, row.pool_slug, list(row.blocks))
+        # Seats go back one (pool, block) row at a time, in the order buyers reserve them:
+        # subscription by subscription, two blocks could be locked in the opposite order to a
+        # buyer's and deadlock with it.
+        freed = Counter((row.pool_slug, block) for row in expired for block in row.blocks)
+        for (pool_slug, block), seats in sorted(freed.items()):
+            await release_seats(session, pool_slug, [block], seats)
         # Lock the keys in id order before updating them: the usage writer locks key rows in
         # that order too, and a bare multi-row UPDATE locks them in scan order, which could
         # deadlock with a flush touching the same keys (expiring keys are often in use).

@@ -1,5 +1,6 @@
-"""The usage writer under several gateway processes: flushes that touch the same keys at the same
-time (and the expiry pass revoking keys in use) queue behind each other instead of deadlocking."""
+"""Writers in several gateway processes that lock the same rows at the same time: usage flushes,
+the expiry pass and buyers queue behind each other instead of deadlocking, because every
+transaction locks shared rows in one global order; and no admitted request loses its usage row."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ import httpx
 import pytest
 from sqlalchemy import func, select, text
 
+from agent_gateway.catalog.pools import load_catalog
 from agent_gateway.clock import FixedClock
 from agent_gateway.db.engine import Database, is_sqlite
-from agent_gateway.db.models import Account, ApiKey, Subscription, UsageRecord, new_id
+from agent_gateway.db.models import Account, ApiKey, SeatInventory, Subscription, UsageRecord, new_id
 from agent_gateway.jobs.expiry import expire_subscriptions
 from agent_gateway.keys.api_keys import new_api_key
+from agent_gateway.subscriptions.inventory import ensure_inventory, reserve_seats
 from agent_gateway.testing.processes import start_gateway
 from agent_gateway.usage.recorder import UsageEvent, UsageRecorder
 from tests.e2e.test_multiprocess import redis_url  # noqa: F401 (a fixture)
@@ -149,6 +152,45 @@ async def test_expiring_keys_while_their_usage_is_written_never_deadlocks(databa
     assert statuses == {"revoked"} and written == KEYS
     assert await deadlocks(database_url) == deadlocks_before
 
+
+async def test_expiry_freeing_seats_while_a_buyer_reserves_them_never_deadlocks(database_url, pools_file):
+    # Two subscriptions expire, one in europe, then one in asia, while a buyer of asia + europe
+    # is reserving: the buyer locks its blocks in sorted order (asia, then europe). Freed
+    # subscription by subscription, the expiry pass would lock europe, then wait for asia, while
+    # the buyer waits for europe.
+    catalog = load_catalog(pools_file)
+    setup, buyer_db, job_db = Database(database_url), Database(database_url), Database(database_url)
+    try:
+        await ensure_inventory(setup, catalog)
+        account = Account(id=new_id("acct"), name="expiry", created_at=NOW)
+        async with setup.transaction() as session:
+            session.add(account)
+            await session.flush()
+            for block in ("europe", "asia"):
+                await reserve_seats(session, catalog, "alpha", (block,), 1)
+                session.add(Subscription(
+                    id=new_id("sub"), account_id=account.id, pool_slug="alpha", blocks=[block], billing_cycle="month",
+                    status="active", price_atomic=1, period_start=NOW - timedelta(days=30), period_end=NOW,
+                    created_at=NOW))
+                await session.flush()
+        deadlocks_before = await deadlocks(database_url)
+        async with buyer_db.transaction() as buyer:
+            await reserve_seats(buyer, catalog, "alpha", ("asia",), 1)  # the buyer's first block...
+            expiry = asyncio.ensure_future(expire_subscriptions(job_db, FixedClock(NOW)))
+            if not is_sqlite(database_url):  # (SQLite: one writer at a time, nothing interleaves)
+                await wait_for_lock_waiters(setup, 1)
+            await reserve_seats(buyer, catalog, "alpha", ("europe",), 1)  # ...and its second
+        # A deadlock aborts one of the two: the buyer's reservation or the expiry pass raises.
+        result = await expiry
+        assert len(result.subscription_ids) == 2
+        async with setup.transaction() as session:
+            held = dict((await session.execute(
+                select(SeatInventory.block, SeatInventory.seats_held).where(SeatInventory.pool_slug == "alpha"))).all())
+    finally:
+        for db in (setup, buyer_db, job_db):
+            await db.dispose()
+    assert held == {"asia": 1, "europe": 1, "americas": 0}  # both expired seats freed, the buyer's held
+    assert await deadlocks(database_url) == deadlocks_before
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
