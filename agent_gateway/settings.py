@@ -60,7 +60,10 @@ class Settings(BaseSettings):
     upstream_max_connections: int = Field(default=1000, ge=1)
     upstream_client: Literal["aiohttp", "httpx"] = "aiohttp"
     key_cache_ttl_s: float = Field(default=60.0, ge=0)
-    lease_ttl_s: float = Field(default=30.0, ge=1)
+    # Redis leases expire this long after their last renewal (renewed every third of it while a
+    # request runs), so a crashed process's keys are free again within this many seconds; a
+    # process stalled for two thirds of it loses its leases (docs/decisions.md, "Several processes").
+    lease_ttl_s: float = Field(default=9.0, ge=1)
 
     # Dashboard: signs session cookies; unset means a random secret per process (sessions end on restart).
     session_secret: str | None = None

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlmodel import col
 
 from agent_gateway.clock import Clock
@@ -38,16 +39,25 @@ async def expire_subscriptions(db: Database, clock: Clock) -> ExpiryResult:
         if not expired:
             return ExpiryResult([], [])
         ids = [row.id for row in expired]
-        for row in expired:
-            await release_seats(session, row.pool_slug, list(row.blocks))
+        # Seats go back one (pool, block) row at a time, in the order buyers reserve them:
+        # subscription by subscription, two blocks could be locked in the opposite order to a
+        # buyer's and deadlock with it.
+        freed = Counter((row.pool_slug, block) for row in expired for block in row.blocks)
+        for (pool_slug, block), seats in sorted(freed.items()):
+            await release_seats(session, pool_slug, [block], seats)
+        # Lock the keys in id order before updating them: the usage writer locks key rows in
+        # that order too, and a bare multi-row UPDATE locks them in scan order, which could
+        # deadlock with a flush touching the same keys (expiring keys are often in use).
         revoked = (
             await session.execute(
-                update(ApiKey)
+                select(ApiKey.id)
                 .where(col(ApiKey.subscription_id).in_(ids), ApiKey.status != "revoked")
-                .values(status="revoked")
-                .returning(ApiKey.id)
+                .order_by(col(ApiKey.id))
+                .with_for_update()
             )
         ).scalars().all()
+        if revoked:
+            await session.execute(update(ApiKey).where(col(ApiKey.id).in_(revoked)).values(status="revoked"))
     for sub_id in ids:
         log.info("subscription expired id=%s", sub_id)
     for key_id in revoked:

@@ -150,6 +150,8 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[
 return 0
 """
 _VERDICTS = (AcquireResult.BUSY, AcquireResult.ACQUIRED, AcquireResult.REVOKED)
+# AGW_LEASE_TTL_S's default (settings.py): a crashed process's keys are free again within 9 s.
+_DEFAULT_LEASE_TTL_MS = 9_000
 
 
 class RedisLeases:
@@ -162,7 +164,7 @@ class RedisLeases:
     def __init__(
         self,
         redis_url: str,
-        lease_ttl_ms: int = 30_000,
+        lease_ttl_ms: int = _DEFAULT_LEASE_TTL_MS,
         # The gateway caches ACTIVE keys for at most 60 s and then re-reads the database, where
         # the revocation is already written; a tombstone only has to outlive those cache entries
         # (with margin), so it can expire instead of piling up in Redis forever.
@@ -287,7 +289,7 @@ def _unavailable(op: str, exc: BaseException) -> ServiceUnavailable:
     )
 
 
-def make_leases(redis_url: str | None, lease_ttl_s: float = 30.0) -> Leases:
+def make_leases(redis_url: str | None, lease_ttl_s: float = _DEFAULT_LEASE_TTL_MS / 1000) -> Leases:
     """Redis leases when a URL is configured (any number of processes), else in-memory (one process)."""
     if redis_url:
         return RedisLeases(redis_url, lease_ttl_ms=int(lease_ttl_s * 1000))

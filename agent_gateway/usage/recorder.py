@@ -108,12 +108,15 @@ class UsageRecorder:
                 insert(UsageRecord),
                 [event.__dict__ for event in batch],
             )
-            # One executemany for every key's "last used", not one statement per key.
+            # One executemany for every key's "last used", not one statement per key, in key id
+            # order: every process then takes these row locks in the same global order, so two
+            # processes flushing overlapping keys queue instead of deadlocking (as
+            # subscriptions/inventory.py does for seat blocks). The insert above locks no key rows.
             keys = ApiKey.__table__
             await session.execute(
                 update(keys)
                 .where(keys.c.id == bindparam("key_id"))
                 .where(keys.c.last_used_at.is_(None) | (keys.c.last_used_at < bindparam("at")))
                 .values(last_used_at=bindparam("at")),
-                [{"key_id": key_id, "at": at} for key_id, at in last_used.items()],
+                [{"key_id": key_id, "at": last_used[key_id]} for key_id in sorted(last_used)],
             )

@@ -35,11 +35,21 @@ def redis_url() -> str:
 
 
 @pytest.fixture
-def gateway_processes(tmp_path: Path, database_url: str, redis_url: str, upstream) -> Iterator[list]:
+def lease_ttl_s() -> str | None:
+    """AGW_LEASE_TTL_S for both processes: short here, so renewal is exercised within a test;
+    parametrize it to None for the default."""
+    return "1"
+
+
+@pytest.fixture
+def gateway_processes(tmp_path: Path, database_url: str, redis_url: str, upstream,
+                      lease_ttl_s: str | None) -> Iterator[list]:
     pools = tmp_path / "pools.toml"
     pools.write_text(ALL_DAY_POOLS.format(upstream=upstream.url))
     env = {"AGW_DATABASE_URL": database_url, "AGW_REDIS_URL": redis_url, "AGW_POOLS_FILE": str(pools),
-           "AGW_AUTO_MIGRATE": "false", "AGW_LOG_LEVEL": "WARNING", "AGW_LEASE_TTL_S": "1"}
+           "AGW_AUTO_MIGRATE": "false", "AGW_LOG_LEVEL": "WARNING"}
+    if lease_ttl_s is not None:
+        env["AGW_LEASE_TTL_S"] = lease_ttl_s
     processes = []
     try:
         for name in ("a", "b"):
@@ -144,4 +154,37 @@ async def test_a_stream_outliving_its_lease_ttl_keeps_the_slot_and_a_crash_frees
                 break
             assert r.status_code == 429 and time.monotonic() < deadline
             await asyncio.sleep(0.1)  # polling until the dead process's lease expires, bounded
+    assert upstream.recorder.max_in_flight(key_id) == 1
+
+
+@pytest.mark.parametrize("lease_ttl_s", [None])  # the shipped default
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("upstream", [UpstreamSettings(delay_s=0.05, chunks=400)], indirect=True)
+async def test_a_key_held_by_a_killed_process_is_admitted_again_within_ten_seconds(gateway_processes, database_url,
+                                                                                     upstream):
+    (process_a, url_a), (_, url_b) = gateway_processes
+    sk, key_id = buy_key(url_a, provision_account(database_url), "alpha", ["day"])
+    headers = {"Authorization": f"Bearer {sk}"}
+    body = {"model": "test-model", "messages": MESSAGES, "max_tokens": 1}
+    async with httpx.AsyncClient(timeout=30) as http:
+        async with http.stream("POST", url_a + "/v1/chat/completions", headers=headers,
+                               json={**body, "max_tokens": 400, "stream": True}) as stream:
+            events = 0
+            async for line in stream.aiter_lines():
+                events += line.startswith("data:")
+                if events == 5:
+                    r = await http.post(url_b + "/v1/chat/completions", headers=headers, json=body)
+                    assert r.status_code == 429 and r.json()["error"]["code"] == "concurrency_limit"
+                    process_a.kill()  # SIGKILL: no release, no shutdown; only the lease's TTL frees it
+                    killed_at = time.monotonic()
+                    process_a.wait(10)
+                    break
+        while True:
+            r = await http.post(url_b + "/v1/chat/completions", headers=headers, json=body)
+            waited_s = time.monotonic() - killed_at
+            if r.status_code == 200:
+                break
+            assert r.status_code == 429 and waited_s < 10, f"still refused {waited_s:.1f} s after the crash"
+            await asyncio.sleep(0.1)  # polling until the dead process's lease expires, bounded
+    assert waited_s < 10
     assert upstream.recorder.max_in_flight(key_id) == 1
