@@ -6,7 +6,9 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
+from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 
 from agent_gateway.clock import Clock
@@ -16,6 +18,22 @@ from agent_gateway.errors import Conflict, InvalidRequest, NotFound
 from agent_gateway.keys.tokens import API_KEY_PREFIX, IssuedToken, issue_token
 
 log = logging.getLogger(__name__)
+
+
+async def revoke_subscription_keys(session: AsyncSession, subscription_ids: list[str]) -> list[str]:
+    """Revoke the subscriptions' keys inside the caller's transaction; returns their ids (the caller
+    ends them everywhere after commit). The rows are locked in id order first: the usage writer
+    locks key rows in that order too, and a bare multi-row UPDATE locks them in scan order, which
+    could deadlock with a usage flush touching the same keys."""
+    if not subscription_ids:
+        return []
+    key_ids = list((await session.execute(
+        select(ApiKey.id).where(col(ApiKey.subscription_id).in_(subscription_ids), ApiKey.status != "revoked")
+        .order_by(col(ApiKey.id)).with_for_update()
+    )).scalars())
+    if key_ids:
+        await session.execute(update(ApiKey).where(col(ApiKey.id).in_(key_ids)).values(status="revoked"))
+    return key_ids
 
 
 @dataclass(frozen=True)

@@ -39,10 +39,10 @@ from agent_gateway.clock import Clock, as_utc
 from agent_gateway.db.engine import Database
 from agent_gateway.db.models import Account, ApiKey, Payment, Subscription, new_id
 from agent_gateway.errors import Conflict, PaymentRequired
-from agent_gateway.keys.api_keys import new_api_key
+from agent_gateway.keys.api_keys import new_api_key, revoke_subscription_keys
 from agent_gateway.keys.management import new_management_key
 from agent_gateway.keys.tokens import IssuedToken
-from agent_gateway.subscriptions.inventory import release_seats, reserve_seats
+from agent_gateway.subscriptions.inventory import release_seats, release_subscription_seats, reserve_seats
 from agent_gateway.subscriptions.service import new_subscriptions
 
 log = logging.getLogger(__name__)
@@ -310,12 +310,8 @@ async def revoke(db: Database, clock: Clock, payment_id: str, reason: str) -> Re
         for sub in canceled:
             sub.status = "canceled"
             session.add(sub)
-            await release_seats(session, sub.pool_slug, list(sub.blocks))
-        key_ids: list[str] = []
-        if canceled:
-            key_ids = list((await session.execute(
-                update(ApiKey).where(ApiKey.subscription_id.in_([s.id for s in canceled]), ApiKey.status != "revoked")
-                .values(status="revoked").returning(ApiKey.id))).scalars())
+        await release_subscription_seats(session, [(sub.pool_slug, sub.blocks) for sub in canceled])
+        key_ids = await revoke_subscription_keys(session, [s.id for s in canceled])
         taken_back = payment.credit_atomic if payment.state == "delivered" else payment.amount_atomic
         if taken_back and payment.account_id is not None:
             await take_back_credit(session, payment.account_id, taken_back,

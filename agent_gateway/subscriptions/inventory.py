@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
+
 from sqlalchemy import update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -61,6 +64,15 @@ async def release_seats(
             .where(SeatInventory.pool_slug == pool_slug, SeatInventory.block == block)
             .values(seats_held=SeatInventory.seats_held - quantity)
         )
+
+
+async def release_subscription_seats(session: AsyncSession, subscriptions: Iterable[tuple[str, Iterable[str]]]) -> None:
+    """Give back one seat per block for each (pool, blocks) subscription, one (pool, block) row at a
+    time in the order buyers reserve them: freed subscription by subscription, two blocks could be
+    locked in the opposite order to a buyer's and deadlock with it."""
+    freed = Counter((pool_slug, block) for pool_slug, blocks in subscriptions for block in blocks)
+    for (pool_slug, block), seats in sorted(freed.items()):
+        await release_seats(session, pool_slug, [block], seats)
 
 
 async def seats_available(db: Database, catalog: Catalog) -> dict[tuple[str, str], int]:
