@@ -79,21 +79,22 @@ def _limit_text(value: int) -> str:
 class GuardedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with two guards uvicorn does not have.
 
-    - Header read deadline: a timer armed when a connection opens and when each further request
-      on it begins, cancelled when that request's headers are complete. If it fires, the
-      connection is closed: a client that trickles (or never sends) its headers cannot hold it.
-      Between requests uvicorn's own keep-alive timeout applies.
+    - Header read deadline: a timer armed when a connection opens, and when a read leaves a
+      request's headers incomplete; cancelled when they are complete. If it fires, the connection
+      is closed: a client that trickles (or never sends) its headers cannot hold it. Between
+      requests uvicorn's own keep-alive timeout applies.
     - Connection bound: past `max_connections` open connections in this process, a new one is
       closed at once, before reading anything. No 503 (uvicorn's limit_concurrency would answer
       one): the request was never read, so a client may safely retry it, and a closed socket
       costs less than an answer while the process is flooded.
 
-    Set per server by `protocol_for(settings)`; the per-request cost is one timer armed and
-    cancelled."""
+    Set per server by `protocol_for(...)`. Per connection: one timer; per request: two attribute
+    writes (a timer only when the headers span reads)."""
 
     header_timeout_s: float = 10.0
     max_connections: int = 20_000
     _header_timer: asyncio.TimerHandle | None = None
+    _headers_pending = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -104,12 +105,19 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
 
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        if self._header_timer is None:
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # Armed only when a request's headers did not all come in one read: a keep-alive request
+        # whose headers arrive at once (nearly all of them) costs two attribute writes, no timer.
+        if self._headers_pending and self._header_timer is None and not self.transport.is_closing():
             self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
 
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._headers_pending = True
+
     def on_headers_complete(self) -> None:
+        self._headers_pending = False
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
