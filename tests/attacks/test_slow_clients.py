@@ -90,6 +90,19 @@ def test_a_client_trickling_its_headers_is_cut_off(gateway_url):
         assert time.monotonic() - started < HEADER_TIMEOUT_S + GRACE_S
 
 
+def test_a_second_request_trickling_its_headers_on_a_kept_alive_connection_is_cut_off(gateway_url):
+    with connect(gateway_url) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        response = b""
+        while b"\r\n\r\n" not in response:
+            response += sock.recv(65536)
+        assert response.startswith(b"HTTP/1.1 200")
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nX-Slow: ")
+        started = time.monotonic()
+        trickle_until_closed(sock, endless(b"a"), HEADER_TIMEOUT_S + GRACE_S)
+        assert time.monotonic() - started < HEADER_TIMEOUT_S + GRACE_S
+
+
 def test_a_connection_that_sends_nothing_is_closed(gateway_url):
     with connect(gateway_url) as sock:
         sock.settimeout(HEADER_TIMEOUT_S + GRACE_S)
