@@ -82,7 +82,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     - Header read deadline: a timer armed when a connection opens, and when a read leaves a
       request's headers incomplete; cancelled when they are complete. If it fires, the connection
       is closed: a client that trickles (or never sends) its headers cannot hold it. Between
-      requests uvicorn's own keep-alive timeout applies.
+      requests uvicorn's own keep-alive timeout applies. A response that completes before its
+      request's body has arrived closes the connection (uvicorn would read on).
     - Connection bound: past `max_connections` open connections in this process, a new one is
       closed at once, before reading anything. No 503 (uvicorn's limit_concurrency would answer
       one): the request was never read, so a client may safely retry it, and a closed socket
@@ -122,6 +123,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._header_timer.cancel()
             self._header_timer = None
         super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        cycle = self.cycle
+        # Answered before its body had arrived (refused early, or the body was late): close rather
+        # than read the rest, which a client could trickle for as long as it likes.
+        if cycle.more_body and cycle.response_complete and not self.transport.is_closing():
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._header_timer is not None:

@@ -126,6 +126,13 @@ def test_a_trickled_body_gets_408_and_the_connection_closes(gateway_url):
     assert json.loads(payload)["error"]["code"] == "body_timeout"
 
 
+def test_a_body_trickled_to_a_route_that_answers_without_reading_it_ends_with_the_answer(gateway_url):
+    with connect(gateway_url) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nContent-Length: 100000\r\n\r\n")
+        received = trickle_until_closed(sock, endless(b"a"), HEADER_TIMEOUT_S + GRACE_S)
+    assert received.startswith(b"HTTP/1.1 200"), received
+
+
 def test_a_keep_alive_client_is_unaffected_by_the_deadlines(gateway_url):
     url = httpx.URL(gateway_url)
     conn = http.client.HTTPConnection(url.host, url.port, timeout=10)
