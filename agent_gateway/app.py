@@ -8,6 +8,7 @@ from starlette.middleware import Middleware
 from starlette.routing import Mount, Route
 
 from agent_gateway.api import agents, management, public
+from agent_gateway.api.edge import BodyDeadline, TrustForwardedHeaders
 from agent_gateway.api.rendering import RefuseNul, handle_gateway_error, handle_http_exception, handle_unexpected
 from agent_gateway.clock import Clock
 from agent_gateway.dashboard import create_dashboard
@@ -21,6 +22,10 @@ from agent_gateway.settings import Settings
 def create_app(settings: Settings | None = None, *, clock: Clock | None = None,
                services: Services | None = None) -> Starlette:
     services = services or build_services(settings or Settings(), clock)
+    settings = services.settings
+    # Outermost first: the client's real address before anything reads it, then the body deadline
+    # around every route (mounted apps included).
+    edge = [Middleware(TrustForwardedHeaders, trusted=settings.trusted_proxies)] if settings.trusted_proxies else []
     app = Starlette(
         routes=[
             *proxy_routes.routes,
@@ -35,7 +40,8 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None,
             HTTPException: handle_http_exception,
             Exception: handle_unexpected,
         },
-        middleware=[Middleware(RefuseNul)],
+        middleware=[*edge, Middleware(BodyDeadline, timeout_s=settings.body_read_timeout_s),
+                    Middleware(RefuseNul)],
         lifespan=lifespan_for(services),
     )
     app.state.services = services

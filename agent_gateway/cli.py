@@ -102,18 +102,21 @@ def _settings_problems(exc: ValidationError) -> str:
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    import uvicorn
-
+    from agent_gateway import server
     from agent_gateway.app import create_app
 
     if args.host:
         settings.host = args.host
     if args.port:
         settings.port = args.port
+    try:
+        server.check_serving_settings(settings)
+    except server.ServeSettingsError as exc:
+        print(f"agent-gateway: invalid settings: {exc}", file=sys.stderr)
+        return 2
     app = create_app(settings)
     _tune_garbage_collector()
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                access_log=False, proxy_headers=False)
+    server.serve(app, settings)
     return 0
 
 

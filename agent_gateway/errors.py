@@ -2,13 +2,15 @@
 
     GatewayError
     ├── InvalidRequest            400 invalid_request_error
-    │   └── BodyTooLarge          413
+    │   ├── BodyTooLarge          413
+    │   └── RequestTimeout        408   (the body did not arrive in time)
     ├── AuthenticationError       401 authentication_error
     ├── PermissionDenied          403 permission_error
     ├── NotFound                  404 not_found_error
     ├── Conflict                  409 conflict_error
     ├── PaymentRequired           402 payment_required
-    ├── RateLimited               429 rate_limit_error   (concurrency, outside reserved blocks)
+    ├── RateLimited               429 rate_limit_error   (concurrency, outside reserved blocks,
+    │                                                     too many unauthenticated attempts)
     ├── UpstreamError             502 upstream_error
     │   └── UpstreamTimeout       504
     └── ServiceUnavailable        503 service_unavailable
@@ -52,6 +54,11 @@ class InvalidRequest(GatewayError):
 class BodyTooLarge(InvalidRequest):
     status = 413
     code = "body_too_large"
+
+
+class RequestTimeout(InvalidRequest):
+    status = 408
+    code = "body_timeout"
 
 
 class AuthenticationError(GatewayError):

@@ -25,6 +25,7 @@ from agent_gateway.proxy.leases import Leases, make_leases
 from agent_gateway.proxy.relay import RelayDeps
 from agent_gateway.proxy.revocations import RevocationBus, StreamRegistry, make_revocation_bus
 from agent_gateway.proxy.upstream import UpstreamClient, UpstreamTimeouts
+from agent_gateway.ratelimit import AttemptLimiter, make_attempt_limiter
 from agent_gateway.settings import Settings
 from agent_gateway.subscriptions.inventory import ensure_inventory
 from agent_gateway.usage.recorder import UsageRecorder
@@ -48,6 +49,7 @@ class Services:
     upstream: UpstreamClient
     relay_deps: RelayDeps
     payments: PaymentService
+    attempts: AttemptLimiter
 
 
 def build_services(settings: Settings, clock: Clock | None = None) -> Services:
@@ -91,6 +93,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         leases=leases, bus=bus, streams=streams, revoker=revoker, upstream=upstream,
         relay_deps=RelayDeps(upstream=upstream, leases=leases, usage=usage),
         payments=payments,
+        attempts=make_attempt_limiter(settings.redis_url, settings.unauth_writes_per_minute),
     )
 
 
@@ -136,6 +139,7 @@ async def run_services(services: Services) -> AsyncIterator[Services]:
         await services.usage.close()
         await services.bus.close()
         await services.leases.close()
+        await services.attempts.close()
         if services.payments.chain is not None:
             await services.payments.chain.close()
         await services.db.dispose()

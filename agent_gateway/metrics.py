@@ -1,10 +1,14 @@
-"""Prometheus metrics and the /metrics endpoint."""
+"""Prometheus metrics and the /metrics endpoint (behind a bearer token when AGW_METRICS_TOKEN is set)."""
 
 from __future__ import annotations
+
+import hmac
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
+
+from agent_gateway.errors import AuthenticationError
 
 PROXY_REQUESTS = Counter(
     "agw_proxy_requests_total",
@@ -24,7 +28,21 @@ PAYMENTS_REVOKED = Counter(
     "Delivered or credited payments revoked because their transfer was reorganised away for good, by reason.",
     ["reason"],
 )
+CONNECTIONS_REFUSED = Counter("agw_connections_refused_total",
+                              "New connections closed at once because the process had AGW_MAX_CONNECTIONS open.")
+SLOW_HEADERS_CLOSED = Counter("agw_slow_headers_closed_total",
+                              "Connections closed because request headers took over AGW_HEADER_READ_TIMEOUT_S.")
 
 
 async def metrics_endpoint(request: Request) -> Response:
+    token = request.app.state.services.settings.metrics_token
+    if token is not None and not _bearer_matches(request.headers.get("authorization", ""), token):
+        raise AuthenticationError("/metrics needs 'Authorization: Bearer <AGW_METRICS_TOKEN>'.",
+                                  code="invalid_metrics_token", headers={"WWW-Authenticate": "Bearer"})
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _bearer_matches(header: str, token: str) -> bool:
+    scheme, _, given = header.strip().partition(" ")
+    # Compared in constant time, as bytes so a non-ASCII header cannot raise.
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())

@@ -14,6 +14,7 @@ from agent_gateway.api.auth import services_of
 from agent_gateway.api.bodies import CamelBody, read_json
 from agent_gateway.api.paying import pay_for, render_settled
 from agent_gateway.api.rendering import iso, ok
+from agent_gateway.api.throttle import limits_challenges, limits_failed_payments
 from agent_gateway.catalog.pricing import make_order
 from agent_gateway.db.models import Subscription
 from agent_gateway.errors import Conflict, InvalidRequest, NotFound
@@ -45,6 +46,7 @@ class SignInBody(CamelBody):
     signature: str = Field(min_length=1, max_length=200)
 
 
+@limits_failed_payments
 async def subscribe_pool(request: Request) -> Response:
     services = services_of(request)
     body = await read_json(request, SubscribePoolBody, services.settings.max_body_bytes)
@@ -59,6 +61,7 @@ async def subscribe_pool(request: Request) -> Response:
     return render_settled(settled)
 
 
+@limits_failed_payments
 async def renew(request: Request) -> Response:
     services = services_of(request)
     body = await read_json(request, RenewBody, services.settings.max_body_bytes)
@@ -95,6 +98,7 @@ _NEXT_STEP = {
 }
 
 
+@limits_challenges
 async def wallet_challenge(request: Request) -> Response:
     services = services_of(request)
     body = await read_json(request, ChallengeBody, services.settings.max_body_bytes)

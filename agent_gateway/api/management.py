@@ -13,6 +13,7 @@ from agent_gateway.api.auth import management
 from agent_gateway.api.bodies import CamelBody, read_json
 from agent_gateway.api.paying import pay_for, payment_header, render_settled, resource_url
 from agent_gateway.api.rendering import iso, ok
+from agent_gateway.api.throttle import limits_failed_payments
 from agent_gateway.api.views import render_key, render_management_key, render_subscription
 from agent_gateway.catalog.pricing import make_order
 from agent_gateway.db.models import Account
@@ -40,6 +41,7 @@ class ManagementKeyBody(CamelBody):
 
 
 @management
+@limits_failed_payments
 async def subscribe(request: Request, services: Services, account: Account) -> Response:
     body = await read_json(request, SubscribeBody, services.settings.max_body_bytes)
     order = make_order(

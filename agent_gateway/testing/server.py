@@ -55,6 +55,8 @@ class ServerThread:
             "access_log": False,
             "lifespan": "auto",
             "timeout_graceful_shutdown": shutdown_timeout,
+            # As under `serve`: forwarded headers are the app's business (AGW_TRUSTED_PROXIES).
+            "proxy_headers": False,
         }
         options.update(uvicorn_options)
         self._config = uvicorn.Config(app, host=host, port=port, **options)

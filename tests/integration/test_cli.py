@@ -56,3 +56,14 @@ def test_crediting_an_unknown_account_fails_clearly(database_url):
 def test_invalid_settings_name_the_variable():
     result = run("migrate", env={"AGW_PORT": "not-a-port"})
     assert result.returncode == 2 and "AGW_PORT" in result.stderr
+
+
+def test_serve_off_loopback_without_a_public_url_refuses_to_start(tmp_path):
+    # Bounded: a gateway that wrongly starts would otherwise serve until killed.
+    result = subprocess.run(
+        [sys.executable, "-m", "agent_gateway", "serve", "--host", "0.0.0.0", "--port", "0"],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "AGW_PUBLIC_URL": "", "AGW_DATABASE_URL": f"sqlite:///{tmp_path}/gw.db"},
+    )
+    assert result.returncode == 2
+    assert "AGW_PUBLIC_URL" in result.stderr and "0.0.0.0" in result.stderr and "Traceback" not in result.stderr

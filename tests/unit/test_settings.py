@@ -22,3 +22,12 @@ def test_env_example_as_is_gives_the_embedded_defaults(tmp_path, monkeypatch):
     assert settings.database_url == "sqlite:///./agent_gateway.db"
     assert settings.pools_file == EXAMPLE_POOLS_FILE and settings.redis_url is None
     assert settings.chain_id is None and settings.port == 8080
+
+
+def test_trusted_proxies_must_be_addresses_or_networks():
+    import pytest
+    from pydantic import ValidationError
+
+    assert Settings(_env_file=None, trusted_proxies=" 10.0.0.0/8, ::1 ,").trusted_proxies == "10.0.0.0/8,::1"
+    with pytest.raises(ValidationError, match="'proxy.internal' is not an IP address or CIDR network"):
+        Settings(_env_file=None, trusted_proxies="10.0.0.1,proxy.internal")

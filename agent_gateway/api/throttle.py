@@ -1,0 +1,111 @@
+"""Limits on unauthenticated writes, declared per route: sign-in challenges and x402 attempts that
+did not end in a delivery, counted per client address (agent_gateway.ratelimit)."""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from agent_gateway.api.auth import services_of
+from agent_gateway.api.bodies import read_body
+from agent_gateway.api.paying import payment_header
+from agent_gateway.errors import RateLimited
+
+Handler = Callable[..., Awaitable[Response]]
+
+
+def client_address(scope: Any) -> str:
+    """The address attempts are counted under: the peer, or the client a trusted proxy named
+    (api.edge). IPv6 counts per /64, the block one subscriber usually holds."""
+    client = scope.get("client")
+    host = client[0] if client else ""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host[:64] or "unknown"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+def too_many_attempts(retry_after_s: int, limit: int) -> RateLimited:
+    return RateLimited(
+        f"Too many unauthenticated attempts from this address: at most {limit} a minute may end without "
+        f"a delivery. Try again in {retry_after_s} s.",
+        code="too_many_attempts", headers={"Retry-After": str(retry_after_s)})
+
+
+def limits_challenges(handler: Handler) -> Handler:
+    """Route decorator: every call writes a row, so every call counts; past the limit, 429 first."""
+
+    @functools.wraps(handler)
+    async def endpoint(request: Request, *args: Any) -> Response:
+        limiter = services_of(request).attempts
+        retry = await limiter.take(client_address(request.scope))
+        if retry is not None:
+            raise too_many_attempts(retry, limiter.limit)
+        return await handler(request, *args)
+
+    return endpoint
+
+
+def limits_failed_payments(handler: Handler) -> Handler:
+    """Route decorator for x402-paid routes: an attempt that carries a payment (header or tx-hash
+    claim) is refused with 429 before it touches the database or the chain once the address is
+    over the limit, and counts only if it did not end in a delivery (2xx). A request without a
+    payment, answered with the 402 challenge, writes nothing and is neither counted nor refused."""
+
+    @functools.wraps(handler)
+    async def endpoint(request: Request, *args: Any) -> Response:
+        services = services_of(request)
+        if payment_header(request) is None:
+            request, claims = await _peek_tx_hash_claim(request, services.settings.max_body_bytes)
+            if not claims:
+                return await handler(request, *args)
+        limiter = services.attempts
+        address = client_address(request.scope)
+        retry = await limiter.check(address)
+        if retry is not None:
+            raise too_many_attempts(retry, limiter.limit)
+        try:
+            response = await handler(request, *args)
+        except Exception:
+            await limiter.record(address)
+            raise
+        if not 200 <= response.status_code < 300:
+            await limiter.record(address)
+        return response
+
+    return endpoint
+
+
+async def _peek_tx_hash_claim(request: Request, max_bytes: int) -> tuple[Request, bool]:
+    """Whether the body claims a tx hash, and a request that replays the body to the handler."""
+    raw = await read_body(request, max_bytes)
+    claims = b"txHash" in raw and _names_tx_hash(raw)
+    sent = False
+
+    async def replay() -> Any:
+        nonlocal sent
+        if sent:
+            return await request.receive()
+        sent = True
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    return Request(request.scope, replay), claims
+
+
+def _names_tx_hash(raw: bytes) -> bool:
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and data.get("txHash") is not None
