@@ -48,7 +48,7 @@ class SignInBody(CamelBody):
 
 async def subscribe_pool(request: Request) -> Response:
     services = services_of(request)
-    body = await read_json(request, SubscribePoolBody, services.settings.max_body_bytes)
+    body = await read_json(request, SubscribePoolBody, services.settings)
     order = make_order(services.catalog, body.pool, body.blocks, body.quantity, body.billing_cycle)
     if body.tx_hash is not None:
         if not body.signature:
@@ -62,7 +62,7 @@ async def subscribe_pool(request: Request) -> Response:
 
 async def renew(request: Request) -> Response:
     services = services_of(request)
-    body = await read_json(request, RenewBody, services.settings.max_body_bytes)
+    body = await read_json(request, RenewBody, services.settings)
     async with services.db.transaction() as session:
         sub = await session.get(Subscription, body.subscription_id)
     if sub is None:
@@ -98,7 +98,7 @@ _NEXT_STEP = {
 
 async def wallet_challenge(request: Request) -> Response:
     services = services_of(request)
-    body = await read_json(request, ChallengeBody, services.settings.max_body_bytes)
+    body = await read_json(request, ChallengeBody, services.settings)
     challenge = await issue_challenge(services.db, services.clock, body.address,
                                       request.url.netloc)
     return ok({"challengeId": challenge.id, "message": challenge.message, "expiresAt": iso(challenge.expires_at),
@@ -107,7 +107,7 @@ async def wallet_challenge(request: Request) -> Response:
 
 async def wallet_sign_in(request: Request) -> Response:
     services = services_of(request)
-    body = await read_json(request, SignInBody, services.settings.max_body_bytes)
+    body = await read_json(request, SignInBody, services.settings)
     account, token = await sign_in(services.db, services.clock, body.challenge_id, body.signature)
     return ok({"accountId": account.id, "managementKey": token.plaintext}, status=201)
 
