@@ -20,6 +20,8 @@ DEFAULT_MAX_DEPTH = 64
 
 # Only quotes, brackets and backslashes (which may escape a quote) matter to the nesting.
 _NOT_MARKS = bytes(b for b in range(256) if b not in b'"[]{}\\')
+_ESCAPED = b"\\/bfnrtu"  # a backslash and what it can escape besides `"` and `\`
+_NOT_ESCAPES = bytes(b for b in range(256) if b not in b'"[]{}' + _ESCAPED)
 # An opener counts +1 and a closer -1 (as signed bytes), whatever its kind.
 _STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 # An escape that spells an ASCII lowercase letter or "_" (`\u006d` is "m"): the only way to write a
@@ -49,11 +51,12 @@ def exceeds_depth(raw: bytes, max_depth: int) -> bool:
     if marks.count(b"[") + marks.count(b"{") <= max_depth:
         return False
     if b"\\" in marks:
-        # Escapes, left to right as JSON reads them: `\\` pairs, then `\"`. Any backslash left
-        # starts an escape that cannot hide a quote.
-        marks = raw.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_MARKS)
+        # Escapes, left to right as JSON reads them: `\\` pairs, then `\"`; any backslash left
+        # starts an escape that cannot hide a quote. Done on the marks plus every character that
+        # may follow a backslash, so each backslash still sits next to what it escapes.
+        marks = raw.translate(None, _NOT_ESCAPES).replace(b"\\\\", b"").replace(b'\\"', b"")
     # Split on quotes: even parts are outside strings (an unterminated string is cut off).
-    outside = b"".join(marks.translate(None, b"\\").split(b'"')[::2])
+    outside = b"".join(marks.translate(None, _ESCAPED).split(b'"')[::2])
     if outside.count(b"[") + outside.count(b"{") <= max_depth:
         return False
     return max(accumulate(array("b", outside.translate(_STEPS)))) > max_depth
