@@ -216,8 +216,9 @@ def fuzzed(settings, clock, database_url) -> Iterator[Fuzzed]:  # type: ignore[n
     try:
         yield fuzzed
     finally:
-        print(f"\nfuzz[{database_url.split(':')[0]}]: {fuzzed.requests} requests in "
-              f"{time.perf_counter() - started:.1f} s; statuses {dict(sorted(fuzzed.by_status.items()))}")
+        if fuzzed.requests:
+            print(f"\nfuzz[{database_url.split(':')[0]}]: {fuzzed.requests} requests in "
+                  f"{time.perf_counter() - started:.1f} s; statuses {dict(sorted(fuzzed.by_status.items()))}")
         loop.run_until_complete(client.aclose())
         loop.run_until_complete(lifespan.__aexit__(None, None, None))
         loop.close()
