@@ -295,3 +295,28 @@ def _error_code(response) -> str | None:  # type: ignore[no-untyped-def]
         return response.json()["error"]["code"]
     except (ValueError, KeyError, TypeError):
         return None
+
+
+# --- payment headers (the in-process app has payments off, so its parser is fuzzed directly) --
+
+PAYMENT_FIELDS = ["x402Version", "accepted", "payload", "scheme", "network", "amount", "asset", "payTo",
+                  "maxTimeoutSeconds", "extra", "signature", "authorization", "from", "to", "value",
+                  "validAfter", "validBefore", "nonce", "resource"]
+PAYMENT_VALUES = st.recursive(
+    st.none() | st.booleans() | NUMBERS | HOSTILE_TEXT | st.sampled_from([2, 1, "exact", "eip155:31337", "base"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(PAYMENT_FIELDS), inner, max_size=6),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=1500, derandomize=True, deadline=None, database=None)
+@given(st.one_of(PAYMENT_VALUES.map(lambda value: base64.b64encode(_dump(value))),
+                 st.binary(max_size=80).map(base64.b64encode), payment_headers()),
+       st.sampled_from([1, 2]))
+def test_no_payment_header_breaks_the_parser(header, version):
+    from agent_gateway.payments.wire import WireError, parse_payment
+
+    try:
+        parse_payment(header.decode("latin-1"), version, MAX_DEPTH)
+    except WireError as refused:
+        assert refused.code and refused.message
