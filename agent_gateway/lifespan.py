@@ -93,7 +93,8 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         leases=leases, bus=bus, streams=streams, revoker=revoker, upstream=upstream,
         relay_deps=RelayDeps(upstream=upstream, leases=leases, usage=usage),
         payments=payments,
-        attempts=make_attempt_limiter(settings.redis_url, settings.unauth_writes_per_minute),
+        attempts=make_attempt_limiter(settings.redis_url, settings.unauth_writes_per_minute,
+                                      settings.unauth_attempts_in_flight),
     )
 
 

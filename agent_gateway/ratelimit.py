@@ -4,6 +4,12 @@
 Three operations, each answering None (allowed) or the seconds until the address may try again:
 `check` looks without counting, `take` counts only when allowed (atomically), `record` counts
 unconditionally (an attempt that has already happened and failed).
+
+Failed payment attempts are judged when they end, so `check` alone would let a burst of
+concurrent attempts all pass before the first failure is recorded. Every limiter therefore also
+caps the attempts one address has in flight in this process (`InFlight`): a burst is refused past
+that cap, while paying agents behind one address are never limited unless that many of them are
+paying at the same instant.
 """
 
 from __future__ import annotations
@@ -29,8 +35,31 @@ WINDOW_S = 60.0
 MAX_ADDRESSES = 100_000
 
 
+class InFlight:
+    """Attempts per address running right now in this process, capped. `enter` is False past the cap."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._running: dict[str, int] = {}
+
+    def enter(self, address: str) -> bool:
+        running = self._running.get(address, 0)
+        if running >= self.cap:
+            return False
+        self._running[address] = running + 1
+        return True
+
+    def leave(self, address: str) -> None:
+        running = self._running.get(address, 0) - 1
+        if running > 0:
+            self._running[address] = running
+        else:
+            self._running.pop(address, None)
+
+
 class AttemptLimiter(Protocol):
     limit: int
+    in_flight: InFlight
 
     async def check(self, address: str) -> int | None: ...
 
@@ -44,9 +73,10 @@ class AttemptLimiter(Protocol):
 class MemoryAttemptLimiter:
     """One process's attempt log: per address, the times of its last `limit` attempts."""
 
-    def __init__(self, limit: int, *, window_s: float = WINDOW_S, max_addresses: int = MAX_ADDRESSES,
-                 now: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, limit: int, *, in_flight_cap: int | None = None, window_s: float = WINDOW_S,
+                 max_addresses: int = MAX_ADDRESSES, now: Callable[[], float] = time.monotonic) -> None:
         self.limit = limit
+        self.in_flight = InFlight(in_flight_cap or limit)
         self.window_s = window_s
         self.max_addresses = max_addresses
         self._now = now
@@ -127,10 +157,11 @@ class RedisAttemptLimiter:
     refused or let through unlimited: a Redis outage must not stop paying agents, and must not
     lift the limit either."""
 
-    def __init__(self, redis_url: str, limit: int, *, prefix: str = "agw", window_s: float = WINDOW_S,
-                 connect_timeout_s: float = 1.0, command_timeout_s: float = 1.0, max_connections: int = 16,
-                 pool_wait_s: float = 2.0) -> None:
+    def __init__(self, redis_url: str, limit: int, *, in_flight_cap: int | None = None, prefix: str = "agw",
+                 window_s: float = WINDOW_S, connect_timeout_s: float = 1.0, command_timeout_s: float = 1.0,
+                 max_connections: int = 16, pool_wait_s: float = 2.0) -> None:
         self.limit = limit
+        self.in_flight = InFlight(in_flight_cap or limit)
         self.prefix = prefix
         self._window_ms = int(window_s * 1000)
         pool = aioredis.BlockingConnectionPool.from_url(
@@ -172,8 +203,8 @@ class RedisAttemptLimiter:
             log.warning("attempt limits: Redis unavailable (%s); counting in this process only", exc)
 
 
-def make_attempt_limiter(redis_url: str | None, per_minute: int) -> AttemptLimiter:
+def make_attempt_limiter(redis_url: str | None, per_minute: int, in_flight_cap: int) -> AttemptLimiter:
     """Redis-shared limits when a URL is configured, else this process's own."""
     if redis_url:
-        return RedisAttemptLimiter(redis_url, per_minute)
-    return MemoryAttemptLimiter(per_minute)
+        return RedisAttemptLimiter(redis_url, per_minute, in_flight_cap=in_flight_cap)
+    return MemoryAttemptLimiter(per_minute, in_flight_cap=in_flight_cap)

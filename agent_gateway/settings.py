@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     # Unauthenticated writes that did not end in a delivery (failed x402 attempts, sign-in
     # challenges) allowed per client address per minute; shared through Redis when set.
     unauth_writes_per_minute: int = Field(default=30, ge=1)
+    # Payment attempts one client address may have in flight at once per process (they are judged
+    # when they end, so this bounds a burst); paying agents behind one address share it.
+    unauth_attempts_in_flight: int = Field(default=64, ge=1)
     # A bearer token that /metrics requires when set. Unset: /metrics is public.
     metrics_token: str | None = None
 

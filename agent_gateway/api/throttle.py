@@ -14,7 +14,7 @@ from starlette.responses import Response
 from agent_gateway.api.auth import services_of
 from agent_gateway.api.bodies import read_body
 from agent_gateway.api.paying import payment_header
-from agent_gateway.errors import RateLimited
+from agent_gateway.errors import GatewayError, RateLimited
 from agent_gateway.settings import Settings
 from agent_gateway.strict_json import JsonRefused, loads_strict
 
@@ -61,8 +61,9 @@ def limits_challenges(handler: Handler) -> Handler:
 def limits_failed_payments(handler: Handler) -> Handler:
     """Route decorator for x402-paid routes: an attempt that carries a payment (header or tx-hash
     claim) is refused with 429 before it touches the database or the chain once the address is
-    over the limit, and counts only if it did not end in a delivery (2xx). A request without a
-    payment, answered with the 402 challenge, writes nothing and is neither counted nor refused."""
+    over the limit or has too many attempts in flight, and counts only if it ended in a client error
+    (not a delivery, not the gateway's own failure). A request without a payment, answered with the
+    402 challenge, writes nothing and is neither counted nor refused."""
 
     @functools.wraps(handler)
     async def endpoint(request: Request, *args: Any) -> Response:
@@ -76,16 +77,34 @@ def limits_failed_payments(handler: Handler) -> Handler:
         retry = await limiter.check(address)
         if retry is not None:
             raise too_many_attempts(retry, limiter.limit)
+        if not limiter.in_flight.enter(address):
+            raise RateLimited(
+                f"Too many payment attempts from this address at once: at most {limiter.in_flight.cap} may be "
+                "in flight. Retry when one has finished.", code="too_many_attempts", headers={"Retry-After": "1"})
         try:
             response = await handler(request, *args)
-        except Exception:
-            await limiter.record(address)
+        except GatewayError as exc:
+            if _counts_as_failed(exc):
+                await limiter.record(address)
             raise
-        if not 200 <= response.status_code < 300:
+        finally:
+            limiter.in_flight.leave(address)
+        if 400 <= response.status_code < 500:
             await limiter.record(address)
         return response
 
     return endpoint
+
+
+# Failures that are not the client's: a confirmation still on its way (the client was told to
+# retry), a payment that moved on under a race, the chain or the gateway being unavailable.
+_NOT_THE_CLIENTS = {"payment_pending", "payment_state_changed"}
+
+
+def _counts_as_failed(exc: GatewayError) -> bool:
+    """An attempt that ended in a client error counts against the address; a delivery, a 202
+    and the gateway's own failures (5xx, a pending confirmation, a lost race) do not."""
+    return 400 <= exc.status < 500 and exc.code not in _NOT_THE_CLIENTS
 
 
 async def _peek_tx_hash_claim(request: Request, settings: Settings) -> tuple[Request, bool]:

@@ -75,21 +75,26 @@ async def test_sign_in_challenges_past_the_limit_get_429_and_write_nothing(gatew
 # --- x402 attempts on anvil --------------------------------------------------------------------
 
 @contextmanager
-def x402_live(tmp_path, database_url, upstream, devchain) -> Iterator:
+def x402_live(tmp_path, database_url, upstream, devchain, **settings) -> Iterator:
     with live_gateway(tmp_path, database_url, upstream, pools=X402_POOLS, **chain_settings(devchain),
-                      unauth_writes_per_minute=LIMIT) as live:
+                      unauth_writes_per_minute=LIMIT, **settings) as live:
         yield live
 
 
-def empty_wallet_attempt(live, devchain, chain_view) -> httpx.Response:
-    """A validly signed payment of the exact price, from a wallet that holds nothing."""
+def empty_wallet_payment(live, devchain, chain_view) -> dict[str, str]:
+    """The headers of a validly signed payment of the exact price, from a wallet that holds nothing."""
     wallet = chain_view.new_wallet(usdc_atomic=0, eth_wei=0)
     with httpx.Client(base_url=live.url, timeout=60) as http:
         accepted = challenge(http, ORDER)
-        authorization, signature = sign_authorization(
-            devchain, wallet.key, payer=wallet.address, to=accepted["payTo"], value=int(accepted["amount"]))
-        return http.post("/api/agent/subscribe-pool", json=ORDER,
-                         headers={"PAYMENT-SIGNATURE": payment_header(accepted, authorization, signature)})
+    authorization, signature = sign_authorization(
+        devchain, wallet.key, payer=wallet.address, to=accepted["payTo"], value=int(accepted["amount"]))
+    return {"PAYMENT-SIGNATURE": payment_header(accepted, authorization, signature)}
+
+
+def empty_wallet_attempt(live, devchain, chain_view) -> httpx.Response:
+    headers = empty_wallet_payment(live, devchain, chain_view)
+    with httpx.Client(base_url=live.url, timeout=60) as http:
+        return http.post("/api/agent/subscribe-pool", json=ORDER, headers=headers)
 
 
 async def test_failed_x402_attempts_past_the_limit_get_429_before_any_row(tmp_path, database_url, upstream,
@@ -104,6 +109,26 @@ async def test_failed_x402_attempts_past_the_limit_get_429_before_any_row(tmp_pa
         # A request without a payment writes nothing: it still gets its 402 challenge.
         with httpx.Client(base_url=live.url, timeout=60) as http:
             assert http.post("/api/agent/subscribe-pool", json=ORDER).status_code == 402
+
+
+async def test_a_burst_of_failed_x402_attempts_is_capped_before_any_row(tmp_path, database_url, upstream,
+                                                                        devchain, chain_view):
+    """Attempts are judged when they end, so a burst sent at once must not all get past the check
+    before the first failure is recorded: at most `in flight` of them run at a time, and once
+    LIMIT failures are recorded none runs. So at most LIMIT - 1 + IN_FLIGHT rows, whatever the timing."""
+    in_flight, burst = 2, 12
+    with x402_live(tmp_path, database_url, upstream, devchain, unauth_attempts_in_flight=in_flight) as live:
+        payments = [empty_wallet_payment(live, devchain, chain_view) for _ in range(burst)]
+        async with httpx.AsyncClient(base_url=live.url, timeout=60) as http:
+            answers = await asyncio.gather(*(http.post("/api/agent/subscribe-pool", json=ORDER, headers=headers)
+                                             for headers in payments))
+        refused = [r for r in answers if r.status_code == 429]
+        for r in refused:
+            assert_too_many(r)
+        ran = [r for r in answers if r.status_code != 429]
+        assert all(r.status_code == 402 and r.json()["error"]["code"] == "insufficient_balance" for r in ran)
+        assert len(ran) <= LIMIT - 1 + in_flight
+        assert count_rows(database_url, Payment) == len(ran)
 
 
 async def test_paying_agents_behind_one_address_are_never_limited(tmp_path, sqlite_url, upstream, devchain,
