@@ -35,7 +35,7 @@ from agent_gateway.usage.report import empty_usage, usage_by_key
 _STREAMABLE = {"chat.completions", "completions"}
 # The body fields the gateway itself reads: each must appear once, or an upstream that keeps the
 # first copy would act on a value the gateway never checked (a model outside the key's pool).
-READ_KEYS = frozenset({"model", "stream", "stream_options"})
+READ_KEYS = frozenset({"model", "stream", "stream_options", "include_usage"})
 
 
 async def admit_key(request: Request, services: Services) -> KeyRecord:
@@ -66,9 +66,20 @@ async def admit_key(request: Request, services: Services) -> KeyRecord:
     return key
 
 
+def _refuse_lookalike_keys(obj: dict, names: frozenset[str]) -> None:
+    """A key the gateway reads may not also appear spelled in another case (`"Model"`, `"ſtream"`):
+    upstreams that match field names case-insensitively (Go's encoding/json, last one wins) would
+    read the other spelling — a model outside the key's pool, or a stream without usage."""
+    for key in obj:
+        if key not in names and key.casefold() in names:
+            raise InvalidRequest(f"The key {key!r} is {key.casefold()!r} spelled differently; send it once, "
+                                 f"as {key.casefold()!r}.", code="ambiguous_key")
+
+
 def _check_stream_fields(payload: dict) -> None:
     """`stream` is a boolean and `stream_options` an object (null means absent, as for OpenAI):
     a truthy non-boolean would be streamed by a lenient upstream without usage metering."""
+    _refuse_lookalike_keys(payload, READ_KEYS)
     stream = payload.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest(f"\"stream\" must be true or false, not {_json_type(stream)}.",
@@ -78,6 +89,8 @@ def _check_stream_fields(payload: dict) -> None:
                                     and isinstance(options.get("include_usage", False), bool)):
         raise InvalidRequest("\"stream_options\" must be an object whose \"include_usage\" is true or false.",
                              code="invalid_stream")
+    if options:
+        _refuse_lookalike_keys(options, READ_KEYS)
 
 
 def _json_type(value: object) -> str:

@@ -205,6 +205,8 @@ V1_REPEATS = [
     '{"model":"alpha-1","stream":true,"stream_options":{"include_usage":true},'
     '"stream_options":{"include_usage":false},"messages":[]}',
     '{"model":"alpha-1","messages":[],"stre\\u0061m":true,"stream":false}',
+    '{"model":"alpha-1","stream":true,"stream_options":{"include_usage":true,"include_usage":false},'
+    '"messages":[]}',
 ]
 
 
@@ -215,6 +217,20 @@ async def test_a_repeated_model_or_stream_key_on_v1_is_a_400_and_never_reaches_u
     assert r.status_code == 400, r.text
     assert r.json()["error"]["code"] == "duplicate_key"
     assert await snapshot(gateway.services.db) == before
+
+
+@pytest.mark.parametrize("body", [
+    '{"model":"alpha-1","Model":"rest-1","messages":[]}',
+    '{"MODEL":"rest-1","model":"alpha-1","messages":[]}',
+    '{"model":"alpha-1","stream":false,"Stream":true,"messages":[]}',
+    '{"model":"alpha-1","stream":false,"\\u017ftream":true,"messages":[]}',  # long s: Go folds it to "s"
+    '{"model":"alpha-1","stream":true,"stream_options":{"include_usage":true,"Include_Usage":false},'
+    '"messages":[]}',
+])
+async def test_a_read_key_spelled_in_another_case_is_a_400_for_case_blind_upstreams(gateway, sk, body):
+    r = await gateway.client.post("/v1/chat/completions", content=body.encode(), headers={**JSON, **auth(sk)})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "ambiguous_key"
 
 
 @pytest.mark.parametrize("field", ['"stream":"true"', '"stream":1', '"stream":[true]', '"stream":{}',
