@@ -9,6 +9,7 @@ import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -32,6 +33,9 @@ ORDER = {"pool": "alpha", "blocks": ["day"], "quantity": 1}
 MESSAGES = [{"role": "user", "content": "two processes, one key"}]
 
 
+PUBLIC_URL = "http://gateway.test"
+
+
 @pytest.fixture
 def two_processes(tmp_path: Path, database_url: str, redis_url: str,  # noqa: F811
                   upstream, devchain) -> Iterator[list[str]]:
@@ -49,6 +53,8 @@ def two_processes(tmp_path: Path, database_url: str, redis_url: str,  # noqa: F8
         # The refused copies below are failed unauthenticated writes from one address; the
         # attacks here are about processes, not about that limit.
         "AGW_UNAUTH_WRITES_PER_MINUTE": "10000",
+        # One deployment, one public URL: tx-hash claims and sign-in messages name its domain.
+        "AGW_PUBLIC_URL": PUBLIC_URL,
     }
     processes = []
     try:
@@ -176,7 +182,8 @@ async def test_one_tx_hash_claimed_through_both_processes_at_once_is_delivered_o
     wallet = chain_view.new_wallet()
     paid = transfer(devchain, wallet, devchain.pay_to, PRICE)
     seats_before = await seats_left(two_processes[0])
-    claim = {**ORDER, "txHash": paid, "signature": claim_signature(wallet.key, paid)}
+    claim = {**ORDER, "txHash": paid, "signature": claim_signature(wallet.key, paid, None, chain_id=devchain.chain_id,
+                                                               domain=urlsplit(PUBLIC_URL).netloc)}
 
     responses = await post_everywhere(two_processes, claim, {}, copies_each=6)
 
