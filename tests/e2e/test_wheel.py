@@ -25,6 +25,7 @@ import shutil
 import site
 import subprocess
 import sys
+import sysconfig
 import time
 import zipfile
 from dataclasses import dataclass
@@ -102,9 +103,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
                              timeout=300)
     assert install.returncode == 0, install.stdout + install.stderr
     if sys.prefix != sys.base_prefix:  # see the module docstring
-        purelib = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                                 env=env, capture_output=True, text=True, check=True).stdout.strip()
-        (Path(purelib) / "test-interpreter-site-packages.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+        purelib = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
+        (purelib / "test-interpreter-site-packages.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     return Installed(wheel, venv, workdir, env)
 
 
