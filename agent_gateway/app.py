@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -19,9 +21,16 @@ from agent_gateway.lifespan import Services, build_services, lifespan_for
 from agent_gateway.settings import Settings
 
 
+# py_ecc, imported through eth-account, raises the recursion limit to 100,000 when imported. That
+# high, a runaway recursion overflows the C stack and kills the process (every stream and lease
+# with it) instead of raising RecursionError. Everything is imported by now: back to CPython's default.
+RECURSION_LIMIT = 1000
+
+
 def create_app(settings: Settings | None = None, *, clock: Clock | None = None,
                services: Services | None = None) -> Starlette:
     services = services or build_services(settings or Settings(), clock)
+    sys.setrecursionlimit(RECURSION_LIMIT)
     settings = services.settings
     # Outermost first: the client's real address before anything reads it, then the body deadline
     # around every route (mounted apps included).

@@ -10,6 +10,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from agent_gateway.strict_json import DEFAULT_MAX_DEPTH
+
 EXAMPLE_POOLS_FILE = Path(__file__).parent / "catalog" / "example_pools.toml"
 
 
@@ -41,7 +43,7 @@ class Settings(BaseSettings):
     # X-Forwarded-Proto headers are trusted. Empty: forwarded headers are ignored.
     trusted_proxies: str = ""
     # Deepest JSON nesting accepted in any parsed body or header (objects and arrays).
-    max_json_depth: int = Field(default=64, ge=4, le=512)
+    max_json_depth: int = Field(default=DEFAULT_MAX_DEPTH, ge=4, le=512)
     # Slow clients: a connection must finish sending its request headers, and a request its body,
     # within these (seconds); at most this many connections are open at once per process.
     header_read_timeout_s: float = Field(default=10.0, gt=0)

@@ -49,7 +49,7 @@ class SignInBody(CamelBody):
 @limits_failed_payments
 async def subscribe_pool(request: Request) -> Response:
     services = services_of(request)
-    body = await read_json(request, SubscribePoolBody, services.settings.max_body_bytes)
+    body = await read_json(request, SubscribePoolBody, services.settings)
     order = make_order(services.catalog, body.pool, body.blocks, body.quantity, body.billing_cycle)
     if body.tx_hash is not None:
         if not body.signature:
@@ -64,7 +64,7 @@ async def subscribe_pool(request: Request) -> Response:
 @limits_failed_payments
 async def renew(request: Request) -> Response:
     services = services_of(request)
-    body = await read_json(request, RenewBody, services.settings.max_body_bytes)
+    body = await read_json(request, RenewBody, services.settings)
     async with services.db.transaction() as session:
         sub = await session.get(Subscription, body.subscription_id)
     if sub is None:
@@ -101,7 +101,7 @@ _NEXT_STEP = {
 @limits_challenges
 async def wallet_challenge(request: Request) -> Response:
     services = services_of(request)
-    body = await read_json(request, ChallengeBody, services.settings.max_body_bytes)
+    body = await read_json(request, ChallengeBody, services.settings)
     settings = services.settings
     chain_id = sign_in_chain_id(settings.chain_id, services.payments.enabled)
     challenge = await issue_challenge(services.db, services.clock, body.address, settings.external_url, chain_id)
@@ -112,7 +112,7 @@ async def wallet_challenge(request: Request) -> Response:
 
 async def wallet_sign_in(request: Request) -> Response:
     services = services_of(request)
-    body = await read_json(request, SignInBody, services.settings.max_body_bytes)
+    body = await read_json(request, SignInBody, services.settings)
     account, token = await sign_in(services.db, services.clock, body.challenge_id, body.signature)
     return ok({"accountId": account.id, "managementKey": token.plaintext}, status=201)
 

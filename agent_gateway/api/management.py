@@ -43,7 +43,7 @@ class ManagementKeyBody(CamelBody):
 @management
 @limits_failed_payments
 async def subscribe(request: Request, services: Services, account: Account) -> Response:
-    body = await read_json(request, SubscribeBody, services.settings.max_body_bytes)
+    body = await read_json(request, SubscribeBody, services.settings)
     order = make_order(
         services.catalog, request.path_params["slug"], body.blocks, body.quantity, body.billing_cycle
     )
@@ -75,7 +75,7 @@ async def get_subscriptions(request: Request, services: Services, account: Accou
 
 @management
 async def mint_subscription_key(request: Request, services: Services, account: Account) -> Response:
-    body = await read_json(request, MintKeyBody, services.settings.max_body_bytes)
+    body = await read_json(request, MintKeyBody, services.settings)
     name = api_keys.validate_key_name(body.name)
     view, token = await api_keys.mint_key(services.db, services.clock, account.id, body.subscription_id, name)
     data = render_key(view.key, view.subscription)
@@ -113,7 +113,7 @@ async def delete_key(request: Request, services: Services, account: Account) -> 
 
 @management
 async def create_management_key(request: Request, services: Services, account: Account) -> Response:
-    body = await read_json(request, ManagementKeyBody, services.settings.max_body_bytes)
+    body = await read_json(request, ManagementKeyBody, services.settings)
     key, token = await mkeys.create_management_key(services.db, services.clock, account.id,
                                                    api_keys.validate_key_name(body.name))
     data = render_management_key(key)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,6 +15,8 @@ from agent_gateway.api.auth import services_of
 from agent_gateway.api.bodies import read_body
 from agent_gateway.api.paying import payment_header
 from agent_gateway.errors import RateLimited
+from agent_gateway.settings import Settings
+from agent_gateway.strict_json import JsonRefused, loads_strict
 
 Handler = Callable[..., Awaitable[Response]]
 
@@ -67,7 +68,7 @@ def limits_failed_payments(handler: Handler) -> Handler:
     async def endpoint(request: Request, *args: Any) -> Response:
         services = services_of(request)
         if payment_header(request) is None:
-            request, claims = await _peek_tx_hash_claim(request, services.settings.max_body_bytes)
+            request, claims = await _peek_tx_hash_claim(request, services.settings)
             if not claims:
                 return await handler(request, *args)
         limiter = services.attempts
@@ -87,10 +88,10 @@ def limits_failed_payments(handler: Handler) -> Handler:
     return endpoint
 
 
-async def _peek_tx_hash_claim(request: Request, max_bytes: int) -> tuple[Request, bool]:
+async def _peek_tx_hash_claim(request: Request, settings: Settings) -> tuple[Request, bool]:
     """Whether the body claims a tx hash, and a request that replays the body to the handler."""
-    raw = await read_body(request, max_bytes)
-    claims = b"txHash" in raw and _names_tx_hash(raw)
+    raw = await read_body(request, settings.max_body_bytes)
+    claims = b"txHash" in raw and _names_tx_hash(raw, settings.max_json_depth)
     sent = False
 
     async def replay() -> Any:
@@ -103,9 +104,11 @@ async def _peek_tx_hash_claim(request: Request, max_bytes: int) -> tuple[Request
     return Request(request.scope, replay), claims
 
 
-def _names_tx_hash(raw: bytes) -> bool:
+def _names_tx_hash(raw: bytes, max_depth: int) -> bool:
+    # The same strict parse the handler does (depth bounded before parsing): whatever this one
+    # refuses, the handler refuses too, with the right error.
     try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError):
+        data = loads_strict(raw, max_depth)
+    except JsonRefused:
         return False
     return isinstance(data, dict) and data.get("txHash") is not None

@@ -7,12 +7,11 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl
 
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from agent_gateway.api.bodies import read_body
+from agent_gateway.api.bodies import read_form
 from agent_gateway.dashboard.rendering import PageRenderer
 from agent_gateway.dashboard.sessions import (
     COOKIE_NAME,
@@ -31,6 +30,7 @@ log = logging.getLogger(__name__)
 
 _FORM_TYPE = "application/x-www-form-urlencoded"
 _MAX_FORM_BYTES = 16_384
+_MAX_FORM_FIELDS = 20
 
 
 @dataclass
@@ -145,11 +145,8 @@ async def _refuse_forgery(visit: Visit) -> Response | None:
     # Anything but our own urlencoded forms carries no token, so it is refused below like a forgery.
     if request.headers.get("content-type", "").split(";")[0].strip().lower() == _FORM_TYPE:
         try:
-            raw = await read_body(request, _MAX_FORM_BYTES)
-            visit.form = dict(parse_qsl(raw.decode("utf-8"), keep_blank_values=True, max_num_fields=20))
-            if any("\x00" in k or "\x00" in v for k, v in visit.form.items()):
-                raise ValueError("NUL in a form field")
-        except (GatewayError, UnicodeDecodeError, ValueError):
+            visit.form = await read_form(request, _MAX_FORM_BYTES, _MAX_FORM_FIELDS)
+        except GatewayError:
             return error_page(visit, 400, "Unreadable form", "The form could not be read. Go back and try again.")
     problem = forgery_problem(request, visit.session, visit.form, visit.site_url)
     if problem is None:

@@ -134,7 +134,7 @@ class PaymentService:
                            renew_subscription_id: str | None = None) -> Settled:
         chain = self.require_chain()
         try:
-            payment = parse_payment(header, version)
+            payment = parse_payment(header, version, self.settings.max_json_depth)
         except WireError as exc:
             raise self.challenge(order, resource_url, message=exc.message, code=exc.code) from None
         offer = self.offer(order, resource_url)

@@ -11,6 +11,8 @@ from typing import Any
 
 from eth_utils import is_address, is_checksum_address, to_checksum_address
 
+from agent_gateway.strict_json import DEFAULT_MAX_DEPTH, JsonRefused, loads_strict
+
 SCHEME = "exact"
 MIME_TYPE = "application/json"
 # A payment header is one small JSON object; anything bigger is refused before decoding.
@@ -138,22 +140,11 @@ def encode_header(obj: dict[str, Any]) -> str:
     return base64.b64encode(json.dumps(obj, separators=(",", ":")).encode("utf-8")).decode("ascii")
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # Two parsers that disagree on which duplicate wins would verify one payment and settle another.
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise ValueError(f"duplicate key {key!r}")
-        obj[key] = value
-    return obj
+def decode_header(text: str, max_depth: int = DEFAULT_MAX_DEPTH) -> dict[str, Any]:
+    """Strictly decode base64 JSON into an object; WireError `invalid_payment_header` otherwise.
 
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def decode_header(text: str) -> dict[str, Any]:
-    """Strictly decode base64 JSON into an object; WireError `invalid_payment_header` otherwise."""
+    Strict as `strict_json` is: bounded nesting checked before parsing, and no key twice (two
+    parsers that disagree on which copy wins would verify one payment and settle another)."""
     if not isinstance(text, str) or not text.strip():
         raise WireError("invalid_payment_header", "The payment header is empty.")
     if len(text) > MAX_HEADER_CHARS:
@@ -163,9 +154,11 @@ def decode_header(text: str) -> dict[str, Any]:
     except (binascii.Error, ValueError):
         raise WireError("invalid_payment_header", "The payment header is not standard base64.") from None
     try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
-    except (UnicodeDecodeError, ValueError):
-        raise WireError("invalid_payment_header", "The payment header is not base64 of UTF-8 JSON.") from None
+        obj = loads_strict(raw, max_depth)
+    except JsonRefused as exc:
+        if exc.code == "invalid_json":
+            raise WireError("invalid_payment_header", "The payment header is not base64 of UTF-8 JSON.") from None
+        raise WireError("invalid_payment_header", f"The payment header is refused: {exc.message}") from None
     if not isinstance(obj, dict):
         raise WireError("invalid_payment_header", "The payment header must hold a JSON object.")
     return obj
@@ -173,13 +166,13 @@ def decode_header(text: str) -> dict[str, Any]:
 
 # --- payments ------------------------------------------------------------------------------
 
-def parse_payment(header_value: str, version_hint: int) -> ExactPayment:
+def parse_payment(header_value: str, version_hint: int, max_depth: int = DEFAULT_MAX_DEPTH) -> ExactPayment:
     """Read a `PAYMENT-SIGNATURE` (version_hint 2) or `X-PAYMENT` (1) header into an ExactPayment.
 
     Only the shape is checked here; whether the payment is good is `rules.check_payment`'s job."""
     if version_hint not in (1, 2):
         raise ValueError("version_hint must be 1 (X-PAYMENT) or 2 (PAYMENT-SIGNATURE)")
-    obj = decode_header(header_value)
+    obj = decode_header(header_value, max_depth)
     version = obj.get("x402Version")
     if type(version) is not int or version != version_hint:
         header = "PAYMENT-SIGNATURE" if version_hint == 2 else "X-PAYMENT"

@@ -33,6 +33,9 @@ from agent_gateway.proxy.revocations import Registration
 from agent_gateway.usage.report import empty_usage, usage_by_key
 
 _STREAMABLE = {"chat.completions", "completions"}
+# The body fields the gateway itself reads: each must appear once, or an upstream that keeps the
+# first copy would act on a value the gateway never checked (a model outside the key's pool).
+READ_KEYS = frozenset({"model", "stream", "stream_options"})
 
 
 async def admit_key(request: Request, services: Services) -> KeyRecord:
@@ -61,6 +64,28 @@ async def admit_key(request: Request, services: Services) -> KeyRecord:
     if key.key_status != "active":
         raise PermissionDenied("This API key was revoked.", code="key_revoked")
     return key
+
+
+def _check_stream_fields(payload: dict) -> None:
+    """`stream` is a boolean and `stream_options` an object (null means absent, as for OpenAI):
+    a truthy non-boolean would be streamed by a lenient upstream without usage metering."""
+    stream = payload.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequest(f"\"stream\" must be true or false, not {_json_type(stream)}.",
+                             code="invalid_stream")
+    options = payload.get("stream_options")
+    if options is not None and not (isinstance(options, dict)
+                                    and isinstance(options.get("include_usage", False), bool)):
+        raise InvalidRequest("\"stream_options\" must be an object whose \"include_usage\" is true or false.",
+                             code="invalid_stream")
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return "an array" if isinstance(value, list) else "an object"
 
 
 def _pool_of(services: Services, key: KeyRecord) -> Pool:
@@ -99,10 +124,11 @@ async def _proxy(request: Request, path: str, endpoint: str) -> Response:
     try:
         key = await admit_key(request, services)
         body = await read_body(request, services.settings.max_proxy_body_bytes)
-        payload = parse_json_object(body)
+        payload = parse_json_object(body, services.settings.max_json_depth, watched_keys=READ_KEYS)
         model = payload.get("model")
         if not isinstance(model, str) or not model:
             raise InvalidRequest("The request needs a \"model\" string.", code="invalid_model")
+        _check_stream_fields(payload)
         pool = _pool_of(services, key)
         if model not in pool.models:
             raise NotFound(f"The model {model!r} is not in this key's pool; it serves {', '.join(pool.models)}.",
