@@ -199,9 +199,13 @@ def _pools_check(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
-    from agent_gateway.demo import run_demo
+    from agent_gateway.demo import DemoUnavailable, run_demo
 
-    return run_demo()
+    try:
+        return run_demo()
+    except DemoUnavailable as exc:
+        print(f"agent-gateway: {exc}", file=sys.stderr)
+        return 1
 
 
 def _test_upstream(args: argparse.Namespace, settings: Settings) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib.util
 import json
 import logging
 import tempfile
@@ -22,13 +23,33 @@ from agent_gateway.app import create_app
 from agent_gateway.catalog.pools import load_catalog
 from agent_gateway.clock import Clock
 from agent_gateway.payments.amounts import format_usdc
-from agent_gateway.payments.devchain import DevChain, start_devchain
+from agent_gateway.testing.devchain import AnvilNotFoundError, DevChain, find_anvil, start_devchain
 from agent_gateway.settings import EXAMPLE_POOLS_FILE, Settings
 from agent_gateway.testing.processes import free_port
 from agent_gateway.testing.server import ServerThread
 from agent_gateway.testing.upstream import UpstreamSettings, create_upstream_app
 
 DEMO_POOL = "kimi26"
+# The demo's clients: the `demo` extra, not the gateway's own dependencies.
+DEMO_PACKAGES = ("openai", "x402")
+
+
+class DemoUnavailable(RuntimeError):
+    """Something the demo needs beyond the gateway itself is missing: anvil, or the demo extra."""
+
+
+def check_demo_prerequisites() -> None:
+    """Name everything missing in one line, before any server starts."""
+    problems = []
+    try:
+        find_anvil()
+    except AnvilNotFoundError as exc:
+        problems.append(str(exc))
+    missing = [name for name in DEMO_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        problems.append(f"the Python packages {', '.join(missing)} are missing: pip install 'agent-gateway[demo]'")
+    if problems:
+        raise DemoUnavailable("the demo cannot run: " + "; ".join(problems))
 
 
 def say(step: str, detail: str = "") -> None:
@@ -58,6 +79,7 @@ def demo_stack(workdir: Path) -> Iterator[tuple[str, Settings, DevChain]]:
 
 
 def run_demo() -> int:
+    check_demo_prerequisites()
     # The demo narrates; keep the servers' own INFO lines out of its way.
     for noisy in ("httpx", "httpx2", "uvicorn.error", "agent_gateway", "alembic", "x402", "web3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -133,7 +155,7 @@ def sign_in_with_wallet(http: httpx.Client, wallet_key: str, address: str) -> st
 
 
 def _usdc(chain: DevChain, address: str) -> int:
-    from agent_gateway.payments.devchain import token_contract
+    from agent_gateway.testing.devchain import token_contract
 
     return token_contract(chain.web3(), chain.token).functions.balanceOf(address).call()
 

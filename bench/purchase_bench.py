@@ -20,7 +20,7 @@ from typing import Any
 from eth_account import Account
 from x402.http.clients import x402HttpxClient
 
-from agent_gateway.payments.devchain import start_devchain
+from agent_gateway.testing.devchain import start_devchain
 from agent_gateway.testing.processes import start_gateway
 from load import percentile  # bench/load.py, beside this script
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env node
-// Compiles TestUSDC.sol with the pinned solcjs (npm "solc") and writes TestUSDC.json.
+// Compiles TestUSDC.sol with the pinned solcjs (npm "solc") and writes its build output to
+// agent_gateway/testing/TestUSDC.json, where the package's dev chain (and the demo) load it.
 // Usage (from the repo root): npm ci && npm run build:contracts
 'use strict';
 
@@ -45,7 +46,8 @@ const artifact = {
   },
 };
 
-const outPath = path.join(here, `${CONTRACT}.json`);
+const outRelPath = path.join('agent_gateway', 'testing', `${CONTRACT}.json`);
+const outPath = path.join(here, '..', outRelPath);
 fs.writeFileSync(outPath, JSON.stringify(artifact, null, 2) + '\n');
-console.log(`wrote contracts_abi/${CONTRACT}.json (solc ${artifact.compiler.version}, ` +
+console.log(`wrote ${outRelPath} (solc ${artifact.compiler.version}, ` +
   `${(artifact.bytecode.length - 2) / 2} bytes of init code)`);

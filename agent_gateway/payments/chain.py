@@ -8,7 +8,7 @@ import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
+from importlib import resources
 from typing import Any, TypeVar
 
 from aiohttp import ClientError, ClientTimeout
@@ -24,7 +24,7 @@ from agent_gateway.payments.wire import ExactPayment
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-ABI_RELPATH = Path("contracts_abi") / "usdc_abi.json"
+TOKEN_ABI_FILE = "usdc_abi.json"  # package data of agent_gateway.payments
 _TRANSFER_WITH_AUTHORIZATION = (
     "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)")
 _TRANSFER_TOPIC = keccak(text="Transfer(address,address,uint256)")
@@ -97,10 +97,8 @@ class SettlementWouldRevert(PaymentRequired):
 
 @lru_cache(maxsize=1)
 def load_token_abi() -> tuple[dict[str, Any], ...]:
-    for parent in Path(__file__).resolve().parents:
-        if (parent / ABI_RELPATH).is_file():
-            return tuple(json.loads((parent / ABI_RELPATH).read_text()))
-    raise FileNotFoundError(f"{ABI_RELPATH} not found above {Path(__file__).parent}")
+    """The USDC ABI fragments we call, shipped as package data beside this module."""
+    return tuple(json.loads(resources.files("agent_gateway.payments").joinpath(TOKEN_ABI_FILE).read_text(encoding="utf-8")))
 
 
 def split_signature(signature: bytes) -> tuple[int, bytes, bytes]:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -20,14 +21,17 @@ def free_port() -> int:
 
 
 def start_gateway(env: dict[str, str], *, port: int | None = None, log: Path | None = None,
-                  timeout_s: float = 30.0) -> tuple[subprocess.Popen, str]:
-    """Start `python -m agent_gateway serve` with `env` added to ours; return it and its URL once
-    /healthz answers. Its output goes to `log` (appended) or nowhere; a start that fails raises
-    with the log's text."""
+                  timeout_s: float = 30.0, command: Sequence[str] = (sys.executable, "-m", "agent_gateway"),
+                  base_env: Mapping[str, str] | None = None, cwd: Path | None = None,
+                  ) -> tuple[subprocess.Popen, str]:
+    """Start `<command> serve` (by default `python -m agent_gateway serve`) with `env` added to
+    `base_env` (by default ours), in `cwd`; return it and its URL once /healthz answers. Its output
+    goes to `log` (appended) or nowhere; a start that fails raises with the log's text."""
     port = port or free_port()
     output = log.open("a") if log is not None else subprocess.DEVNULL
-    process = subprocess.Popen([sys.executable, "-m", "agent_gateway", "serve", "--port", str(port)],
-                               env={**os.environ, **env}, stdout=output, stderr=subprocess.STDOUT)
+    process = subprocess.Popen([*command, "serve", "--port", str(port)], cwd=cwd,
+                               env={**(os.environ if base_env is None else base_env), **env},
+                               stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

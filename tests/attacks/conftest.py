@@ -15,7 +15,7 @@ from eth_account import Account
 from prometheus_client import REGISTRY
 from web3 import Web3
 
-from agent_gateway.payments.devchain import DevChain, start_devchain
+from agent_gateway.testing.devchain import DevChain, start_devchain
 from tests.fixtures.live import LiveGateway, live_gateway
 from tests.fixtures.x402 import ChainView, Wallet, chain_settings
 

@@ -145,7 +145,7 @@ def test_a_payment_past_the_reorg_horizon_is_no_longer_rechecked(attack_gateway,
 
 def test_a_reorganised_purchase_whose_authorization_expires_unused_is_revoked(
         tmp_path, sqlite_url, upstream, attack_view):
-    from agent_gateway.payments.devchain import start_devchain
+    from agent_gateway.testing.devchain import start_devchain
     from tests.attacks.conftest import ATTACK_POOLS, attack_gateway_settings
     from tests.fixtures.live import live_gateway
     from tests.fixtures.x402 import ChainView

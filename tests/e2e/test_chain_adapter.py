@@ -16,7 +16,7 @@ from x402.mechanisms.evm.exact import ExactEvmScheme
 
 from agent_gateway.errors import InvalidRequest, ServiceUnavailable
 from agent_gateway.payments.chain import ChainAdapter, Receipt, SettlementWouldRevert, SignedSettlement, Transfer
-from agent_gateway.payments.devchain import DevChain, token_contract
+from agent_gateway.testing.devchain import DevChain, token_contract
 from agent_gateway.testing.processes import free_port
 from agent_gateway.payments.rules import check_chain_facts, check_payment
 from agent_gateway.payments.wire import ExactPayment, Offer, encode_header, parse_payment, payment_required

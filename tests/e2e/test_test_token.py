@@ -13,7 +13,7 @@ from web3 import Web3
 from web3.exceptions import ContractLogicError
 from web3.logs import DISCARD
 
-from agent_gateway.payments.devchain import ANVIL_DEV_KEYS, DevChain, token_contract
+from agent_gateway.testing.devchain import ANVIL_DEV_KEYS, DevChain, token_contract
 from tests.fixtures.x402 import SECP256K1_N, TRANSFER_WITH_AUTHORIZATION_TYPES
 
 USDC_1 = 10**6

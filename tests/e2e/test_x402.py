@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from pathlib import Path
 
 import httpx
 import openai
@@ -16,6 +15,7 @@ from eth_account.messages import encode_defunct
 from x402.http.clients import x402HttpxClient
 
 from agent_gateway.payments.service import tx_claim_message
+from agent_gateway.testing.devchain import load_artifact
 from tests.fixtures.live import LiveGateway
 from tests.fixtures.x402 import ChainView, Wallet, challenge, payment_header, sign_authorization
 
@@ -285,7 +285,7 @@ async def test_an_authorization_already_used_on_chain_is_refused(x402_gateway, d
 
     payment = parse_payment(header, 2)
     w3 = devchain.web3()
-    abi = [a for a in json.loads((Path(__file__).resolve().parents[2] / "contracts_abi" / "TestUSDC.json").read_text())["abi"]
+    abi = [a for a in load_artifact()["abi"]
            if a.get("name") == "transferWithAuthorization" and len(a["inputs"]) == 7]
     token = w3.eth.contract(address=devchain.token, abi=abi)
     frontrunner = chain_view.new_wallet(usdc_atomic=0)

@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 import weakref
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ ANVIL_DEV_KEYS: tuple[str, ...] = (
 DEPLOYER_INDEX, RELAYER_INDEX, PAY_TO_INDEX, FIRST_AGENT_INDEX = 0, 1, 2, 3
 MAX_AGENTS = len(ANVIL_DEV_KEYS) - FIRST_AGENT_INDEX
 
-ARTIFACT_RELPATH = Path("contracts_abi") / "TestUSDC.json"
+ARTIFACT_FILE = "TestUSDC.json"  # package data of agent_gateway.testing, written by contracts_abi/build.js
 _NPM_PLATFORM = {"Linux": "linux", "Darwin": "darwin", "Windows": "win32"}
 _NPM_ARCH = {"x86_64": "amd64", "AMD64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
 
@@ -51,7 +52,8 @@ class AnvilNotFoundError(RuntimeError):
 
 
 def _find_upwards(relative: Path | str) -> Path | None:
-    """Return the first `<ancestor>/<relative>` that exists, walking up from this file."""
+    """Return the first `<ancestor>/<relative>` that exists, walking up from this file: a checkout's
+    node_modules/, whether the package runs from the checkout or from a venv inside it."""
     for parent in Path(__file__).resolve().parents:
         candidate = parent / relative
         if candidate.exists():
@@ -78,8 +80,9 @@ def find_anvil() -> str:
     if on_path:
         return on_path
     raise AnvilNotFoundError(
-        "anvil not found: run `npm ci` at the repository root (it installs @foundry-rs/anvil into "
-        "node_modules/), or set AGW_ANVIL_BIN to an anvil binary, or put anvil on PATH"
+        "anvil (the local Ethereum node) was not found: install it from npm "
+        "(`npm install -g @foundry-rs/anvil`, or `npm ci` in a checkout), put it on PATH "
+        "or set AGW_ANVIL_BIN to its path"
     )
 
 
@@ -172,10 +175,8 @@ def start_anvil(
 
 
 def load_artifact() -> dict[str, Any]:
-    path = _find_upwards(ARTIFACT_RELPATH)
-    if path is None:
-        raise FileNotFoundError(f"{ARTIFACT_RELPATH} not found above {Path(__file__).parent}")
-    return json.loads(path.read_text())
+    """TestUSDC's build output: {contractName, abi, bytecode, compiler}."""
+    return json.loads(resources.files("agent_gateway.testing").joinpath(ARTIFACT_FILE).read_text(encoding="utf-8"))
 
 
 def _web3(rpc_url: str) -> Web3:
