@@ -79,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"agent-gateway: invalid settings: {_settings_problems(exc)}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, serving=args.command in SERVING_COMMANDS)
     run: Callable[[argparse.Namespace, Settings], int] = args.run
     try:
         return run(args, settings)
@@ -91,6 +89,22 @@ def main(argv: list[str] | None = None) -> int:
     except GatewayError as exc:
         print(f"agent-gateway: {exc.message}", file=sys.stderr)
         return 1
+
+
+# Commands that keep running and log what they do; the others print their result and exit.
+SERVING_COMMANDS = {"serve", "test-upstream"}
+
+
+def configure_logging(level: str, *, serving: bool) -> None:
+    """A one-shot command's output is its result: its log lines (alembic's "Running upgrade …",
+    a service's "account created …") show only at AGW_LOG_LEVEL=DEBUG; warnings always show.
+    alembic's own chatter is kept at WARNING under `serve` too, unless DEBUG."""
+    numeric = logging.getLevelName(level.upper())
+    debug = numeric == logging.DEBUG
+    if not serving and not debug:
+        numeric = max(numeric, logging.WARNING)
+    logging.basicConfig(level=numeric, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 def _settings_problems(exc: ValidationError) -> str:

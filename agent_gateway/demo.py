@@ -2,7 +2,8 @@
 
 A local anvil chain with an EIP-3009 test USDC, the test upstream and a gateway come up; an agent
 wallet buys a seat with the official x402 client; its key streams a chat completion with the
-official openai SDK while a second call is refused with 429; the usage is printed."""
+official openai SDK while a second call is refused with 429; the usage is printed, then what to try
+next. From a terminal the servers stay up until Enter is pressed, so the printed keys can be tried."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import base64
 import importlib.util
 import json
 import logging
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -125,8 +127,29 @@ def run_demo() -> int:
         auth = {"Authorization": f"Bearer {management_key}"}
         usage = _wait_for_usage(http, auth)
         say("Usage: GET /api/usage", "\n".join(f"  {window:>3}: {json.dumps(totals)}" for window, totals in usage.items()))
+        say_what_next(url, management_key, bought["subscriptions"][0]["apiKey"])
+        if sys.stdin.isatty():
+            input(f"\nThe gateway stays up at {url} while you try; press Enter to stop it. ")
+        else:
+            print("\n(Not a terminal: the demo's servers stop now. Run it from a terminal to keep them up.)")
         print("\nDemo finished.")
     return 0
+
+
+def say_what_next(url: str, management_key: str, api_key: str) -> None:
+    """The keys above belong to this demo's temporary database: usable while its servers run."""
+    say("What to try next", "\n".join([
+        f"  Dashboard: open {url}/dashboard/ and sign in with the management key",
+        f"    {management_key}",
+        "  Inference: call /v1 with the API key (its seat is in the block that is open now)",
+        f"    curl {url}/v1/chat/completions -H 'Authorization: Bearer {api_key}' \\",
+        "         -H 'content-type: application/json' "
+        + "-d '{\"model\": \"kimi-k2.6\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}'",
+        "  Your own gateway (README.md, \"Running it\"):",
+        "    agent-gateway test-upstream --port 9000    # the same fake model, on the port the example pools use",
+        "    agent-gateway serve --port 8080",
+        "    agent-gateway accounts create \"Acme\"      # then: accounts credit acct_… 100.00",
+    ]))
 
 
 async def _buy_with_x402(url: str, chain: DevChain, agent_key: str, order: dict) -> httpx.Response:
@@ -184,6 +207,7 @@ def run_inference(url: str, api_key: str) -> None:
                             body = exc.body if isinstance(exc.body, dict) else {}
                             second = f"HTTP {exc.status_code} {body.get('code')}: {body.get('message')}"
         print()
+    print("  (These tokens come from the test upstream, a deterministic fake model on loopback, not a real LLM.)")
     say("Agent: a second call while the stream ran", f"  {second}")
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from agent_gateway.api.auth import services_of
@@ -93,14 +93,48 @@ async def plans_catalog(services: Services) -> dict:
                     }
                     for name, price in pool.prices_atomic.items()
                 ],
-                "agentCheckout": {
-                    "endpoint": "/api/agent/subscribe-pool",
-                    "method": "POST",
-                    "body": {"pool": pool.slug, "blocks": [next(iter(pool.prices_atomic))], "quantity": 1},
-                },
             }
         )
-    return {"currency": "USDC", "products": products}
+        if services.payments.enabled:  # never point agents at a payment path that is switched off
+            products[-1]["agentCheckout"] = {
+                "endpoint": "/api/agent/subscribe-pool",
+                "method": "POST",
+                "body": {"pool": pool.slug, "blocks": [next(iter(pool.prices_atomic))], "quantity": 1},
+            }
+    return {"currency": "USDC", "x402": services.payments.enabled, "products": products}
+
+
+def prefers_html(accept: str) -> bool:
+    """True when the Accept header ranks text/html above JSON (what browsers send); `*/*` is not."""
+    ranks: dict[str, float] = {}
+    for part in accept.split(","):
+        media, _, params = part.strip().partition(";")
+        quality = 1.0
+        for param in params.split(";"):
+            name, _, value = param.strip().partition("=")
+            if name.strip() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        ranks[media.strip().lower()] = quality
+    html = max(ranks.get("text/html", 0.0), ranks.get("application/xhtml+xml", 0.0))
+    return html > 0 and html >= ranks.get("application/json", 0.0)
+
+
+async def root(request: Request) -> Response:
+    """`/`: a person's browser goes to the dashboard; anything else gets where to go, as JSON."""
+    base = services_of(request).settings.external_url
+    if prefers_html(request.headers.get("accept", "")):
+        return RedirectResponse(f"{base}/dashboard/", status_code=303)
+    return JSONResponse({
+        "name": "agent_gateway",
+        "description": "Reserved seats on LLM inference pools, bought with a management key or by agents over x402.",
+        "dashboard": f"{base}/dashboard/",
+        "pools": f"{base}/api/pools",
+        "plans": f"{base}/api/agent/plans",
+        "inference": f"{base}/v1",
+    })
 
 
 async def healthz(request: Request) -> Response:
@@ -108,6 +142,7 @@ async def healthz(request: Request) -> Response:
 
 
 routes = [
+    Route("/", root, methods=["GET"]),
     Route("/api/pools", list_pools, methods=["GET"]),
     Route("/api/pools/{slug}", get_pool, methods=["GET"]),
     Route("/api/agent/plans", agent_plans, methods=["GET"]),

@@ -29,7 +29,7 @@ def render_key(key: ApiKey, sub: Subscription) -> dict:
     return {
         "id": key.id,
         "name": key.name,
-        "key": masked(key.prefix, key.last_four),
+        "keyPreview": masked(key.prefix, key.last_four),  # never the key: the plaintext is `apiKey`, once
         "prefix": key.prefix,
         "lastFour": key.last_four,
         "status": key.status,
@@ -49,7 +49,7 @@ def render_management_key(key: ManagementKey) -> dict:
     return {
         "id": key.id,
         "name": key.name,
-        "key": masked(key.prefix, key.last_four),
+        "keyPreview": masked(key.prefix, key.last_four),  # never the key: the plaintext is `apiKey`, once
         "createdAt": iso(key.created_at),
         "lastUsedAt": iso(key.last_used_at),
     }

@@ -37,7 +37,7 @@ async def subscriptions(visit: Visit) -> Response:
     return visit.render(
         "subscriptions.html", title="Subscriptions", nav="subscriptions", rows=rows, offers=offers,
         blocks=catalog.blocks, balance=format_usdc(account.balance_atomic), example=example,
-        renew_id=renew_id,
+        renew_id=renew_id, bought=set(visit.request.query_params.get("bought", "").split(",")) - {""},
         subscribe_body=json.dumps({"blocks": example_blocks, "quantity": 1, "billingCycle": "month"}),
         agent_body=json.dumps({"pool": example.slug if example else "POOL", "blocks": example_blocks,
                                "quantity": 1}),

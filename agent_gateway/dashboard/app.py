@@ -7,7 +7,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from agent_gateway.dashboard import account_pages, key_pages, public_pages, usage_pages
+from agent_gateway.dashboard import account_pages, buy_pages, key_pages, public_pages, usage_pages
 from agent_gateway.dashboard.guard import Dashboard, routing_error
 from agent_gateway.dashboard.rendering import STATIC_DIR, PageRenderer
 from agent_gateway.dashboard.sessions import SessionCodec
@@ -29,6 +29,9 @@ def create_dashboard(services: Services) -> Starlette:
             Route("/keys/{key_id}/{action}", key_pages.confirm_key_action, methods=["GET"]),
             Route("/keys/{key_id}/{action}", key_pages.run_key_action, methods=["POST"]),
             Route("/subscriptions", account_pages.subscriptions, methods=["GET"]),
+            Route("/buy", buy_pages.buy_form, methods=["GET"]),
+            Route("/buy/review", buy_pages.review, methods=["GET"]),
+            Route("/buy", buy_pages.buy, methods=["POST"]),
             Route("/usage", usage_pages.usage, methods=["GET"]),
             Route("/management-keys", account_pages.management_keys, methods=["GET"]),
             Route("/management-keys", account_pages.create_management_key, methods=["POST"]),

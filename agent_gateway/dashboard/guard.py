@@ -84,6 +84,8 @@ class Visit:
             csrf_field=CSRF_FIELD,
             csrf_token=self.session.csrf,
             flashes=self.session.take_flashes(),
+            # Pages mention x402 only when this gateway takes it: never a payment path that is off.
+            x402=self.services.payments.enabled,
         )
         context.setdefault("nav", "")
         return self.dashboard.pages.render(template, context, status)

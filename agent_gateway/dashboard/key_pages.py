@@ -122,6 +122,7 @@ async def _keys_page(visit: Visit, created: KeyView | None = None, plaintext: st
         "keys.html", title="API keys", nav="keys", views=views, keyless=keyless,
         has_subscriptions=bool(subscriptions), created=created, plaintext=plaintext,
         pool_names={slug: pool.name for slug, pool in services.catalog.pools.items()},
+        preselect=visit.request.query_params.get("subscription"),  # "Create its key" on Subscriptions
         status=201 if created else 200,
     )
 

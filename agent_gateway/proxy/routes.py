@@ -42,12 +42,14 @@ async def admit_key(request: Request, services: Services) -> KeyRecord:
     """No key → 402, unknown → 401, disabled/revoked/deleted → 403, expired → 403."""
     token = bearer_token(request)
     if token is None:
+        buy = {"catalog": "/api/agent/plans", "management": "/api/pools/{slug}/subscribe",
+               "dashboard": "/dashboard/"}
+        if services.payments.enabled:  # agents can pay on their own only when x402 is on
+            buy["agents"] = "/api/agent/subscribe-pool"
         raise PaymentRequired(
             "This endpoint needs an API key (Authorization: Bearer sk_…). Buy a seat to get one.",
             code="api_key_required",
-            extra={"buy": {"catalog": "/api/agent/plans", "agents": "/api/agent/subscribe-pool",
-                           "management": "/api/pools/{slug}/subscribe"},
-                   "catalog": await plans_catalog(services)},
+            extra={"buy": buy, "catalog": await plans_catalog(services)},
         )
     key = await services.directory.lookup(token)
     if key is None:

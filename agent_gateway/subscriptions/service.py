@@ -46,9 +46,12 @@ async def subscribe_with_balance(
             balance = account.balance_atomic if account else 0
             raise PaymentRequired(
                 f"This order costs {format_usdc(order.total_atomic)} USDC and the prepaid balance is "
-                f"{format_usdc(balance)} USDC. Credit the account or pay with x402.",
+                f"{format_usdc(balance)} USDC. Add at least {format_usdc(order.total_atomic - balance)} USDC "
+                f"to the balance (the operator runs: agent-gateway accounts credit {account_id} AMOUNT), "
+                "or buy fewer seats.",
                 code="insufficient_balance",
-                extra={"quote": order.quote(), "balance": format_usdc(balance)},
+                extra={"quote": order.quote(), "balance": format_usdc(balance),
+                       "shortfall": format_usdc(order.total_atomic - balance)},
             )
         charge = BalanceEntry(
             id=new_id("bal"),

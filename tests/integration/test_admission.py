@@ -31,7 +31,10 @@ async def test_no_key_is_402_with_the_catalog_and_where_to_buy(gateway):
     assert r.status_code == 402
     body = r.json()
     assert body["error"]["code"] == "api_key_required"
-    assert body["buy"]["agents"] == "/api/agent/subscribe-pool"
+    # Payments are off here: no x402 path is suggested (tests/e2e/test_payment_paths.py: with them on).
+    assert body["buy"] == {"catalog": "/api/agent/plans", "management": "/api/pools/{slug}/subscribe",
+                           "dashboard": "/dashboard/"}
+    assert "subscribe-pool" not in r.text and "x402" not in body["error"]["message"]
     assert [p["pool"] for p in body["catalog"]["products"]] == ["alpha", "tiny", "resting"]
 
 

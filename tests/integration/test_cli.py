@@ -67,3 +67,18 @@ def test_serve_off_loopback_without_a_public_url_refuses_to_start(tmp_path):
     )
     assert result.returncode == 2
     assert "AGW_PUBLIC_URL" in result.stderr and "0.0.0.0" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_one_shot_commands_print_their_result_and_no_log_lines(database_url, tmp_path):
+    env = {"AGW_DATABASE_URL": database_url, "AGW_LOG_LEVEL": "INFO"}
+    created = run("accounts", "create", "Quiet", env=env)  # migrates a fresh database first
+    assert created.returncode == 0, created.stderr
+    output = created.stdout + created.stderr
+    assert "alembic" not in output and " INFO " not in output, output
+    assert created.stdout.startswith("account:")
+    migrated = run("migrate", env=env)
+    assert migrated.returncode == 0 and migrated.stderr == "" and migrated.stdout == "database schema is up to date\n"
+    # AGW_LOG_LEVEL=DEBUG still shows what alembic does.
+    result = run("migrate", env={"AGW_DATABASE_URL": f"sqlite:///{tmp_path}/fresh.db", "AGW_LOG_LEVEL": "DEBUG"})
+    assert result.returncode == 0, result.stderr
+    assert "alembic.runtime.migration: Running upgrade" in result.stderr

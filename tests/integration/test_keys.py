@@ -26,8 +26,20 @@ async def test_a_key_is_shown_once_then_listed_only_masked(gateway):
         assert plaintext[7:-4] not in response.text
     listed = (await gateway.client.get("/api/keys", headers=auth(mk))).json()["data"]
     assert len(listed) == 1
-    assert listed[0]["key"] == f"{plaintext[:7]}…{plaintext[-4:]}"
+    assert listed[0]["keyPreview"] == f"{plaintext[:7]}…{plaintext[-4:]}"
     assert listed[0]["name"] == "client-acme" and listed[0]["pool"] == "alpha"
+
+
+async def test_the_mint_answer_has_the_plaintext_once_and_nothing_that_looks_like_a_second_key(gateway):
+    _, mk = await gateway.new_account(credit="100")
+    sub = (await gateway.buy(mk))[0]
+    minted = await gateway.mint(mk, sub["id"])
+    # `apiKey` is the key to use; the masked form is `keyPreview`, never a field called `key`.
+    assert "key" not in minted
+    assert minted["keyPreview"] == f"{minted['apiKey'][:7]}…{minted['apiKey'][-4:]}"
+    created = await gateway.client.post("/api/management-keys", json={"name": "ci"}, headers=auth(mk))
+    data = created.json()["data"]
+    assert "key" not in data and data["keyPreview"] == f"{data['apiKey'][:7]}…{data['apiKey'][-4:]}"
 
 
 async def test_one_live_key_per_subscription(gateway):

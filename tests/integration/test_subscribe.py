@@ -173,3 +173,17 @@ async def test_an_api_key_cannot_use_management_endpoints(gateway):
     r = await gateway.client.get("/api/keys", headers=auth(sk))
     assert r.status_code == 403 and r.json()["error"]["code"] == "management_key_required"
     assert await snapshot(gateway.services.db) == before
+
+
+async def test_a_short_balance_with_payments_off_says_how_to_add_balance_and_never_suggests_x402(gateway):
+    account, mk = await gateway.new_account(credit="40.00")
+    response = await gateway.client.post(
+        "/api/pools/alpha/subscribe", json={"blocks": ["europe"], "quantity": 1}, headers=auth(mk)
+    )
+    assert response.status_code == 402
+    assert "payment-required" not in response.headers
+    body = response.json()
+    message = body["error"]["message"]
+    assert "x402" not in response.text and "PAYMENT-SIGNATURE" not in response.text
+    assert f"agent-gateway accounts credit {account} AMOUNT" in message and "9.00 USDC" in message
+    assert body["shortfall"] == "9.00"
