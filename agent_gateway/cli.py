@@ -162,7 +162,7 @@ def _accounts_create(args: argparse.Namespace, settings: Settings) -> int:
 
 def _accounts_credit(args: argparse.Namespace, settings: Settings) -> int:
     from agent_gateway.accounts.service import credit_account
-    from agent_gateway.payments.amounts import format_usdc, parse_usdc
+    from agent_gateway.money import format_usdc, parse_usdc
 
     try:
         amount = parse_usdc(args.amount)
@@ -186,7 +186,7 @@ def _accounts_credit(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _pools_check(args: argparse.Namespace, settings: Settings) -> int:
-    from agent_gateway.payments.amounts import format_usdc
+    from agent_gateway.money import format_usdc
 
     path = Path(args.file) if args.file else settings.pools_file
     catalog = load_catalog(path)

@@ -10,11 +10,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from agent_gateway.api.auth import services_of
-from agent_gateway.api.bodies import CamelBody, read_json
-from agent_gateway.api.paying import pay_for, render_settled
-from agent_gateway.api.rendering import iso, ok
-from agent_gateway.api.throttle import limits_challenges, limits_failed_payments
+from agent_gateway.web.auth import services_of
+from agent_gateway.web.bodies import CamelBody, read_json
+from agent_gateway.web.x402 import pay_for, render_settled
+from agent_gateway.web.rendering import iso, ok
+from agent_gateway.web.throttle import limits_challenges, limits_failed_payments
 from agent_gateway.catalog.pricing import make_order
 from agent_gateway.db.models import Subscription
 from agent_gateway.errors import Conflict, InvalidRequest, NotFound

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent_gateway.catalog.blocks import DEFAULT_BLOCKS, Block, parse_block
-from agent_gateway.payments.amounts import parse_usdc
+from agent_gateway.money import parse_usdc
 
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 PoolStatus = Literal["funding", "active", "paused"]

@@ -8,7 +8,7 @@ from decimal import Decimal
 
 from agent_gateway.catalog.pools import Catalog, Pool
 from agent_gateway.errors import Conflict, InvalidRequest, NotFound
-from agent_gateway.payments.amounts import format_usdc, round_atomic
+from agent_gateway.money import format_usdc, round_atomic
 
 MAX_QUANTITY = 100
 # A month is the 30-day period prices are quoted for; a year is twelve of them at the

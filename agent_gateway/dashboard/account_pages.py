@@ -16,7 +16,7 @@ from agent_gateway.db.models import ManagementKey
 from agent_gateway.errors import NotFound
 from agent_gateway.keys import management as mkeys
 from agent_gateway.keys.api_keys import validate_key_name
-from agent_gateway.payments.amounts import format_usdc
+from agent_gateway.money import format_usdc
 from agent_gateway.subscriptions.service import SubscriptionView, list_subscriptions
 
 

@@ -11,7 +11,7 @@ from agent_gateway.dashboard.guard import Visit, form_field, page
 from agent_gateway.errors import NotFound
 from agent_gateway.keys import api_keys
 from agent_gateway.keys.api_keys import KeyView
-from agent_gateway.lifespan import Services
+from agent_gateway.keys.lifecycle import KeyLifecycle
 from agent_gateway.subscriptions.service import list_subscriptions
 
 
@@ -22,22 +22,7 @@ class KeyAction:
     explanation: str
     done: str
     danger: bool
-    run: Callable[[Services, str, str], Awaitable[None]]
-
-
-async def _disable(services: Services, account_id: str, key_id: str) -> None:
-    await api_keys.disable_key(services.db, account_id, key_id)
-    await services.revoker.revoke([key_id], "disabled")
-
-
-async def _enable(services: Services, account_id: str, key_id: str) -> None:
-    await api_keys.enable_key(services.db, account_id, key_id)
-    await services.revoker.restore(key_id)
-
-
-async def _delete(services: Services, account_id: str, key_id: str) -> None:
-    await api_keys.delete_key(services.db, services.clock, account_id, key_id)
-    await services.revoker.revoke([key_id], "deleted")
+    run: Callable[[KeyLifecycle, str, str], Awaitable[object]]
 
 
 ACTIONS = {
@@ -45,18 +30,18 @@ ACTIONS = {
         "Disable", "Disable this key?",
         "Requests with this key are refused at once (403), including any request still streaming. "
         "You can enable it again later.",
-        "disabled; requests with it are refused from now on", True, _disable,
+        "disabled; requests with it are refused from now on", True, KeyLifecycle.disable_key,
     ),
     "enable": KeyAction(
         "Enable", "Enable this key?",
         "The key can call the pool's models again during its subscription's blocks.",
-        "enabled", False, _enable,
+        "enabled", False, KeyLifecycle.enable_key,
     ),
     "delete": KeyAction(
         "Delete", "Delete this key?",
         "The key stops working at once and for good. Its subscription keeps its seat, "
         "and you can create a new key for it afterwards.",
-        "deleted; its subscription can have a new key", True, _delete,
+        "deleted; its subscription can have a new key", True, KeyLifecycle.delete_key,
     ),
 }
 
@@ -95,7 +80,7 @@ async def confirm_key_action(visit: Visit) -> Response:
 async def run_key_action(visit: Visit) -> Response:
     action, view = await _action_and_key(visit)
     assert visit.account is not None
-    await action.run(visit.services, visit.account.id, view.key.id)
+    await action.run(visit.services.keys, visit.account.id, view.key.id)
     return visit.redirect("/keys", flash=("success", f"Key “{view.key.name}” {action.done}."))
 
 

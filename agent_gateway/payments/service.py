@@ -21,21 +21,13 @@ from agent_gateway.db.engine import Database
 from agent_gateway.db.models import Payment
 from agent_gateway.errors import Conflict, GatewayError, PaymentRequired, ServiceUnavailable
 from agent_gateway.payments import ledger
-from agent_gateway.payments.amounts import format_usdc
+from agent_gateway.money import format_usdc
 from agent_gateway.payments.chain import ChainAdapter, Receipt, SettlementWouldRevert
 from agent_gateway.payments.ledger import Claim, Delivery
 from agent_gateway.payments.networks import chain_defaults
-from agent_gateway.payments.rules import check_chain_facts, check_payment
+from agent_gateway.payments.rules import check_chain_facts, check_payment, reason_message
 from agent_gateway.payments.wallet import recover_personal_signer
-from agent_gateway.payments.wire import (
-    ExactPayment,
-    Offer,
-    WireError,
-    encode_header,
-    parse_payment,
-    payment_required,
-    payment_required_v1,
-)
+from agent_gateway.payments.wire import ExactPayment, Offer
 from agent_gateway.settings import Settings
 from agent_gateway.subscriptions.inventory import seats_available
 
@@ -47,6 +39,10 @@ def tx_claim_message(tx_hash: str, chain_id: int, domain: str) -> str:
     """What a tx-hash buyer signs with the paying wallet: binds the claim to the sender, to the
     chain and to one deployment (its public URL's host), so another gateway cannot honour it."""
     return f"agent_gateway: claim pool subscription for transaction {tx_hash.lower()} on chain {chain_id} at {domain}"
+
+
+class PaymentRefused(PaymentRequired):
+    """The payment breaks a rule before anything is claimed; the binding answers with a fresh challenge."""
 
 
 @dataclass(frozen=True)
@@ -101,24 +97,6 @@ class PaymentService:
                         f"{order.billing_cycle})",
         )
 
-    def challenge(self, order: Order, resource_url: str, *, message: str | None = None,
-                  code: str = "payment_required") -> PaymentRequired:
-        """The 402: the v2 challenge in PAYMENT-REQUIRED, and the same object plus a quote in the body."""
-        self.require_chain()
-        offer = self.offer(order, resource_url)
-        required = payment_required([offer], error=None if code == "payment_required" else code)
-        headers = {"PAYMENT-REQUIRED": encode_header(required), "Cache-Control": "no-store"}
-        # The body carries the same object (its `error` lives in the error envelope) plus a quote.
-        extra: dict = {**{k: v for k, v in required.items() if k != "error"}, "quote": order.quote()}
-        v1 = payment_required_v1([offer])
-        if v1 is not None:
-            extra["v1"] = v1
-        return PaymentRequired(
-            message or f"Pay {format_usdc(order.total_atomic)} USDC with x402 (exact, {self.network}) "
-                       f"to {self.settings.pay_to}, then retry with the PAYMENT-SIGNATURE header.",
-            code=code, headers=headers, extra=extra,
-        )
-
     async def check_capacity(self, order: Order) -> None:
         """Never ask for money for seats that are not there (checked again, atomically, before settling)."""
         available = await seats_available(self.db, self.catalog)
@@ -129,21 +107,17 @@ class PaymentService:
 
     # --- x402 exact ----------------------------------------------------------------------
 
-    async def settle_exact(self, order: Order, header: str, version: int, resource_url: str, *,
+    async def settle_exact(self, order: Order, payment: ExactPayment, resource_url: str, *,
                            account_id: str | None = None, key_name: str = "agent",
                            renew_subscription_id: str | None = None) -> Settled:
+        """Settle a decoded x402 `exact` payment for `order` (the HTTP binding decoded its header)."""
         chain = self.require_chain()
-        try:
-            payment = parse_payment(header, version, self.settings.max_json_depth)
-        except WireError as exc:
-            raise self.challenge(order, resource_url, message=exc.message, code=exc.code) from None
         offer = self.offer(order, resource_url)
         # The head before the authorization is checked unused: any use of it is in a later block.
         chain_now, watch_from_block = await asyncio.gather(chain.chain_now(), chain.block_number())
         verdict = check_payment(offer, payment, self.settings.chain_id, self.settings.usdc_address, chain_now)
         if not verdict.ok:
-            raise self.challenge(order, resource_url, message=_REASONS.get(verdict.reason, verdict.reason),
-                                 code=verdict.reason)
+            raise PaymentRefused(reason_message(verdict.reason), code=verdict.reason)
         row = await ledger.record_received(
             self.db, self.clock,
             Claim(method="x402-exact", network=self.network, payer=payment.payer, amount_atomic=payment.value,
@@ -221,7 +195,7 @@ class PaymentService:
             chain.authorization_used(payment.payer, payment.nonce), chain.balance_of(payment.payer))
         verdict = check_chain_facts(payment, used, balance)
         if not verdict.ok:
-            raise PaymentRequired(_REASONS.get(verdict.reason, verdict.reason), code=verdict.reason)
+            raise PaymentRequired(reason_message(verdict.reason), code=verdict.reason)
         revert = await chain.simulate_settlement(payment)
         if revert is not None:
             raise SettlementWouldRevert(revert)
@@ -455,18 +429,4 @@ _UNSETTLED = {
     "settlement_reverted": "The settlement reverted on-chain.",
     "settlement_would_fail": "The settlement could not be sent again: it would revert.",
     "authorization_expired": "The authorization expired before the settlement was mined.",
-}
-
-_REASONS = {
-    "wrong_network": "The payment is for another network.",
-    "wrong_asset": "The payment is in another token.",
-    "wrong_recipient": "The payment is not addressed to this gateway's payTo address.",
-    "wrong_amount": "The payment amount is not the exact price.",
-    "invalid_signature": "The authorization's signature does not come from the payer.",
-    "not_yet_valid": "The authorization is not valid yet.",
-    "expired": "The authorization has expired (or expires too soon to settle).",
-    "window_too_long": "The authorization stays valid far longer than this gateway's maxTimeoutSeconds.",
-    "accepted_mismatch": "The payment's `accepted` requirements differ from the ones offered.",
-    "nonce_already_used": "This authorization was already used on-chain.",
-    "insufficient_balance": "The payer's USDC balance is below the price.",
 }

@@ -16,7 +16,7 @@ from agent_gateway.clock import Clock
 from agent_gateway.db.engine import Database
 from agent_gateway.db.models import Account, ApiKey, BalanceEntry, Subscription, new_id
 from agent_gateway.errors import PaymentRequired
-from agent_gateway.payments.amounts import format_usdc
+from agent_gateway.money import format_usdc
 from agent_gateway.subscriptions.inventory import reserve_seats
 
 log = logging.getLogger(__name__)

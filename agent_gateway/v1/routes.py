@@ -9,10 +9,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from agent_gateway.api.auth import bearer_token, services_of
-from agent_gateway.api.bodies import parse_json_object, read_body
-from agent_gateway.api.public import plans_catalog
-from agent_gateway.api.rendering import iso
+from agent_gateway.web.auth import bearer_token, services_of
+from agent_gateway.web.bodies import parse_json_object, read_body
+from agent_gateway.web.catalog import plans_catalog
+from agent_gateway.web.rendering import iso
 from agent_gateway.catalog.blocks import seconds_until_next
 from agent_gateway.catalog.pools import Pool
 from agent_gateway.errors import (
@@ -24,12 +24,12 @@ from agent_gateway.errors import (
     RateLimited,
     ServiceUnavailable,
 )
-from agent_gateway.lifespan import Services
+from agent_gateway.services import Services
 from agent_gateway.metrics import PROXY_REQUESTS
 from agent_gateway.proxy.directory import KeyRecord
 from agent_gateway.proxy.leases import AcquireResult
-from agent_gateway.proxy.relay import ProxyCall, RelayResponse
-from agent_gateway.proxy.revocations import Registration
+from agent_gateway.v1.relay import ProxyCall, RelayDeps, RelayResponse
+from agent_gateway.proxy.streams import Registration
 from agent_gateway.usage.report import empty_usage, usage_by_key
 
 _STREAMABLE = {"chat.completions", "completions"}
@@ -173,7 +173,7 @@ async def _proxy(request: Request, path: str, endpoint: str) -> Response:
         request_id=request.headers.get("x-request-id") or f"req_{lease.lease_id}",
         started=started, created_at=services.clock.now(), registration=registration, unregister=unregister,
     )
-    return RelayResponse(call, services.relay_deps)  # type: ignore[return-value]
+    return RelayResponse(call, RelayDeps(upstream=services.upstream, leases=services.leases, usage=services.usage))
 
 
 async def chat_completions(request: Request) -> Response:
