@@ -79,9 +79,10 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
 
 def _chain_adapter(settings: Settings) -> ChainAdapter | None:
     """The chain adapter when the chain is configured (Settings checks it is all or nothing)."""
-    if settings.chain_rpc_url is None:
+    chain = settings.chain
+    if chain is None:
         return None
-    return ChainAdapter(settings.chain_rpc_url, settings.chain_id, settings.usdc_address, settings.relayer_key)
+    return ChainAdapter(chain.rpc_url, chain.chain_id, chain.usdc_address, chain.relayer_key)
 
 
 @asynccontextmanager

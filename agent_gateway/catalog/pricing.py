@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
 
-from agent_gateway.catalog.pools import Catalog, Pool
+from agent_gateway.catalog.pools import Catalog, Pool, PoolStatus
 from agent_gateway.errors import Conflict, InvalidRequest, NotFound
 from agent_gateway.money import format_usdc, round_atomic
 
@@ -53,7 +53,7 @@ def make_order(
     pool = catalog.pool(pool_slug)
     if pool is None:
         raise NotFound(f"No pool {pool_slug!r}. See GET /api/pools.", code="pool_not_found")
-    if pool.status == "paused":
+    if pool.status == PoolStatus.PAUSED:
         raise Conflict(f"Pool {pool_slug} is paused and sells no seats now.", code="pool_paused")
     if not blocks:
         raise InvalidRequest("blocks must name at least one block.", code="invalid_blocks")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from starlette.responses import Response
 
 from agent_gateway.dashboard.guard import Visit, form_field, page
+from agent_gateway.db.models import SubscriptionStatus
 from agent_gateway.errors import NotFound
 from agent_gateway.keys import api_keys
 from agent_gateway.keys.api_keys import KeyView
@@ -102,7 +103,7 @@ async def _keys_page(visit: Visit, created: KeyView | None = None, plaintext: st
     assert account is not None
     views = await api_keys.list_keys(services.db, account.id)
     subscriptions = await list_subscriptions(services.db, account.id)
-    keyless = [s.subscription for s in subscriptions if s.subscription.status == "active" and s.key is None]
+    keyless = [s.subscription for s in subscriptions if s.subscription.status == SubscriptionStatus.ACTIVE and s.key is None]
     return visit.render(
         "keys.html", title="API keys", nav="keys", views=views, keyless=keyless,
         has_subscriptions=bool(subscriptions), created=created, plaintext=plaintext,

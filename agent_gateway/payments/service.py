@@ -18,7 +18,7 @@ from agent_gateway.catalog.pools import Catalog
 from agent_gateway.catalog.pricing import Order
 from agent_gateway.clock import Clock
 from agent_gateway.db.engine import Database
-from agent_gateway.db.models import Payment
+from agent_gateway.db.models import Payment, PaymentState
 from agent_gateway.errors import Conflict, GatewayError, PaymentRequired, ServiceUnavailable
 from agent_gateway.payments import ledger
 from agent_gateway.money import format_usdc
@@ -28,7 +28,7 @@ from agent_gateway.payments.networks import chain_defaults
 from agent_gateway.payments.rules import check_chain_facts, check_payment, reason_message
 from agent_gateway.payments.wallet import recover_personal_signer
 from agent_gateway.payments.wire import ExactPayment, Offer
-from agent_gateway.settings import Settings
+from agent_gateway.settings import ChainSettings, Settings
 from agent_gateway.subscriptions.inventory import seats_available
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,15 @@ class PaymentService:
         return self.chain is not None
 
     @property
+    def terms(self) -> ChainSettings:
+        """The chain settings; like `require_chain`, a 503 when payments are off."""
+        if self.settings.chain is None:
+            raise ServiceUnavailable("USDC payments are not configured on this gateway.", code="payments_disabled")
+        return self.settings.chain
+
+    @property
     def network(self) -> str:
-        return f"eip155:{self.settings.chain_id}"
+        return self.terms.network
 
     @property
     def domain(self) -> str:
@@ -83,16 +90,16 @@ class PaymentService:
         return urlsplit(self.settings.external_url).netloc
 
     def tx_claim_message(self, tx_hash: str) -> str:
-        return tx_claim_message(tx_hash, self.settings.chain_id, self.domain)
+        return tx_claim_message(tx_hash, self.terms.chain_id, self.domain)
 
     # --- the 402 -------------------------------------------------------------------------
 
     def offer(self, order: Order, resource_url: str) -> Offer:
-        s = self.settings
+        terms = self.terms
         return Offer(
-            scheme="exact", network=self.network, amount_atomic=order.total_atomic, asset=s.usdc_address,
-            pay_to=s.pay_to, max_timeout_s=s.payment_timeout_s, token_name=s.usdc_name,
-            token_version=s.usdc_version, resource_url=resource_url,
+            scheme="exact", network=terms.network, amount_atomic=order.total_atomic, asset=terms.usdc_address,
+            pay_to=terms.pay_to, max_timeout_s=self.settings.payment_timeout_s, token_name=terms.usdc_name,
+            token_version=terms.usdc_version, resource_url=resource_url,
             description=f"{order.quantity} seat(s) on {order.pool.slug} ({', '.join(order.blocks)}, "
                         f"{order.billing_cycle})",
         )
@@ -115,7 +122,7 @@ class PaymentService:
         offer = self.offer(order, resource_url)
         # The head before the authorization is checked unused: any use of it is in a later block.
         chain_now, watch_from_block = await asyncio.gather(chain.chain_now(), chain.block_number())
-        verdict = check_payment(offer, payment, self.settings.chain_id, self.settings.usdc_address, chain_now)
+        verdict = check_payment(offer, payment, self.terms.chain_id, self.terms.usdc_address, chain_now)
         if not verdict.ok:
             raise PaymentRefused(reason_message(verdict.reason), code=verdict.reason)
         row = await ledger.record_received(
@@ -131,7 +138,7 @@ class PaymentService:
             settlement = await chain.build_settlement(payment)
             stored = False
             try:
-                stored = await ledger.advance(self.db, self.clock, row.id, "reserved", "broadcast",
+                stored = await ledger.advance(self.db, self.clock, row.id, PaymentState.RESERVED, PaymentState.BROADCAST,
                                               tx_hash=settlement.tx_hash, raw_tx=settlement.raw_tx)
             finally:
                 if not stored:
@@ -199,7 +206,7 @@ class PaymentService:
         revert = await chain.simulate_settlement(payment)
         if revert is not None:
             raise SettlementWouldRevert(revert)
-        if not await ledger.advance(self.db, self.clock, row.id, "received", "verified"):
+        if not await ledger.advance(self.db, self.clock, row.id, PaymentState.RECEIVED, PaymentState.VERIFIED):
             raise Conflict("The payment moved on while it was being verified.", code="payment_state_changed")
 
     # --- tx hash -------------------------------------------------------------------------
@@ -230,12 +237,12 @@ class PaymentService:
         if not receipt.ok or paid < order.total_atomic:
             raise PaymentRequired(
                 f"The transaction does not pay {format_usdc(order.total_atomic)} USDC from {signer} to "
-                f"{self.settings.pay_to}.", code="transfer_mismatch")
+                f"{self.terms.pay_to}.", code="transfer_mismatch")
         row = await ledger.record_received(
             self.db, self.clock,
             Claim(method="tx-hash", network=self.network, payer=signer, amount_atomic=paid, tx_hash=tx_hash,
                   block_number=receipt.block_number, sender_nonce=tx.nonce, credit_atomic=paid - order.total_atomic),
-            order, account_id=None, key_name=key_name, state="verified",
+            order, account_id=None, key_name=key_name, state=PaymentState.VERIFIED,
         )
         try:
             await ledger.reserve(self.db, self.clock, self.catalog, row)
@@ -243,7 +250,7 @@ class PaymentService:
             # The money is already ours: never lose it. It becomes the wallet account's prepaid
             # balance, and the tx hash stays claimed (`credited`), so it cannot be credited twice.
             account = await ledger.credit_instead(self.db, self.clock, row.id, "sold_out_after_payment",
-                                                  only_from=("verified",))
+                                                  only_from=(PaymentState.VERIFIED,))
             if account is None:
                 raise Conflict("The claim moved on while its seats were being reserved; retry it.",
                                code="payment_state_changed") from None
@@ -252,13 +259,13 @@ class PaymentService:
                 f"account {account.id} (sign in with the paying wallet to use or see it).",
                 code="sold_out_after_payment") from None
         # The transfer is already on-chain and confirmed: nothing to broadcast.
-        await ledger.advance(self.db, self.clock, row.id, "reserved", "confirmed")
+        await ledger.advance(self.db, self.clock, row.id, PaymentState.RESERVED, PaymentState.CONFIRMED)
         delivery = await ledger.deliver(self.db, self.clock, row.id, mint_keys=True)
         return Settled(delivery.payment if delivery else await ledger.get_payment(self.db, row.id), delivery)
 
     def _paid_to_us(self, receipt: Receipt, payer: str) -> int:
-        pay_to = self.settings.pay_to.lower()
-        token = self.settings.usdc_address.lower()
+        pay_to = self.terms.pay_to.lower()
+        token = self.terms.usdc_address.lower()
         return sum(t.value for t in receipt.transfers
                    if t.token.lower() == token and t.from_.lower() == payer.lower() and t.to.lower() == pay_to)
 
@@ -286,9 +293,9 @@ class PaymentService:
         if not receipt.ok:
             return await self.settle_by_authorization(payment, "settlement_reverted", mint_keys=mint_keys)
         if self._paid_to_us(receipt, payment.payer) != payment.amount_atomic:
-            await ledger.fail(self.db, self.clock, payment.id, "transfer_mismatch", only_from=("broadcast",))
+            await ledger.fail(self.db, self.clock, payment.id, "transfer_mismatch", only_from=(PaymentState.BROADCAST,))
             raise GatewayError("The settlement's Transfer does not match the payment.", code="transfer_mismatch")
-        await ledger.confirm(self.db, self.clock, payment.id, "broadcast", receipt.tx_hash, receipt.block_number)
+        await ledger.confirm(self.db, self.clock, payment.id, PaymentState.BROADCAST, receipt.tx_hash, receipt.block_number)
         return await self._deliver_confirmed(payment.id, mint_keys=mint_keys)
 
     async def settle_by_authorization(self, payment: Payment, reason: str, *, mint_keys: bool) -> Settled:
@@ -304,7 +311,7 @@ class PaymentService:
         Used alike by the request path (`_finish`, `_send`) and the reconciler."""
         chain = self.require_chain()
         if not await chain.authorization_used(payment.payer, payment.auth_nonce):
-            await ledger.fail(self.db, self.clock, payment.id, reason, only_from=("broadcast",))
+            await ledger.fail(self.db, self.clock, payment.id, reason, only_from=(PaymentState.BROADCAST,))
             raise PaymentRequired(f"{_UNSETTLED[reason]} The authorization is still unused: nothing was charged.",
                                   code=reason)
         event = await chain.authorization_event(payment.payer, payment.auth_nonce, await self.watch_from_block(payment))
@@ -313,24 +320,24 @@ class PaymentService:
             raise ServiceUnavailable("The authorization was used on-chain, but the transaction is not found yet; "
                                      "poll the payment.", code="authorization_use_not_found")
         if event.kind == "canceled":
-            await ledger.fail(self.db, self.clock, payment.id, "authorization_canceled", only_from=("broadcast",))
+            await ledger.fail(self.db, self.clock, payment.id, "authorization_canceled", only_from=(PaymentState.BROADCAST,))
             raise PaymentRequired("The payer canceled the authorization on-chain before it was settled; nothing "
                                   "was charged and nothing is delivered.", code="authorization_canceled")
         carrier = await chain.receipt(event.tx_hash)
         if carrier is None or carrier.confirmations < self.confirmations:
             return Settled(await ledger.get_payment(self.db, payment.id), None)
         if not self.carries(carrier, payment):
-            await ledger.fail(self.db, self.clock, payment.id, "authorization_used_elsewhere", only_from=("broadcast",))
+            await ledger.fail(self.db, self.clock, payment.id, "authorization_used_elsewhere", only_from=(PaymentState.BROADCAST,))
             raise PaymentRequired("The authorization was used by a transaction that did not pay this gateway.",
                                   code="authorization_used_elsewhere")
         if event.tx_hash != payment.tx_hash:
             log.warning("payment %s: settled by another transaction %s (front-run of %s); delivering",
                         payment.id, event.tx_hash, payment.tx_hash)
-        if not await ledger.confirm(self.db, self.clock, payment.id, "broadcast", event.tx_hash, carrier.block_number):
+        if not await ledger.confirm(self.db, self.clock, payment.id, PaymentState.BROADCAST, event.tx_hash, carrier.block_number):
             current = await ledger.get_payment(self.db, payment.id)
-            if current.state == "broadcast":  # another payment holds that transaction
+            if current.state == PaymentState.BROADCAST:  # another payment holds that transaction
                 await ledger.fail(self.db, self.clock, payment.id, "transfer_claimed_elsewhere",
-                                  only_from=("broadcast",))
+                                  only_from=(PaymentState.BROADCAST,))
                 raise Conflict("The transaction that carried this payment was already claimed by another "
                                "payment.", code="transfer_claimed_elsewhere")
         return await self._deliver_confirmed(payment.id, mint_keys=mint_keys)
@@ -352,7 +359,7 @@ class PaymentService:
         if delivery is not None:
             return Settled(delivery.payment, delivery)
         current = await ledger.get_payment(self.db, payment_id)
-        if current.state == "credited":
+        if current.state == PaymentState.CREDITED:
             raise Conflict(
                 f"The subscription expired while this renewal was settling; the {format_usdc(current.amount_atomic)} "
                 f"USDC paid were credited to account {current.account_id}'s prepaid balance.",
@@ -382,7 +389,7 @@ class PaymentService:
             # it on since this pass read it, `only_from` leaves it alone.)
             return int(await ledger.fail(self.db, self.clock, payment.id, "abandoned_before_settlement",
                                          only_from=ledger.UNSENT_STATES))
-        if payment.state == "confirmed":
+        if payment.state == PaymentState.CONFIRMED:
             return int(await ledger.deliver(self.db, self.clock, payment.id, mint_keys=False) is not None)
         # Read the clock before the receipt: once the chain is past the authorization's window no
         # block can execute it any more, so "no receipt" after that is final.

@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from agent_gateway.clock import as_utc
 from agent_gateway.db.engine import Database
-from agent_gateway.db.models import ApiKey, Subscription
+from agent_gateway.db.models import ApiKey, KeyStatus, Subscription, SubscriptionStatus
 from agent_gateway.keys.tokens import hash_token
 
 _NEGATIVE_TTL_S = 5.0
@@ -27,9 +27,9 @@ class KeyRecord:
     name: str
     account_id: str
     subscription_id: str
-    key_status: str  # active | disabled | revoked
+    key_status: KeyStatus
     deleted: bool
-    subscription_status: str
+    subscription_status: SubscriptionStatus
     pool_slug: str
     blocks: tuple[str, ...]
     period_end: datetime
@@ -56,7 +56,8 @@ class KeyDirectory:
         if record is None:
             # Unknown keys are cached briefly so a flood of bad keys does not become a flood of reads.
             self._by_hash[key_hash] = (now + _NEGATIVE_TTL_S, None)
-        elif record.key_status == "active" and not record.deleted and record.subscription_status == "active":
+        elif (record.key_status == KeyStatus.ACTIVE and not record.deleted
+              and record.subscription_status == SubscriptionStatus.ACTIVE):
             self._by_hash[key_hash] = (now + self._ttl_s, record)
             self._hash_of[record.key_id] = key_hash
         return record

@@ -14,7 +14,7 @@ from agent_gateway.catalog.pools import Catalog
 from agent_gateway.catalog.pricing import BILLING_CYCLES, Order
 from agent_gateway.clock import Clock
 from agent_gateway.db.engine import Database
-from agent_gateway.db.models import Account, ApiKey, BalanceEntry, Subscription, new_id
+from agent_gateway.db.models import Account, ApiKey, BalanceEntry, Subscription, SubscriptionStatus, new_id
 from agent_gateway.errors import PaymentRequired
 from agent_gateway.money import format_usdc
 from agent_gateway.subscriptions.inventory import reserve_seats
@@ -77,7 +77,7 @@ def new_subscriptions(account_id: str, pool_slug: str, blocks: Sequence[str], bi
     period = BILLING_CYCLES[billing_cycle][1]
     return [
         Subscription(id=new_id("sub"), account_id=account_id, pool_slug=pool_slug, blocks=list(blocks),
-                     billing_cycle=billing_cycle, status="active", price_atomic=unit_price_atomic,
+                     billing_cycle=billing_cycle, status=SubscriptionStatus.ACTIVE, price_atomic=unit_price_atomic,
                      period_start=now, period_end=now + period, charge_id=charge_id, payment_id=payment_id,
                      created_at=now)
         for _ in range(quantity)

@@ -14,7 +14,8 @@ from agent_gateway.web.bodies import parse_json_object, read_body
 from agent_gateway.web.catalog import plans_catalog
 from agent_gateway.web.rendering import iso
 from agent_gateway.catalog.blocks import seconds_until_next
-from agent_gateway.catalog.pools import Pool
+from agent_gateway.catalog.pools import Pool, PoolStatus
+from agent_gateway.db.models import KeyStatus, SubscriptionStatus
 from agent_gateway.errors import (
     AuthenticationError,
     InvalidRequest,
@@ -54,14 +55,14 @@ async def admit_key(request: Request, services: Services) -> KeyRecord:
         raise AuthenticationError("Invalid API key.", code="invalid_api_key")
     if key.deleted:
         raise PermissionDenied("This API key was deleted.", code="key_revoked")
-    if key.key_status == "disabled":
+    if key.key_status == KeyStatus.DISABLED:
         raise PermissionDenied("This API key is disabled; enable it from the management API.", code="key_disabled")
-    if key.subscription_status != "active" or key.period_end <= services.clock.now():
+    if key.subscription_status != SubscriptionStatus.ACTIVE or key.period_end <= services.clock.now():
         raise PermissionDenied(
             f"The subscription behind this key ended on {iso(key.period_end)}; renew it to continue.",
             code="subscription_expired",
         )
-    if key.key_status != "active":
+    if key.key_status != KeyStatus.ACTIVE:
         raise PermissionDenied("This API key was revoked.", code="key_revoked")
     return key
 
@@ -90,7 +91,7 @@ def _json_type(value: object) -> str:
 
 def _pool_of(services: Services, key: KeyRecord) -> Pool:
     pool = services.catalog.pool(key.pool_slug)
-    if pool is None or pool.status != "active":
+    if pool is None or pool.status != PoolStatus.ACTIVE:
         state = pool.status if pool else "withdrawn"
         raise ServiceUnavailable(f"Pool {key.pool_slug} is {state} and serves no requests now.",
                                  code="pool_not_active")

@@ -55,7 +55,7 @@ def challenge(services: Services, order: Order, resource: str, *, message: str |
         extra["v1"] = v1
     return PaymentRequired(
         message or f"Pay {format_usdc(order.total_atomic)} USDC with x402 (exact, {payments.network}) "
-                   f"to {services.settings.pay_to}, then retry with the PAYMENT-SIGNATURE header.",
+                   f"to {payments.terms.pay_to}, then retry with the PAYMENT-SIGNATURE header.",
         code=code, headers=headers, extra=extra,
     )
 
