@@ -8,12 +8,17 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from agent_gateway.catalog.pools import CatalogError, load_catalog
 from agent_gateway.errors import GatewayError
 from agent_gateway.settings import Settings
+
+if TYPE_CHECKING:  # imported lazily below, so `--help` stays fast
+    from agent_gateway.clock import Clock
+    from agent_gateway.db.engine import Database
 
 EPILOG = """\
 Settings come from AGW_* environment variables and a .env file (see .env.example).
@@ -213,8 +218,8 @@ def _test_upstream(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def _ready_database(settings: Settings):  # type: ignore[no-untyped-def]
-    from agent_gateway.db.engine import Database
+async def _ready_database(settings: Settings) -> Database:
+    from agent_gateway.db.engine import Database  # noqa: F811
     from agent_gateway.db.migrate import upgrade_database
 
     if settings.auto_migrate:
@@ -222,7 +227,7 @@ async def _ready_database(settings: Settings):  # type: ignore[no-untyped-def]
     return Database(settings.database_url)
 
 
-def _clock():  # type: ignore[no-untyped-def]
-    from agent_gateway.clock import Clock
+def _clock() -> Clock:
+    from agent_gateway.clock import Clock  # noqa: F811
 
     return Clock()

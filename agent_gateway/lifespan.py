@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from starlette.applications import Starlette
 
@@ -127,7 +127,7 @@ async def run_services(services: Services) -> AsyncIterator[Services]:
         log.info("agent_gateway stopped")
 
 
-def lifespan_for(services: Services):  # type: ignore[no-untyped-def]
+def lifespan_for(services: Services) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with run_services(services):

@@ -97,7 +97,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     _header_timer: asyncio.TimerHandle | None = None
     _headers_pending = False
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn narrows BaseTransport the same way
         super().connection_made(transport)
         if len(self.connections) > self.max_connections:
             CONNECTIONS_REFUSED.inc()

@@ -33,7 +33,7 @@ async def expire_subscriptions(db: Database, clock: Clock) -> ExpiryResult:
                 update(Subscription)
                 .where(col(Subscription.status) == SubscriptionStatus.ACTIVE, col(Subscription.period_end) <= now)
                 .values(status=SubscriptionStatus.EXPIRED)
-                .returning(Subscription.id, Subscription.pool_slug, Subscription.blocks)
+                .returning(col(Subscription.id), col(Subscription.pool_slug), col(Subscription.blocks))
             )
         ).all()
         if not expired:

@@ -67,7 +67,7 @@ async def mint_key(
                 )
             existing = await session.execute(
                 select(ApiKey.id).where(
-                    ApiKey.subscription_id == subscription_id, col(ApiKey.deleted_at).is_(None)
+                    col(ApiKey.subscription_id) == subscription_id, col(ApiKey.deleted_at).is_(None)
                 )
             )
             if existing.first() is not None:
@@ -86,7 +86,7 @@ async def list_keys(db: Database, account_id: str) -> list[KeyView]:
         rows = await session.execute(
             select(ApiKey, Subscription)
             .join(Subscription, col(Subscription.id) == col(ApiKey.subscription_id))
-            .where(ApiKey.account_id == account_id, col(ApiKey.deleted_at).is_(None))
+            .where(col(ApiKey.account_id) == account_id, col(ApiKey.deleted_at).is_(None))
             .order_by(col(ApiKey.created_at))
         )
         return [KeyView(key, sub) for key, sub in rows]
@@ -133,11 +133,13 @@ def validate_key_name(name: object) -> str:
     return name.strip()
 
 
-async def _owned_key(session, account_id: str, key_id: str) -> tuple[ApiKey, Subscription]:  # type: ignore[no-untyped-def]
+async def _owned_key(session: AsyncSession, account_id: str, key_id: str) -> tuple[ApiKey, Subscription]:
     key = await session.get(ApiKey, key_id, with_for_update=True)
     if key is None or key.account_id != account_id or key.deleted_at is not None:
         raise NotFound(f"No API key {key_id!r}.", code="api_key_not_found")
     subscription = await session.get(Subscription, key.subscription_id)
+    if subscription is None:  # the foreign key keeps it; never deleted
+        raise RuntimeError(f"api key {key_id} has no subscription {key.subscription_id}")
     return key, subscription
 
 

@@ -91,7 +91,7 @@ class RedisRevocationBus:
         self.channel = channel
         self._start_timeout_s = start_timeout_s
         self._ping_interval_s = ping_interval_s
-        timeouts = {"socket_connect_timeout": connect_timeout_s, "socket_timeout": max(connect_timeout_s, 2.0)}
+        socket_timeout_s = max(connect_timeout_s, 2.0)
         # Publishing retries once (a pooled connection may be stale after a Redis restart; a
         # duplicate revocation is harmless). The subscriber never retries inside redis-py, so a
         # dropped subscription always reaches _listen, which logs it and reconnects with backoff.
@@ -100,10 +100,11 @@ class RedisRevocationBus:
         self._publisher = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
             redis_url, max_connections=32, timeout=5.0,
             retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1),
-            client_name=client_name, **timeouts,
+            client_name=client_name, socket_connect_timeout=connect_timeout_s, socket_timeout=socket_timeout_s,
         ))
         self._subscriber = aioredis.Redis.from_url(
-            redis_url, retry=Retry(NoBackoff(), retries=0), client_name=client_name, **timeouts
+            redis_url, retry=Retry(NoBackoff(), retries=0), client_name=client_name,
+            socket_connect_timeout=connect_timeout_s, socket_timeout=socket_timeout_s,
         )
         self._handlers: list[Handler] = []
         self._subscribed = asyncio.Event()

@@ -28,16 +28,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeVar
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from agent_gateway.accounts.service import add_credit, take_back_credit
 from agent_gateway.catalog.pools import Catalog
 from agent_gateway.catalog.pricing import BILLING_CYCLES, Order
 from agent_gateway.clock import Clock, as_utc
-from agent_gateway.db.engine import Database
+from agent_gateway.db.engine import Database, rows_changed
 from agent_gateway.db.models import Account, ApiKey, Payment, PaymentState, Subscription, SubscriptionStatus, new_id
 from agent_gateway.errors import Conflict, PaymentRequired
 from agent_gateway.keys.api_keys import new_api_key, revoke_subscription_keys
@@ -47,6 +49,7 @@ from agent_gateway.subscriptions.inventory import release_seats, release_subscri
 from agent_gateway.subscriptions.service import new_subscriptions
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FINAL_STATES = (PaymentState.DELIVERED, PaymentState.FAILED, PaymentState.CREDITED, PaymentState.REVOKED)
 # Money arrived: re-checked for reorgs until past the horizon.
@@ -116,12 +119,12 @@ async def advance(db: Database, clock: Clock, payment_id: str, expected: Payment
     """Move from `expected` to `new` (with extra column values); False if the payment was elsewhere."""
     async with db.transaction() as session:
         moved = await session.execute(
-            update(Payment).where(Payment.id == payment_id, Payment.state == expected)
+            update(Payment).where(col(Payment.id) == payment_id, col(Payment.state) == expected)
             .values(state=new, updated_at=clock.now(), **values)
         )
-    if moved.rowcount == 1:
+    if rows_changed(moved) == 1:
         log.info("payment %s %s -> %s", payment_id, expected, new)
-    return moved.rowcount == 1
+    return rows_changed(moved) == 1
 
 
 async def confirm(db: Database, clock: Clock, payment_id: str, expected: PaymentState, tx_hash: str,
@@ -141,13 +144,13 @@ async def replace_settlement(db: Database, clock: Clock, payment_id: str, old_tx
     """Swap a stored settlement whose relayer nonce was taken (it can never be mined) for a new one."""
     async with db.transaction() as session:
         moved = await session.execute(
-            update(Payment).where(Payment.id == payment_id, Payment.state == PaymentState.BROADCAST,
-                                  Payment.tx_hash == old_tx_hash)
+            update(Payment).where(col(Payment.id) == payment_id, col(Payment.state) == PaymentState.BROADCAST,
+                                  col(Payment.tx_hash) == old_tx_hash)
             .values(tx_hash=tx_hash, raw_tx=raw_tx, updated_at=clock.now())
         )
-    if moved.rowcount == 1:
+    if rows_changed(moved) == 1:
         log.warning("payment %s: settlement %s replaced by %s (relayer nonce taken)", payment_id, old_tx_hash, tx_hash)
-    return moved.rowcount == 1
+    return rows_changed(moved) == 1
 
 
 async def reserve(db: Database, clock: Clock, catalog: Catalog, payment: Payment) -> None:
@@ -156,10 +159,10 @@ async def reserve(db: Database, clock: Clock, catalog: Catalog, payment: Payment
         if payment.renew_subscription_id is None:
             await reserve_seats(session, catalog, payment.pool_slug, tuple(payment.blocks), payment.quantity)
         moved = await session.execute(
-            update(Payment).where(Payment.id == payment.id, Payment.state == PaymentState.VERIFIED)
+            update(Payment).where(col(Payment.id) == payment.id, col(Payment.state) == PaymentState.VERIFIED)
             .values(state=PaymentState.RESERVED, seats_held=payment.renew_subscription_id is None, updated_at=clock.now())
         )
-        if moved.rowcount != 1:
+        if rows_changed(moved) != 1:
             raise Conflict("The payment moved on while its seats were being reserved.", code="payment_state_changed")
     log.info("payment %s verified -> reserved", payment.id)
 
@@ -197,7 +200,7 @@ async def credit_instead(db: Database, clock: Clock, payment_id: str, reason: st
     return account
 
 
-async def _credit(session, payment: Payment, reason: str, now: datetime) -> Account:  # type: ignore[no-untyped-def]
+async def _credit(session: AsyncSession, payment: Payment, reason: str, now: datetime) -> Account:
     if payment.seats_held:
         await release_seats(session, payment.pool_slug, list(payment.blocks), payment.quantity)
     account, _ = await _account_for(session, payment, now)
@@ -233,7 +236,7 @@ async def _deliver(db: Database, clock: Clock, payment_id: str, *, mint_keys: bo
         account, management_key = await _account_for(session, payment, now)
         keys: list[tuple[ApiKey, IssuedToken]] = []
         if payment.renew_subscription_id is not None:
-            sub = await session.get(Subscription, payment.renew_subscription_id, with_for_update=True)
+            sub = await _renewed_subscription(session, payment.renew_subscription_id)
             if sub.status != SubscriptionStatus.ACTIVE:
                 # It expired (seats given back, keys revoked) while the renewal settled: the
                 # money is kept for the customer as prepaid balance instead of being lost.
@@ -264,10 +267,13 @@ async def _deliver(db: Database, clock: Clock, payment_id: str, *, mint_keys: bo
     return Delivery(payment, account, subscriptions, keys, management_key)
 
 
-async def _account_for(session, payment: Payment, now: datetime) -> tuple[Account, IssuedToken | None]:  # type: ignore[no-untyped-def]
+async def _account_for(session: AsyncSession, payment: Payment, now: datetime) -> tuple[Account, IssuedToken | None]:
     if payment.account_id is not None:
-        return await session.get(Account, payment.account_id), None
-    account = (await session.scalars(select(Account).where(Account.wallet_address == payment.payer))).first()
+        known = await session.get(Account, payment.account_id)
+        if known is None:  # the buyer's account, authenticated when the payment was made
+            raise RuntimeError(f"payment {payment.id}: account {payment.account_id} is missing")
+        return known, None
+    account = (await session.scalars(select(Account).where(col(Account.wallet_address) == payment.payer))).first()
     if account is not None:
         return account, None
     account = Account(id=new_id("acct"), name=f"wallet {payment.payer}", wallet_address=payment.payer,
@@ -277,6 +283,15 @@ async def _account_for(session, payment: Payment, now: datetime) -> tuple[Accoun
     key, token = new_management_key(account.id, "x402", now)
     session.add(key)
     return account, token
+
+
+async def _renewed_subscription(session: AsyncSession, subscription_id: str) -> Subscription:
+    """The subscription a renewal extends, locked. It exists: the order was made for it, and
+    subscriptions are never deleted."""
+    sub = await session.get(Subscription, subscription_id, with_for_update=True)
+    if sub is None:
+        raise RuntimeError(f"the renewed subscription {subscription_id} is missing")
+    return sub
 
 
 @dataclass(frozen=True)
@@ -297,7 +312,7 @@ async def revoke(db: Database, clock: Clock, payment_id: str, reason: str) -> Re
             return None
         canceled: list[Subscription] = []
         if payment.state == PaymentState.DELIVERED and payment.renew_subscription_id is not None:
-            sub = await session.get(Subscription, payment.renew_subscription_id, with_for_update=True)
+            sub = await _renewed_subscription(session, payment.renew_subscription_id)
             # The renewal's period goes; if nothing paid is left, the seat goes too.
             sub.period_end = as_utc(sub.period_end) - BILLING_CYCLES[payment.billing_cycle][1]
             session.add(sub)
@@ -305,7 +320,7 @@ async def revoke(db: Database, clock: Clock, payment_id: str, reason: str) -> Re
                 canceled.append(sub)
         elif payment.state == PaymentState.DELIVERED:
             canceled = list(await session.scalars(
-                select(Subscription).where(Subscription.payment_id == payment.id,
+                select(Subscription).where(col(Subscription.payment_id) == payment.id,
                                            col(Subscription.status).in_((SubscriptionStatus.ACTIVE, SubscriptionStatus.PENDING)))
                 .with_for_update()))
         for sub in canceled:
@@ -332,19 +347,19 @@ async def record_carrier(db: Database, clock: Clock, payment_id: str, tx_hash: s
     try:
         async with db.transaction() as session:
             moved = await session.execute(
-                update(Payment).where(Payment.id == payment_id, Payment.state.in_(SETTLED_STATES))
+                update(Payment).where(col(Payment.id) == payment_id, col(Payment.state).in_(SETTLED_STATES))
                 .values(tx_hash=tx_hash, block_number=block_number, updated_at=clock.now()))
     except IntegrityError:
         return False
-    if moved.rowcount == 1:
+    if rows_changed(moved) == 1:
         log.warning("payment %s: its Transfer is now in %s, block %d", payment_id, tx_hash, block_number)
-    return moved.rowcount == 1
+    return rows_changed(moved) == 1
 
 
 async def mark_chain_final(db: Database, payment_id: str) -> None:
     """Past the reorg horizon: the payment is no longer re-checked."""
     async with db.transaction() as session:
-        await session.execute(update(Payment).where(Payment.id == payment_id).values(chain_final=True))
+        await session.execute(update(Payment).where(col(Payment.id) == payment_id).values(chain_final=True))
     log.info("payment %s is past the reorg horizon", payment_id)
 
 
@@ -352,9 +367,9 @@ async def settled_payments_to_recheck(db: Database) -> list[Payment]:
     """Delivered or credited payments whose transfer is not yet past the reorg horizon."""
     async with db.transaction() as session:
         rows = await session.scalars(
-            select(Payment).where(Payment.chain_final.is_(False), Payment.state.in_(SETTLED_STATES),
-                                  Payment.block_number.is_not(None))
-            .order_by(Payment.created_at).limit(500))
+            select(Payment).where(col(Payment.chain_final).is_(False), col(Payment.state).in_(SETTLED_STATES),
+                                  col(Payment.block_number).is_not(None))
+            .order_by(col(Payment.created_at)).limit(500))
         return list(rows)
 
 
@@ -363,11 +378,26 @@ async def get_payment(db: Database, payment_id: str) -> Payment | None:
         return await session.get(Payment, payment_id)
 
 
+async def load_payment(db: Database, payment_id: str) -> Payment:
+    """A payment known to exist (rows are never deleted): one this process wrote or read before."""
+    payment = await get_payment(db, payment_id)
+    if payment is None:
+        raise RuntimeError(f"payment {payment_id} is missing from the ledger")
+    return payment
+
+
+def stored(value: T | None, column: str, payment: Payment) -> T:
+    """A column the payment's state guarantees (the ledger wrote it on the way to that state)."""
+    if value is None:
+        raise RuntimeError(f"payment {payment.id} is {payment.state} but has no {column}")
+    return value
+
+
 async def unfinished_payments(db: Database, older_than: datetime) -> list[Payment]:
     """Payments not in a final state and not touched since `older_than`: the reconciler's work."""
     async with db.transaction() as session:
         rows = await session.scalars(
-            select(Payment).where(Payment.state.not_in(FINAL_STATES), Payment.updated_at <= older_than)
-            .order_by(Payment.created_at).limit(200)
+            select(Payment).where(col(Payment.state).not_in(FINAL_STATES), col(Payment.updated_at) <= older_than)
+            .order_by(col(Payment.created_at)).limit(200)
         )
         return list(rows)

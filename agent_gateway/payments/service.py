@@ -157,7 +157,7 @@ class PaymentService:
         except ServiceUnavailable:
             # Stored as broadcast: the reconciler resends (or rebuilds) it.
             log.warning("payment %s: broadcast failed; left for the reconciler", row.id)
-            return Settled(await ledger.get_payment(self.db, row.id), None)
+            return Settled(await ledger.load_payment(self.db, row.id), None)
         if isinstance(sent, Settled):
             return sent
         return await self._await_delivery(row.id, sent, mint_keys=True)
@@ -180,7 +180,7 @@ class PaymentService:
             try:
                 settlement = await chain.build_settlement(payment)
             except SettlementWouldRevert:
-                row = await ledger.get_payment(self.db, payment_id)
+                row = await ledger.load_payment(self.db, payment_id)
                 return await self.settle_by_authorization(row, "settlement_would_fail", mint_keys=mint_keys)
             replaced = False
             try:
@@ -261,7 +261,7 @@ class PaymentService:
         # The transfer is already on-chain and confirmed: nothing to broadcast.
         await ledger.advance(self.db, self.clock, row.id, PaymentState.RESERVED, PaymentState.CONFIRMED)
         delivery = await ledger.deliver(self.db, self.clock, row.id, mint_keys=True)
-        return Settled(delivery.payment if delivery else await ledger.get_payment(self.db, row.id), delivery)
+        return Settled(delivery.payment if delivery else await ledger.load_payment(self.db, row.id), delivery)
 
     def _paid_to_us(self, receipt: Receipt, payer: str) -> int:
         pay_to = self.terms.pay_to.lower()
@@ -284,9 +284,9 @@ class PaymentService:
             if asyncio.get_running_loop().time() >= deadline:
                 log.info("payment %s: no receipt within %.0f s; answering 202", payment_id,
                          self.settings.settle_wait_s)
-                return Settled(await ledger.get_payment(self.db, payment_id), None)
+                return Settled(await ledger.load_payment(self.db, payment_id), None)
             await asyncio.sleep(_POLL_S)  # polling the node for the receipt, bounded by the deadline
-        payment = await ledger.get_payment(self.db, payment_id)
+        payment = await ledger.load_payment(self.db, payment_id)
         return await self._finish(payment, receipt, mint_keys=mint_keys)
 
     async def _finish(self, payment: Payment, receipt: Receipt, *, mint_keys: bool) -> Settled:
@@ -310,11 +310,11 @@ class PaymentService:
         - The payer canceled it, or its use paid someone else: failed, nothing delivered.
         Used alike by the request path (`_finish`, `_send`) and the reconciler."""
         chain = self.require_chain()
-        if not await chain.authorization_used(payment.payer, payment.auth_nonce):
+        if not await chain.authorization_used(payment.payer, ledger.stored(payment.auth_nonce, "auth_nonce", payment)):
             await ledger.fail(self.db, self.clock, payment.id, reason, only_from=(PaymentState.BROADCAST,))
             raise PaymentRequired(f"{_UNSETTLED[reason]} The authorization is still unused: nothing was charged.",
                                   code=reason)
-        event = await chain.authorization_event(payment.payer, payment.auth_nonce, await self.watch_from_block(payment))
+        event = await chain.authorization_event(payment.payer, ledger.stored(payment.auth_nonce, "auth_nonce", payment), await self.watch_from_block(payment))
         if event is None:
             # Used, yet no event found (a lagging log index): look again on the next pass.
             raise ServiceUnavailable("The authorization was used on-chain, but the transaction is not found yet; "
@@ -325,7 +325,7 @@ class PaymentService:
                                   "was charged and nothing is delivered.", code="authorization_canceled")
         carrier = await chain.receipt(event.tx_hash)
         if carrier is None or carrier.confirmations < self.confirmations:
-            return Settled(await ledger.get_payment(self.db, payment.id), None)
+            return Settled(await ledger.load_payment(self.db, payment.id), None)
         if not self.carries(carrier, payment):
             await ledger.fail(self.db, self.clock, payment.id, "authorization_used_elsewhere", only_from=(PaymentState.BROADCAST,))
             raise PaymentRequired("The authorization was used by a transaction that did not pay this gateway.",
@@ -334,7 +334,7 @@ class PaymentService:
             log.warning("payment %s: settled by another transaction %s (front-run of %s); delivering",
                         payment.id, event.tx_hash, payment.tx_hash)
         if not await ledger.confirm(self.db, self.clock, payment.id, PaymentState.BROADCAST, event.tx_hash, carrier.block_number):
-            current = await ledger.get_payment(self.db, payment.id)
+            current = await ledger.load_payment(self.db, payment.id)
             if current.state == PaymentState.BROADCAST:  # another payment holds that transaction
                 await ledger.fail(self.db, self.clock, payment.id, "transfer_claimed_elsewhere",
                                   only_from=(PaymentState.BROADCAST,))
@@ -358,7 +358,7 @@ class PaymentService:
         delivery = await ledger.deliver(self.db, self.clock, payment_id, mint_keys=mint_keys)
         if delivery is not None:
             return Settled(delivery.payment, delivery)
-        current = await ledger.get_payment(self.db, payment_id)
+        current = await ledger.load_payment(self.db, payment_id)
         if current.state == PaymentState.CREDITED:
             raise Conflict(
                 f"The subscription expired while this renewal was settling; the {format_usdc(current.amount_atomic)} "
@@ -394,7 +394,8 @@ class PaymentService:
         # Read the clock before the receipt: once the chain is past the authorization's window no
         # block can execute it any more, so "no receipt" after that is final.
         expired = payment.valid_before is not None and await chain.chain_now() >= payment.valid_before
-        receipt = await chain.receipt(payment.tx_hash)
+        tx_hash = ledger.stored(payment.tx_hash, "tx_hash", payment)
+        receipt = await chain.receipt(tx_hash)
         if receipt is not None:
             if receipt.confirmations < self.confirmations:
                 return 0
@@ -413,12 +414,12 @@ class PaymentService:
             except (PaymentRequired, Conflict):
                 return 1  # failed, recorded
             return int(not settled.pending)
-        if await chain.transaction(payment.tx_hash) is not None:
+        if await chain.transaction(tx_hash) is not None:
             return 0  # in the mempool: wait
         # Never reached the node (or was dropped): resend it (rebuilt only if its nonce was taken).
         try:
-            sent = await self._send(payment.id, ExactPayment(**payment.authorization), payment.tx_hash,
-                                    payment.raw_tx, mint_keys=False)
+            sent = await self._send(payment.id, ExactPayment(**ledger.stored(payment.authorization, "authorization", payment)),
+                                    tx_hash, ledger.stored(payment.raw_tx, "raw_tx", payment), mint_keys=False)
         except (PaymentRequired, Conflict):
             return 1  # the chain said failed, recorded
         if isinstance(sent, Settled):

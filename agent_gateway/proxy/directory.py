@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import select
+from sqlmodel import col
 
 from agent_gateway.clock import as_utc
 from agent_gateway.db.engine import Database
@@ -72,8 +73,8 @@ class KeyDirectory:
             row = (
                 await session.execute(
                     select(ApiKey, Subscription)
-                    .join(Subscription, Subscription.id == ApiKey.subscription_id)
-                    .where(ApiKey.key_hash == key_hash)
+                    .join(Subscription, col(Subscription.id) == ApiKey.subscription_id)
+                    .where(col(ApiKey.key_hash) == key_hash)
                 )
             ).first()
         if row is None:

@@ -6,6 +6,8 @@ the decoded payment to the payment service, writes the `PAYMENT-REQUIRED` challe
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -86,23 +88,23 @@ async def pay_for(request: Request, services: Services, order: Order, *, account
 
 
 def render_settled(settled: Settled, status_if_done: int = 201) -> Response:
-    payment = settled.payment
-    if settled.pending:
+    payment, delivery = settled.payment, settled.delivery
+    if delivery is None:  # still settling
         return ok({"paymentId": payment.id, "state": payment.state, "txHash": payment.tx_hash,
                    "poll": f"/api/agent/payments/{payment.id}",
                    "message": "Settlement sent; seats are delivered once it is confirmed. Poll the payment; "
                               "if this answer is lost, sign in with the paying wallet to get your keys."},
                   status=202)
-    delivery = settled.delivery
     keys = {key.subscription_id: (key, token) for key, token in delivery.keys}
-    data = {
+    rows: list[dict[str, Any]] = []
+    data: dict[str, Any] = {
         "paymentId": payment.id,
         "txHash": payment.tx_hash,
         "payer": payment.payer,
         "amount": str(payment.amount_atomic),
         "accountId": delivery.account.id,
         "managementKey": delivery.management_key.plaintext if delivery.management_key else None,
-        "subscriptions": [],
+        "subscriptions": rows,
     }
     if payment.credit_atomic:  # an overpaid tx-hash transfer: the excess is prepaid balance
         data.update(credited=format_usdc(payment.credit_atomic), creditedAtomic=str(payment.credit_atomic),
@@ -113,6 +115,6 @@ def render_settled(settled: Settled, status_if_done: int = 201) -> Response:
         if sub.id in keys:
             key, token = keys[sub.id]
             row.update(keyId=key.id, hasKey=True, apiKey=token.plaintext)
-        data["subscriptions"].append(row)
+        rows.append(row)
     headers = {"PAYMENT-RESPONSE": settle_response_header(True, payment.tx_hash, payment.network, payment.payer)}
     return ok(data, status=status_if_done, headers=headers)
