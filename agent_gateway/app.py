@@ -10,14 +10,15 @@ from starlette.middleware import Middleware
 from starlette.routing import Mount, Route
 
 from agent_gateway.api import agents, management, public
-from agent_gateway.api.edge import BodyDeadline, TrustForwardedHeaders
-from agent_gateway.api.rendering import RefuseNul, handle_gateway_error, handle_http_exception, handle_unexpected
+from agent_gateway.web.edge import BodyDeadline, TrustForwardedHeaders
+from agent_gateway.web.rendering import RefuseNul, handle_gateway_error, handle_http_exception, handle_unexpected
 from agent_gateway.clock import Clock
 from agent_gateway.dashboard import create_dashboard
 from agent_gateway.errors import GatewayError
 from agent_gateway.metrics import metrics_endpoint
-from agent_gateway.proxy import routes as proxy_routes
-from agent_gateway.lifespan import Services, build_services, lifespan_for
+from agent_gateway.v1 import routes as v1_routes
+from agent_gateway.lifespan import build_services, lifespan_for
+from agent_gateway.services import Services
 from agent_gateway.settings import Settings
 
 
@@ -37,7 +38,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None,
     edge = [Middleware(TrustForwardedHeaders, trusted=settings.trusted_proxies)] if settings.trusted_proxies else []
     app = Starlette(
         routes=[
-            *proxy_routes.routes,
+            *v1_routes.routes,
             *public.routes,
             *agents.routes,
             *management.routes,

@@ -8,12 +8,17 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from agent_gateway.catalog.pools import CatalogError, load_catalog
 from agent_gateway.errors import GatewayError
 from agent_gateway.settings import Settings
+
+if TYPE_CHECKING:  # imported lazily below, so `--help` stays fast
+    from agent_gateway.clock import Clock
+    from agent_gateway.db.engine import Database
 
 EPILOG = """\
 Settings come from AGW_* environment variables and a .env file (see .env.example).
@@ -176,7 +181,7 @@ def _accounts_create(args: argparse.Namespace, settings: Settings) -> int:
 
 def _accounts_credit(args: argparse.Namespace, settings: Settings) -> int:
     from agent_gateway.accounts.service import credit_account
-    from agent_gateway.payments.amounts import format_usdc, parse_usdc
+    from agent_gateway.money import format_usdc, parse_usdc
 
     try:
         amount = parse_usdc(args.amount)
@@ -200,7 +205,7 @@ def _accounts_credit(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _pools_check(args: argparse.Namespace, settings: Settings) -> int:
-    from agent_gateway.payments.amounts import format_usdc
+    from agent_gateway.money import format_usdc
 
     path = Path(args.file) if args.file else settings.pools_file
     catalog = load_catalog(path)
@@ -231,8 +236,8 @@ def _test_upstream(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def _ready_database(settings: Settings):  # type: ignore[no-untyped-def]
-    from agent_gateway.db.engine import Database
+async def _ready_database(settings: Settings) -> Database:
+    from agent_gateway.db.engine import Database  # noqa: F811
     from agent_gateway.db.migrate import upgrade_database
 
     if settings.auto_migrate:
@@ -240,7 +245,7 @@ async def _ready_database(settings: Settings):  # type: ignore[no-untyped-def]
     return Database(settings.database_url)
 
 
-def _clock():  # type: ignore[no-untyped-def]
-    from agent_gateway.clock import Clock
+def _clock() -> Clock:
+    from agent_gateway.clock import Clock  # noqa: F811
 
     return Clock()

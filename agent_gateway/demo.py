@@ -24,7 +24,7 @@ import httpx
 from agent_gateway.app import create_app
 from agent_gateway.catalog.pools import load_catalog
 from agent_gateway.clock import Clock
-from agent_gateway.payments.amounts import format_usdc
+from agent_gateway.money import format_usdc
 from agent_gateway.testing.devchain import AnvilNotFoundError, DevChain, find_anvil, start_devchain
 from agent_gateway.settings import EXAMPLE_POOLS_FILE, Settings
 from agent_gateway.testing.processes import free_port

@@ -15,7 +15,7 @@
     │   └── UpstreamTimeout       504
     └── ServiceUnavailable        503 service_unavailable
 
-Domain code raises these; `api.rendering` is the only place that turns them into responses.
+Domain code raises these; `web.rendering` is the only place that turns them into responses.
 """
 
 from __future__ import annotations

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from starlette.applications import Starlette
 
@@ -15,41 +14,23 @@ from agent_gateway.db.engine import Database
 from agent_gateway.db.migrate import upgrade_database
 from agent_gateway.jobs.expiry import expire_subscriptions
 from agent_gateway.jobs.runner import JobRunner
-from agent_gateway.keys.revocation import RESTORED, KeyRevoker
+from agent_gateway.keys.lifecycle import KeyLifecycle
+from agent_gateway.keys.revocation import RESTORED, KeyRevoker, make_revocation_bus
 from agent_gateway.metrics import SUBSCRIPTIONS_EXPIRED
 from agent_gateway.payments.chain import ChainAdapter
 from agent_gateway.payments.reorgs import ReorgWatch
 from agent_gateway.payments.service import PaymentService
 from agent_gateway.proxy.directory import KeyDirectory
 from agent_gateway.proxy.leases import Leases, make_leases
-from agent_gateway.proxy.relay import RelayDeps
-from agent_gateway.proxy.revocations import RevocationBus, StreamRegistry, make_revocation_bus
+from agent_gateway.proxy.streams import StreamRegistry
 from agent_gateway.proxy.upstream import UpstreamClient, UpstreamTimeouts
 from agent_gateway.ratelimit import AttemptLimiter, make_attempt_limiter
+from agent_gateway.services import Services
 from agent_gateway.settings import Settings
 from agent_gateway.subscriptions.inventory import ensure_inventory
 from agent_gateway.usage.recorder import UsageRecorder
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Services:
-    settings: Settings
-    clock: Clock
-    db: Database
-    catalog: Catalog
-    usage: UsageRecorder
-    jobs: JobRunner
-    directory: KeyDirectory
-    leases: Leases
-    bus: RevocationBus
-    streams: StreamRegistry
-    revoker: KeyRevoker
-    upstream: UpstreamClient
-    relay_deps: RelayDeps
-    payments: PaymentService
-    attempts: AttemptLimiter
 
 
 def build_services(settings: Settings, clock: Clock | None = None) -> Services:
@@ -90,8 +71,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         jobs=JobRunner(settings.job_interval_s, {"expiry": expiry_pass, "payments": payments.reconcile,
                                                    "reorgs": reorg_pass}),
         directory=KeyDirectory(db, ttl_s=settings.key_cache_ttl_s),
-        leases=leases, bus=bus, streams=streams, revoker=revoker, upstream=upstream,
-        relay_deps=RelayDeps(upstream=upstream, leases=leases, usage=usage),
+        leases=leases, bus=bus, streams=streams, keys=KeyLifecycle(db, clock, revoker), upstream=upstream,
         payments=payments,
         attempts=make_attempt_limiter(settings.redis_url, settings.unauth_writes_per_minute,
                                       settings.unauth_attempts_in_flight),
@@ -100,9 +80,10 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
 
 def _chain_adapter(settings: Settings) -> ChainAdapter | None:
     """The chain adapter when the chain is configured (Settings checks it is all or nothing)."""
-    if settings.chain_rpc_url is None:
+    chain = settings.chain
+    if chain is None:
         return None
-    return ChainAdapter(settings.chain_rpc_url, settings.chain_id, settings.usdc_address, settings.relayer_key)
+    return ChainAdapter(chain.rpc_url, chain.chain_id, chain.usdc_address, chain.relayer_key)
 
 
 @asynccontextmanager
@@ -147,7 +128,7 @@ async def run_services(services: Services) -> AsyncIterator[Services]:
         log.info("agent_gateway stopped")
 
 
-def lifespan_for(services: Services):  # type: ignore[no-untyped-def]
+def lifespan_for(services: Services) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with run_services(services):

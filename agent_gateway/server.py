@@ -97,7 +97,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     _header_timer: asyncio.TimerHandle | None = None
     _headers_pending = False
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn narrows BaseTransport the same way
         super().connection_made(transport)
         if len(self.connections) > self.max_connections:
             CONNECTIONS_REFUSED.inc()
@@ -165,7 +165,7 @@ def build_config(app: Any, settings: Settings, max_connections: int) -> uvicorn.
     return uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(), access_log=False,
         http=protocol_for(settings.header_read_timeout_s, max_connections),
-        # Forwarded headers are the app's business (api.edge.TrustForwardedHeaders, AGW_TRUSTED_PROXIES),
+        # Forwarded headers are the app's business (web.edge.TrustForwardedHeaders, AGW_TRUSTED_PROXIES),
         # so they are handled the same under any server.
         proxy_headers=False,
         # Room for a burst of new connections while the loop is busy.

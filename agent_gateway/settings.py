@@ -7,12 +7,35 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agent_gateway.strict_json import DEFAULT_MAX_DEPTH
 
 EXAMPLE_POOLS_FILE = Path(__file__).parent / "catalog" / "example_pools.toml"
+
+
+class ChainSettings(BaseModel):
+    """The chain x402 payments settle on, present as a whole or absent (then payments are off).
+
+    Built once from the flat AGW_* chain variables. Settlement is by our own relayer key today; a
+    facilitator URL would be its alternative (exactly one of the two), and a network preset would
+    fill chain_id and the token fields."""
+
+    model_config = ConfigDict(frozen=True)
+
+    rpc_url: str
+    chain_id: int
+    usdc_address: str
+    usdc_name: str
+    usdc_version: str
+    pay_to: str
+    relayer_key: str = Field(repr=False)  # a private key: never in a repr or a log
+
+    @property
+    def network(self) -> str:
+        """The CAIP-2 network id x402 speaks (`eip155:<chain id>`)."""
+        return f"eip155:{self.chain_id}"
 
 
 class Settings(BaseSettings):
@@ -97,6 +120,7 @@ class Settings(BaseSettings):
     payment_timeout_s: int = Field(default=300, ge=30)
     # The reconciler takes over payments left unfinished this long (a crash, a lost receipt).
     reconcile_after_s: float = Field(default=60.0, ge=0)
+    _chain: ChainSettings | None = PrivateAttr(default=None)
 
     @field_validator("redis_url", "chain_rpc_url", "chain_id", "usdc_address", "pay_to", "relayer_key",
                      "session_secret", "public_url", "metrics_token", "confirmations",
@@ -112,7 +136,18 @@ class Settings(BaseSettings):
         missing = [f"AGW_{name.upper()}" for name, value in chain.items() if value is None]
         if missing and len(missing) < len(chain):
             raise ValueError(f"x402 payments need every chain setting; missing {', '.join(missing)}")
+        if (self.chain_rpc_url is not None and self.chain_id is not None and self.usdc_address is not None
+                and self.pay_to is not None and self.relayer_key is not None):  # all set (checked above)
+            self._chain = ChainSettings(rpc_url=self.chain_rpc_url, chain_id=self.chain_id,
+                                        usdc_address=self.usdc_address, usdc_name=self.usdc_name,
+                                        usdc_version=self.usdc_version, pay_to=self.pay_to,
+                                        relayer_key=self.relayer_key)
         return self
+
+    @property
+    def chain(self) -> ChainSettings | None:
+        """The chain settings as one value, or None when payments are off."""
+        return self._chain
 
     @field_validator("public_url")
     @classmethod

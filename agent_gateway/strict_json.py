@@ -1,5 +1,5 @@
 """Strict JSON for untrusted bytes: bounded nesting checked before parsing, no repeated keys,
-no NaN/Infinity, UTF-8 only. Pure (no HTTP); `api.bodies` and `payments.wire` apply it.
+no NaN/Infinity, UTF-8 only. Pure (no HTTP); `web.bodies` and `payments.wire` apply it.
 
 The nesting bound is checked by a byte scan that never recurses, before `json.loads` sees the
 text: CPython's decoder recurses once per level, and with a high recursion limit a deep enough

@@ -17,7 +17,8 @@ import pytest
 from agent_gateway.app import create_app
 from agent_gateway.clock import FixedClock
 from agent_gateway.db.migrate import upgrade_database
-from agent_gateway.lifespan import Services, build_services
+from agent_gateway.lifespan import build_services
+from agent_gateway.services import Services
 from agent_gateway.settings import Settings
 
 pytest_plugins = ["tests.fixtures.upstream", "tests.fixtures.chain", "tests.fixtures.live", "tests.fixtures.x402"]
@@ -153,7 +154,7 @@ class Gateway:
 
     async def new_account(self, name: str = "Acme", credit: str | None = None) -> tuple[str, str]:
         from agent_gateway.accounts.service import create_account, credit_account
-        from agent_gateway.payments.amounts import parse_usdc
+        from agent_gateway.money import parse_usdc
 
         account, token = await create_account(self.services.db, self.services.clock, name)
         if credit is not None:

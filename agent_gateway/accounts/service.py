@@ -8,6 +8,7 @@ from datetime import datetime
 
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 
 from agent_gateway.clock import Clock
 from agent_gateway.db.engine import Database
@@ -51,8 +52,8 @@ async def add_credit(session: AsyncSession, account_id: str, amount_atomic: int,
     """Within the caller's transaction: raise the balance atomically (no read-modify-write that a
     concurrent credit or charge could overwrite) and journal it; returns the new balance."""
     result = await session.execute(
-        update(Account).where(Account.id == account_id)
-        .values(balance_atomic=Account.balance_atomic + amount_atomic).returning(Account.balance_atomic)
+        update(Account).where(col(Account.id) == account_id)
+        .values(balance_atomic=Account.balance_atomic + amount_atomic).returning(col(Account.balance_atomic))
     )
     balance = result.scalar_one_or_none()
     if balance is None:
@@ -67,8 +68,8 @@ async def take_back_credit(session: AsyncSession, account_id: str, amount_atomic
     """Within the caller's transaction: reverse a credit whose money never stayed (a reorganised
     transfer). The balance may go below zero: that is what the account owes, on the record."""
     result = await session.execute(
-        update(Account).where(Account.id == account_id)
-        .values(balance_atomic=Account.balance_atomic - amount_atomic).returning(Account.balance_atomic)
+        update(Account).where(col(Account.id) == account_id)
+        .values(balance_atomic=Account.balance_atomic - amount_atomic).returning(col(Account.balance_atomic))
     )
     balance = result.scalar_one_or_none()
     if balance is None:

@@ -1,1 +1,1 @@
-"""HTTP routes: parse, call a service, render. Auth is decided once and declared per route."""
+"""The /api routes: parse, call a service, render. Auth is decided once and declared per route."""

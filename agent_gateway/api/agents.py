@@ -10,13 +10,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from agent_gateway.api.auth import services_of
-from agent_gateway.api.bodies import CamelBody, read_json
-from agent_gateway.api.paying import pay_for, render_settled
-from agent_gateway.api.rendering import iso, ok
-from agent_gateway.api.throttle import limits_challenges, limits_failed_payments
+from agent_gateway.web.auth import services_of
+from agent_gateway.web.bodies import CamelBody, read_json
+from agent_gateway.web.x402 import pay_for, render_settled
+from agent_gateway.web.rendering import iso, ok
+from agent_gateway.web.throttle import limits_challenges, limits_failed_payments
 from agent_gateway.catalog.pricing import make_order
-from agent_gateway.db.models import Subscription
+from agent_gateway.db.models import Subscription, SubscriptionStatus
 from agent_gateway.errors import Conflict, InvalidRequest, NotFound
 from agent_gateway.payments.ledger import get_payment
 from agent_gateway.payments.wallet import issue_challenge, sign_in, sign_in_chain_id
@@ -69,7 +69,7 @@ async def renew(request: Request) -> Response:
         sub = await session.get(Subscription, body.subscription_id)
     if sub is None:
         raise NotFound(f"No subscription {body.subscription_id!r}.", code="subscription_not_found")
-    if sub.status != "active":
+    if sub.status != SubscriptionStatus.ACTIVE:
         raise Conflict(f"Subscription {sub.id} is {sub.status}; buy a new seat instead.",
                        code="subscription_not_active")
     order = make_order(services.catalog, sub.pool_slug, list(sub.blocks), 1, body.billing_cycle)

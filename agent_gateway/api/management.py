@@ -9,18 +9,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from agent_gateway.api.auth import management
-from agent_gateway.api.bodies import CamelBody, read_json
-from agent_gateway.api.paying import pay_for, payment_header, render_settled, resource_url
-from agent_gateway.api.rendering import iso, ok
-from agent_gateway.api.throttle import limits_failed_payments
-from agent_gateway.api.views import render_key, render_management_key, render_subscription
+from agent_gateway.web.auth import management
+from agent_gateway.web.bodies import CamelBody, read_json
+from agent_gateway.web.x402 import challenge, pay_for, payment_header, render_settled, resource_url
+from agent_gateway.web.rendering import iso, ok
+from agent_gateway.web.throttle import limits_failed_payments
+from agent_gateway.web.views import render_key, render_management_key, render_subscription
 from agent_gateway.catalog.pricing import make_order
 from agent_gateway.db.models import Account
 from agent_gateway.errors import PaymentRequired
 from agent_gateway.keys import api_keys, management as mkeys
-from agent_gateway.lifespan import Services
-from agent_gateway.payments.amounts import format_usdc
+from agent_gateway.services import Services
+from agent_gateway.money import format_usdc
 from agent_gateway.subscriptions.service import list_subscriptions, subscribe_with_balance
 from agent_gateway.usage.report import empty_usage, usage_by_key
 
@@ -58,8 +58,8 @@ async def subscribe(request: Request, services: Services, account: Account) -> R
     except PaymentRequired as exc:
         if not services.payments.enabled:
             raise
-        raise services.payments.challenge(
-            order, resource_url(request, services), message=f"{exc.message} Or pay with x402: retry with PAYMENT-SIGNATURE.",
+        raise challenge(
+            services, order, resource_url(request, services), message=f"{exc.message} Or pay with x402: retry with PAYMENT-SIGNATURE.",
             code=exc.code) from None
     return ok(
         {"quote": order.quote(), "subscriptions": [render_subscription(s) for s in subscriptions]},
@@ -91,23 +91,20 @@ async def get_keys(request: Request, services: Services, account: Account) -> Re
 
 @management
 async def disable_key(request: Request, services: Services, account: Account) -> Response:
-    view = await api_keys.disable_key(services.db, account.id, request.path_params["key_id"])
-    await services.revoker.revoke([view.key.id], "disabled")
+    view = await services.keys.disable_key(account.id, request.path_params["key_id"])
     return ok(render_key(view.key, view.subscription))
 
 
 @management
 async def enable_key(request: Request, services: Services, account: Account) -> Response:
-    view = await api_keys.enable_key(services.db, account.id, request.path_params["key_id"])
-    await services.revoker.restore(view.key.id)
+    view = await services.keys.enable_key(account.id, request.path_params["key_id"])
     return ok(render_key(view.key, view.subscription))
 
 
 @management
 async def delete_key(request: Request, services: Services, account: Account) -> Response:
     key_id = request.path_params["key_id"]
-    await api_keys.delete_key(services.db, services.clock, account.id, key_id)
-    await services.revoker.revoke([key_id], "deleted")
+    await services.keys.delete_key(account.id, key_id)
     return ok({"id": key_id, "deleted": True})
 
 

@@ -6,47 +6,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from agent_gateway.api.auth import services_of
-from agent_gateway.api.rendering import ok
-from agent_gateway.catalog.pools import Catalog, Pool
+from agent_gateway.web.auth import services_of
+from agent_gateway.web.catalog import plans_catalog, render_pool
+from agent_gateway.web.rendering import ok
 from agent_gateway.errors import NotFound
-from agent_gateway.lifespan import Services
-from agent_gateway.payments.amounts import format_usdc
 from agent_gateway.subscriptions.inventory import seats_available
-
-
-def _block_status(available: int, seats: int) -> str:
-    if available <= 0:
-        return "sold-out"
-    return "limited" if available <= max(1, seats // 10) else "available"
-
-
-def render_pool(pool: Pool, catalog: Catalog, available: dict[tuple[str, str], int]) -> dict:
-    blocks = []
-    for name, price in pool.prices_atomic.items():
-        left = available.get((pool.slug, name), 0)
-        blocks.append(
-            {
-                "block": name,
-                "hoursUtc": catalog.blocks[name].label,
-                "pricePerMonth": format_usdc(price),
-                "seats": pool.seats,
-                "availableSeats": left,
-                "status": _block_status(left, pool.seats),
-            }
-        )
-    return {
-        "id": pool.slug,
-        "slug": pool.slug,
-        "name": pool.name,
-        "description": pool.description,
-        "models": list(pool.models),
-        "status": pool.status,
-        "seatsPerBlock": pool.seats,
-        "annualDiscount": str(pool.annual_discount),
-        "minPricePerMonth": format_usdc(min(pool.prices_atomic.values())),
-        "blocks": blocks,
-    }
 
 
 async def list_pools(request: Request) -> Response:
@@ -66,42 +30,6 @@ async def get_pool(request: Request) -> Response:
 
 async def agent_plans(request: Request) -> Response:
     return ok(await plans_catalog(services_of(request)))
-
-
-async def plans_catalog(services: Services) -> dict:
-    """The catalog in the shape agents quote from (the reference service's `products`)."""
-    catalog = services.catalog
-    available = await seats_available(services.db, catalog)
-    products = []
-    for pool in catalog.pools.values():
-        products.append(
-            {
-                "type": "subscription",
-                "pool": pool.slug,
-                "name": pool.name,
-                "models": list(pool.models),
-                "status": pool.status,
-                "currency": "USDC",
-                "duration": "30 days",
-                "annualDiscount": str(pool.annual_discount),
-                "blocks": [
-                    {
-                        "block": name,
-                        "hoursUtc": catalog.blocks[name].label,
-                        "priceUsdc": format_usdc(price),
-                        "availableSeats": available.get((pool.slug, name), 0),
-                    }
-                    for name, price in pool.prices_atomic.items()
-                ],
-            }
-        )
-        if services.payments.enabled:  # never point agents at a payment path that is switched off
-            products[-1]["agentCheckout"] = {
-                "endpoint": "/api/agent/subscribe-pool",
-                "method": "POST",
-                "body": {"pool": pool.slug, "blocks": [next(iter(pool.prices_atomic))], "quantity": 1},
-            }
-    return {"currency": "USDC", "x402": services.payments.enabled, "products": products}
 
 
 def prefers_html(accept: str) -> bool:

@@ -7,15 +7,21 @@ import tomllib
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from enum import StrEnum
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent_gateway.catalog.blocks import DEFAULT_BLOCKS, Block, parse_block
-from agent_gateway.payments.amounts import parse_usdc
+from agent_gateway.money import parse_usdc
 
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-PoolStatus = Literal["funding", "active", "paused"]
+
+
+class PoolStatus(StrEnum):
+    FUNDING = "funding"  # sells (pledges), serves no inference
+    ACTIVE = "active"  # sells and serves
+    PAUSED = "paused"  # neither sells nor serves
 
 
 class CatalogError(ValueError):
@@ -31,7 +37,7 @@ class Pool:
     upstreams: tuple[str, ...]
     upstream_api_key_env: str | None
     seats: int
-    status: str
+    status: PoolStatus
     annual_discount: Decimal
     prices_atomic: dict[str, int]  # block name -> USDC atomic units per seat per 30 days
 
@@ -54,7 +60,8 @@ class _PoolEntry(BaseModel):
     upstreams: list[str] = Field(min_length=1)
     upstream_api_key_env: str | None = None
     seats: int = Field(ge=1, le=1_000_000)
-    status: PoolStatus = "active"
+    # The file's grammar (a strict model takes strings here); Pool carries the PoolStatus.
+    status: Literal["funding", "active", "paused"] = "active"
     annual_discount: str = "0"
     prices: dict[str, str] = Field(min_length=1)
 
@@ -146,7 +153,7 @@ def load_catalog(path: Path) -> Catalog:
             upstreams=tuple(entry.upstreams),
             upstream_api_key_env=entry.upstream_api_key_env,
             seats=entry.seats,
-            status=entry.status,
+            status=PoolStatus(entry.status),
             annual_discount=Decimal(entry.annual_discount),
             # Keep the blocks' file order so quotes and listings are stable.
             prices_atomic={b: parse_usdc(entry.prices[b]) for b in blocks if b in entry.prices},

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
 
-from agent_gateway.catalog.pools import Catalog, Pool
+from agent_gateway.catalog.pools import Catalog, Pool, PoolStatus
 from agent_gateway.errors import Conflict, InvalidRequest, NotFound
-from agent_gateway.payments.amounts import format_usdc, round_atomic
+from agent_gateway.money import format_usdc, round_atomic
 
 MAX_QUANTITY = 100
 # A month is the 30-day period prices are quoted for; a year is twelve of them at the
@@ -53,7 +53,7 @@ def make_order(
     pool = catalog.pool(pool_slug)
     if pool is None:
         raise NotFound(f"No pool {pool_slug!r}. See GET /api/pools.", code="pool_not_found")
-    if pool.status == "paused":
+    if pool.status == PoolStatus.PAUSED:
         raise Conflict(f"Pool {pool_slug} is paused and sells no seats now.", code="pool_paused")
     if not blocks:
         raise InvalidRequest("blocks must name at least one block.", code="invalid_blocks")

@@ -7,16 +7,16 @@ from datetime import datetime
 
 from starlette.responses import Response
 
-from agent_gateway.catalog.pools import Catalog
+from agent_gateway.catalog.pools import Catalog, PoolStatus
 from agent_gateway.clock import as_utc
 from agent_gateway.dashboard.guard import Visit, form_field, page
 from agent_gateway.dashboard.rendering import when
 from agent_gateway.dashboard.sessions import Session
-from agent_gateway.db.models import ManagementKey
+from agent_gateway.db.models import ManagementKey, SubscriptionStatus
 from agent_gateway.errors import NotFound
 from agent_gateway.keys import management as mkeys
 from agent_gateway.keys.api_keys import validate_key_name
-from agent_gateway.payments.amounts import format_usdc
+from agent_gateway.money import format_usdc
 from agent_gateway.subscriptions.service import SubscriptionView, list_subscriptions
 
 
@@ -27,11 +27,11 @@ async def subscriptions(visit: Visit) -> Response:
     catalog = services.catalog
     views = await list_subscriptions(services.db, account.id)
     rows = [_subscription_row(catalog, view, services.clock.now()) for view in views]
-    offers = [pool for pool in catalog.pools.values() if pool.status != "paused"]
+    offers = [pool for pool in catalog.pools.values() if pool.status != PoolStatus.PAUSED]
     example = offers[0] if offers else None
     example_blocks = [next(iter(example.prices_atomic))] if example else []
     # The renewal example names the seat the user picked (?renew=…), else the first active one.
-    active = [v.subscription.id for v in views if v.subscription.status == "active"]
+    active = [v.subscription.id for v in views if v.subscription.status == SubscriptionStatus.ACTIVE]
     picked = visit.request.query_params.get("renew")
     renew_id = picked if picked in active else (active[0] if active else None)
     return visit.render(

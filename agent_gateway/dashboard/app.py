@@ -11,7 +11,7 @@ from agent_gateway.dashboard import account_pages, buy_pages, key_pages, public_
 from agent_gateway.dashboard.guard import Dashboard, routing_error
 from agent_gateway.dashboard.rendering import STATIC_DIR, PageRenderer
 from agent_gateway.dashboard.sessions import SessionCodec
-from agent_gateway.lifespan import Services
+from agent_gateway.services import Services
 
 
 def create_dashboard(services: Services) -> Starlette:

@@ -15,7 +15,7 @@ from agent_gateway.catalog.pools import Pool
 from agent_gateway.catalog.pricing import BILLING_CYCLES, MAX_QUANTITY, Order, make_order
 from agent_gateway.dashboard.guard import Visit, page
 from agent_gateway.errors import GatewayError, InvalidRequest, PaymentRequired
-from agent_gateway.payments.amounts import format_usdc
+from agent_gateway.money import format_usdc
 from agent_gateway.subscriptions.inventory import seats_available
 from agent_gateway.subscriptions.service import subscribe_with_balance
 

@@ -11,7 +11,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from agent_gateway.api.bodies import read_form
+from agent_gateway.web.bodies import read_form
 from agent_gateway.dashboard.rendering import PageRenderer
 from agent_gateway.dashboard.sessions import (
     COOKIE_NAME,
@@ -24,7 +24,7 @@ from agent_gateway.dashboard.sessions import (
 from agent_gateway.db.models import Account
 from agent_gateway.errors import GatewayError, InvalidRequest
 from agent_gateway.keys.sessions import find_live_session
-from agent_gateway.lifespan import Services
+from agent_gateway.services import Services
 
 log = logging.getLogger(__name__)
 

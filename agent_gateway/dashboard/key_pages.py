@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from starlette.responses import Response
 
 from agent_gateway.dashboard.guard import Visit, form_field, page
+from agent_gateway.db.models import SubscriptionStatus
 from agent_gateway.errors import NotFound
 from agent_gateway.keys import api_keys
 from agent_gateway.keys.api_keys import KeyView
-from agent_gateway.lifespan import Services
+from agent_gateway.keys.lifecycle import KeyLifecycle
 from agent_gateway.subscriptions.service import list_subscriptions
 
 
@@ -22,22 +23,7 @@ class KeyAction:
     explanation: str
     done: str
     danger: bool
-    run: Callable[[Services, str, str], Awaitable[None]]
-
-
-async def _disable(services: Services, account_id: str, key_id: str) -> None:
-    await api_keys.disable_key(services.db, account_id, key_id)
-    await services.revoker.revoke([key_id], "disabled")
-
-
-async def _enable(services: Services, account_id: str, key_id: str) -> None:
-    await api_keys.enable_key(services.db, account_id, key_id)
-    await services.revoker.restore(key_id)
-
-
-async def _delete(services: Services, account_id: str, key_id: str) -> None:
-    await api_keys.delete_key(services.db, services.clock, account_id, key_id)
-    await services.revoker.revoke([key_id], "deleted")
+    run: Callable[[KeyLifecycle, str, str], Awaitable[object]]
 
 
 ACTIONS = {
@@ -45,18 +31,18 @@ ACTIONS = {
         "Disable", "Disable this key?",
         "Requests with this key are refused at once (403), including any request still streaming. "
         "You can enable it again later.",
-        "disabled; requests with it are refused from now on", True, _disable,
+        "disabled; requests with it are refused from now on", True, KeyLifecycle.disable_key,
     ),
     "enable": KeyAction(
         "Enable", "Enable this key?",
         "The key can call the pool's models again during its subscription's blocks.",
-        "enabled", False, _enable,
+        "enabled", False, KeyLifecycle.enable_key,
     ),
     "delete": KeyAction(
         "Delete", "Delete this key?",
         "The key stops working at once and for good. Its subscription keeps its seat, "
         "and you can create a new key for it afterwards.",
-        "deleted; its subscription can have a new key", True, _delete,
+        "deleted; its subscription can have a new key", True, KeyLifecycle.delete_key,
     ),
 }
 
@@ -95,7 +81,7 @@ async def confirm_key_action(visit: Visit) -> Response:
 async def run_key_action(visit: Visit) -> Response:
     action, view = await _action_and_key(visit)
     assert visit.account is not None
-    await action.run(visit.services, visit.account.id, view.key.id)
+    await action.run(visit.services.keys, visit.account.id, view.key.id)
     return visit.redirect("/keys", flash=("success", f"Key “{view.key.name}” {action.done}."))
 
 
@@ -117,7 +103,7 @@ async def _keys_page(visit: Visit, created: KeyView | None = None, plaintext: st
     assert account is not None
     views = await api_keys.list_keys(services.db, account.id)
     subscriptions = await list_subscriptions(services.db, account.id)
-    keyless = [s.subscription for s in subscriptions if s.subscription.status == "active" and s.key is None]
+    keyless = [s.subscription for s in subscriptions if s.subscription.status == SubscriptionStatus.ACTIVE and s.key is None]
     return visit.render(
         "keys.html", title="API keys", nav="keys", views=views, keyless=keyless,
         has_subscriptions=bool(subscriptions), created=created, plaintext=plaintext,

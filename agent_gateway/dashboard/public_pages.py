@@ -6,7 +6,7 @@ import hmac
 
 from starlette.responses import Response
 
-from agent_gateway.api.public import render_pool
+from agent_gateway.web.catalog import render_pool
 from agent_gateway.dashboard.guard import Visit, page
 from agent_gateway.dashboard.sessions import SESSION_TTL, Session
 from agent_gateway.errors import AuthenticationError, PermissionDenied

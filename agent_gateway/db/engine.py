@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any, cast
 
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import CursorResult, Result, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 _ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+psycopg"}
@@ -45,7 +46,7 @@ def _use_immediate_transactions(engine: AsyncEngine) -> None:
     # locks ("database is locked") instead of waiting. BEGIN IMMEDIATE takes the write lock up
     # front, so concurrent writers queue on the busy timeout and conditional updates stay atomic.
     @event.listens_for(engine.sync_engine, "connect")
-    def _connect(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
@@ -54,7 +55,7 @@ def _use_immediate_transactions(engine: AsyncEngine) -> None:
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")
-    def _begin(conn):  # type: ignore[no-untyped-def]
+    def _begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
@@ -74,3 +75,9 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+def rows_changed(result: Result[Any]) -> int:
+    """The rows an UPDATE or DELETE touched. `execute` is typed as returning a Result, but for
+    those statements SQLAlchemy returns a CursorResult, which carries the count."""
+    return cast("CursorResult[Any]", result).rowcount

@@ -1,12 +1,41 @@
-"""Table models. Secret material is stored only as hashes; responses are rendered field by field in api/."""
+"""Table models and their states. Secret material is stored only as hashes; responses are rendered
+field by field on the web floor."""
 
 from __future__ import annotations
 
 import secrets
 from datetime import datetime
+from enum import StrEnum
 
-from sqlalchemy import JSON, BigInteger, Boolean, Column, DateTime, Index, Integer, Text, false, text
+from sqlalchemy import JSON, BigInteger, Boolean, Column, DateTime, Index, Integer, String, Text, false, text
 from sqlmodel import Field, SQLModel
+
+
+class SubscriptionStatus(StrEnum):
+    PENDING = "pending"
+    ACTIVE = "active"
+    EXPIRED = "expired"
+    CANCELED = "canceled"
+
+
+class KeyStatus(StrEnum):
+    ACTIVE = "active"
+    DISABLED = "disabled"
+    REVOKED = "revoked"
+
+
+class PaymentState(StrEnum):
+    """The payment state machine (drawn in payments.ledger)."""
+
+    RECEIVED = "received"
+    VERIFIED = "verified"
+    RESERVED = "reserved"
+    BROADCAST = "broadcast"
+    CONFIRMED = "confirmed"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    CREDITED = "credited"
+    REVOKED = "revoked"
 
 
 def new_id(prefix: str) -> str:
@@ -74,7 +103,8 @@ class Subscription(SQLModel, table=True):
     pool_slug: str = Field(max_length=64)
     blocks: list[str] = Field(sa_column=Column(JSON, nullable=False))
     billing_cycle: str = Field(max_length=10)  # month | year
-    status: str = Field(max_length=10)  # pending | active | expired | canceled
+    # Stored as its plain string value (String, not a database enum), so the schema is unchanged.
+    status: SubscriptionStatus = Field(sa_type=String(10))
     price_atomic: int = Field(sa_column=Column(BigInteger, nullable=False))  # what this seat cost
     period_start: datetime = Field(sa_column=_ts())
     period_end: datetime = Field(sa_column=_ts())
@@ -103,7 +133,7 @@ class ApiKey(SQLModel, table=True):
     key_hash: str = Field(max_length=64, unique=True)
     prefix: str = Field(max_length=16)
     last_four: str = Field(max_length=4)
-    status: str = Field(max_length=10)  # active | disabled | revoked
+    status: KeyStatus = Field(sa_type=String(10))
     created_at: datetime = Field(sa_column=_ts())
     last_used_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
     deleted_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
@@ -164,8 +194,7 @@ class Payment(SQLModel, table=True):
     # The EIP-3009 authorization and its signature (x402-exact), to rebuild a settlement whose
     # relayer nonce was taken before it reached the chain.
     authorization: dict | None = Field(default=None, sa_column=Column(JSON, nullable=True))
-    # received | verified | reserved | broadcast | confirmed | delivered | failed | credited | revoked
-    state: str = Field(max_length=12)
+    state: PaymentState = Field(sa_type=String(12))
     failure_reason: str | None = Field(default=None, max_length=60)
     seats_held: bool = False  # seats reserved in the inventory for this payment, not yet delivered
     # The order.

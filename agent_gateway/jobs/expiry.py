@@ -10,7 +10,7 @@ from sqlmodel import col
 
 from agent_gateway.clock import Clock
 from agent_gateway.db.engine import Database
-from agent_gateway.db.models import Subscription
+from agent_gateway.db.models import Subscription, SubscriptionStatus
 from agent_gateway.keys.api_keys import revoke_subscription_keys
 from agent_gateway.subscriptions.inventory import release_subscription_seats
 
@@ -31,9 +31,9 @@ async def expire_subscriptions(db: Database, clock: Clock) -> ExpiryResult:
         expired = (
             await session.execute(
                 update(Subscription)
-                .where(Subscription.status == "active", col(Subscription.period_end) <= now)
-                .values(status="expired")
-                .returning(Subscription.id, Subscription.pool_slug, Subscription.blocks)
+                .where(col(Subscription.status) == SubscriptionStatus.ACTIVE, col(Subscription.period_end) <= now)
+                .values(status=SubscriptionStatus.EXPIRED)
+                .returning(col(Subscription.id), col(Subscription.pool_slug), col(Subscription.blocks))
             )
         ).all()
         if not expired:

@@ -1,1 +1,1 @@
-"""API and management keys: token generation, hashing and the key lifecycle."""
+"""API and management keys: tokens, the key lifecycle, and revocation everywhere."""

@@ -13,7 +13,7 @@ from sqlmodel import col, select
 
 from agent_gateway.clock import Clock
 from agent_gateway.db.engine import Database
-from agent_gateway.db.models import ApiKey, Subscription, new_id
+from agent_gateway.db.models import ApiKey, KeyStatus, Subscription, SubscriptionStatus, new_id
 from agent_gateway.errors import Conflict, InvalidRequest, NotFound
 from agent_gateway.keys.tokens import API_KEY_PREFIX, IssuedToken, issue_token
 
@@ -28,11 +28,11 @@ async def revoke_subscription_keys(session: AsyncSession, subscription_ids: list
     if not subscription_ids:
         return []
     key_ids = list((await session.execute(
-        select(ApiKey.id).where(col(ApiKey.subscription_id).in_(subscription_ids), ApiKey.status != "revoked")
+        select(ApiKey.id).where(col(ApiKey.subscription_id).in_(subscription_ids), col(ApiKey.status) != KeyStatus.REVOKED)
         .order_by(col(ApiKey.id)).with_for_update()
     )).scalars())
     if key_ids:
-        await session.execute(update(ApiKey).where(col(ApiKey.id).in_(key_ids)).values(status="revoked"))
+        await session.execute(update(ApiKey).where(col(ApiKey.id).in_(key_ids)).values(status=KeyStatus.REVOKED))
     return key_ids
 
 
@@ -46,7 +46,7 @@ def new_api_key(account_id: str, subscription_id: str, name: str, now: datetime)
     """An active API key row and its plaintext (shown once); the caller adds the row to its session."""
     token = issue_token(API_KEY_PREFIX)
     key = ApiKey(id=new_id("key"), account_id=account_id, subscription_id=subscription_id, name=name,
-                 key_hash=token.key_hash, prefix=token.prefix, last_four=token.last_four, status="active",
+                 key_hash=token.key_hash, prefix=token.prefix, last_four=token.last_four, status=KeyStatus.ACTIVE,
                  created_at=now)
     return key, token
 
@@ -60,14 +60,14 @@ async def mint_key(
             subscription = await session.get(Subscription, subscription_id, with_for_update=True)
             if subscription is None or subscription.account_id != account_id:
                 raise NotFound(f"No subscription {subscription_id!r}.", code="subscription_not_found")
-            if subscription.status != "active":
+            if subscription.status != SubscriptionStatus.ACTIVE:
                 raise Conflict(
                     f"Subscription {subscription_id} is {subscription.status}; keys are minted for active subscriptions.",
                     code="subscription_not_active",
                 )
             existing = await session.execute(
                 select(ApiKey.id).where(
-                    ApiKey.subscription_id == subscription_id, col(ApiKey.deleted_at).is_(None)
+                    col(ApiKey.subscription_id) == subscription_id, col(ApiKey.deleted_at).is_(None)
                 )
             )
             if existing.first() is not None:
@@ -86,7 +86,7 @@ async def list_keys(db: Database, account_id: str) -> list[KeyView]:
         rows = await session.execute(
             select(ApiKey, Subscription)
             .join(Subscription, col(Subscription.id) == col(ApiKey.subscription_id))
-            .where(ApiKey.account_id == account_id, col(ApiKey.deleted_at).is_(None))
+            .where(col(ApiKey.account_id) == account_id, col(ApiKey.deleted_at).is_(None))
             .order_by(col(ApiKey.created_at))
         )
         return [KeyView(key, sub) for key, sub in rows]
@@ -95,9 +95,9 @@ async def list_keys(db: Database, account_id: str) -> list[KeyView]:
 async def disable_key(db: Database, account_id: str, key_id: str) -> KeyView:
     async with db.transaction() as session:
         key, subscription = await _owned_key(session, account_id, key_id)
-        if key.status == "revoked":
+        if key.status == KeyStatus.REVOKED:
             raise Conflict("This key was revoked when its subscription ended.", code="key_revoked")
-        key.status = "disabled"
+        key.status = KeyStatus.DISABLED
         session.add(key)
     log.info("api key disabled id=%s", key_id)
     return KeyView(key, subscription)
@@ -106,12 +106,12 @@ async def disable_key(db: Database, account_id: str, key_id: str) -> KeyView:
 async def enable_key(db: Database, account_id: str, key_id: str) -> KeyView:
     async with db.transaction() as session:
         key, subscription = await _owned_key(session, account_id, key_id)
-        if key.status == "revoked" or subscription.status != "active":
+        if key.status == KeyStatus.REVOKED or subscription.status != SubscriptionStatus.ACTIVE:
             raise Conflict(
                 f"This key cannot be enabled: its subscription is {subscription.status}.",
                 code="subscription_not_active",
             )
-        key.status = "active"
+        key.status = KeyStatus.ACTIVE
         session.add(key)
     log.info("api key enabled id=%s", key_id)
     return KeyView(key, subscription)
@@ -122,7 +122,7 @@ async def delete_key(db: Database, clock: Clock, account_id: str, key_id: str) -
         key, _ = await _owned_key(session, account_id, key_id)
         # Soft delete: usage history keeps pointing at the row; the subscription may mint anew.
         key.deleted_at = clock.now()
-        key.status = "revoked"
+        key.status = KeyStatus.REVOKED
         session.add(key)
     log.info("api key deleted id=%s", key_id)
 
@@ -133,11 +133,13 @@ def validate_key_name(name: object) -> str:
     return name.strip()
 
 
-async def _owned_key(session, account_id: str, key_id: str) -> tuple[ApiKey, Subscription]:  # type: ignore[no-untyped-def]
+async def _owned_key(session: AsyncSession, account_id: str, key_id: str) -> tuple[ApiKey, Subscription]:
     key = await session.get(ApiKey, key_id, with_for_update=True)
     if key is None or key.account_id != account_id or key.deleted_at is not None:
         raise NotFound(f"No API key {key_id!r}.", code="api_key_not_found")
     subscription = await session.get(Subscription, key.subscription_id)
+    if subscription is None:  # the foreign key keeps it; never deleted
+        raise RuntimeError(f"api key {key_id} has no subscription {key.subscription_id}")
     return key, subscription
 
 

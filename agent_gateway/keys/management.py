@@ -42,7 +42,7 @@ async def authenticate_management_key(db: Database, clock: Clock, plaintext: str
             await session.execute(
                 select(ManagementKey, Account)
                 .join(Account, col(Account.id) == col(ManagementKey.account_id))
-                .where(ManagementKey.key_hash == hash_token(plaintext))
+                .where(col(ManagementKey.key_hash) == hash_token(plaintext))
             )
         ).first()
         if row is None or row[0].revoked_at is not None:
@@ -50,7 +50,7 @@ async def authenticate_management_key(db: Database, clock: Clock, plaintext: str
         key, account = row
         if key.last_used_at is None or now - as_utc(key.last_used_at) > _LAST_USED_GRANULARITY:
             await session.execute(
-                update(ManagementKey).where(ManagementKey.id == key.id).values(last_used_at=now)
+                update(ManagementKey).where(col(ManagementKey.id) == key.id).values(last_used_at=now)
             )
     return account
 
@@ -77,7 +77,7 @@ async def list_management_keys(db: Database, account_id: str) -> list[Management
     async with db.transaction() as session:
         rows = await session.scalars(
             select(ManagementKey)
-            .where(ManagementKey.account_id == account_id, col(ManagementKey.revoked_at).is_(None))
+            .where(col(ManagementKey.account_id) == account_id, col(ManagementKey.revoked_at).is_(None))
             .order_by(col(ManagementKey.created_at))
         )
         return list(rows)
@@ -86,16 +86,16 @@ async def list_management_keys(db: Database, account_id: str) -> list[Management
 async def revoke_management_key(db: Database, clock: Clock, account_id: str, key_id: str) -> None:
     async with db.transaction() as session:
         # Lock the account row so two concurrent revocations cannot both see "two keys left".
-        await session.execute(select(Account.id).where(Account.id == account_id).with_for_update())
+        await session.execute(select(Account.id).where(col(Account.id) == account_id).with_for_update())
         key = await session.get(ManagementKey, key_id)
         if key is None or key.account_id != account_id or key.revoked_at is not None:
             raise NotFound(f"No management key {key_id!r}.", code="management_key_not_found")
         live = await session.scalar(
             select(func.count())
             .select_from(ManagementKey)
-            .where(ManagementKey.account_id == account_id, col(ManagementKey.revoked_at).is_(None))
+            .where(col(ManagementKey.account_id) == account_id, col(ManagementKey.revoked_at).is_(None))
         )
-        if live <= 1:
+        if (live or 0) <= 1:  # COUNT(*) is never NULL; the driver's scalar is typed Optional
             raise Conflict(
                 "This is the account's last management key; create another before revoking it.",
                 code="last_management_key",

@@ -36,7 +36,7 @@ async def find_live_session(db: Database, clock: Clock, session_id: str) -> tupl
                 select(DashboardSession, ManagementKey.revoked_at, Account)
                 .join(ManagementKey, col(ManagementKey.id) == col(DashboardSession.management_key_id))
                 .join(Account, col(Account.id) == col(DashboardSession.account_id))
-                .where(DashboardSession.id == session_id)
+                .where(col(DashboardSession.id) == session_id)
             )
         ).first()
     if row is None:

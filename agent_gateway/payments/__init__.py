@@ -1,1 +1,1 @@
-"""Money: USDC amounts, the x402 wire format, the chain adapter and the payment state machine."""
+"""Payments: the x402 wire format, pure rules, the chain adapter and the payment state machine."""

@@ -9,14 +9,16 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from aiohttp import ClientError, ClientTimeout
 from eth_abi import decode as abi_decode
 from eth_account import Account
+from eth_typing import ChecksumAddress, HexStr
 from eth_utils import keccak, to_checksum_address
 from web3 import AsyncHTTPProvider, AsyncWeb3
 from web3.exceptions import ContractLogicError, TransactionNotFound, Web3Exception, Web3RPCError
+from web3.types import TxParams
 
 from agent_gateway.errors import InvalidRequest, PaymentRequired, ServiceUnavailable
 from agent_gateway.payments.wire import ExactPayment
@@ -109,14 +111,14 @@ def split_signature(signature: bytes) -> tuple[int, bytes, bytes]:
     return (v + 27 if v < 27 else v), signature[:32], signature[32:64]
 
 
-def _hash_hex(value: str) -> str:
+def _hash_hex(value: str) -> HexStr:
     if not (isinstance(value, str) and len(value) == 66 and value[:2] == "0x"):
         raise InvalidRequest("A transaction hash is 0x followed by 32 bytes of hex.", code="invalid_tx_hash")
     try:
         bytes.fromhex(value[2:])
     except ValueError:
         raise InvalidRequest("A transaction hash is 0x followed by 32 bytes of hex.", code="invalid_tx_hash") from None
-    return value.lower()
+    return HexStr(value.lower())
 
 
 def _rpc_message(exc: Web3RPCError) -> str:
@@ -154,7 +156,7 @@ class ChainAdapter:
         self._holes: set[int] = set()  # relayer nonces handed out, then released unsent
 
     @property
-    def relayer_address(self) -> str:
+    def relayer_address(self) -> ChecksumAddress:
         return self._relayer.address
 
     async def close(self) -> None:
@@ -186,7 +188,7 @@ class ChainAdapter:
             block = None
         if not block:
             block = await self._rpc("the latest block", self._w3.eth.get_block("latest"))
-        return int(block["timestamp"])
+        return int(block["timestamp"])  # type: ignore[index]  # get_block returns a block or raises; web3 types it Optional
 
     async def authorization_used(self, authorizer: str, nonce_hex: str) -> bool:
         call = self._token.functions.authorizationState(to_checksum_address(authorizer),
@@ -273,7 +275,7 @@ class ChainAdapter:
 
     async def _estimate_gas(self, call: dict[str, Any]) -> int:
         try:
-            gas = await self._rpc("a gas estimate", self._w3.eth.estimate_gas(call, "pending"),
+            gas = await self._rpc("a gas estimate", self._w3.eth.estimate_gas(cast(TxParams, call), "pending"),
                                   passthrough=(ContractLogicError,))
         except ContractLogicError as exc:
             raise SettlementWouldRevert(_revert_reason(exc)) from exc

@@ -28,16 +28,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeVar
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 
 from agent_gateway.accounts.service import add_credit, take_back_credit
 from agent_gateway.catalog.pools import Catalog
 from agent_gateway.catalog.pricing import BILLING_CYCLES, Order
 from agent_gateway.clock import Clock, as_utc
-from agent_gateway.db.engine import Database
-from agent_gateway.db.models import Account, ApiKey, Payment, Subscription, new_id
+from agent_gateway.db.engine import Database, rows_changed
+from agent_gateway.db.models import Account, ApiKey, Payment, PaymentState, Subscription, SubscriptionStatus, new_id
 from agent_gateway.errors import Conflict, PaymentRequired
 from agent_gateway.keys.api_keys import new_api_key, revoke_subscription_keys
 from agent_gateway.keys.management import new_management_key
@@ -46,12 +49,13 @@ from agent_gateway.subscriptions.inventory import release_seats, release_subscri
 from agent_gateway.subscriptions.service import new_subscriptions
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-FINAL_STATES = ("delivered", "failed", "credited", "revoked")
+FINAL_STATES = (PaymentState.DELIVERED, PaymentState.FAILED, PaymentState.CREDITED, PaymentState.REVOKED)
 # Money arrived: re-checked for reorgs until past the horizon.
-SETTLED_STATES = ("delivered", "credited")
+SETTLED_STATES = (PaymentState.DELIVERED, PaymentState.CREDITED)
 # Before the settlement was stored: nothing can have been sent for these.
-UNSENT_STATES = ("received", "verified", "reserved")
+UNSENT_STATES = (PaymentState.RECEIVED, PaymentState.VERIFIED, PaymentState.RESERVED)
 
 
 class PaymentAlreadyUsed(PaymentRequired):
@@ -87,7 +91,7 @@ class Delivery:
 
 async def record_received(db: Database, clock: Clock, claim: Claim, order: Order, *,
                           account_id: str | None, key_name: str, renew_subscription_id: str | None = None,
-                          state: str = "received") -> Payment:
+                          state: PaymentState = PaymentState.RECEIVED) -> Payment:
     """Claim the payment; a second claim of the same authorization or tx hash is refused."""
     now = clock.now()
     payment = Payment(
@@ -111,25 +115,25 @@ async def record_received(db: Database, clock: Clock, claim: Claim, order: Order
     return payment
 
 
-async def advance(db: Database, clock: Clock, payment_id: str, expected: str, new: str, **values: object) -> bool:
+async def advance(db: Database, clock: Clock, payment_id: str, expected: PaymentState, new: PaymentState, **values: object) -> bool:
     """Move from `expected` to `new` (with extra column values); False if the payment was elsewhere."""
     async with db.transaction() as session:
         moved = await session.execute(
-            update(Payment).where(Payment.id == payment_id, Payment.state == expected)
+            update(Payment).where(col(Payment.id) == payment_id, col(Payment.state) == expected)
             .values(state=new, updated_at=clock.now(), **values)
         )
-    if moved.rowcount == 1:
+    if rows_changed(moved) == 1:
         log.info("payment %s %s -> %s", payment_id, expected, new)
-    return moved.rowcount == 1
+    return rows_changed(moved) == 1
 
 
-async def confirm(db: Database, clock: Clock, payment_id: str, expected: str, tx_hash: str,
+async def confirm(db: Database, clock: Clock, payment_id: str, expected: PaymentState, tx_hash: str,
                   block_number: int) -> bool:
     """`expected` -> confirmed, recording the transaction that carried the Transfer. False if the
     payment was elsewhere, or if another payment already claimed that transaction (a payer who
     front-ran its own authorization, then claimed the transaction by tx hash)."""
     try:
-        return await advance(db, clock, payment_id, expected, "confirmed", tx_hash=tx_hash, block_number=block_number)
+        return await advance(db, clock, payment_id, expected, PaymentState.CONFIRMED, tx_hash=tx_hash, block_number=block_number)
     except IntegrityError:
         log.warning("payment %s: transaction %s already belongs to another payment", payment_id, tx_hash)
         return False
@@ -140,13 +144,13 @@ async def replace_settlement(db: Database, clock: Clock, payment_id: str, old_tx
     """Swap a stored settlement whose relayer nonce was taken (it can never be mined) for a new one."""
     async with db.transaction() as session:
         moved = await session.execute(
-            update(Payment).where(Payment.id == payment_id, Payment.state == "broadcast",
-                                  Payment.tx_hash == old_tx_hash)
+            update(Payment).where(col(Payment.id) == payment_id, col(Payment.state) == PaymentState.BROADCAST,
+                                  col(Payment.tx_hash) == old_tx_hash)
             .values(tx_hash=tx_hash, raw_tx=raw_tx, updated_at=clock.now())
         )
-    if moved.rowcount == 1:
+    if rows_changed(moved) == 1:
         log.warning("payment %s: settlement %s replaced by %s (relayer nonce taken)", payment_id, old_tx_hash, tx_hash)
-    return moved.rowcount == 1
+    return rows_changed(moved) == 1
 
 
 async def reserve(db: Database, clock: Clock, catalog: Catalog, payment: Payment) -> None:
@@ -155,15 +159,15 @@ async def reserve(db: Database, clock: Clock, catalog: Catalog, payment: Payment
         if payment.renew_subscription_id is None:
             await reserve_seats(session, catalog, payment.pool_slug, tuple(payment.blocks), payment.quantity)
         moved = await session.execute(
-            update(Payment).where(Payment.id == payment.id, Payment.state == "verified")
-            .values(state="reserved", seats_held=payment.renew_subscription_id is None, updated_at=clock.now())
+            update(Payment).where(col(Payment.id) == payment.id, col(Payment.state) == PaymentState.VERIFIED)
+            .values(state=PaymentState.RESERVED, seats_held=payment.renew_subscription_id is None, updated_at=clock.now())
         )
-        if moved.rowcount != 1:
+        if rows_changed(moved) != 1:
             raise Conflict("The payment moved on while its seats were being reserved.", code="payment_state_changed")
     log.info("payment %s verified -> reserved", payment.id)
 
 
-async def fail(db: Database, clock: Clock, payment_id: str, reason: str, *, only_from: tuple[str, ...]) -> bool:
+async def fail(db: Database, clock: Clock, payment_id: str, reason: str, *, only_from: tuple[PaymentState, ...]) -> bool:
     """One of the states `only_from` -> failed, giving back held seats in the same transaction.
 
     The caller names the states it saw: a payment that moved on meanwhile (a request broadcast it
@@ -175,7 +179,7 @@ async def fail(db: Database, clock: Clock, payment_id: str, reason: str, *, only
         if payment.seats_held:
             await release_seats(session, payment.pool_slug, list(payment.blocks), payment.quantity)
         previous = payment.state
-        payment.state, payment.failure_reason, payment.seats_held = "failed", reason, False
+        payment.state, payment.failure_reason, payment.seats_held = PaymentState.FAILED, reason, False
         payment.chain_final, payment.updated_at = True, clock.now()
         session.add(payment)
     log.warning("payment %s %s -> failed: %s", payment_id, previous, reason)
@@ -183,7 +187,7 @@ async def fail(db: Database, clock: Clock, payment_id: str, reason: str, *, only
 
 
 async def credit_instead(db: Database, clock: Clock, payment_id: str, reason: str, *,
-                         only_from: tuple[str, ...]) -> Account | None:
+                         only_from: tuple[PaymentState, ...]) -> Account | None:
     """Money already received but seats cannot be delivered: credit the amount to the payer's
     prepaid balance (its wallet account, created if new) and end the payment as `credited`, in one
     transaction. None if the payment was no longer in one of the states `only_from`."""
@@ -196,13 +200,13 @@ async def credit_instead(db: Database, clock: Clock, payment_id: str, reason: st
     return account
 
 
-async def _credit(session, payment: Payment, reason: str, now: datetime) -> Account:  # type: ignore[no-untyped-def]
+async def _credit(session: AsyncSession, payment: Payment, reason: str, now: datetime) -> Account:
     if payment.seats_held:
         await release_seats(session, payment.pool_slug, list(payment.blocks), payment.quantity)
     account, _ = await _account_for(session, payment, now)
     await add_credit(session, account.id, payment.amount_atomic, f"payment {payment.id}: {reason}", now)
     previous = payment.state
-    payment.state, payment.failure_reason, payment.seats_held = "credited", reason, False
+    payment.state, payment.failure_reason, payment.seats_held = PaymentState.CREDITED, reason, False
     payment.account_id, payment.updated_at = account.id, now
     session.add(payment)
     log.warning("payment %s %s -> credited (%s): %d atomic to account %s", payment.id, previous, reason,
@@ -227,13 +231,13 @@ async def _deliver(db: Database, clock: Clock, payment_id: str, *, mint_keys: bo
     now = clock.now()
     async with db.transaction() as session:
         payment = await session.get(Payment, payment_id, with_for_update=True)
-        if payment is None or payment.state != "confirmed":
+        if payment is None or payment.state != PaymentState.CONFIRMED:
             return None
         account, management_key = await _account_for(session, payment, now)
         keys: list[tuple[ApiKey, IssuedToken]] = []
         if payment.renew_subscription_id is not None:
-            sub = await session.get(Subscription, payment.renew_subscription_id, with_for_update=True)
-            if sub.status != "active":
+            sub = await _renewed_subscription(session, payment.renew_subscription_id)
+            if sub.status != SubscriptionStatus.ACTIVE:
                 # It expired (seats given back, keys revoked) while the renewal settled: the
                 # money is kept for the customer as prepaid balance instead of being lost.
                 await _credit(session, payment, "subscription_expired_before_renewal", now)
@@ -256,17 +260,20 @@ async def _deliver(db: Database, clock: Clock, payment_id: str, *, mint_keys: bo
         if payment.credit_atomic:
             await add_credit(session, account.id, payment.credit_atomic,
                              f"payment {payment.id}: paid beyond the price", now)
-        payment.state, payment.seats_held, payment.account_id, payment.updated_at = "delivered", False, account.id, now
+        payment.state, payment.seats_held, payment.account_id, payment.updated_at = PaymentState.DELIVERED, False, account.id, now
         session.add(payment)
     log.info("payment %s confirmed -> delivered: account %s, %d subscription(s)%s", payment_id, account.id,
              len(subscriptions), "" if mint_keys else " (keys to be minted after wallet sign-in)")
     return Delivery(payment, account, subscriptions, keys, management_key)
 
 
-async def _account_for(session, payment: Payment, now: datetime) -> tuple[Account, IssuedToken | None]:  # type: ignore[no-untyped-def]
+async def _account_for(session: AsyncSession, payment: Payment, now: datetime) -> tuple[Account, IssuedToken | None]:
     if payment.account_id is not None:
-        return await session.get(Account, payment.account_id), None
-    account = (await session.scalars(select(Account).where(Account.wallet_address == payment.payer))).first()
+        known = await session.get(Account, payment.account_id)
+        if known is None:  # the buyer's account, authenticated when the payment was made
+            raise RuntimeError(f"payment {payment.id}: account {payment.account_id} is missing")
+        return known, None
+    account = (await session.scalars(select(Account).where(col(Account.wallet_address) == payment.payer))).first()
     if account is not None:
         return account, None
     account = Account(id=new_id("acct"), name=f"wallet {payment.payer}", wallet_address=payment.payer,
@@ -276,6 +283,15 @@ async def _account_for(session, payment: Payment, now: datetime) -> tuple[Accoun
     key, token = new_management_key(account.id, "x402", now)
     session.add(key)
     return account, token
+
+
+async def _renewed_subscription(session: AsyncSession, subscription_id: str) -> Subscription:
+    """The subscription a renewal extends, locked. It exists: the order was made for it, and
+    subscriptions are never deleted."""
+    sub = await session.get(Subscription, subscription_id, with_for_update=True)
+    if sub is None:
+        raise RuntimeError(f"the renewed subscription {subscription_id} is missing")
+    return sub
 
 
 @dataclass(frozen=True)
@@ -295,29 +311,29 @@ async def revoke(db: Database, clock: Clock, payment_id: str, reason: str) -> Re
         if payment is None or payment.state not in SETTLED_STATES:
             return None
         canceled: list[Subscription] = []
-        if payment.state == "delivered" and payment.renew_subscription_id is not None:
-            sub = await session.get(Subscription, payment.renew_subscription_id, with_for_update=True)
+        if payment.state == PaymentState.DELIVERED and payment.renew_subscription_id is not None:
+            sub = await _renewed_subscription(session, payment.renew_subscription_id)
             # The renewal's period goes; if nothing paid is left, the seat goes too.
             sub.period_end = as_utc(sub.period_end) - BILLING_CYCLES[payment.billing_cycle][1]
             session.add(sub)
-            if sub.status == "active" and sub.period_end <= now:
+            if sub.status == SubscriptionStatus.ACTIVE and sub.period_end <= now:
                 canceled.append(sub)
-        elif payment.state == "delivered":
+        elif payment.state == PaymentState.DELIVERED:
             canceled = list(await session.scalars(
-                select(Subscription).where(Subscription.payment_id == payment.id,
-                                           Subscription.status.in_(("active", "pending")))
+                select(Subscription).where(col(Subscription.payment_id) == payment.id,
+                                           col(Subscription.status).in_((SubscriptionStatus.ACTIVE, SubscriptionStatus.PENDING)))
                 .with_for_update()))
         for sub in canceled:
-            sub.status = "canceled"
+            sub.status = SubscriptionStatus.CANCELED
             session.add(sub)
         await release_subscription_seats(session, [(sub.pool_slug, sub.blocks) for sub in canceled])
         key_ids = await revoke_subscription_keys(session, [s.id for s in canceled])
-        taken_back = payment.credit_atomic if payment.state == "delivered" else payment.amount_atomic
+        taken_back = payment.credit_atomic if payment.state == PaymentState.DELIVERED else payment.amount_atomic
         if taken_back and payment.account_id is not None:
             await take_back_credit(session, payment.account_id, taken_back,
                                    f"payment {payment.id} revoked: {reason}", now)
         previous = payment.state
-        payment.state, payment.failure_reason, payment.chain_final, payment.updated_at = "revoked", reason, True, now
+        payment.state, payment.failure_reason, payment.chain_final, payment.updated_at = PaymentState.REVOKED, reason, True, now
         session.add(payment)
     log.warning("payment %s %s -> revoked (%s): %d subscription(s) canceled, %d key(s) revoked, %d atomic "
                 "taken back from account %s", payment_id, previous, reason, len(canceled), len(key_ids), taken_back,
@@ -331,19 +347,19 @@ async def record_carrier(db: Database, clock: Clock, payment_id: str, tx_hash: s
     try:
         async with db.transaction() as session:
             moved = await session.execute(
-                update(Payment).where(Payment.id == payment_id, Payment.state.in_(SETTLED_STATES))
+                update(Payment).where(col(Payment.id) == payment_id, col(Payment.state).in_(SETTLED_STATES))
                 .values(tx_hash=tx_hash, block_number=block_number, updated_at=clock.now()))
     except IntegrityError:
         return False
-    if moved.rowcount == 1:
+    if rows_changed(moved) == 1:
         log.warning("payment %s: its Transfer is now in %s, block %d", payment_id, tx_hash, block_number)
-    return moved.rowcount == 1
+    return rows_changed(moved) == 1
 
 
 async def mark_chain_final(db: Database, payment_id: str) -> None:
     """Past the reorg horizon: the payment is no longer re-checked."""
     async with db.transaction() as session:
-        await session.execute(update(Payment).where(Payment.id == payment_id).values(chain_final=True))
+        await session.execute(update(Payment).where(col(Payment.id) == payment_id).values(chain_final=True))
     log.info("payment %s is past the reorg horizon", payment_id)
 
 
@@ -351,9 +367,9 @@ async def settled_payments_to_recheck(db: Database) -> list[Payment]:
     """Delivered or credited payments whose transfer is not yet past the reorg horizon."""
     async with db.transaction() as session:
         rows = await session.scalars(
-            select(Payment).where(Payment.chain_final.is_(False), Payment.state.in_(SETTLED_STATES),
-                                  Payment.block_number.is_not(None))
-            .order_by(Payment.created_at).limit(500))
+            select(Payment).where(col(Payment.chain_final).is_(False), col(Payment.state).in_(SETTLED_STATES),
+                                  col(Payment.block_number).is_not(None))
+            .order_by(col(Payment.created_at)).limit(500))
         return list(rows)
 
 
@@ -362,11 +378,26 @@ async def get_payment(db: Database, payment_id: str) -> Payment | None:
         return await session.get(Payment, payment_id)
 
 
+async def load_payment(db: Database, payment_id: str) -> Payment:
+    """A payment known to exist (rows are never deleted): one this process wrote or read before."""
+    payment = await get_payment(db, payment_id)
+    if payment is None:
+        raise RuntimeError(f"payment {payment_id} is missing from the ledger")
+    return payment
+
+
+def stored(value: T | None, column: str, payment: Payment) -> T:
+    """A column the payment's state guarantees (the ledger wrote it on the way to that state)."""
+    if value is None:
+        raise RuntimeError(f"payment {payment.id} is {payment.state} but has no {column}")
+    return value
+
+
 async def unfinished_payments(db: Database, older_than: datetime) -> list[Payment]:
     """Payments not in a final state and not touched since `older_than`: the reconciler's work."""
     async with db.transaction() as session:
         rows = await session.scalars(
-            select(Payment).where(Payment.state.not_in(FINAL_STATES), Payment.updated_at <= older_than)
-            .order_by(Payment.created_at).limit(200)
+            select(Payment).where(col(Payment.state).not_in(FINAL_STATES), col(Payment.updated_at) <= older_than)
+            .order_by(col(Payment.created_at)).limit(200)
         )
         return list(rows)

@@ -44,10 +44,11 @@ class ReorgWatch:
 
     async def _recheck_one(self, payment: Payment) -> Revocation | None:
         chain = self.payments.require_chain()
-        receipt = await chain.receipt(payment.tx_hash)
+        tx_hash = ledger.stored(payment.tx_hash, "tx_hash", payment)
+        receipt = await chain.receipt(tx_hash)
         if receipt is not None and self.payments.carries(receipt, payment):
             if receipt.block_number != payment.block_number:  # mined again, in another block
-                await ledger.record_carrier(self.db, self.clock, payment.id, payment.tx_hash, receipt.block_number)
+                await ledger.record_carrier(self.db, self.clock, payment.id, tx_hash, receipt.block_number)
             if receipt.confirmations >= self.payments.reorg_horizon_blocks:
                 await ledger.mark_chain_final(self.db, payment.id)
             return None
@@ -69,9 +70,10 @@ class ReorgWatch:
         """Why an x402 payment's transfer is gone for good, or None while it may still (re)appear."""
         chain = self.payments.require_chain()
         # The clock first: expired before an "unused" reading means unused for ever.
-        expired = await chain.chain_now() >= payment.valid_before
-        if await chain.authorization_used(payment.payer, payment.auth_nonce):
-            event = await chain.authorization_event(payment.payer, payment.auth_nonce,
+        expired = await chain.chain_now() >= ledger.stored(payment.valid_before, "valid_before", payment)
+        nonce = ledger.stored(payment.auth_nonce, "auth_nonce", payment)
+        if await chain.authorization_used(payment.payer, nonce):
+            event = await chain.authorization_event(payment.payer, nonce,
                                                     await self.payments.watch_from_block(payment))
             if event is None:
                 return None  # the log index lags: next pass
@@ -101,10 +103,10 @@ class ReorgWatch:
         chain = self.payments.require_chain()
         if mined_without_paying:
             return "transfer_reverted"  # re-executed after the reorg, and no longer pays us
-        if await chain.transaction(payment.tx_hash) is not None:
+        if await chain.transaction(ledger.stored(payment.tx_hash, "tx_hash", payment)) is not None:
             return None  # back in the mempool: it will be mined again
         if payment.sender_nonce is not None and await chain.sender_nonce(payment.payer) > payment.sender_nonce:
             return "transfer_replaced"  # another transaction took its nonce: it can never be mined
-        if await chain.block_number() >= payment.block_number + self.payments.reorg_horizon_blocks:
+        if await chain.block_number() >= ledger.stored(payment.block_number, "block_number", payment) + self.payments.reorg_horizon_blocks:
             return "transfer_vanished"  # unknown to the node a whole horizon later
         return None

@@ -33,6 +33,26 @@ _TRANSFER_WITH_AUTHORIZATION_TYPE = [
 ]
 
 
+# What each reason code tells the payer to fix.
+REASONS = {
+    "wrong_network": "The payment is for another network.",
+    "wrong_asset": "The payment is in another token.",
+    "wrong_recipient": "The payment is not addressed to this gateway's payTo address.",
+    "wrong_amount": "The payment amount is not the exact price.",
+    "invalid_signature": "The authorization's signature does not come from the payer.",
+    "not_yet_valid": "The authorization is not valid yet.",
+    "expired": "The authorization has expired (or expires too soon to settle).",
+    "window_too_long": "The authorization stays valid far longer than this gateway's maxTimeoutSeconds.",
+    "accepted_mismatch": "The payment's `accepted` requirements differ from the ones offered.",
+    "nonce_already_used": "This authorization was already used on-chain.",
+    "insufficient_balance": "The payer's USDC balance is below the price.",
+}
+
+
+def reason_message(reason: str | None) -> str:
+    return REASONS.get(reason or "", reason or "The payment was refused.")
+
+
 @dataclass(frozen=True)
 class Verdict:
     """The outcome of a check: ok, or a stable reason code. `payer` is set only when ok."""

@@ -18,25 +18,17 @@ from agent_gateway.catalog.pools import Catalog
 from agent_gateway.catalog.pricing import Order
 from agent_gateway.clock import Clock
 from agent_gateway.db.engine import Database
-from agent_gateway.db.models import Payment
+from agent_gateway.db.models import Payment, PaymentState
 from agent_gateway.errors import Conflict, GatewayError, PaymentRequired, ServiceUnavailable
 from agent_gateway.payments import ledger
-from agent_gateway.payments.amounts import format_usdc
+from agent_gateway.money import format_usdc
 from agent_gateway.payments.chain import ChainAdapter, Receipt, SettlementWouldRevert
 from agent_gateway.payments.ledger import Claim, Delivery
 from agent_gateway.payments.networks import chain_defaults
-from agent_gateway.payments.rules import check_chain_facts, check_payment
+from agent_gateway.payments.rules import check_chain_facts, check_payment, reason_message
 from agent_gateway.payments.wallet import recover_personal_signer
-from agent_gateway.payments.wire import (
-    ExactPayment,
-    Offer,
-    WireError,
-    encode_header,
-    parse_payment,
-    payment_required,
-    payment_required_v1,
-)
-from agent_gateway.settings import Settings
+from agent_gateway.payments.wire import ExactPayment, Offer
+from agent_gateway.settings import ChainSettings, Settings
 from agent_gateway.subscriptions.inventory import seats_available
 
 log = logging.getLogger(__name__)
@@ -47,6 +39,10 @@ def tx_claim_message(tx_hash: str, chain_id: int, domain: str) -> str:
     """What a tx-hash buyer signs with the paying wallet: binds the claim to the sender, to the
     chain and to one deployment (its public URL's host), so another gateway cannot honour it."""
     return f"agent_gateway: claim pool subscription for transaction {tx_hash.lower()} on chain {chain_id} at {domain}"
+
+
+class PaymentRefused(PaymentRequired):
+    """The payment breaks a rule before anything is claimed; the binding answers with a fresh challenge."""
 
 
 @dataclass(frozen=True)
@@ -78,8 +74,15 @@ class PaymentService:
         return self.chain is not None
 
     @property
+    def terms(self) -> ChainSettings:
+        """The chain settings; like `require_chain`, a 503 when payments are off."""
+        if self.settings.chain is None:
+            raise ServiceUnavailable("USDC payments are not configured on this gateway.", code="payments_disabled")
+        return self.settings.chain
+
+    @property
     def network(self) -> str:
-        return f"eip155:{self.settings.chain_id}"
+        return self.terms.network
 
     @property
     def domain(self) -> str:
@@ -87,36 +90,18 @@ class PaymentService:
         return urlsplit(self.settings.external_url).netloc
 
     def tx_claim_message(self, tx_hash: str) -> str:
-        return tx_claim_message(tx_hash, self.settings.chain_id, self.domain)
+        return tx_claim_message(tx_hash, self.terms.chain_id, self.domain)
 
     # --- the 402 -------------------------------------------------------------------------
 
     def offer(self, order: Order, resource_url: str) -> Offer:
-        s = self.settings
+        terms = self.terms
         return Offer(
-            scheme="exact", network=self.network, amount_atomic=order.total_atomic, asset=s.usdc_address,
-            pay_to=s.pay_to, max_timeout_s=s.payment_timeout_s, token_name=s.usdc_name,
-            token_version=s.usdc_version, resource_url=resource_url,
+            scheme="exact", network=terms.network, amount_atomic=order.total_atomic, asset=terms.usdc_address,
+            pay_to=terms.pay_to, max_timeout_s=self.settings.payment_timeout_s, token_name=terms.usdc_name,
+            token_version=terms.usdc_version, resource_url=resource_url,
             description=f"{order.quantity} seat(s) on {order.pool.slug} ({', '.join(order.blocks)}, "
                         f"{order.billing_cycle})",
-        )
-
-    def challenge(self, order: Order, resource_url: str, *, message: str | None = None,
-                  code: str = "payment_required") -> PaymentRequired:
-        """The 402: the v2 challenge in PAYMENT-REQUIRED, and the same object plus a quote in the body."""
-        self.require_chain()
-        offer = self.offer(order, resource_url)
-        required = payment_required([offer], error=None if code == "payment_required" else code)
-        headers = {"PAYMENT-REQUIRED": encode_header(required), "Cache-Control": "no-store"}
-        # The body carries the same object (its `error` lives in the error envelope) plus a quote.
-        extra: dict = {**{k: v for k, v in required.items() if k != "error"}, "quote": order.quote()}
-        v1 = payment_required_v1([offer])
-        if v1 is not None:
-            extra["v1"] = v1
-        return PaymentRequired(
-            message or f"Pay {format_usdc(order.total_atomic)} USDC with x402 (exact, {self.network}) "
-                       f"to {self.settings.pay_to}, then retry with the PAYMENT-SIGNATURE header.",
-            code=code, headers=headers, extra=extra,
         )
 
     async def check_capacity(self, order: Order) -> None:
@@ -129,21 +114,17 @@ class PaymentService:
 
     # --- x402 exact ----------------------------------------------------------------------
 
-    async def settle_exact(self, order: Order, header: str, version: int, resource_url: str, *,
+    async def settle_exact(self, order: Order, payment: ExactPayment, resource_url: str, *,
                            account_id: str | None = None, key_name: str = "agent",
                            renew_subscription_id: str | None = None) -> Settled:
+        """Settle a decoded x402 `exact` payment for `order` (the HTTP binding decoded its header)."""
         chain = self.require_chain()
-        try:
-            payment = parse_payment(header, version, self.settings.max_json_depth)
-        except WireError as exc:
-            raise self.challenge(order, resource_url, message=exc.message, code=exc.code) from None
         offer = self.offer(order, resource_url)
         # The head before the authorization is checked unused: any use of it is in a later block.
         chain_now, watch_from_block = await asyncio.gather(chain.chain_now(), chain.block_number())
-        verdict = check_payment(offer, payment, self.settings.chain_id, self.settings.usdc_address, chain_now)
+        verdict = check_payment(offer, payment, self.terms.chain_id, self.terms.usdc_address, chain_now)
         if not verdict.ok:
-            raise self.challenge(order, resource_url, message=_REASONS.get(verdict.reason, verdict.reason),
-                                 code=verdict.reason)
+            raise PaymentRefused(reason_message(verdict.reason), code=verdict.reason)
         row = await ledger.record_received(
             self.db, self.clock,
             Claim(method="x402-exact", network=self.network, payer=payment.payer, amount_atomic=payment.value,
@@ -157,7 +138,7 @@ class PaymentService:
             settlement = await chain.build_settlement(payment)
             stored = False
             try:
-                stored = await ledger.advance(self.db, self.clock, row.id, "reserved", "broadcast",
+                stored = await ledger.advance(self.db, self.clock, row.id, PaymentState.RESERVED, PaymentState.BROADCAST,
                                               tx_hash=settlement.tx_hash, raw_tx=settlement.raw_tx)
             finally:
                 if not stored:
@@ -176,7 +157,7 @@ class PaymentService:
         except ServiceUnavailable:
             # Stored as broadcast: the reconciler resends (or rebuilds) it.
             log.warning("payment %s: broadcast failed; left for the reconciler", row.id)
-            return Settled(await ledger.get_payment(self.db, row.id), None)
+            return Settled(await ledger.load_payment(self.db, row.id), None)
         if isinstance(sent, Settled):
             return sent
         return await self._await_delivery(row.id, sent, mint_keys=True)
@@ -199,7 +180,7 @@ class PaymentService:
             try:
                 settlement = await chain.build_settlement(payment)
             except SettlementWouldRevert:
-                row = await ledger.get_payment(self.db, payment_id)
+                row = await ledger.load_payment(self.db, payment_id)
                 return await self.settle_by_authorization(row, "settlement_would_fail", mint_keys=mint_keys)
             replaced = False
             try:
@@ -221,11 +202,11 @@ class PaymentService:
             chain.authorization_used(payment.payer, payment.nonce), chain.balance_of(payment.payer))
         verdict = check_chain_facts(payment, used, balance)
         if not verdict.ok:
-            raise PaymentRequired(_REASONS.get(verdict.reason, verdict.reason), code=verdict.reason)
+            raise PaymentRequired(reason_message(verdict.reason), code=verdict.reason)
         revert = await chain.simulate_settlement(payment)
         if revert is not None:
             raise SettlementWouldRevert(revert)
-        if not await ledger.advance(self.db, self.clock, row.id, "received", "verified"):
+        if not await ledger.advance(self.db, self.clock, row.id, PaymentState.RECEIVED, PaymentState.VERIFIED):
             raise Conflict("The payment moved on while it was being verified.", code="payment_state_changed")
 
     # --- tx hash -------------------------------------------------------------------------
@@ -256,12 +237,12 @@ class PaymentService:
         if not receipt.ok or paid < order.total_atomic:
             raise PaymentRequired(
                 f"The transaction does not pay {format_usdc(order.total_atomic)} USDC from {signer} to "
-                f"{self.settings.pay_to}.", code="transfer_mismatch")
+                f"{self.terms.pay_to}.", code="transfer_mismatch")
         row = await ledger.record_received(
             self.db, self.clock,
             Claim(method="tx-hash", network=self.network, payer=signer, amount_atomic=paid, tx_hash=tx_hash,
                   block_number=receipt.block_number, sender_nonce=tx.nonce, credit_atomic=paid - order.total_atomic),
-            order, account_id=None, key_name=key_name, state="verified",
+            order, account_id=None, key_name=key_name, state=PaymentState.VERIFIED,
         )
         try:
             await ledger.reserve(self.db, self.clock, self.catalog, row)
@@ -269,7 +250,7 @@ class PaymentService:
             # The money is already ours: never lose it. It becomes the wallet account's prepaid
             # balance, and the tx hash stays claimed (`credited`), so it cannot be credited twice.
             account = await ledger.credit_instead(self.db, self.clock, row.id, "sold_out_after_payment",
-                                                  only_from=("verified",))
+                                                  only_from=(PaymentState.VERIFIED,))
             if account is None:
                 raise Conflict("The claim moved on while its seats were being reserved; retry it.",
                                code="payment_state_changed") from None
@@ -278,13 +259,13 @@ class PaymentService:
                 f"account {account.id} (sign in with the paying wallet to use or see it).",
                 code="sold_out_after_payment") from None
         # The transfer is already on-chain and confirmed: nothing to broadcast.
-        await ledger.advance(self.db, self.clock, row.id, "reserved", "confirmed")
+        await ledger.advance(self.db, self.clock, row.id, PaymentState.RESERVED, PaymentState.CONFIRMED)
         delivery = await ledger.deliver(self.db, self.clock, row.id, mint_keys=True)
-        return Settled(delivery.payment if delivery else await ledger.get_payment(self.db, row.id), delivery)
+        return Settled(delivery.payment if delivery else await ledger.load_payment(self.db, row.id), delivery)
 
     def _paid_to_us(self, receipt: Receipt, payer: str) -> int:
-        pay_to = self.settings.pay_to.lower()
-        token = self.settings.usdc_address.lower()
+        pay_to = self.terms.pay_to.lower()
+        token = self.terms.usdc_address.lower()
         return sum(t.value for t in receipt.transfers
                    if t.token.lower() == token and t.from_.lower() == payer.lower() and t.to.lower() == pay_to)
 
@@ -303,18 +284,18 @@ class PaymentService:
             if asyncio.get_running_loop().time() >= deadline:
                 log.info("payment %s: no receipt within %.0f s; answering 202", payment_id,
                          self.settings.settle_wait_s)
-                return Settled(await ledger.get_payment(self.db, payment_id), None)
+                return Settled(await ledger.load_payment(self.db, payment_id), None)
             await asyncio.sleep(_POLL_S)  # polling the node for the receipt, bounded by the deadline
-        payment = await ledger.get_payment(self.db, payment_id)
+        payment = await ledger.load_payment(self.db, payment_id)
         return await self._finish(payment, receipt, mint_keys=mint_keys)
 
     async def _finish(self, payment: Payment, receipt: Receipt, *, mint_keys: bool) -> Settled:
         if not receipt.ok:
             return await self.settle_by_authorization(payment, "settlement_reverted", mint_keys=mint_keys)
         if self._paid_to_us(receipt, payment.payer) != payment.amount_atomic:
-            await ledger.fail(self.db, self.clock, payment.id, "transfer_mismatch", only_from=("broadcast",))
+            await ledger.fail(self.db, self.clock, payment.id, "transfer_mismatch", only_from=(PaymentState.BROADCAST,))
             raise GatewayError("The settlement's Transfer does not match the payment.", code="transfer_mismatch")
-        await ledger.confirm(self.db, self.clock, payment.id, "broadcast", receipt.tx_hash, receipt.block_number)
+        await ledger.confirm(self.db, self.clock, payment.id, PaymentState.BROADCAST, receipt.tx_hash, receipt.block_number)
         return await self._deliver_confirmed(payment.id, mint_keys=mint_keys)
 
     async def settle_by_authorization(self, payment: Payment, reason: str, *, mint_keys: bool) -> Settled:
@@ -329,34 +310,34 @@ class PaymentService:
         - The payer canceled it, or its use paid someone else: failed, nothing delivered.
         Used alike by the request path (`_finish`, `_send`) and the reconciler."""
         chain = self.require_chain()
-        if not await chain.authorization_used(payment.payer, payment.auth_nonce):
-            await ledger.fail(self.db, self.clock, payment.id, reason, only_from=("broadcast",))
+        if not await chain.authorization_used(payment.payer, ledger.stored(payment.auth_nonce, "auth_nonce", payment)):
+            await ledger.fail(self.db, self.clock, payment.id, reason, only_from=(PaymentState.BROADCAST,))
             raise PaymentRequired(f"{_UNSETTLED[reason]} The authorization is still unused: nothing was charged.",
                                   code=reason)
-        event = await chain.authorization_event(payment.payer, payment.auth_nonce, await self.watch_from_block(payment))
+        event = await chain.authorization_event(payment.payer, ledger.stored(payment.auth_nonce, "auth_nonce", payment), await self.watch_from_block(payment))
         if event is None:
             # Used, yet no event found (a lagging log index): look again on the next pass.
             raise ServiceUnavailable("The authorization was used on-chain, but the transaction is not found yet; "
                                      "poll the payment.", code="authorization_use_not_found")
         if event.kind == "canceled":
-            await ledger.fail(self.db, self.clock, payment.id, "authorization_canceled", only_from=("broadcast",))
+            await ledger.fail(self.db, self.clock, payment.id, "authorization_canceled", only_from=(PaymentState.BROADCAST,))
             raise PaymentRequired("The payer canceled the authorization on-chain before it was settled; nothing "
                                   "was charged and nothing is delivered.", code="authorization_canceled")
         carrier = await chain.receipt(event.tx_hash)
         if carrier is None or carrier.confirmations < self.confirmations:
-            return Settled(await ledger.get_payment(self.db, payment.id), None)
+            return Settled(await ledger.load_payment(self.db, payment.id), None)
         if not self.carries(carrier, payment):
-            await ledger.fail(self.db, self.clock, payment.id, "authorization_used_elsewhere", only_from=("broadcast",))
+            await ledger.fail(self.db, self.clock, payment.id, "authorization_used_elsewhere", only_from=(PaymentState.BROADCAST,))
             raise PaymentRequired("The authorization was used by a transaction that did not pay this gateway.",
                                   code="authorization_used_elsewhere")
         if event.tx_hash != payment.tx_hash:
             log.warning("payment %s: settled by another transaction %s (front-run of %s); delivering",
                         payment.id, event.tx_hash, payment.tx_hash)
-        if not await ledger.confirm(self.db, self.clock, payment.id, "broadcast", event.tx_hash, carrier.block_number):
-            current = await ledger.get_payment(self.db, payment.id)
-            if current.state == "broadcast":  # another payment holds that transaction
+        if not await ledger.confirm(self.db, self.clock, payment.id, PaymentState.BROADCAST, event.tx_hash, carrier.block_number):
+            current = await ledger.load_payment(self.db, payment.id)
+            if current.state == PaymentState.BROADCAST:  # another payment holds that transaction
                 await ledger.fail(self.db, self.clock, payment.id, "transfer_claimed_elsewhere",
-                                  only_from=("broadcast",))
+                                  only_from=(PaymentState.BROADCAST,))
                 raise Conflict("The transaction that carried this payment was already claimed by another "
                                "payment.", code="transfer_claimed_elsewhere")
         return await self._deliver_confirmed(payment.id, mint_keys=mint_keys)
@@ -377,8 +358,8 @@ class PaymentService:
         delivery = await ledger.deliver(self.db, self.clock, payment_id, mint_keys=mint_keys)
         if delivery is not None:
             return Settled(delivery.payment, delivery)
-        current = await ledger.get_payment(self.db, payment_id)
-        if current.state == "credited":
+        current = await ledger.load_payment(self.db, payment_id)
+        if current.state == PaymentState.CREDITED:
             raise Conflict(
                 f"The subscription expired while this renewal was settling; the {format_usdc(current.amount_atomic)} "
                 f"USDC paid were credited to account {current.account_id}'s prepaid balance.",
@@ -408,12 +389,13 @@ class PaymentService:
             # it on since this pass read it, `only_from` leaves it alone.)
             return int(await ledger.fail(self.db, self.clock, payment.id, "abandoned_before_settlement",
                                          only_from=ledger.UNSENT_STATES))
-        if payment.state == "confirmed":
+        if payment.state == PaymentState.CONFIRMED:
             return int(await ledger.deliver(self.db, self.clock, payment.id, mint_keys=False) is not None)
         # Read the clock before the receipt: once the chain is past the authorization's window no
         # block can execute it any more, so "no receipt" after that is final.
         expired = payment.valid_before is not None and await chain.chain_now() >= payment.valid_before
-        receipt = await chain.receipt(payment.tx_hash)
+        tx_hash = ledger.stored(payment.tx_hash, "tx_hash", payment)
+        receipt = await chain.receipt(tx_hash)
         if receipt is not None:
             if receipt.confirmations < self.confirmations:
                 return 0
@@ -432,12 +414,12 @@ class PaymentService:
             except (PaymentRequired, Conflict):
                 return 1  # failed, recorded
             return int(not settled.pending)
-        if await chain.transaction(payment.tx_hash) is not None:
+        if await chain.transaction(tx_hash) is not None:
             return 0  # in the mempool: wait
         # Never reached the node (or was dropped): resend it (rebuilt only if its nonce was taken).
         try:
-            sent = await self._send(payment.id, ExactPayment(**payment.authorization), payment.tx_hash,
-                                    payment.raw_tx, mint_keys=False)
+            sent = await self._send(payment.id, ExactPayment(**ledger.stored(payment.authorization, "authorization", payment)),
+                                    tx_hash, ledger.stored(payment.raw_tx, "raw_tx", payment), mint_keys=False)
         except (PaymentRequired, Conflict):
             return 1  # the chain said failed, recorded
         if isinstance(sent, Settled):
@@ -455,18 +437,4 @@ _UNSETTLED = {
     "settlement_reverted": "The settlement reverted on-chain.",
     "settlement_would_fail": "The settlement could not be sent again: it would revert.",
     "authorization_expired": "The authorization expired before the settlement was mined.",
-}
-
-_REASONS = {
-    "wrong_network": "The payment is for another network.",
-    "wrong_asset": "The payment is in another token.",
-    "wrong_recipient": "The payment is not addressed to this gateway's payTo address.",
-    "wrong_amount": "The payment amount is not the exact price.",
-    "invalid_signature": "The authorization's signature does not come from the payer.",
-    "not_yet_valid": "The authorization is not valid yet.",
-    "expired": "The authorization has expired (or expires too soon to settle).",
-    "window_too_long": "The authorization stays valid far longer than this gateway's maxTimeoutSeconds.",
-    "accepted_mismatch": "The payment's `accepted` requirements differ from the ones offered.",
-    "nonce_already_used": "This authorization was already used on-chain.",
-    "insufficient_balance": "The payer's USDC balance is below the price.",
 }

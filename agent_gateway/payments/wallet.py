@@ -15,6 +15,8 @@ from eth_account.messages import encode_defunct
 from eth_utils import is_address, to_checksum_address
 from sqlalchemy import select
 
+from sqlmodel import col
+
 from agent_gateway.clock import Clock, as_utc
 from agent_gateway.db.engine import Database
 from agent_gateway.db.models import Account, WalletChallenge, new_id
@@ -112,7 +114,7 @@ async def sign_in(db: Database, clock: Clock, challenge_id: str, signature: str)
         signer = recover_personal_signer(challenge.message, signature)
         if signer != challenge.address:
             raise AuthenticationError("The signature does not come from this wallet.", code="invalid_signature")
-        account = (await session.scalars(select(Account).where(Account.wallet_address == challenge.address))).first()
+        account = (await session.scalars(select(Account).where(col(Account.wallet_address) == challenge.address))).first()
         if account is None:
             raise NotFound("No account is bound to this wallet; buy a seat with it first.",
                            code="account_not_found")

@@ -178,8 +178,7 @@ def parse_payment(header_value: str, version_hint: int, max_depth: int = DEFAULT
         header = "PAYMENT-SIGNATURE" if version_hint == 2 else "X-PAYMENT"
         raise WireError("invalid_x402_version", f"The {header} header must carry x402Version {version_hint}.")
     if version == 2:
-        accepted = obj.get("accepted")
-        _check_accepted(accepted)
+        accepted = _check_accepted(obj.get("accepted"))
         scheme, network = accepted["scheme"], accepted["network"]
     else:
         accepted = None
@@ -211,7 +210,7 @@ def parse_payment(header_value: str, version_hint: int, max_depth: int = DEFAULT
     )
 
 
-def _check_accepted(accepted: object) -> None:
+def _check_accepted(accepted: object) -> dict[str, Any]:
     if not isinstance(accepted, dict):
         raise WireError("invalid_accepted", "A v2 payment must echo the chosen requirements in `accepted`.")
     for key in ("scheme", "network", "amount", "asset", "payTo"):
@@ -221,6 +220,7 @@ def _check_accepted(accepted: object) -> None:
         raise WireError("invalid_accepted", "accepted.maxTimeoutSeconds must be an integer.")
     if not isinstance(accepted.get("extra", {}), dict):
         raise WireError("invalid_accepted", "accepted.extra must be an object.")
+    return accepted
 
 
 def _caip2_network(network: str, version: int) -> str:

@@ -1,1 +1,1 @@
-"""The data plane: upstream client, leases, revocation, streaming relay and usage."""
+"""The data plane: upstream client, leases, key directory, stream registry and metering."""

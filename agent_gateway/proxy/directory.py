@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import select
+from sqlmodel import col
 
 from agent_gateway.clock import as_utc
 from agent_gateway.db.engine import Database
-from agent_gateway.db.models import ApiKey, Subscription
+from agent_gateway.db.models import ApiKey, KeyStatus, Subscription, SubscriptionStatus
 from agent_gateway.keys.tokens import hash_token
 
 _NEGATIVE_TTL_S = 5.0
@@ -27,9 +28,9 @@ class KeyRecord:
     name: str
     account_id: str
     subscription_id: str
-    key_status: str  # active | disabled | revoked
+    key_status: KeyStatus
     deleted: bool
-    subscription_status: str
+    subscription_status: SubscriptionStatus
     pool_slug: str
     blocks: tuple[str, ...]
     period_end: datetime
@@ -56,7 +57,8 @@ class KeyDirectory:
         if record is None:
             # Unknown keys are cached briefly so a flood of bad keys does not become a flood of reads.
             self._by_hash[key_hash] = (now + _NEGATIVE_TTL_S, None)
-        elif record.key_status == "active" and not record.deleted and record.subscription_status == "active":
+        elif (record.key_status == KeyStatus.ACTIVE and not record.deleted
+              and record.subscription_status == SubscriptionStatus.ACTIVE):
             self._by_hash[key_hash] = (now + self._ttl_s, record)
             self._hash_of[record.key_id] = key_hash
         return record
@@ -71,8 +73,8 @@ class KeyDirectory:
             row = (
                 await session.execute(
                     select(ApiKey, Subscription)
-                    .join(Subscription, Subscription.id == ApiKey.subscription_id)
-                    .where(ApiKey.key_hash == key_hash)
+                    .join(Subscription, col(Subscription.id) == ApiKey.subscription_id)
+                    .where(col(ApiKey.key_hash) == key_hash)
                 )
             ).first()
         if row is None:

@@ -36,8 +36,10 @@ class AcquireResult(enum.Enum):
 
 
 class Leases(Protocol):
-    # How often a running request renews its lease; None for leases that never expire.
-    renew_interval_s: float | None
+    @property
+    def renew_interval_s(self) -> float | None:
+        """How often a running request renews its lease; None for leases that never expire."""
+        ...
 
     async def acquire(self, key_id: str) -> tuple[AcquireResult, Lease | None]:
         """Atomically take the key's one slot; a refusal (BUSY, REVOKED) changes nothing."""
@@ -255,7 +257,7 @@ class RedisLeases:
             await asyncio.gather(*self._undoing, return_exceptions=True)
         await self._redis.aclose()
 
-    async def _guarded(self, op: str, script: AsyncScript, keys: list[str], args: list[object]) -> int:
+    async def _guarded(self, op: str, script: AsyncScript, keys: list[str], args: list[str | int | float]) -> int:
         try:
             return int(await script(keys=keys, args=args))
         except (RedisError, OSError) as exc:

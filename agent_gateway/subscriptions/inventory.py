@@ -8,11 +8,11 @@ from collections.abc import Iterable
 from sqlalchemy import update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlmodel import select
+from sqlmodel import col, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from agent_gateway.catalog.pools import Catalog
-from agent_gateway.db.engine import Database
+from agent_gateway.db.engine import Database, rows_changed
 from agent_gateway.db.models import SeatInventory
 from agent_gateway.errors import Conflict
 
@@ -27,7 +27,7 @@ async def ensure_inventory(db: Database, catalog: Catalog) -> None:
     if not rows:
         return
     async with db.transaction() as session:
-        dialect = session.bind.dialect.name  # type: ignore[union-attr]
+        dialect = session.bind.dialect.name  # type: ignore[union-attr]  # Database sessions are always bound
         insert = pg_insert if dialect == "postgresql" else sqlite_insert
         await session.execute(insert(SeatInventory).values(rows).on_conflict_do_nothing())
 
@@ -42,13 +42,13 @@ async def reserve_seats(
         result = await session.execute(
             update(SeatInventory)
             .where(
-                SeatInventory.pool_slug == pool_slug,
-                SeatInventory.block == block,
-                SeatInventory.seats_held + quantity <= capacity,
+                col(SeatInventory.pool_slug) == pool_slug,
+                col(SeatInventory.block) == block,
+                col(SeatInventory.seats_held) + quantity <= capacity,
             )
             .values(seats_held=SeatInventory.seats_held + quantity)
         )
-        if result.rowcount != 1:
+        if rows_changed(result) != 1:
             raise Conflict(
                 f"Not enough seats left in the {block} block of pool {pool_slug} for {quantity} more.",
                 code="sold_out",
@@ -61,7 +61,7 @@ async def release_seats(
     for block in sorted(blocks):
         await session.execute(
             update(SeatInventory)
-            .where(SeatInventory.pool_slug == pool_slug, SeatInventory.block == block)
+            .where(col(SeatInventory.pool_slug) == pool_slug, col(SeatInventory.block) == block)
             .values(seats_held=SeatInventory.seats_held - quantity)
         )
 

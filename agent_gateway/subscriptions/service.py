@@ -13,10 +13,10 @@ from sqlmodel import col, select
 from agent_gateway.catalog.pools import Catalog
 from agent_gateway.catalog.pricing import BILLING_CYCLES, Order
 from agent_gateway.clock import Clock
-from agent_gateway.db.engine import Database
-from agent_gateway.db.models import Account, ApiKey, BalanceEntry, Subscription, new_id
+from agent_gateway.db.engine import Database, rows_changed
+from agent_gateway.db.models import Account, ApiKey, BalanceEntry, Subscription, SubscriptionStatus, new_id
 from agent_gateway.errors import PaymentRequired
-from agent_gateway.payments.amounts import format_usdc
+from agent_gateway.money import format_usdc
 from agent_gateway.subscriptions.inventory import reserve_seats
 
 log = logging.getLogger(__name__)
@@ -37,10 +37,10 @@ async def subscribe_with_balance(
         await reserve_seats(session, catalog, order.pool.slug, order.blocks, order.quantity)
         charged = await session.execute(
             update(Account)
-            .where(Account.id == account_id, Account.balance_atomic >= order.total_atomic)
+            .where(col(Account.id) == account_id, col(Account.balance_atomic) >= order.total_atomic)
             .values(balance_atomic=Account.balance_atomic - order.total_atomic)
         )
-        if charged.rowcount != 1:
+        if rows_changed(charged) != 1:
             # Raising rolls back the seat reservation above.
             account = await session.get(Account, account_id)
             balance = account.balance_atomic if account else 0
@@ -80,7 +80,7 @@ def new_subscriptions(account_id: str, pool_slug: str, blocks: Sequence[str], bi
     period = BILLING_CYCLES[billing_cycle][1]
     return [
         Subscription(id=new_id("sub"), account_id=account_id, pool_slug=pool_slug, blocks=list(blocks),
-                     billing_cycle=billing_cycle, status="active", price_atomic=unit_price_atomic,
+                     billing_cycle=billing_cycle, status=SubscriptionStatus.ACTIVE, price_atomic=unit_price_atomic,
                      period_start=now, period_end=now + period, charge_id=charge_id, payment_id=payment_id,
                      created_at=now)
         for _ in range(quantity)
@@ -95,7 +95,7 @@ async def list_subscriptions(db: Database, account_id: str) -> list[Subscription
                 ApiKey,
                 (col(ApiKey.subscription_id) == col(Subscription.id)) & col(ApiKey.deleted_at).is_(None),
             )
-            .where(Subscription.account_id == account_id)
+            .where(col(Subscription.account_id) == account_id)
             .order_by(col(Subscription.created_at), col(Subscription.id))
         )
         return [SubscriptionView(sub, key) for sub, key in rows]

@@ -75,7 +75,7 @@ class ServerThread:
         return f"http://{self.host}:{self.port}"
 
     @property
-    def server(self) -> uvicorn.Server:
+    def server(self) -> _Server:
         if self._server is None:
             raise RuntimeError("ServerThread is not running")
         return self._server

@@ -112,7 +112,7 @@ class UsageRecorder:
             # order: every process then takes these row locks in the same global order, so two
             # processes flushing overlapping keys queue instead of deadlocking (as
             # subscriptions/inventory.py does for seat blocks). The insert above locks no key rows.
-            keys = ApiKey.__table__
+            keys = ApiKey.__table__  # type: ignore[attr-defined]  # SQLModel sets it on table models at class creation
             await session.execute(
                 update(keys)
                 .where(keys.c.id == bindparam("key_id"))

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import case, func
-from sqlmodel import col, select
+# sqlalchemy's select: its typed overloads take the five columns these reports read (sqlmodel's stop at four).
+from sqlalchemy import case, func, select
+from sqlmodel import col
 
 from agent_gateway.db.engine import Database
 from agent_gateway.db.models import UsageRecord
@@ -32,7 +33,7 @@ async def usage_by_key(
         for window, span in WINDOWS.items():
             query = (
                 select(
-                    UsageRecord.api_key_id,
+                    col(UsageRecord.api_key_id),
                     func.count(),
                     func.coalesce(func.sum(UsageRecord.prompt_tokens), 0),
                     func.coalesce(func.sum(UsageRecord.completion_tokens), 0),
@@ -42,9 +43,9 @@ async def usage_by_key(
                 .group_by(UsageRecord.api_key_id)
             )
             if account_id is not None:
-                query = query.where(UsageRecord.account_id == account_id)
+                query = query.where(col(UsageRecord.account_id) == account_id)
             if api_key_id is not None:
-                query = query.where(UsageRecord.api_key_id == api_key_id)
+                query = query.where(col(UsageRecord.api_key_id) == api_key_id)
             for key_id, requests, prompt, completion, errors in await session.execute(query):
                 result.setdefault(key_id, empty_usage())[window] = {
                     "requests": int(requests),
@@ -92,20 +93,20 @@ async def usage_series(
     starts = bucket_starts(now, bucket, count)
     python_format, postgres_format = _BUCKET_FORMATS[bucket]
     async with db.transaction() as session:
-        if session.bind.dialect.name == "postgresql":  # type: ignore[union-attr]
+        if session.bind.dialect.name == "postgresql":  # type: ignore[union-attr]  # Database sessions are always bound
             label = func.to_char(func.timezone("UTC", UsageRecord.created_at), postgres_format)
         else:
             # SQLite keeps UTC timestamps as ISO text, which strftime reads directly.
             label = func.strftime(python_format, UsageRecord.created_at)
         query = (
             select(
-                UsageRecord.api_key_id,
+                col(UsageRecord.api_key_id),
                 label,
                 func.count(),
                 func.coalesce(func.sum(UsageRecord.prompt_tokens), 0),
                 func.coalesce(func.sum(UsageRecord.completion_tokens), 0),
             )
-            .where(UsageRecord.account_id == account_id, col(UsageRecord.created_at) >= starts[0])
+            .where(col(UsageRecord.account_id) == account_id, col(UsageRecord.created_at) >= starts[0])
             .group_by(UsageRecord.api_key_id, label)
         )
         rows = list(await session.execute(query))

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from agent_gateway.api.bodies import BoundedBody
+from agent_gateway.web.bodies import BoundedBody
 from agent_gateway.app import RECURSION_LIMIT, create_app
 from agent_gateway.payments.wire import WireError, decode_header
 from agent_gateway.settings import Settings

@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 
 from agent_gateway.errors import ServiceUnavailable
 from agent_gateway.proxy.leases import AcquireResult, Lease, RedisLeases
-from agent_gateway.proxy.revocations import RedisRevocationBus
+from agent_gateway.keys.revocation import RedisRevocationBus
 
 pytestmark = pytest.mark.anyio
 
@@ -364,7 +364,7 @@ async def test_bus_resubscribes_after_its_connection_is_killed(
     make_bus: Callable[..., RedisRevocationBus], redis_admin: aioredis.Redis, prefix: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="agent_gateway.proxy.revocations")
+    caplog.set_level(logging.INFO, logger="agent_gateway.keys.revocation")
     bus, inbox = make_bus(client_name=prefix), Inbox()
     bus.subscribe(inbox)
     await bus.start()
@@ -393,7 +393,7 @@ async def test_bus_reconnects_when_redis_stops_answering_pings(
     make_bus: Callable[..., RedisRevocationBus], redis_admin: aioredis.Redis,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="agent_gateway.proxy.revocations")
+    caplog.set_level(logging.INFO, logger="agent_gateway.keys.revocation")
     async with ReplyHoldingProxy(REDIS_URL) as proxy:
         bus, inbox = make_bus(proxy.url, ping_interval_s=0.1), Inbox()
         bus.subscribe(inbox)

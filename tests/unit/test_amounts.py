@@ -2,7 +2,7 @@
 
 import pytest
 
-from agent_gateway.payments.amounts import format_usdc, parse_usdc
+from agent_gateway.money import format_usdc, parse_usdc
 
 
 @pytest.mark.parametrize("text,atomic", [("39.00", 39_000_000), ("0.000001", 1), ("14.99", 14_990_000), ("0", 0)])

@@ -8,8 +8,8 @@ import uuid
 
 import pytest
 
-from agent_gateway.api.edge import TrustForwardedHeaders
-from agent_gateway.api.throttle import client_address
+from agent_gateway.web.edge import TrustForwardedHeaders
+from agent_gateway.web.throttle import client_address
 from agent_gateway.ratelimit import MemoryAttemptLimiter, RedisAttemptLimiter
 
 pytestmark = pytest.mark.anyio

@@ -8,7 +8,8 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from agent_gateway.proxy.leases import AcquireResult, MemoryLeases, RedisLeases, make_leases
-from agent_gateway.proxy.revocations import LocalRevocationBus, Registration, StreamRegistry, make_revocation_bus
+from agent_gateway.keys.revocation import LocalRevocationBus, make_revocation_bus
+from agent_gateway.proxy.streams import Registration, StreamRegistry
 
 pytestmark = pytest.mark.anyio
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from agent_gateway.catalog.pools import load_catalog
 from agent_gateway.catalog.pricing import make_order
-from agent_gateway.payments.amounts import parse_usdc
+from agent_gateway.money import parse_usdc
 from agent_gateway.settings import EXAMPLE_POOLS_FILE
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,17 +1,31 @@
-"""Paying for an order over x402 inside a request, and answering with what was delivered."""
+"""The x402 HTTP binding: every x402 header is read or written here, and nowhere else.
+
+It reads `PAYMENT-SIGNATURE` (v2) or `X-PAYMENT` (v1) and decodes it with payments/wire.py, hands
+the decoded payment to the payment service, writes the `PAYMENT-REQUIRED` challenge on a 402 and
+`PAYMENT-RESPONSE` on delivery."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from agent_gateway.api.rendering import ok
-from agent_gateway.api.views import render_subscription
+from agent_gateway.web.rendering import ok
+from agent_gateway.web.views import render_subscription
 from agent_gateway.catalog.pricing import Order
-from agent_gateway.lifespan import Services
-from agent_gateway.payments.amounts import format_usdc
-from agent_gateway.payments.service import Settled
-from agent_gateway.payments.wire import settle_response_header
+from agent_gateway.services import Services
+from agent_gateway.money import format_usdc
+from agent_gateway.errors import PaymentRequired
+from agent_gateway.payments.service import PaymentRefused, Settled
+from agent_gateway.payments.wire import (
+    WireError,
+    encode_header,
+    parse_payment,
+    payment_required,
+    payment_required_v1,
+    settle_response_header,
+)
 
 
 def payment_header(request: Request) -> tuple[str, int] | None:
@@ -28,6 +42,26 @@ def resource_url(request: Request, services: Services) -> str:
     return services.settings.external_url + request.url.path
 
 
+def challenge(services: Services, order: Order, resource: str, *, message: str | None = None,
+              code: str = "payment_required") -> PaymentRequired:
+    """The 402: the v2 challenge in PAYMENT-REQUIRED, and the same object plus a quote in the body."""
+    payments = services.payments
+    payments.require_chain()
+    offer = payments.offer(order, resource)
+    required = payment_required([offer], error=None if code == "payment_required" else code)
+    headers = {"PAYMENT-REQUIRED": encode_header(required), "Cache-Control": "no-store"}
+    # The body carries the same object (its `error` lives in the error envelope) plus a quote.
+    extra: dict[str, object] = {**{k: v for k, v in required.items() if k != "error"}, "quote": order.quote()}
+    v1 = payment_required_v1([offer])
+    if v1 is not None:
+        extra["v1"] = v1
+    return PaymentRequired(
+        message or f"Pay {format_usdc(order.total_atomic)} USDC with x402 (exact, {payments.network}) "
+                   f"to {payments.terms.pay_to}, then retry with the PAYMENT-SIGNATURE header.",
+        code=code, headers=headers, extra=extra,
+    )
+
+
 async def pay_for(request: Request, services: Services, order: Order, *, account_id: str | None,
                   key_name: str, renew_subscription_id: str | None = None) -> Settled:
     """Settle the request's x402 payment for `order`, or raise the 402 challenge when it has none.
@@ -40,29 +74,37 @@ async def pay_for(request: Request, services: Services, order: Order, *, account
     resource = resource_url(request, services)
     carried = payment_header(request)
     if carried is None:
-        raise payments.challenge(order, resource)
-    return await payments.settle_exact(order, carried[0], carried[1], resource, account_id=account_id,
-                                       key_name=key_name, renew_subscription_id=renew_subscription_id)
+        raise challenge(services, order, resource)
+    payments.require_chain()
+    try:
+        payment = parse_payment(carried[0], carried[1], services.settings.max_json_depth)
+    except WireError as exc:
+        raise challenge(services, order, resource, message=exc.message, code=exc.code) from None
+    try:
+        return await payments.settle_exact(order, payment, resource, account_id=account_id,
+                                           key_name=key_name, renew_subscription_id=renew_subscription_id)
+    except PaymentRefused as exc:
+        raise challenge(services, order, resource, message=exc.message, code=exc.code) from None
 
 
 def render_settled(settled: Settled, status_if_done: int = 201) -> Response:
-    payment = settled.payment
-    if settled.pending:
+    payment, delivery = settled.payment, settled.delivery
+    if delivery is None:  # still settling
         return ok({"paymentId": payment.id, "state": payment.state, "txHash": payment.tx_hash,
                    "poll": f"/api/agent/payments/{payment.id}",
                    "message": "Settlement sent; seats are delivered once it is confirmed. Poll the payment; "
                               "if this answer is lost, sign in with the paying wallet to get your keys."},
                   status=202)
-    delivery = settled.delivery
     keys = {key.subscription_id: (key, token) for key, token in delivery.keys}
-    data = {
+    rows: list[dict[str, Any]] = []
+    data: dict[str, Any] = {
         "paymentId": payment.id,
         "txHash": payment.tx_hash,
         "payer": payment.payer,
         "amount": str(payment.amount_atomic),
         "accountId": delivery.account.id,
         "managementKey": delivery.management_key.plaintext if delivery.management_key else None,
-        "subscriptions": [],
+        "subscriptions": rows,
     }
     if payment.credit_atomic:  # an overpaid tx-hash transfer: the excess is prepaid balance
         data.update(credited=format_usdc(payment.credit_atomic), creditedAtomic=str(payment.credit_atomic),
@@ -73,6 +115,6 @@ def render_settled(settled: Settled, status_if_done: int = 201) -> Response:
         if sub.id in keys:
             key, token = keys[sub.id]
             row.update(keyId=key.id, hasKey=True, apiKey=token.plaintext)
-        data["subscriptions"].append(row)
+        rows.append(row)
     headers = {"PAYMENT-RESPONSE": settle_response_header(True, payment.tx_hash, payment.network, payment.payer)}
     return ok(data, status=status_if_done, headers=headers)

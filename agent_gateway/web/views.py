@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from agent_gateway.api.rendering import iso
-from agent_gateway.db.models import ApiKey, ManagementKey, Subscription
+from agent_gateway.web.rendering import iso
+from agent_gateway.db.models import ApiKey, KeyStatus, ManagementKey, Subscription
 from agent_gateway.keys.tokens import masked
-from agent_gateway.payments.amounts import format_usdc
+from agent_gateway.money import format_usdc
 
 
 def render_subscription(sub: Subscription, key: ApiKey | None = None) -> dict:
@@ -33,7 +33,7 @@ def render_key(key: ApiKey, sub: Subscription) -> dict:
         "prefix": key.prefix,
         "lastFour": key.last_four,
         "status": key.status,
-        "isActive": key.status == "active",
+        "isActive": key.status == KeyStatus.ACTIVE,
         "keyType": "subscription",
         "subscriptionId": sub.id,
         "subscriptionStatus": sub.status,

@@ -8,12 +8,14 @@ stream registry's callback that ends the exchange when the key is revoked in any
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from agent_gateway.catalog.pools import Pool
 from agent_gateway.errors import (
@@ -27,9 +29,10 @@ from agent_gateway.metrics import PROXY_IN_FLIGHT, PROXY_OVERHEAD, PROXY_REQUEST
 from agent_gateway.proxy.directory import KeyRecord
 from agent_gateway.proxy.leases import Lease, Leases
 from agent_gateway.proxy.metering import StreamMeter, find_usage
-from agent_gateway.proxy.revocations import Registration
+from agent_gateway.proxy.streams import Registration
 from agent_gateway.proxy.upstream import UpstreamClient, UpstreamResponse
 from agent_gateway.usage.recorder import UsageEvent, UsageRecorder
+from agent_gateway.web.rendering import render_error
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ class ProxyCall:
     strip_usage: bool
     request_id: str
     started: float  # perf_counter when the request arrived
-    created_at: Any  # datetime from the clock
+    created_at: datetime  # from the clock
     registration: Registration  # in the stream registry since before the lease was taken
     unregister: Callable[[], None]
 
@@ -85,12 +88,19 @@ class RelayDeps:
     usage: UsageRecorder
 
 
-class RelayResponse:
+class RelayResponse(Response):
+    """A Response that writes itself: like Starlette's StreamingResponse, whose `__call__` runs
+    `listen_for_disconnect` beside the body, it runs the watcher beside the pump."""
+
     def __init__(self, call: ProxyCall, deps: RelayDeps) -> None:
+        # Status and headers come from the upstream (or the error) when the exchange runs.
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = []
         self.call = call
         self.deps = deps
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         call, exchange = self.call, _Exchange()
         PROXY_IN_FLIGHT.inc()
         if call.registration.reason is not None:
@@ -116,7 +126,7 @@ class RelayResponse:
             call.unregister()
             await asyncio.shield(self._settle(exchange))
 
-    async def _watch(self, receive: Any, pump: asyncio.Task[None], exchange: _Exchange) -> None:
+    async def _watch(self, receive: Receive, pump: asyncio.Task[None], exchange: _Exchange) -> None:
         interval = self.deps.leases.renew_interval_s
         while True:
             if interval is None:
@@ -147,7 +157,7 @@ class RelayResponse:
                 _stop(pump, exchange, "client_disconnected")
                 return
 
-    async def _pump(self, send: Any, exchange: _Exchange) -> None:
+    async def _pump(self, send: Send, exchange: _Exchange) -> None:
         call, upstream_client = self.call, self.deps.upstream
         try:
             async with asyncio.timeout(upstream_client.timeouts.total_s):
@@ -180,7 +190,7 @@ class RelayResponse:
             if not exchange.finished:
                 _close_upstream(exchange)
 
-    async def _relay_whole(self, send: Any, response: UpstreamResponse, exchange: _Exchange) -> None:
+    async def _relay_whole(self, send: Send, response: UpstreamResponse, exchange: _Exchange) -> None:
         body = await response.read()
         response.release()
         if response.status >= 500 or response.status == 429:
@@ -204,7 +214,7 @@ class RelayResponse:
         exchange.headers_sent = True
         await send({"type": "http.response.body", "body": body})
 
-    async def _relay_stream(self, send: Any, response: UpstreamResponse, exchange: _Exchange) -> None:
+    async def _relay_stream(self, send: Send, response: UpstreamResponse, exchange: _Exchange) -> None:
         meter = StreamMeter(self.call.strip_usage)
         exchange.status = 200
         await send({"type": "http.response.start", "status": 200,
@@ -226,7 +236,7 @@ class RelayResponse:
         finally:
             exchange.usage, exchange.events = meter.usage, meter.events
 
-    async def _fail(self, send: Any, exchange: _Exchange, exc: GatewayError) -> None:
+    async def _fail(self, send: Send, exchange: _Exchange, exc: GatewayError) -> None:
         """Tell the client what went wrong: a JSON error before the headers, one SSE event after.
 
         The upstream is stopped and the slot freed first: a client that does not read (its
@@ -235,19 +245,18 @@ class RelayResponse:
         exchange.outcome = exc.code
         _close_upstream(exchange)
         await self._release(exchange)
-        payload = {"error": {"type": exc.type, "code": exc.code, "message": exc.message}}
+        # The shared renderer: the same envelope, headers and extra fields as every other error.
+        rendered = render_error(exc)
         try:
             async with asyncio.timeout(_ERROR_SEND_TIMEOUT_S):
                 if not exchange.headers_sent:
-                    exchange.status = exc.status
-                    body = json.dumps(payload).encode()
-                    await send({"type": "http.response.start", "status": exchange.status, "headers": [
-                        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                        (b"x-request-id", self.call.request_id.encode())]})
+                    exchange.status = rendered.status_code
+                    await send({"type": "http.response.start", "status": exchange.status,
+                                "headers": [*rendered.raw_headers, (b"x-request-id", self.call.request_id.encode())]})
                     exchange.headers_sent = True
-                    await send({"type": "http.response.body", "body": body})
+                    await send({"type": "http.response.body", "body": rendered.body})
                 else:
-                    event = b"data: " + json.dumps(payload).encode() + b"\n\n"
+                    event = b"data: " + bytes(rendered.body) + b"\n\n"
                     await send({"type": "http.response.body", "body": event, "more_body": False})
         except Exception:  # the client may be gone or not reading; nothing left to tell it
             log.debug("could not deliver the error to the client", exc_info=True)

@@ -9,12 +9,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from agent_gateway.api.auth import bearer_token, services_of
-from agent_gateway.api.bodies import parse_json_object, read_body
-from agent_gateway.api.public import plans_catalog
-from agent_gateway.api.rendering import iso
+from agent_gateway.web.auth import bearer_token, services_of
+from agent_gateway.web.bodies import parse_json_object, read_body
+from agent_gateway.web.catalog import plans_catalog
+from agent_gateway.web.rendering import iso
 from agent_gateway.catalog.blocks import seconds_until_next
-from agent_gateway.catalog.pools import Pool
+from agent_gateway.catalog.pools import Pool, PoolStatus
+from agent_gateway.db.models import KeyStatus, SubscriptionStatus
 from agent_gateway.errors import (
     AuthenticationError,
     InvalidRequest,
@@ -24,12 +25,12 @@ from agent_gateway.errors import (
     RateLimited,
     ServiceUnavailable,
 )
-from agent_gateway.lifespan import Services
+from agent_gateway.services import Services
 from agent_gateway.metrics import PROXY_REQUESTS
 from agent_gateway.proxy.directory import KeyRecord
 from agent_gateway.proxy.leases import AcquireResult
-from agent_gateway.proxy.relay import ProxyCall, RelayResponse
-from agent_gateway.proxy.revocations import Registration
+from agent_gateway.v1.relay import ProxyCall, RelayDeps, RelayResponse
+from agent_gateway.proxy.streams import Registration
 from agent_gateway.usage.report import empty_usage, usage_by_key
 
 _STREAMABLE = {"chat.completions", "completions"}
@@ -56,14 +57,14 @@ async def admit_key(request: Request, services: Services) -> KeyRecord:
         raise AuthenticationError("Invalid API key.", code="invalid_api_key")
     if key.deleted:
         raise PermissionDenied("This API key was deleted.", code="key_revoked")
-    if key.key_status == "disabled":
+    if key.key_status == KeyStatus.DISABLED:
         raise PermissionDenied("This API key is disabled; enable it from the management API.", code="key_disabled")
-    if key.subscription_status != "active" or key.period_end <= services.clock.now():
+    if key.subscription_status != SubscriptionStatus.ACTIVE or key.period_end <= services.clock.now():
         raise PermissionDenied(
             f"The subscription behind this key ended on {iso(key.period_end)}; renew it to continue.",
             code="subscription_expired",
         )
-    if key.key_status != "active":
+    if key.key_status != KeyStatus.ACTIVE:
         raise PermissionDenied("This API key was revoked.", code="key_revoked")
     return key
 
@@ -105,7 +106,7 @@ def _json_type(value: object) -> str:
 
 def _pool_of(services: Services, key: KeyRecord) -> Pool:
     pool = services.catalog.pool(key.pool_slug)
-    if pool is None or pool.status != "active":
+    if pool is None or pool.status != PoolStatus.ACTIVE:
         state = pool.status if pool else "withdrawn"
         raise ServiceUnavailable(f"Pool {key.pool_slug} is {state} and serves no requests now.",
                                  code="pool_not_active")
@@ -188,7 +189,7 @@ async def _proxy(request: Request, path: str, endpoint: str) -> Response:
         request_id=request.headers.get("x-request-id") or f"req_{lease.lease_id}",
         started=started, created_at=services.clock.now(), registration=registration, unregister=unregister,
     )
-    return RelayResponse(call, services.relay_deps)  # type: ignore[return-value]
+    return RelayResponse(call, RelayDeps(upstream=services.upstream, leases=services.leases, usage=services.usage))
 
 
 async def chat_completions(request: Request) -> Response:

@@ -11,7 +11,7 @@ from starlette.responses import Response
 from agent_gateway.db.models import Account
 from agent_gateway.errors import AuthenticationError
 from agent_gateway.keys.management import authenticate_management_key
-from agent_gateway.lifespan import Services
+from agent_gateway.services import Services
 
 ManagementHandler = Callable[[Request, Services, Account], Awaitable[Response]]
 

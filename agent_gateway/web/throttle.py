@@ -11,9 +11,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from agent_gateway.api.auth import services_of
-from agent_gateway.api.bodies import read_body
-from agent_gateway.api.paying import payment_header
+from agent_gateway.web.auth import services_of
+from agent_gateway.web.bodies import read_body
+from agent_gateway.web.x402 import payment_header
 from agent_gateway.errors import GatewayError, RateLimited
 from agent_gateway.settings import Settings
 from agent_gateway.strict_json import JsonRefused, loads_strict
@@ -23,7 +23,7 @@ Handler = Callable[..., Awaitable[Response]]
 
 def client_address(scope: Any) -> str:
     """The address attempts are counted under: the peer, or the client a trusted proxy named
-    (api.edge). IPv6 counts per /64, the block one subscriber usually holds."""
+    (web.edge). IPv6 counts per /64, the block one subscriber usually holds."""
     client = scope.get("client")
     host = client[0] if client else ""
     try:

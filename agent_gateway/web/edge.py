@@ -129,7 +129,7 @@ class BodyDeadline:
             except asyncio.CancelledError as exc:
                 if not (exc.args and exc.args[0] is _BODY_LATE):
                     raise
-                task.uncancel()  # type: ignore[union-attr]
+                task.uncancel()  # type: ignore[union-attr]  # only our own deadline cancels it, so a task is running
                 body_done = True  # the error below ends the request; later reads pass through
                 raise RequestTimeout(
                     f"The request body did not arrive within {self.timeout_s:g} s; send it in one go.",
