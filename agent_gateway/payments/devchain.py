@@ -41,7 +41,7 @@ ANVIL_DEV_KEYS: tuple[str, ...] = (
 DEPLOYER_INDEX, RELAYER_INDEX, PAY_TO_INDEX, FIRST_AGENT_INDEX = 0, 1, 2, 3
 MAX_AGENTS = len(ANVIL_DEV_KEYS) - FIRST_AGENT_INDEX
 
-ARTIFACT_RELPATH = Path("contracts_abi") / "TestUSDC.json"
+ARTIFACTS_DIR = Path("contracts_abi")
 _NPM_PLATFORM = {"Linux": "linux", "Darwin": "darwin", "Windows": "win32"}
 _NPM_ARCH = {"x86_64": "amd64", "AMD64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
 
@@ -171,10 +171,12 @@ def start_anvil(
     raise RuntimeError(f"anvil exited during start-up ({binary}):\n{last_error}")
 
 
-def load_artifact() -> dict[str, Any]:
-    path = _find_upwards(ARTIFACT_RELPATH)
+def load_artifact(contract: str = "TestUSDC") -> dict[str, Any]:
+    """A compiled contract from contracts_abi/ (built by contracts_abi/build.js)."""
+    relpath = ARTIFACTS_DIR / f"{contract}.json"
+    path = _find_upwards(relpath)
     if path is None:
-        raise FileNotFoundError(f"{ARTIFACT_RELPATH} not found above {Path(__file__).parent}")
+        raise FileNotFoundError(f"{relpath} not found above {Path(__file__).parent}")
     return json.loads(path.read_text())
 
 
