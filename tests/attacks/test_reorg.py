@@ -11,7 +11,9 @@ import pytest
 from x402.http.clients import x402HttpxClient
 
 from agent_gateway.accounts.service import get_account
+from agent_gateway.payments.reorgs import ReorgWatch
 from tests.attacks.conftest import (
+    ATTACK_POOLS,
     HORIZON_BLOCKS,
     ORDER,
     PRICE,
@@ -185,3 +187,38 @@ def test_a_reorganised_tx_hash_claim_whose_nonce_is_reused_is_revoked_at_once(at
     status = payment_status(live, data["paymentId"])
     assert status["state"] == "revoked" and status["failureReason"] == "transfer_replaced", status
     assert key_works(live, data["subscriptions"][0]["apiKey"]) == 403
+
+
+def test_with_more_payments_to_recheck_than_a_pass_takes_the_newest_still_gets_its_turn(
+        tmp_path, database_url, upstream, attack_chain, attack_view):
+    from tests.attacks.conftest import attack_gateway_settings
+    from tests.fixtures.live import live_gateway
+
+    chain = attack_chain
+    # A busy deployment: five purchases inside the reorg horizon, a pass that takes two.
+    with live_gateway(tmp_path, database_url, upstream, pools=ATTACK_POOLS,
+                      **attack_gateway_settings(chain, reorg_horizon_blocks=1000)) as live:
+        watch = ReorgWatch(live.services.payments, batch_size=2)
+        payers = [attack_view.new_wallet() for _ in range(5)]
+        bought = [buy(live, chain, payer) for payer in payers]
+        # The newest purchase is reorganised away and its payer makes sure it never comes back.
+        reorg(chain, 1)
+        assert receipt_status(chain, cancel_authorization(chain, payers[-1], bought[-1][1])) == 1
+        newest = bought[-1][0]
+
+        def one_pass() -> None:
+            for revocation in live.server.call(watch.recheck_settled()):
+                live.server.call(live.services.revoker.revoke(revocation.key_ids, "payment_revoked"))
+
+        # The four older ones stay undecided (not yet past the horizon) on every pass; they must not
+        # hold the newest back: within ceil(5 / 2) passes every payment has been re-checked.
+        for _ in range(3):
+            one_pass()
+
+        status = payment_status(live, newest["paymentId"])
+        assert status["state"] == "revoked" and status["failureReason"] == "authorization_canceled", status
+        assert key_works(live, newest["subscriptions"][0]["apiKey"]) == 403
+        for data, _ in bought[:-1]:
+            assert payment_status(live, data["paymentId"])["state"] == "delivered"
+            assert key_works(live, data["subscriptions"][0]["apiKey"]) == 200
+        assert available_seats(live) == 46
