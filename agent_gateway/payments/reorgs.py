@@ -75,8 +75,11 @@ class ReorgWatch:
         # The clock first: expired before an "unused" reading means unused for ever.
         expired = await chain.chain_now() >= payment.valid_before
         if await chain.authorization_used(payment.payer, payment.auth_nonce):
-            event = await chain.authorization_event(payment.payer, payment.auth_nonce,
-                                                    await self.payments.watch_from_block(payment))
+            # Re-mined on the new branch, the use may sit lower than the head we saw before settling
+            # (the branch forked below it): look from a horizon below the carrier's block too.
+            from_block = min(await self.payments.watch_from_block(payment),
+                             payment.block_number - self.payments.reorg_horizon_blocks)
+            event = await chain.authorization_event(payment.payer, payment.auth_nonce, from_block)
             if event is None:
                 return None  # the log index lags: next pass
             if event.kind == "canceled":
