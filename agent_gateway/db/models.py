@@ -164,11 +164,17 @@ class UsageRecord(SQLModel, table=True):
     created_at: datetime = Field(sa_column=_ts())
 
 
+# The rows of ux_payments_tx_hash: tx-hash claims that have not failed.
+TX_HASH_CLAIMED = "method = 'tx-hash' AND state <> 'failed' AND tx_hash IS NOT NULL"
+
+
 class Payment(SQLModel, table=True):
     """One USDC payment and the order it buys; its `state` is the payment state machine (payments.ledger).
 
-    A payment authorization (payer, nonce) and a transaction hash are each redeemed at most once:
-    partial unique indexes over the payments that have not failed enforce it in the database."""
+    An x402 payment is its authorization (payer, nonce), a tx-hash claim its transaction: each is
+    redeemed at most once, by partial unique indexes over the payments that have not failed. The
+    transaction that carried an x402 payment is not unique: one transaction can execute several
+    authorizations (anyone can bundle pending ones), and each of them is a payment of its own."""
 
     __tablename__ = "payments"
     __table_args__ = (
@@ -176,8 +182,7 @@ class Payment(SQLModel, table=True):
               sqlite_where=text("state <> 'failed' AND auth_nonce IS NOT NULL"),
               postgresql_where=text("state <> 'failed' AND auth_nonce IS NOT NULL")),
         Index("ux_payments_tx_hash", "tx_hash", unique=True,
-              sqlite_where=text("state <> 'failed' AND tx_hash IS NOT NULL"),
-              postgresql_where=text("state <> 'failed' AND tx_hash IS NOT NULL")),
+              sqlite_where=text(TX_HASH_CLAIMED), postgresql_where=text(TX_HASH_CLAIMED)),
         Index("ix_payments_state_updated", "state", "updated_at"),
         Index("ix_payments_recheck", "chain_final", "state"),
     )
@@ -218,6 +223,8 @@ class Payment(SQLModel, table=True):
     credit_atomic: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
     # Past the reorg horizon (or ended without money): no longer re-checked.
     chain_final: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, server_default=false()))
+    # When the reorg re-check last took it up: the pass takes the longest unchecked first.
+    rechecked_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
     created_at: datetime = Field(sa_column=_ts())
     updated_at: datetime = Field(sa_column=_ts())
 

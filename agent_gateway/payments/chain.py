@@ -60,12 +60,31 @@ class Transfer:
 
 
 @dataclass(frozen=True)
+class AuthorizationUse:
+    """A decoded `AuthorizationUsed(authorizer, nonce)` log of our token: an EIP-3009 authorization
+    executed in the transaction (FiatToken emits it right before that authorization's Transfer)."""
+
+    authorizer: str
+    nonce: str  # 0x + 64 lowercase hex
+
+
+@dataclass(frozen=True)
 class Receipt:
     tx_hash: str
     ok: bool  # status == 1
     block_number: int
     confirmations: int  # latest - block_number + 1
     transfers: tuple[Transfer, ...]  # Transfer logs emitted by our token only
+    authorizations_used: tuple[AuthorizationUse, ...] = ()  # AuthorizationUsed logs of our token
+
+    def used_authorization(self, authorizer: str, nonce: str) -> bool:
+        """Whether this transaction executed the authorization (authorizer, nonce)."""
+        return any(u.authorizer.lower() == authorizer.lower() and u.nonce == nonce.lower()
+                   for u in self.authorizations_used)
+
+    def authorizer_in_it(self, address: str) -> bool:
+        """Whether any authorization of `address` was executed in this transaction."""
+        return any(u.authorizer.lower() == address.lower() for u in self.authorizations_used)
 
 
 @dataclass(frozen=True)
@@ -339,9 +358,11 @@ class ChainAdapter:
             return None
         latest = await self._rpc("the block number", self._w3.eth.block_number)
         block = int(raw["blockNumber"])
+        logs = raw.get("logs", [])
         return Receipt(tx_hash=tx_hash, ok=raw.get("status") == 1, block_number=block,
                        confirmations=max(0, latest - block + 1),
-                       transfers=tuple(t for t in map(self._decode_transfer_log, raw.get("logs", [])) if t))
+                       transfers=tuple(t for t in map(self._decode_transfer_log, logs) if t),
+                       authorizations_used=tuple(u for u in map(self._decode_authorization_used, logs) if u))
 
     def _decode_transfer_log(self, entry: Any) -> Transfer | None:
         topics = [bytes(t) for t in entry.get("topics", [])]
@@ -350,6 +371,13 @@ class ChainAdapter:
             return None
         return Transfer(token=self.token_address, from_=to_checksum_address(topics[1][-20:]),
                         to=to_checksum_address(topics[2][-20:]), value=int.from_bytes(bytes(entry["data"]), "big"))
+
+    def _decode_authorization_used(self, entry: Any) -> AuthorizationUse | None:
+        topics = [bytes(t) for t in entry.get("topics", [])]
+        if (to_checksum_address(entry["address"]) != self.token_address or len(topics) != 3
+                or topics[0] != _AUTHORIZATION_USED_TOPIC):
+            return None
+        return AuthorizationUse(authorizer=to_checksum_address(topics[1][-20:]), nonce="0x" + topics[2].hex())
 
     async def transaction(self, tx_hash: str) -> TxInfo | None:
         """A transaction by hash (mined or in the pool); None if the node does not know it."""

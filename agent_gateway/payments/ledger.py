@@ -11,7 +11,9 @@ redeemed again. `credited` means the money arrived but the seats could not be de
 before a tx-hash claim, or a renewed subscription expired while its payment settled): the amount
 went to the account's prepaid balance, and the claim stays taken for good.
 
-`received` claims the payment (payer + authorization nonce, or the tx hash) under a unique index;
+`received` claims the payment (x402: payer + authorization nonce; tx-hash: the claimed transaction)
+under a unique index (the transaction that carried an x402 payment is not unique: one transaction
+can execute several authorizations, each a payment of its own);
 `reserved` holds the seats in the inventory; `broadcast` stores the signed settlement *before* it
 is sent, so a restart resends the same bytes and never a second transaction; `delivered` creates
 the account (bound to the payer's wallet, if new), the subscriptions and their keys in the same
@@ -54,7 +56,8 @@ T = TypeVar("T")
 FINAL_STATES = (PaymentState.DELIVERED, PaymentState.FAILED, PaymentState.CREDITED, PaymentState.REVOKED)
 # Money arrived: re-checked for reorgs until past the horizon.
 SETTLED_STATES = (PaymentState.DELIVERED, PaymentState.CREDITED)
-# Before the settlement was stored: nothing can have been sent for these.
+# Before the settlement was stored: nothing can have been sent for these x402 payments. (A tx-hash
+# claim's money is on-chain before its row exists: the reconciler re-checks those instead.)
 UNSENT_STATES = (PaymentState.RECEIVED, PaymentState.VERIFIED, PaymentState.RESERVED)
 
 
@@ -129,14 +132,11 @@ async def advance(db: Database, clock: Clock, payment_id: str, expected: Payment
 
 async def confirm(db: Database, clock: Clock, payment_id: str, expected: PaymentState, tx_hash: str,
                   block_number: int) -> bool:
-    """`expected` -> confirmed, recording the transaction that carried the Transfer. False if the
-    payment was elsewhere, or if another payment already claimed that transaction (a payer who
-    front-ran its own authorization, then claimed the transaction by tx hash)."""
-    try:
-        return await advance(db, clock, payment_id, expected, PaymentState.CONFIRMED, tx_hash=tx_hash, block_number=block_number)
-    except IntegrityError:
-        log.warning("payment %s: transaction %s already belongs to another payment", payment_id, tx_hash)
-        return False
+    """`expected` -> confirmed, recording the transaction that carried the Transfer; False if the
+    payment was elsewhere. Several x402 payments may name one transaction (a bundle of
+    authorizations): only tx-hash claims hold their transaction under the unique index."""
+    return await advance(db, clock, payment_id, expected, PaymentState.CONFIRMED, tx_hash=tx_hash,
+                         block_number=block_number)
 
 
 async def replace_settlement(db: Database, clock: Clock, payment_id: str, old_tx_hash: str,
@@ -343,14 +343,13 @@ async def revoke(db: Database, clock: Clock, payment_id: str, reason: str) -> Re
 
 async def record_carrier(db: Database, clock: Clock, payment_id: str, tx_hash: str, block_number: int) -> bool:
     """A settled payment's Transfer is now in another block (re-mined after a reorg), or in
-    another transaction (the same authorization, mined again by someone else)."""
-    try:
-        async with db.transaction() as session:
-            moved = await session.execute(
-                update(Payment).where(col(Payment.id) == payment_id, col(Payment.state).in_(SETTLED_STATES))
-                .values(tx_hash=tx_hash, block_number=block_number, updated_at=clock.now()))
-    except IntegrityError:
-        return False
+    another transaction (the same authorization, mined again by someone else). False only if the
+    payment is no longer delivered or credited. It cannot meet the unique index: a tx-hash claim
+    is only ever re-recorded with its own hash, and x402 payments are not under it."""
+    async with db.transaction() as session:
+        moved = await session.execute(
+            update(Payment).where(col(Payment.id) == payment_id, col(Payment.state).in_(SETTLED_STATES))
+            .values(tx_hash=tx_hash, block_number=block_number, updated_at=clock.now()))
     if rows_changed(moved) == 1:
         log.warning("payment %s: its Transfer is now in %s, block %d", payment_id, tx_hash, block_number)
     return rows_changed(moved) == 1
@@ -363,14 +362,22 @@ async def mark_chain_final(db: Database, payment_id: str) -> None:
     log.info("payment %s is past the reorg horizon", payment_id)
 
 
-async def settled_payments_to_recheck(db: Database) -> list[Payment]:
-    """Delivered or credited payments whose transfer is not yet past the reorg horizon."""
+async def settled_payments_to_recheck(db: Database, clock: Clock, limit: int) -> list[Payment]:
+    """Up to `limit` delivered or credited payments whose transfer is not yet past the reorg horizon,
+    the ones checked longest ago first (never checked: first of all), each marked checked now. So
+    every payment gets its turn however many there are, and one that stays undecided pass after
+    pass (a node that lags, a transfer back in the mempool) goes to the back instead of taking a
+    place in every pass."""
     async with db.transaction() as session:
-        rows = await session.scalars(
+        rows = list(await session.scalars(
             select(Payment).where(col(Payment.chain_final).is_(False), col(Payment.state).in_(SETTLED_STATES),
                                   col(Payment.block_number).is_not(None))
-            .order_by(col(Payment.created_at)).limit(500))
-        return list(rows)
+            .order_by(col(Payment.rechecked_at).asc().nulls_first(), col(Payment.created_at), col(Payment.id))
+            .limit(limit)))
+        if rows:
+            await session.execute(update(Payment).where(col(Payment.id).in_([p.id for p in rows]))
+                                  .values(rechecked_at=clock.now()))
+        return rows
 
 
 async def get_payment(db: Database, payment_id: str) -> Payment | None:

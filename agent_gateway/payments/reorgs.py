@@ -1,5 +1,5 @@
-"""The reorg re-check: a delivered (or credited) payment is looked up again on every pass until its
-transaction is past the reorg horizon. A transfer reorganised away is revoked only once it is gone
+"""The reorg re-check: a delivered (or credited) payment is looked up again, pass after pass (the one
+checked longest ago first), until its transaction is past the reorg horizon. A transfer reorganised away is revoked only once it is gone
 for good; one that can still be mined again is waited for (and an x402 settlement of ours is sent
 again). The rules for "gone for good" are in docs/decisions.md, "Confirmations and reorgs"."""
 
@@ -18,10 +18,14 @@ log = logging.getLogger(__name__)
 
 
 class ReorgWatch:
-    def __init__(self, payments: PaymentService) -> None:
+    """`batch_size`: how many payments one pass re-checks, those checked longest ago first; a
+    deployment with more unfinal payments than that re-checks each of them every few passes."""
+
+    def __init__(self, payments: PaymentService, batch_size: int = 500) -> None:
         self.payments = payments
         self.db = payments.db
         self.clock = payments.clock
+        self.batch_size = batch_size
 
     async def recheck_settled(self) -> list[Revocation]:
         """One pass over delivered and credited payments not yet past the reorg horizon: those
@@ -29,7 +33,7 @@ class ReorgWatch:
         if not self.payments.enabled:
             return []
         revoked = []
-        for payment in await ledger.settled_payments_to_recheck(self.db):
+        for payment in await ledger.settled_payments_to_recheck(self.db, self.clock, self.batch_size):
             try:
                 revocation = await self._recheck_one(payment)
             except GatewayError as exc:
@@ -55,7 +59,7 @@ class ReorgWatch:
         if payment.method == "x402-exact":
             reason = await self._authorization_gone(payment)
         else:
-            reason = await self._transfer_gone(payment, mined_without_paying=receipt is not None)
+            reason = await self.payments.claimed_transfer_gone(payment, receipt)
         if reason is None:
             return None
         revocation = await ledger.revoke(self.db, self.clock, payment.id, reason)
@@ -73,8 +77,12 @@ class ReorgWatch:
         expired = await chain.chain_now() >= ledger.stored(payment.valid_before, "valid_before", payment)
         nonce = ledger.stored(payment.auth_nonce, "auth_nonce", payment)
         if await chain.authorization_used(payment.payer, nonce):
-            event = await chain.authorization_event(payment.payer, nonce,
-                                                    await self.payments.watch_from_block(payment))
+            # Re-mined on the new branch, the use may sit lower than the head we saw before settling
+            # (the branch forked below it): look from a horizon below the carrier's block too.
+            from_block = min(await self.payments.watch_from_block(payment),
+                             ledger.stored(payment.block_number, "block_number", payment)
+                             - self.payments.reorg_horizon_blocks)
+            event = await chain.authorization_event(payment.payer, nonce, from_block)
             if event is None:
                 return None  # the log index lags: next pass
             if event.kind == "canceled":
@@ -96,17 +104,4 @@ class ReorgWatch:
                 log.warning("payment %s: transfer reorganised away; our settlement sent again", payment.id)
             except GatewayError as exc:
                 log.info("payment %s: re-sending the settlement failed: %s", payment.id, exc.message)
-        return None
-
-    async def _transfer_gone(self, payment: Payment, *, mined_without_paying: bool) -> str | None:
-        """Why a tx-hash payment's transfer is gone for good, or None while it may be mined again."""
-        chain = self.payments.require_chain()
-        if mined_without_paying:
-            return "transfer_reverted"  # re-executed after the reorg, and no longer pays us
-        if await chain.transaction(ledger.stored(payment.tx_hash, "tx_hash", payment)) is not None:
-            return None  # back in the mempool: it will be mined again
-        if payment.sender_nonce is not None and await chain.sender_nonce(payment.payer) > payment.sender_nonce:
-            return "transfer_replaced"  # another transaction took its nonce: it can never be mined
-        if await chain.block_number() >= ledger.stored(payment.block_number, "block_number", payment) + self.payments.reorg_horizon_blocks:
-            return "transfer_vanished"  # unknown to the node a whole horizon later
         return None

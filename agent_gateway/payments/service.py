@@ -233,11 +233,12 @@ class PaymentService:
             raise PaymentRequired(
                 f"The transaction was mined {chain_now - mined_at} s ago; this gateway accepts claims of transfers "
                 f"up to {self.settings.tx_claim_max_age_s} s old. Pay with x402 instead.", code="transfer_too_old")
-        paid = self._paid_to_us(receipt, signer)
+        paid = self.paid_by_plain_transfer(receipt, signer)
         if not receipt.ok or paid < order.total_atomic:
             raise PaymentRequired(
                 f"The transaction does not pay {format_usdc(order.total_atomic)} USDC from {signer} to "
-                f"{self.terms.pay_to}.", code="transfer_mismatch")
+                f"{self.terms.pay_to} by a plain transfer (a transfer of an EIP-3009 authorization is "
+                f"redeemed over x402, never by tx hash).", code="transfer_mismatch")
         row = await ledger.record_received(
             self.db, self.clock,
             Claim(method="tx-hash", network=self.network, payer=signer, amount_atomic=paid, tx_hash=tx_hash,
@@ -259,15 +260,44 @@ class PaymentService:
                 f"account {account.id} (sign in with the paying wallet to use or see it).",
                 code="sold_out_after_payment") from None
         # The transfer is already on-chain and confirmed: nothing to broadcast.
-        await ledger.advance(self.db, self.clock, row.id, PaymentState.RESERVED, PaymentState.CONFIRMED)
+        if not await ledger.advance(self.db, self.clock, row.id, PaymentState.RESERVED, PaymentState.CONFIRMED):
+            current = await ledger.load_payment(self.db, row.id)
+            if current.state != PaymentState.CONFIRMED:
+                raise self._claim_finished_elsewhere(current)
         delivery = await ledger.deliver(self.db, self.clock, row.id, mint_keys=True)
-        return Settled(delivery.payment if delivery else await ledger.load_payment(self.db, row.id), delivery)
+        if delivery is None:
+            # Lost a race to the reconciler (this request stalled past AGW_RECONCILE_AFTER_S): it
+            # finished the claim without keys. Nothing is pending on-chain, so never a 202.
+            raise self._claim_finished_elsewhere(await ledger.load_payment(self.db, row.id))
+        return Settled(delivery.payment, delivery)
 
-    def _paid_to_us(self, receipt: Receipt, payer: str) -> int:
+    @staticmethod
+    def _claim_finished_elsewhere(payment: Payment) -> GatewayError:
+        if payment.state in (PaymentState.DELIVERED, PaymentState.CREDITED):
+            return Conflict(
+                f"This claim was completed meanwhile by the gateway's background pass (payment {payment.id} is "
+                f"{payment.state}); sign in with the paying wallet (POST /api/agent/auth/challenge) for its keys "
+                "or balance.", code="claim_completed_elsewhere")
+        return Conflict(f"The claim moved on while it was being delivered (payment {payment.id} is {payment.state}"
+                        f"{': ' + payment.failure_reason if payment.failure_reason else ''}).",
+                        code="payment_state_changed")
+
+    def _transfers_to_us(self, receipt: Receipt, payer: str) -> list[int]:
         pay_to = self.terms.pay_to.lower()
         token = self.terms.usdc_address.lower()
-        return sum(t.value for t in receipt.transfers
-                   if t.token.lower() == token and t.from_.lower() == payer.lower() and t.to.lower() == pay_to)
+        return [t.value for t in receipt.transfers
+                if t.token.lower() == token and t.from_.lower() == payer.lower() and t.to.lower() == pay_to]
+
+    def paid_by_plain_transfer(self, receipt: Receipt, payer: str) -> int:
+        """What `payer` paid payTo in the transaction by plain transfers (transfer, transferFrom):
+        what a tx-hash claim may count. If an EIP-3009 authorization of `payer` was executed in it,
+        none of its Transfers count: the token does not say which Transfer is the authorization's,
+        and an authorization's Transfer is an x402 payment's (redeemed by (payer, nonce)), so the
+        two ways of paying can never count one Transfer. Anyone can put a pending authorization into
+        a transaction of theirs, but not into the payer's own."""
+        if receipt.authorizer_in_it(payer):
+            return 0
+        return sum(self._transfers_to_us(receipt, payer))
 
     # --- receipts, delivery, reconciliation ----------------------------------------------
 
@@ -292,7 +322,7 @@ class PaymentService:
     async def _finish(self, payment: Payment, receipt: Receipt, *, mint_keys: bool) -> Settled:
         if not receipt.ok:
             return await self.settle_by_authorization(payment, "settlement_reverted", mint_keys=mint_keys)
-        if self._paid_to_us(receipt, payment.payer) != payment.amount_atomic:
+        if not self.carries(receipt, payment):
             await ledger.fail(self.db, self.clock, payment.id, "transfer_mismatch", only_from=(PaymentState.BROADCAST,))
             raise GatewayError("The settlement's Transfer does not match the payment.", code="transfer_mismatch")
         await ledger.confirm(self.db, self.clock, payment.id, PaymentState.BROADCAST, receipt.tx_hash, receipt.block_number)
@@ -333,13 +363,9 @@ class PaymentService:
         if event.tx_hash != payment.tx_hash:
             log.warning("payment %s: settled by another transaction %s (front-run of %s); delivering",
                         payment.id, event.tx_hash, payment.tx_hash)
-        if not await ledger.confirm(self.db, self.clock, payment.id, PaymentState.BROADCAST, event.tx_hash, carrier.block_number):
-            current = await ledger.load_payment(self.db, payment.id)
-            if current.state == PaymentState.BROADCAST:  # another payment holds that transaction
-                await ledger.fail(self.db, self.clock, payment.id, "transfer_claimed_elsewhere",
-                                  only_from=(PaymentState.BROADCAST,))
-                raise Conflict("The transaction that carried this payment was already claimed by another "
-                               "payment.", code="transfer_claimed_elsewhere")
+        # One transaction can carry several authorizations (a bundler's): each is its own payment,
+        # redeemed once by (payer, nonce), and all of them name that transaction.
+        await ledger.confirm(self.db, self.clock, payment.id, PaymentState.BROADCAST, event.tx_hash, carrier.block_number)
         return await self._deliver_confirmed(payment.id, mint_keys=mint_keys)
 
     async def watch_from_block(self, payment: Payment) -> int:
@@ -351,8 +377,15 @@ class PaymentService:
         return max(0, await self.require_chain().block_number() - 100 * self.reorg_horizon_blocks)
 
     def carries(self, receipt: Receipt, payment: Payment) -> bool:
-        """The mined receipt still pays `payTo` what the payment recorded, from the payer."""
-        return receipt.ok and self._paid_to_us(receipt, payment.payer) >= payment.amount_atomic
+        """The mined receipt still pays `payTo` what the payment recorded, from the payer: for x402,
+        by executing the payment's own authorization (whose `to` and `value` were checked to be
+        payTo and the amount before settling); for a tx-hash claim, by plain transfers."""
+        if not receipt.ok:
+            return False
+        if payment.method == "x402-exact":
+            return (receipt.used_authorization(payment.payer, ledger.stored(payment.auth_nonce, "auth_nonce", payment))
+                    and sum(self._transfers_to_us(receipt, payment.payer)) >= payment.amount_atomic)
+        return self.paid_by_plain_transfer(receipt, payment.payer) >= payment.amount_atomic
 
     async def _deliver_confirmed(self, payment_id: str, *, mint_keys: bool) -> Settled:
         delivery = await ledger.deliver(self.db, self.clock, payment_id, mint_keys=mint_keys)
@@ -384,9 +417,11 @@ class PaymentService:
 
     async def _reconcile_one(self, payment: Payment) -> int:
         chain = self.require_chain()
+        if payment.method == "tx-hash" and payment.state in ledger.UNSENT_STATES:
+            return await self._reconcile_tx_claim(payment)
         if payment.state in ledger.UNSENT_STATES:
-            # Stopped before the settlement was stored, so it was never sent. (If a request moved
-            # it on since this pass read it, `only_from` leaves it alone.)
+            # An x402 payment stopped before its settlement was stored, so it was never sent. (If a
+            # request moved it on since this pass read it, `only_from` leaves it alone.)
             return int(await ledger.fail(self.db, self.clock, payment.id, "abandoned_before_settlement",
                                          only_from=ledger.UNSENT_STATES))
         if payment.state == PaymentState.CONFIRMED:
@@ -426,6 +461,48 @@ class PaymentService:
             return int(not sent.pending)
         log.info("payment %s: settlement %s resent", payment.id, payment.tx_hash)
         return 0
+
+    async def _reconcile_tx_claim(self, payment: Payment) -> int:
+        """A tx-hash claim stopped between its record and its delivery (the process died). Its
+        money was on-chain before the row was written, so nothing is "unsent": the transfer is
+        checked again and the claim delivered (keys after wallet sign-in), or credited if the seats
+        sold out meanwhile; only a transfer gone for good fails it (which frees the hash to be
+        claimed again should it ever be mined)."""
+        chain = self.require_chain()
+        receipt = await chain.receipt(ledger.stored(payment.tx_hash, "tx_hash", payment))
+        if receipt is None or not self.carries(receipt, payment):
+            reason = await self.claimed_transfer_gone(payment, receipt)
+            if reason is None:
+                return 0  # may still be mined: look again next pass
+            return int(await ledger.fail(self.db, self.clock, payment.id, reason, only_from=(PaymentState.VERIFIED, PaymentState.RESERVED)))
+        if receipt.confirmations < self.confirmations:
+            return 0
+        if payment.state == PaymentState.VERIFIED:
+            try:
+                await ledger.reserve(self.db, self.clock, self.catalog, payment)
+            except Conflict as exc:
+                if exc.code != "sold_out":
+                    return 0  # moved on meanwhile: whoever moved it finishes it
+                return int(await ledger.credit_instead(self.db, self.clock, payment.id, "sold_out_after_payment",
+                                                       only_from=(PaymentState.VERIFIED,)) is not None)
+        if not await ledger.advance(self.db, self.clock, payment.id, PaymentState.RESERVED, PaymentState.CONFIRMED,
+                                    block_number=receipt.block_number):
+            return 0
+        return int(await ledger.deliver(self.db, self.clock, payment.id, mint_keys=False) is not None)
+
+    async def claimed_transfer_gone(self, payment: Payment, receipt: Receipt | None) -> str | None:
+        """Why a tx-hash claim's transfer is gone for good, or None while it may still be mined.
+        `receipt`: the claimed transaction's receipt when it is mined (and then it no longer pays)."""
+        chain = self.require_chain()
+        if receipt is not None:
+            return "transfer_reverted"  # executed (again, after a reorg) and does not pay us
+        if await chain.transaction(ledger.stored(payment.tx_hash, "tx_hash", payment)) is not None:
+            return None  # in the mempool: it will be mined
+        if payment.sender_nonce is not None and await chain.sender_nonce(payment.payer) > payment.sender_nonce:
+            return "transfer_replaced"  # another transaction took its nonce: it can never be mined
+        if await chain.block_number() >= ledger.stored(payment.block_number, "block_number", payment) + self.reorg_horizon_blocks:
+            return "transfer_vanished"  # unknown to the node a whole horizon later
+        return None
 
     def require_chain(self) -> ChainAdapter:
         if self.chain is None:

@@ -42,7 +42,6 @@ ANVIL_DEV_KEYS: tuple[str, ...] = (
 DEPLOYER_INDEX, RELAYER_INDEX, PAY_TO_INDEX, FIRST_AGENT_INDEX = 0, 1, 2, 3
 MAX_AGENTS = len(ANVIL_DEV_KEYS) - FIRST_AGENT_INDEX
 
-ARTIFACT_FILE = "TestUSDC.json"  # package data of agent_gateway.testing, written by contracts_abi/build.js
 _NPM_PLATFORM = {"Linux": "linux", "Darwin": "darwin", "Windows": "win32"}
 _NPM_ARCH = {"x86_64": "amd64", "AMD64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
 
@@ -174,9 +173,13 @@ def start_anvil(
     raise RuntimeError(f"anvil exited during start-up ({binary}):\n{last_error}")
 
 
-def load_artifact() -> dict[str, Any]:
-    """TestUSDC's build output: {contractName, abi, bytecode, compiler}."""
-    return json.loads(resources.files("agent_gateway.testing").joinpath(ARTIFACT_FILE).read_text(encoding="utf-8"))
+def load_artifact(contract: str = "TestUSDC") -> dict[str, Any]:
+    """A test contract's build output ({contractName, abi, bytecode, compiler}): TestUSDC (the dev
+    chain's token) or CallBatch (the attack tests' bundler); package data of agent_gateway.testing,
+    written by contracts_abi/build.js."""
+    artifact = resources.files("agent_gateway.testing").joinpath(f"{contract}.json")
+    result: dict[str, Any] = json.loads(artifact.read_text(encoding="utf-8"))
+    return result
 
 
 def _web3(rpc_url: str) -> Web3:

@@ -9,7 +9,6 @@ import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -31,9 +30,7 @@ pytestmark = [
 PRICE = 10_000_000  # pool alpha: 10.00 USDC per seat, one block
 ORDER = {"pool": "alpha", "blocks": ["day"], "quantity": 1}
 MESSAGES = [{"role": "user", "content": "two processes, one key"}]
-
-
-PUBLIC_URL = "http://gateway.test"
+DEPLOYMENT_DOMAIN = "gateway.test"
 
 
 @pytest.fixture
@@ -50,11 +47,11 @@ def two_processes(tmp_path: Path, database_url: str, redis_url: str,  # noqa: F8
         "AGW_USDC_ADDRESS": devchain.token, "AGW_USDC_NAME": devchain.token_name,
         "AGW_USDC_VERSION": devchain.token_version, "AGW_PAY_TO": devchain.pay_to,
         "AGW_RELAYER_KEY": devchain.relayer_key, "AGW_CONFIRMATIONS": "1", "AGW_SETTLE_WAIT_S": "10",
+        # One deployment, one public URL: a tx-hash claim names its domain.
+        "AGW_PUBLIC_URL": f"http://{DEPLOYMENT_DOMAIN}",
         # The refused copies below are failed unauthenticated writes from one address; the
         # attacks here are about processes, not about that limit.
         "AGW_UNAUTH_WRITES_PER_MINUTE": "10000",
-        # One deployment, one public URL: tx-hash claims and sign-in messages name its domain.
-        "AGW_PUBLIC_URL": PUBLIC_URL,
     }
     processes = []
     try:
@@ -182,8 +179,8 @@ async def test_one_tx_hash_claimed_through_both_processes_at_once_is_delivered_o
     wallet = chain_view.new_wallet()
     paid = transfer(devchain, wallet, devchain.pay_to, PRICE)
     seats_before = await seats_left(two_processes[0])
-    claim = {**ORDER, "txHash": paid, "signature": claim_signature(wallet.key, paid, None, chain_id=devchain.chain_id,
-                                                               domain=urlsplit(PUBLIC_URL).netloc)}
+    signature = claim_signature(wallet.key, paid, None, chain_id=devchain.chain_id, domain=DEPLOYMENT_DOMAIN)
+    claim = {**ORDER, "txHash": paid, "signature": signature}
 
     responses = await post_everywhere(two_processes, claim, {}, copies_each=6)
 

@@ -11,7 +11,9 @@ import pytest
 from x402.http.clients import x402HttpxClient
 
 from agent_gateway.accounts.service import get_account
+from agent_gateway.payments.reorgs import ReorgWatch
 from tests.attacks.conftest import (
+    ATTACK_POOLS,
     HORIZON_BLOCKS,
     ORDER,
     PRICE,
@@ -185,3 +187,76 @@ def test_a_reorganised_tx_hash_claim_whose_nonce_is_reused_is_revoked_at_once(at
     status = payment_status(live, data["paymentId"])
     assert status["state"] == "revoked" and status["failureReason"] == "transfer_replaced", status
     assert key_works(live, data["subscriptions"][0]["apiKey"]) == 403
+
+
+def test_with_more_payments_to_recheck_than_a_pass_takes_the_newest_still_gets_its_turn(
+        tmp_path, database_url, upstream, attack_chain, attack_view):
+    from tests.attacks.conftest import attack_gateway_settings
+    from tests.fixtures.live import live_gateway
+
+    chain = attack_chain
+    # A busy deployment: five purchases inside the reorg horizon, a pass that takes two.
+    with live_gateway(tmp_path, database_url, upstream, pools=ATTACK_POOLS,
+                      **attack_gateway_settings(chain, reorg_horizon_blocks=1000)) as live:
+        watch = ReorgWatch(live.services.payments, batch_size=2)
+        payers = [attack_view.new_wallet() for _ in range(5)]
+        bought = [buy(live, chain, payer) for payer in payers]
+        # The newest purchase is reorganised away and its payer makes sure it never comes back.
+        reorg(chain, 1)
+        assert receipt_status(chain, cancel_authorization(chain, payers[-1], bought[-1][1])) == 1
+        newest = bought[-1][0]
+
+        def one_pass() -> None:
+            for revocation in live.server.call(watch.recheck_settled()):
+                live.server.call(live.services.revoker.revoke(revocation.key_ids, "payment_revoked"))
+
+        # The four older ones stay undecided (not yet past the horizon) on every pass; they must not
+        # hold the newest back: within ceil(5 / 2) passes every payment has been re-checked.
+        for _ in range(3):
+            one_pass()
+
+        status = payment_status(live, newest["paymentId"])
+        assert status["state"] == "revoked" and status["failureReason"] == "authorization_canceled", status
+        assert key_works(live, newest["subscriptions"][0]["apiKey"]) == 403
+        for data, _ in bought[:-1]:
+            assert payment_status(live, data["paymentId"])["state"] == "delivered"
+            assert key_works(live, data["subscriptions"][0]["apiKey"]) == 200
+        assert available_seats(live) == 46
+
+
+def test_a_front_run_purchase_remined_below_the_head_seen_at_payment_is_found_and_stays_delivered(
+        tmp_path, sqlite_url, upstream, attack_chain, attack_view):
+    from tests.attacks.conftest import attack_gateway_settings, send_with_higher_tip, wait_for_pending
+    from tests.attacks.test_front_running import manual_mining
+    from tests.fixtures.live import live_gateway
+
+    chain = attack_chain
+    buyer, attacker = attack_view.new_wallet(), attack_view.new_wallet(usdc_atomic=0)
+    with live_gateway(tmp_path, sqlite_url, upstream, pools=ATTACK_POOLS,
+                      **attack_gateway_settings(chain, settle_wait_s=0.5)) as live, \
+            httpx.Client(base_url=live.url, timeout=60) as http:
+        accepted = challenge(http, ORDER)
+        authorization, signature = sign_authorization(chain, buyer.key, payer=buyer.address, to=chain.pay_to,
+                                                      value=PRICE)
+        mine(chain, HORIZON_BLOCKS)  # empty blocks: what the reorganisation below takes holds nothing else
+        with manual_mining(chain):
+            r = http.post("/api/agent/subscribe-pool", json=ORDER,
+                          headers={"PAYMENT-SIGNATURE": payment_header(accepted, authorization, signature)})
+            assert r.status_code == 202, r.text
+            payment_id = r.json()["data"]["paymentId"]
+            ours = wait_for_pending(chain, chain.relayer_address)
+            copy = send_with_higher_tip(chain, attacker, ours)
+            rpc(chain, "evm_mine")
+        assert receipt_status(chain, copy) == 1 and receipt_status(chain, ours["hash"]) == 0
+        run_background_pass(live)
+        assert payment_status(live, payment_id)["txHash"] == copy  # delivered, carried by the copy
+
+        # A new branch forks below the head the gateway read before settling and drops both
+        # transactions; the re-check sends our settlement again, and it is mined lower than before.
+        rpc(chain, "anvil_rollback", [HORIZON_BLOCKS])
+        for _ in range(3):
+            run_background_pass(live)
+
+        status = payment_status(live, payment_id)
+        assert status["state"] == "delivered" and status["txHash"] == ours["hash"], status
+        assert attack_view.usdc(buyer.address) == 100 * 10**6 - PRICE  # charged once

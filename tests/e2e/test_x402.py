@@ -220,10 +220,11 @@ def transfer(devchain, wallet: Wallet, to: str, value: int) -> str:
     return "0x" + tx_hash.hex().removeprefix("0x")
 
 
-def claim_signature(key: str, tx_hash: str, live: LiveGateway, *, chain_id: int | None = None,
+def claim_signature(key: str, tx_hash: str, live: LiveGateway | None, *, chain_id: int | None = None,
                     domain: str | None = None) -> str:
     """The wallet's EIP-191 signature of the claim message, bound to a chain and a deployment's domain
-    (by default the live gateway's: its chain id and the host of its public URL)."""
+    (by default the live gateway's: its chain id and the host of its public URL; without `live`,
+    both must be given)."""
     from urllib.parse import urlsplit
 
     message = tx_claim_message(tx_hash, chain_id or live.settings.chain_id,

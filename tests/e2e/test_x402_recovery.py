@@ -91,7 +91,9 @@ async def test_a_gateway_killed_after_broadcast_completes_the_purchase_after_res
     pools = tmp_path / "pools.toml"
     pools.write_text(X402_POOLS.format(upstream=upstream.url))
     env = {**devchain.env(), "AGW_DATABASE_URL": f"sqlite:///{db}", "AGW_POOLS_FILE": str(pools),
-           "AGW_SETTLE_WAIT_S": "120", "AGW_RECONCILE_AFTER_S": "0", "AGW_JOB_INTERVAL_S": "0.2",
+           # The reconciler leaves a payment alone for 5 s after its last step: with 0, the first
+           # process's own pass could fail the purchase as "abandoned" while its request verifies it.
+           "AGW_SETTLE_WAIT_S": "120", "AGW_RECONCILE_AFTER_S": "5", "AGW_JOB_INTERVAL_S": "0.2",
            "AGW_AUTO_MIGRATE": "false", "AGW_LOG_LEVEL": "INFO"}
     port, log = free_port(), tmp_path / "gateway.log"
     url = f"http://127.0.0.1:{port}"

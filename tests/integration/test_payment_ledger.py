@@ -127,7 +127,7 @@ async def test_a_revoked_purchase_loses_its_seats_keys_and_credit_in_one_step_an
     assert await ledger.advance(db, clock, payment.id, "reserved", "confirmed")
     delivery = await ledger.deliver(db, clock, payment.id, mint_keys=True)
     assert await balance(db, delivery.account.id) == 7 and await seats_held(db, "alpha", "europe") == 1
-    assert [p.id for p in await ledger.settled_payments_to_recheck(db)] == [payment.id]
+    assert [p.id for p in await ledger.settled_payments_to_recheck(db, clock, 500)] == [payment.id]
 
     revocation = await ledger.revoke(db, clock, payment.id, "transfer_vanished")
 
@@ -136,7 +136,7 @@ async def test_a_revoked_purchase_loses_its_seats_keys_and_credit_in_one_step_an
     done = await ledger.get_payment(db, payment.id)
     assert done.state == "revoked" and done.failure_reason == "transfer_vanished"
     assert await ledger.revoke(db, clock, payment.id, "transfer_vanished") is None
-    assert await ledger.settled_payments_to_recheck(db) == []
+    assert await ledger.settled_payments_to_recheck(db, clock, 500) == []
     assert await balance(db, delivery.account.id) == 0 and await seats_held(db, "alpha", "europe") == 0
     # The hash stays claimed: the same transaction cannot buy the seats again.
     with pytest.raises(PaymentAlreadyUsed):
@@ -168,3 +168,53 @@ async def period_end(db, subscription_id: str):
 
     async with db.transaction() as session:
         return as_utc((await session.get(Subscription, subscription_id)).period_end)
+
+
+async def test_one_transaction_carries_several_x402_payments_but_is_claimed_by_tx_hash_once(gateway):
+    # A bundler executed two buyers' authorizations in one transaction: each is its own payment.
+    db, clock = gateway.services.db, gateway.services.clock
+    the_order = order(gateway)
+    carrier = "0x" + secrets.token_hex(32)
+    delivered = []
+    for _ in range(2):
+        payment = await ledger.record_received(db, clock, x402_claim(the_order.total_atomic), the_order,
+                                               account_id=None, key_name="agent")
+        await to_broadcast_with(gateway, payment, "0x" + secrets.token_hex(32))
+        assert await ledger.confirm(db, clock, payment.id, "broadcast", carrier, 7)
+        delivered.append(await ledger.deliver(db, clock, payment.id, mint_keys=False))
+    assert all(d is not None and d.payment.tx_hash == carrier for d in delivered)
+    assert await seats_held(db, "alpha", "europe") == 2  # two seats sold, one for each
+    # A tx-hash claim holds its transaction alone: a second claim of it is refused by the database.
+    claim = Claim(method="tx-hash", network="eip155:31337", payer="0x" + "cd" * 20,
+                  amount_atomic=the_order.total_atomic, tx_hash=carrier)
+    await ledger.record_received(db, clock, claim, the_order, account_id=None, key_name="agent", state="verified")
+    with pytest.raises(PaymentAlreadyUsed):
+        await ledger.record_received(db, clock, claim, the_order, account_id=None, key_name="agent", state="verified")
+
+
+async def to_broadcast_with(gateway, payment, tx_hash: str) -> None:
+    db, clock, catalog = gateway.services.db, gateway.services.clock, gateway.services.catalog
+    assert await ledger.advance(db, clock, payment.id, "received", "verified")
+    payment.state = "verified"
+    await ledger.reserve(db, clock, catalog, payment)
+    assert await ledger.advance(db, clock, payment.id, "reserved", "broadcast", tx_hash=tx_hash)
+
+
+async def test_the_reorg_recheck_takes_the_payments_checked_longest_ago_first(gateway, clock):
+    db = gateway.services.db
+    ids = []
+    for block in range(5):  # alpha has 3 seats a block
+        the_order = order(gateway, blocks=(("asia", "europe", "americas")[block % 3],))
+        payment = await ledger.record_received(db, clock, x402_claim(the_order.total_atomic), the_order,
+                                               account_id=None, key_name="agent")
+        await to_broadcast_with(gateway, payment, "0x" + secrets.token_hex(32))
+        assert await ledger.confirm(db, clock, payment.id, "broadcast", "0x" + secrets.token_hex(32), block)
+        assert await ledger.deliver(db, clock, payment.id, mint_keys=False) is not None
+        ids.append(payment.id)
+        clock.advance(timedelta(seconds=1))
+    taken = []
+    for _ in range(3):
+        taken.append([p.id for p in await ledger.settled_payments_to_recheck(db, clock, 2)])
+        clock.advance(timedelta(seconds=1))
+    # Every payment gets its turn, oldest first among those never checked, then round again.
+    assert taken == [ids[0:2], ids[2:4], [ids[4], ids[0]]]
