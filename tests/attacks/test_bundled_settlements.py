@@ -12,7 +12,7 @@ import httpx
 import pytest
 from web3 import Web3
 
-from agent_gateway.payments.devchain import load_artifact, token_contract
+from agent_gateway.testing.devchain import load_artifact, token_contract
 from tests.attacks.conftest import (
     ATTACK_POOLS,
     ORDER,
