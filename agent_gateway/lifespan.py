@@ -55,23 +55,25 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
 
     payments = PaymentService(settings, db, clock, catalog, _chain_adapter(settings))
 
+    keys = KeyLifecycle(db, clock, revoker)
+
     async def expiry_pass() -> None:
         result = await expire_subscriptions(db, clock)
         SUBSCRIPTIONS_EXPIRED.inc(len(result.subscription_ids))
-        await revoker.revoke(result.revoked_key_ids, "subscription_expired")
+        await keys.end_revoked_keys(result.revoked_key_ids, "subscription_expired")
 
     reorgs = ReorgWatch(payments)
 
     async def reorg_pass() -> None:
         for revocation in await reorgs.recheck_settled():
-            await revoker.revoke(revocation.key_ids, "payment_revoked")
+            await keys.end_revoked_keys(revocation.key_ids, "payment_revoked")
 
     return Services(
         settings=settings, clock=clock, db=db, catalog=catalog, usage=usage,
         jobs=JobRunner(settings.job_interval_s, {"expiry": expiry_pass, "payments": payments.reconcile,
                                                    "reorgs": reorg_pass}),
         directory=KeyDirectory(db, ttl_s=settings.key_cache_ttl_s),
-        leases=leases, bus=bus, streams=streams, keys=KeyLifecycle(db, clock, revoker), upstream=upstream,
+        leases=leases, bus=bus, streams=streams, keys=keys, upstream=upstream,
         payments=payments,
         attempts=make_attempt_limiter(settings.redis_url, settings.unauth_writes_per_minute,
                                       settings.unauth_attempts_in_flight),

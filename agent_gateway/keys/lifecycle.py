@@ -30,3 +30,8 @@ class KeyLifecycle:
     async def delete_key(self, account_id: str, key_id: str) -> None:
         await api_keys.delete_key(self._db, self._clock, account_id, key_id)
         await self._revoker.revoke([key_id], "deleted")
+
+    async def end_revoked_keys(self, key_ids: list[str], reason: str) -> None:
+        """Keys a domain transaction has just revoked (an expired subscription, a payment
+        reorganised away): end them in every process at once, running streams included."""
+        await self._revoker.revoke(key_ids, reason)

@@ -208,7 +208,7 @@ def test_with_more_payments_to_recheck_than_a_pass_takes_the_newest_still_gets_i
 
         def one_pass() -> None:
             for revocation in live.server.call(watch.recheck_settled()):
-                live.server.call(live.services.revoker.revoke(revocation.key_ids, "payment_revoked"))
+                live.server.call(live.services.keys.end_revoked_keys(revocation.key_ids, "payment_revoked"))
 
         # The four older ones stay undecided (not yet past the horizon) on every pass; they must not
         # hold the newest back: within ceil(5 / 2) passes every payment has been re-checked.
