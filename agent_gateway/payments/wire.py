@@ -102,18 +102,23 @@ def chain_id_of(network: str) -> int:
 
 # --- challenges ----------------------------------------------------------------------------
 
-def payment_required(offers: list[Offer], error: str | None = None) -> dict[str, Any]:
+def payment_required(offers: list[Offer], error: str | None = None,
+                     extensions: dict[str, Any] | None = None) -> dict[str, Any]:
     """The v2 `PaymentRequired` object for the `PAYMENT-REQUIRED` header (and the 402 body); the
-    offers are alternatives for one resource, described by the first offer."""
+    offers are alternatives for one resource, described by the first offer. `extensions` maps an
+    extension key (e.g. `bazaar`) to its `{info, schema}`."""
     if not offers:
         raise ValueError("a challenge needs at least one offer")
     first = offers[0]
-    return {
+    required: dict[str, Any] = {
         "x402Version": 2,
         "error": error or "PAYMENT-SIGNATURE header is required",
         "resource": {"url": first.resource_url, "description": first.description, "mimeType": MIME_TYPE},
         "accepts": [offer.requirements() for offer in offers],
     }
+    if extensions:
+        required["extensions"] = extensions
+    return required
 
 
 def payment_required_v1(offers: list[Offer], error: str | None = None) -> dict[str, Any] | None:
