@@ -333,7 +333,8 @@ def _inference_responses() -> dict[str, Any]:
     return {"200": {"description": "The upstream's answer (JSON, or text/event-stream when streaming)",
                     "content": {"application/json": {"schema": {"type": "object"}},
                                 "text/event-stream": {"schema": _STR}}},
-            "400": _error("The request is invalid, or the model is not in the key's pool."),
+            "400": _error("The request body is invalid."),
+            "404": _error("The model is not in the key's pool."),
             **_key_refusals(),
             "502": _error("The upstream failed."), "503": _error("No upstream can take the request now."),
             "504": _error("The upstream timed out.")}

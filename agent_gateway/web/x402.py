@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 from starlette.requests import Request
@@ -59,9 +60,10 @@ class HttpCall:
     route_template: str | None = None  # `:name` segments, e.g. /api/pools/:slug/subscribe
     path_params: dict[str, str] = field(default_factory=dict)
 
-    def bazaar(self) -> dict[str, Any]:
+    def bazaar(self, base_path: str = "") -> dict[str, Any]:
         """The extension as the x402 SDK's `declare_discovery_extension(body_type="json")` declares
-        it, enriched with the method (and path parameters) the way its resource-server extension does."""
+        it, enriched with the method (and path parameters) the way its resource-server extension does.
+        `base_path` is the path of AGW_PUBLIC_URL: a route template names the whole public path."""
         call: dict[str, Any] = {"type": "http", "method": self.method, "bodyType": "json", "body": self.example}
         input_schema: dict[str, Any] = {
             "type": "object",
@@ -85,7 +87,7 @@ class HttpCall:
                        "required": ["input"]},
         }
         if self.route_template:
-            extension["routeTemplate"] = self.route_template
+            extension["routeTemplate"] = base_path + self.route_template
         return extension
 
 
@@ -98,7 +100,7 @@ class McpToolCall:
     example: dict[str, Any]
     description: str | None = None
 
-    def bazaar(self) -> dict[str, Any]:
+    def bazaar(self, base_path: str = "") -> dict[str, Any]:
         call: dict[str, Any] = {"type": "mcp", "toolName": self.tool_name, "transport": "streamable-http",
                                 "inputSchema": self.input_schema, "example": self.example}
         properties: dict[str, Any] = {
@@ -134,7 +136,7 @@ def challenge(services: Services, order: Order, resource: str, *, call: PaidCall
     payments.require_chain()
     offer = payments.offer(order, resource)
     required = payment_required([offer], error=None if code == "payment_required" else code,
-                                extensions={"bazaar": call.bazaar()})
+                                extensions={"bazaar": call.bazaar(urlsplit(services.settings.external_url).path)})
     headers = {"PAYMENT-REQUIRED": encode_header(required), "Cache-Control": "no-store"}
     # The body carries the same object (its `error` lives in the error envelope) plus a quote.
     extra: dict[str, object] = {**{k: v for k, v in required.items() if k != "error"}, "quote": order.quote()}
