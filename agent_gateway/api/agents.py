@@ -15,7 +15,7 @@ from agent_gateway.web.bodies import CamelBody, read_json, read_optional_json
 from agent_gateway.web.x402 import HttpCall, challenge, pay_for, payment_header, render_settled, resource_url
 from agent_gateway.web.rendering import iso, ok
 from agent_gateway.web.throttle import limits_challenges, limits_failed_payments
-from agent_gateway.catalog.pricing import Order, default_order, make_order, order_body
+from agent_gateway.catalog.pricing import MAX_QUANTITY, Order, default_order, make_order, order_body
 from agent_gateway.db.models import Subscription, SubscriptionStatus
 from agent_gateway.errors import Conflict, InvalidRequest, NotFound
 from agent_gateway.payments.ledger import get_payment
@@ -26,7 +26,7 @@ from agent_gateway.subscriptions.inventory import seats_available
 class SubscribePoolBody(CamelBody):
     pool: str = Field(min_length=1, max_length=64, validation_alias=AliasChoices("pool", "poolSlug"))
     blocks: list[str] = Field(min_length=1, max_length=24)
-    quantity: int = Field(default=1, ge=1)
+    quantity: int = Field(default=1, ge=1, json_schema_extra={"maximum": MAX_QUANTITY})
     billing_cycle: Literal["month", "year"] = Field(default="month", validation_alias="billingCycle")
     name: str = Field(default="agent", min_length=1, max_length=200)
     tx_hash: str | None = Field(default=None, pattern=r"^0x[0-9a-fA-F]{64}$", validation_alias="txHash")

@@ -15,7 +15,7 @@ from agent_gateway.web.x402 import HttpCall, challenge, pay_for, payment_header,
 from agent_gateway.web.rendering import iso, ok
 from agent_gateway.web.throttle import limits_failed_payments
 from agent_gateway.web.views import render_key, render_management_key, render_subscription
-from agent_gateway.catalog.pricing import make_order
+from agent_gateway.catalog.pricing import MAX_QUANTITY, make_order
 from agent_gateway.db.models import Account
 from agent_gateway.errors import PaymentRequired
 from agent_gateway.keys import api_keys, management as mkeys
@@ -27,7 +27,7 @@ from agent_gateway.usage.report import empty_usage, usage_by_key
 
 class SubscribeBody(CamelBody):
     blocks: list[str] = Field(min_length=1, max_length=24)
-    quantity: int = Field(ge=1)
+    quantity: int = Field(ge=1, json_schema_extra={"maximum": MAX_QUANTITY})
     billing_cycle: Literal["month", "year"] = "month"
 
 
