@@ -121,8 +121,10 @@ def payment_required(offers: list[Offer], error: str | None = None,
     return required
 
 
-def payment_required_v1(offers: list[Offer], error: str | None = None) -> dict[str, Any] | None:
-    """The v1 `PaymentRequirementsResponse` body, for the offers whose network v1 can name; else None."""
+def payment_required_v1(offers: list[Offer], error: str | None = None,
+                        output_schema: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The v1 `PaymentRequirementsResponse` body, for the offers whose network v1 can name; else None.
+    `output_schema` is v1's place for discovery (what v2 carries in the `bazaar` extension)."""
     accepts = [
         {
             "scheme": offer.scheme, "network": V1_NETWORK_NAMES[offer.chain_id],
@@ -130,6 +132,7 @@ def payment_required_v1(offers: list[Offer], error: str | None = None) -> dict[s
             "description": offer.description, "mimeType": MIME_TYPE, "payTo": offer.pay_to,
             "maxTimeoutSeconds": offer.max_timeout_s, "asset": offer.asset,
             "extra": {"name": offer.token_name, "version": offer.token_version},
+            **({"outputSchema": output_schema} if output_schema else {}),
         }
         for offer in offers if offer.chain_id in V1_NETWORK_NAMES
     ]

@@ -90,6 +90,14 @@ class HttpCall:
             extension["routeTemplate"] = base_path + self.route_template
         return extension
 
+    def v1_output_schema(self) -> dict[str, Any] | None:
+        """The same call in x402 v1's `outputSchema` (its discovery field)."""
+        call: dict[str, Any] = {"type": "http", "method": self.method, "bodyType": "json", "discoverable": True,
+                                "body": self.example, "bodySchema": body_schema(self.body_model)}
+        if self.path_params:
+            call["pathParams"] = dict(self.path_params)
+        return {"input": call}
+
 
 @dataclass(frozen=True)
 class McpToolCall:
@@ -119,6 +127,9 @@ class McpToolCall:
                                                 "additionalProperties": False}}},
         }
 
+    def v1_output_schema(self) -> dict[str, Any] | None:
+        return None  # x402 v1 describes HTTP calls only
+
 
 PaidCall = HttpCall | McpToolCall
 
@@ -140,7 +151,7 @@ def challenge(services: Services, order: Order, resource: str, *, call: PaidCall
     headers = {"PAYMENT-REQUIRED": encode_header(required), "Cache-Control": "no-store"}
     # The body carries the same object (its `error` lives in the error envelope) plus a quote.
     extra: dict[str, object] = {**{k: v for k, v in required.items() if k != "error"}, "quote": order.quote()}
-    v1 = payment_required_v1([offer])
+    v1 = payment_required_v1([offer], output_schema=call.v1_output_schema())
     if v1 is not None:
         extra["v1"] = v1
     return PaymentRequired(
