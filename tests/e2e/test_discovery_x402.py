@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from openapi_spec_validator import validate
 from sqlalchemy import func, select
 from x402.extensions.bazaar import (
     extract_discovery_info,
@@ -90,7 +91,11 @@ def test_the_manifest_lists_the_agent_resource_and_mcp_from_the_public_url(gatew
     card = httpx.get(gateway.url + "/.well-known/agent-card.json", timeout=30).json()
     assert "x402" in json.dumps(card)
     assert f"POST {PUBLIC_URL}{AGENT}" in httpx.get(gateway.url + "/llms.txt", timeout=30).text
-    paid = httpx.get(gateway.url + "/openapi.json", timeout=30).json()["paths"]
+    front = httpx.get(gateway.url + "/", headers={"accept": "application/json"}, timeout=30).json()
+    assert front["x402"] == PUBLIC_URL + "/.well-known/x402"
+    document = httpx.get(gateway.url + "/openapi.json", timeout=30).json()
+    validate(document)  # still valid OpenAPI 3.1 with the x402 parts in
+    paid = document["paths"]
     for path in [AGENT, "/api/agent/renew", "/api/pools/{slug}/subscribe"]:
         operation = paid[path]["post"]
         assert operation["x-payment-info"]["protocols"] == ["x402"]
