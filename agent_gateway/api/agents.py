@@ -11,21 +11,22 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from agent_gateway.web.auth import services_of
-from agent_gateway.web.bodies import CamelBody, read_json
-from agent_gateway.web.x402 import pay_for, render_settled
+from agent_gateway.web.bodies import CamelBody, read_json, read_optional_json
+from agent_gateway.web.x402 import HttpCall, challenge, pay_for, payment_header, render_settled, resource_url
 from agent_gateway.web.rendering import iso, ok
 from agent_gateway.web.throttle import limits_challenges, limits_failed_payments
-from agent_gateway.catalog.pricing import make_order
+from agent_gateway.catalog.pricing import MAX_QUANTITY, Order, default_order, make_order, order_body
 from agent_gateway.db.models import Subscription, SubscriptionStatus
 from agent_gateway.errors import Conflict, InvalidRequest, NotFound
 from agent_gateway.payments.ledger import get_payment
 from agent_gateway.payments.wallet import issue_challenge, sign_in, sign_in_chain_id
+from agent_gateway.subscriptions.inventory import seats_available
 
 
 class SubscribePoolBody(CamelBody):
     pool: str = Field(min_length=1, max_length=64, validation_alias=AliasChoices("pool", "poolSlug"))
     blocks: list[str] = Field(min_length=1, max_length=24)
-    quantity: int = Field(default=1, ge=1)
+    quantity: int = Field(default=1, ge=1, json_schema_extra={"maximum": MAX_QUANTITY})
     billing_cycle: Literal["month", "year"] = Field(default="month", validation_alias="billingCycle")
     name: str = Field(default="agent", min_length=1, max_length=200)
     tx_hash: str | None = Field(default=None, pattern=r"^0x[0-9a-fA-F]{64}$", validation_alias="txHash")
@@ -49,7 +50,16 @@ class SignInBody(CamelBody):
 @limits_failed_payments
 async def subscribe_pool(request: Request) -> Response:
     services = services_of(request)
-    body = await read_json(request, SubscribePoolBody, services.settings)
+    body = await read_optional_json(request, SubscribePoolBody, services.settings)
+    if body is None:
+        # No body: the challenge for the default order, so an agent can see what buying looks like.
+        # A payment always needs the order it pays for spelled out: refused before any settlement.
+        if payment_header(request) is not None:
+            raise InvalidRequest("A paid order needs its JSON body (pool, blocks, quantity, billingCycle): "
+                                 "send the order you were quoted with the payment.", code="missing_body")
+        services.payments.require_chain()
+        order = default_order(services.catalog, await seats_available(services.db, services.catalog))
+        raise challenge(services, order, resource_url(request, services), call=order_call(order))
     order = make_order(services.catalog, body.pool, body.blocks, body.quantity, body.billing_cycle)
     if body.tx_hash is not None:
         if not body.signature:
@@ -57,8 +67,12 @@ async def subscribe_pool(request: Request) -> Response:
                                  f"of {services.payments.tx_claim_message(body.tx_hash)!r}.", code="missing_signature")
         settled = await services.payments.claim_tx_hash(order, body.tx_hash, body.signature, key_name=body.name)
         return render_settled(settled)
-    settled = await pay_for(request, services, order, account_id=None, key_name=body.name)
+    settled = await pay_for(request, services, order, call=order_call(order), account_id=None, key_name=body.name)
     return render_settled(settled)
+
+
+def order_call(order: Order) -> HttpCall:
+    return HttpCall(SubscribePoolBody, order_body(order))
 
 
 @limits_failed_payments
@@ -73,7 +87,8 @@ async def renew(request: Request) -> Response:
         raise Conflict(f"Subscription {sub.id} is {sub.status}; buy a new seat instead.",
                        code="subscription_not_active")
     order = make_order(services.catalog, sub.pool_slug, list(sub.blocks), 1, body.billing_cycle)
-    settled = await pay_for(request, services, order, account_id=sub.account_id, key_name="renewal",
+    call = HttpCall(RenewBody, {"subscriptionId": sub.id, "billingCycle": body.billing_cycle})
+    settled = await pay_for(request, services, order, call=call, account_id=sub.account_id, key_name="renewal",
                             renew_subscription_id=sub.id)
     return render_settled(settled, status_if_done=200)
 

@@ -11,11 +11,11 @@ from starlette.routing import Route
 
 from agent_gateway.web.auth import management
 from agent_gateway.web.bodies import CamelBody, read_json
-from agent_gateway.web.x402 import challenge, pay_for, payment_header, render_settled, resource_url
+from agent_gateway.web.x402 import HttpCall, challenge, pay_for, payment_header, render_settled, resource_url
 from agent_gateway.web.rendering import iso, ok
 from agent_gateway.web.throttle import limits_failed_payments
 from agent_gateway.web.views import render_key, render_management_key, render_subscription
-from agent_gateway.catalog.pricing import make_order
+from agent_gateway.catalog.pricing import MAX_QUANTITY, make_order
 from agent_gateway.db.models import Account
 from agent_gateway.errors import PaymentRequired
 from agent_gateway.keys import api_keys, management as mkeys
@@ -27,7 +27,7 @@ from agent_gateway.usage.report import empty_usage, usage_by_key
 
 class SubscribeBody(CamelBody):
     blocks: list[str] = Field(min_length=1, max_length=24)
-    quantity: int = Field(ge=1)
+    quantity: int = Field(ge=1, json_schema_extra={"maximum": MAX_QUANTITY})
     billing_cycle: Literal["month", "year"] = "month"
 
 
@@ -47,9 +47,13 @@ async def subscribe(request: Request, services: Services, account: Account) -> R
     order = make_order(
         services.catalog, request.path_params["slug"], body.blocks, body.quantity, body.billing_cycle
     )
+    slug = order.pool.slug
+    call = HttpCall(SubscribeBody, {"blocks": list(order.blocks), "quantity": order.quantity,
+                                    "billingCycle": order.billing_cycle},
+                    route_template="/api/pools/:slug/subscribe", path_params={"slug": slug})
     if payment_header(request) is not None:
         # Paid with x402 exactly like the agent endpoint, for this account.
-        settled = await pay_for(request, services, order, account_id=account.id, key_name="seat")
+        settled = await pay_for(request, services, order, call=call, account_id=account.id, key_name="seat")
         return render_settled(settled)
     try:
         subscriptions = await subscribe_with_balance(
@@ -59,7 +63,7 @@ async def subscribe(request: Request, services: Services, account: Account) -> R
         if not services.payments.enabled:
             raise
         raise challenge(
-            services, order, resource_url(request, services), message=f"{exc.message} Or pay with x402: retry with PAYMENT-SIGNATURE.",
+            services, order, resource_url(request, services), call=call, message=f"{exc.message} Or pay with x402: retry with PAYMENT-SIGNATURE.",
             code=exc.code) from None
     return ok(
         {"quote": order.quote(), "subscriptions": [render_subscription(s) for s in subscriptions]},

@@ -6,6 +6,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from agent_gateway.api.discovery import discovery_links
 from agent_gateway.web.auth import services_of
 from agent_gateway.web.catalog import plans_catalog, render_pool
 from agent_gateway.web.rendering import ok
@@ -52,16 +53,22 @@ def prefers_html(accept: str) -> bool:
 
 async def root(request: Request) -> Response:
     """`/`: a person's browser goes to the dashboard; anything else gets where to go, as JSON."""
-    base = services_of(request).settings.external_url
+    services = services_of(request)
+    base = services.settings.external_url
     if prefers_html(request.headers.get("accept", "")):
         return RedirectResponse(f"{base}/dashboard/", status_code=303)
+    links = discovery_links(base)
+    if not services.payments.enabled:  # never point agents at a payment path that is switched off
+        del links["x402"]
     return JSONResponse({
         "name": "agent_gateway",
-        "description": "Reserved seats on LLM inference pools, bought with a management key or by agents over x402.",
+        "description": "Reserved seats on LLM inference pools, bought with a management key"
+                       + (" or by agents over x402." if services.payments.enabled else "."),
         "dashboard": f"{base}/dashboard/",
         "pools": f"{base}/api/pools",
         "plans": f"{base}/api/agent/plans",
         "inference": f"{base}/v1",
+        **links,
     })
 
 

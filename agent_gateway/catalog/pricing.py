@@ -79,3 +79,22 @@ def make_order(
     # Keep the blocks in the catalog's order so equal orders compare and display equally.
     ordered = tuple(b for b in catalog.blocks if b in blocks)
     return Order(pool, ordered, quantity, billing_cycle, unit)
+
+
+def default_order(catalog: Catalog, available: dict[tuple[str, str], int]) -> Order:
+    """What a bodyless order means: one seat on the cheapest block with a seat left of the first
+    active pool that has one, for a month. `available` is (pool, block) -> seats left."""
+    for pool in catalog.pools.values():
+        if pool.status != PoolStatus.ACTIVE:
+            continue
+        open_blocks = [b for b, price in pool.prices_atomic.items() if available.get((pool.slug, b), 0) > 0]
+        if open_blocks:
+            cheapest = min(open_blocks, key=lambda b: pool.prices_atomic[b])
+            return make_order(catalog, pool.slug, [cheapest], 1, "month")
+    raise Conflict("No active pool has a seat left; see GET /api/pools.", code="sold_out")
+
+
+def order_body(order: Order) -> dict:
+    """The agent order body (POST /api/agent/subscribe-pool) that asks for `order`."""
+    return {"pool": order.pool.slug, "blocks": list(order.blocks), "quantity": order.quantity,
+            "billingCycle": order.billing_cycle}

@@ -102,22 +102,29 @@ def chain_id_of(network: str) -> int:
 
 # --- challenges ----------------------------------------------------------------------------
 
-def payment_required(offers: list[Offer], error: str | None = None) -> dict[str, Any]:
+def payment_required(offers: list[Offer], error: str | None = None,
+                     extensions: dict[str, Any] | None = None) -> dict[str, Any]:
     """The v2 `PaymentRequired` object for the `PAYMENT-REQUIRED` header (and the 402 body); the
-    offers are alternatives for one resource, described by the first offer."""
+    offers are alternatives for one resource, described by the first offer. `extensions` maps an
+    extension key (e.g. `bazaar`) to its `{info, schema}`."""
     if not offers:
         raise ValueError("a challenge needs at least one offer")
     first = offers[0]
-    return {
+    required: dict[str, Any] = {
         "x402Version": 2,
         "error": error or "PAYMENT-SIGNATURE header is required",
         "resource": {"url": first.resource_url, "description": first.description, "mimeType": MIME_TYPE},
         "accepts": [offer.requirements() for offer in offers],
     }
+    if extensions:
+        required["extensions"] = extensions
+    return required
 
 
-def payment_required_v1(offers: list[Offer], error: str | None = None) -> dict[str, Any] | None:
-    """The v1 `PaymentRequirementsResponse` body, for the offers whose network v1 can name; else None."""
+def payment_required_v1(offers: list[Offer], error: str | None = None,
+                        output_schema: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The v1 `PaymentRequirementsResponse` body, for the offers whose network v1 can name; else None.
+    `output_schema` is v1's place for discovery (what v2 carries in the `bazaar` extension)."""
     accepts = [
         {
             "scheme": offer.scheme, "network": V1_NETWORK_NAMES[offer.chain_id],
@@ -125,6 +132,7 @@ def payment_required_v1(offers: list[Offer], error: str | None = None) -> dict[s
             "description": offer.description, "mimeType": MIME_TYPE, "payTo": offer.pay_to,
             "maxTimeoutSeconds": offer.max_timeout_s, "asset": offer.asset,
             "extra": {"name": offer.token_name, "version": offer.token_version},
+            **({"outputSchema": output_schema} if output_schema else {}),
         }
         for offer in offers if offer.chain_id in V1_NETWORK_NAMES
     ]

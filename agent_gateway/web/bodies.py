@@ -40,9 +40,17 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
 
 
 async def read_json(request: Request, model: type[ModelT], settings: Settings) -> ModelT:
+    body = await read_optional_json(request, model, settings)
+    if body is None:
+        raise InvalidRequest("The request needs a JSON body.", code="missing_body")
+    return body
+
+
+async def read_optional_json(request: Request, model: type[ModelT], settings: Settings) -> ModelT | None:
+    """Like `read_json`, but None for an empty body (a route that gives "no body" a meaning)."""
     raw = await read_body(request, settings.max_body_bytes)
     if not raw.strip():
-        raise InvalidRequest("The request needs a JSON body.", code="missing_body")
+        return None
     data = parse_json_object(raw, settings.max_json_depth)
     try:
         return model.model_validate(data)

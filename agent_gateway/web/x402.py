@@ -6,8 +6,11 @@ the decoded payment to the payment service, writes the `PAYMENT-REQUIRED` challe
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -42,17 +45,113 @@ def resource_url(request: Request, services: Services) -> str:
     return services.settings.external_url + request.url.path
 
 
-def challenge(services: Services, order: Order, resource: str, *, message: str | None = None,
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
+@dataclass(frozen=True)
+class HttpCall:
+    """How to make a paid HTTP call, for the x402 `bazaar` extension of its challenge: the JSON body
+    model the route reads (its schema is the input schema, so it cannot drift from the code) and an
+    example body that is a valid order against this deployment's catalog."""
+
+    body_model: type[BaseModel]
+    example: dict[str, Any]
+    method: str = "POST"
+    route_template: str | None = None  # `:name` segments, e.g. /api/pools/:slug/subscribe
+    path_params: dict[str, str] = field(default_factory=dict)
+
+    def bazaar(self, base_path: str = "") -> dict[str, Any]:
+        """The extension as the x402 SDK's `declare_discovery_extension(body_type="json")` declares
+        it, enriched with the method (and path parameters) the way its resource-server extension does.
+        `base_path` is the path of AGW_PUBLIC_URL: a route template names the whole public path."""
+        call: dict[str, Any] = {"type": "http", "method": self.method, "bodyType": "json", "body": self.example}
+        input_schema: dict[str, Any] = {
+            "type": "object",
+            "properties": {
+                "type": {"type": "string", "const": "http"},
+                "method": {"type": "string", "enum": ["POST", "PUT", "PATCH"]},
+                "bodyType": {"type": "string", "enum": ["json", "form-data", "text"]},
+                "body": body_schema(self.body_model),
+            },
+            "required": ["type", "method", "bodyType", "body"],
+            "additionalProperties": False,
+        }
+        if self.path_params:
+            call["pathParams"] = dict(self.path_params)
+            input_schema["properties"]["pathParams"] = {
+                "type": "object", "properties": {name: {"type": "string"} for name in self.path_params},
+                "required": list(self.path_params)}
+        extension: dict[str, Any] = {
+            "info": {"input": call},
+            "schema": {"$schema": JSON_SCHEMA_DIALECT, "type": "object", "properties": {"input": input_schema},
+                       "required": ["input"]},
+        }
+        if self.route_template:
+            extension["routeTemplate"] = base_path + self.route_template
+        return extension
+
+    def v1_output_schema(self) -> dict[str, Any] | None:
+        """The same call in x402 v1's `outputSchema` (its discovery field)."""
+        call: dict[str, Any] = {"type": "http", "method": self.method, "bodyType": "json", "discoverable": True,
+                                "body": self.example, "bodySchema": body_schema(self.body_model)}
+        if self.path_params:
+            call["pathParams"] = dict(self.path_params)
+        return {"input": call}
+
+
+@dataclass(frozen=True)
+class McpToolCall:
+    """How to make a paid MCP tool call, for the `bazaar` extension (its `mcp` input type)."""
+
+    tool_name: str
+    input_schema: dict[str, Any]
+    example: dict[str, Any]
+    description: str | None = None
+
+    def bazaar(self, base_path: str = "") -> dict[str, Any]:
+        call: dict[str, Any] = {"type": "mcp", "toolName": self.tool_name, "transport": "streamable-http",
+                                "inputSchema": self.input_schema, "example": self.example}
+        properties: dict[str, Any] = {
+            "type": {"type": "string", "const": "mcp"}, "toolName": {"type": "string"},
+            "transport": {"type": "string", "enum": ["streamable-http", "sse"]},
+            "inputSchema": {"type": "object"}, "example": {"type": "object"},
+        }
+        if self.description is not None:
+            call["description"] = self.description
+            properties["description"] = {"type": "string"}
+        return {
+            "info": {"input": call},
+            "schema": {"$schema": JSON_SCHEMA_DIALECT, "type": "object", "required": ["input"],
+                       "properties": {"input": {"type": "object", "properties": properties,
+                                                "required": ["type", "toolName", "inputSchema"],
+                                                "additionalProperties": False}}},
+        }
+
+    def v1_output_schema(self) -> dict[str, Any] | None:
+        return None  # x402 v1 describes HTTP calls only
+
+
+PaidCall = HttpCall | McpToolCall
+
+
+def body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The JSON Schema of a request body model, as the wire spells it (camelCase)."""
+    return model.model_json_schema(by_alias=True, mode="validation")
+
+
+def challenge(services: Services, order: Order, resource: str, *, call: PaidCall, message: str | None = None,
               code: str = "payment_required") -> PaymentRequired:
-    """The 402: the v2 challenge in PAYMENT-REQUIRED, and the same object plus a quote in the body."""
+    """The 402: the v2 challenge in PAYMENT-REQUIRED, and the same object plus a quote in the body.
+    Its `bazaar` extension describes `call`, so an agent (or an x402 index) learns how to order."""
     payments = services.payments
     payments.require_chain()
     offer = payments.offer(order, resource)
-    required = payment_required([offer], error=None if code == "payment_required" else code)
+    required = payment_required([offer], error=None if code == "payment_required" else code,
+                                extensions={"bazaar": call.bazaar(urlsplit(services.settings.external_url).path)})
     headers = {"PAYMENT-REQUIRED": encode_header(required), "Cache-Control": "no-store"}
     # The body carries the same object (its `error` lives in the error envelope) plus a quote.
     extra: dict[str, object] = {**{k: v for k, v in required.items() if k != "error"}, "quote": order.quote()}
-    v1 = payment_required_v1([offer])
+    v1 = payment_required_v1([offer], output_schema=call.v1_output_schema())
     if v1 is not None:
         extra["v1"] = v1
     return PaymentRequired(
@@ -62,7 +161,7 @@ def challenge(services: Services, order: Order, resource: str, *, message: str |
     )
 
 
-async def pay_for(request: Request, services: Services, order: Order, *, account_id: str | None,
+async def pay_for(request: Request, services: Services, order: Order, *, call: PaidCall, account_id: str | None,
                   key_name: str, renew_subscription_id: str | None = None) -> Settled:
     """Settle the request's x402 payment for `order`, or raise the 402 challenge when it has none.
 
@@ -74,17 +173,17 @@ async def pay_for(request: Request, services: Services, order: Order, *, account
     resource = resource_url(request, services)
     carried = payment_header(request)
     if carried is None:
-        raise challenge(services, order, resource)
+        raise challenge(services, order, resource, call=call)
     payments.require_chain()
     try:
         payment = parse_payment(carried[0], carried[1], services.settings.max_json_depth)
     except WireError as exc:
-        raise challenge(services, order, resource, message=exc.message, code=exc.code) from None
+        raise challenge(services, order, resource, call=call, message=exc.message, code=exc.code) from None
     try:
         return await payments.settle_exact(order, payment, resource, account_id=account_id,
                                            key_name=key_name, renew_subscription_id=renew_subscription_id)
     except PaymentRefused as exc:
-        raise challenge(services, order, resource, message=exc.message, code=exc.code) from None
+        raise challenge(services, order, resource, call=call, message=exc.message, code=exc.code) from None
 
 
 def render_settled(settled: Settled, status_if_done: int = 201) -> Response:

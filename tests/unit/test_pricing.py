@@ -3,7 +3,7 @@
 import pytest
 
 from agent_gateway.catalog.pools import load_catalog
-from agent_gateway.catalog.pricing import make_order
+from agent_gateway.catalog.pricing import default_order, make_order
 from agent_gateway.errors import Conflict, InvalidRequest, NotFound
 from tests.conftest import write_pools_file
 
@@ -46,3 +46,20 @@ def test_bad_orders_are_refused_with_a_code(catalog, pool, blocks, quantity, cyc
     with pytest.raises(error) as exc:
         make_order(catalog, pool, blocks, quantity, cycle)
     assert exc.value.code == code
+
+
+def test_the_default_order_is_one_seat_of_the_cheapest_open_block_of_the_first_active_pool(catalog):
+    everything_open = {(pool, block): 1 for pool in catalog.pools for block in catalog.pools[pool].prices_atomic}
+    order = default_order(catalog, everything_open)
+    assert (order.pool.slug, order.blocks, order.quantity, order.billing_cycle) == ("alpha", ("asia",), 1, "month")
+    # asia sold out: the next cheapest block; alpha sold out: the next active pool.
+    assert default_order(catalog, {**everything_open, ("alpha", "asia"): 0}).blocks == ("americas",)
+    alpha_gone = {key: (0 if key[0] == "alpha" else n) for key, n in everything_open.items()}
+    assert default_order(catalog, alpha_gone).pool.slug == "tiny"
+
+
+def test_no_default_order_when_every_active_pool_is_sold_out(catalog):
+    only_paused_open = {("resting", "europe"): 5}
+    with pytest.raises(Conflict) as raised:
+        default_order(catalog, only_paused_open)
+    assert raised.value.code == "sold_out"
