@@ -3,38 +3,20 @@ and sign in with the paying wallet."""
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import AliasChoices, Field
+from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from agent_gateway.web.auth import services_of
 from agent_gateway.web.bodies import CamelBody, read_json
+from agent_gateway.web.orders import RenewBody, SubscribePoolBody, renewal_order
 from agent_gateway.web.x402 import pay_for, render_settled
 from agent_gateway.web.rendering import iso, ok
 from agent_gateway.web.throttle import limits_challenges, limits_failed_payments
-from agent_gateway.catalog.pricing import make_order
-from agent_gateway.db.models import Subscription, SubscriptionStatus
-from agent_gateway.errors import Conflict, InvalidRequest, NotFound
+from agent_gateway.errors import InvalidRequest, NotFound
 from agent_gateway.payments.ledger import get_payment
 from agent_gateway.payments.wallet import issue_challenge, sign_in, sign_in_chain_id
-
-
-class SubscribePoolBody(CamelBody):
-    pool: str = Field(min_length=1, max_length=64, validation_alias=AliasChoices("pool", "poolSlug"))
-    blocks: list[str] = Field(min_length=1, max_length=24)
-    quantity: int = Field(default=1, ge=1)
-    billing_cycle: Literal["month", "year"] = Field(default="month", validation_alias="billingCycle")
-    name: str = Field(default="agent", min_length=1, max_length=200)
-    tx_hash: str | None = Field(default=None, pattern=r"^0x[0-9a-fA-F]{64}$", validation_alias="txHash")
-    signature: str | None = Field(default=None, max_length=200)
-
-
-class RenewBody(CamelBody):
-    subscription_id: str = Field(min_length=1, max_length=40, validation_alias="subscriptionId")
-    billing_cycle: Literal["month", "year"] = Field(default="month", validation_alias="billingCycle")
 
 
 class ChallengeBody(CamelBody):
@@ -50,7 +32,7 @@ class SignInBody(CamelBody):
 async def subscribe_pool(request: Request) -> Response:
     services = services_of(request)
     body = await read_json(request, SubscribePoolBody, services.settings)
-    order = make_order(services.catalog, body.pool, body.blocks, body.quantity, body.billing_cycle)
+    order = body.order(services)
     if body.tx_hash is not None:
         if not body.signature:
             raise InvalidRequest(f"A txHash claim needs \"signature\": the paying wallet's signature (EIP-191) "
@@ -65,14 +47,7 @@ async def subscribe_pool(request: Request) -> Response:
 async def renew(request: Request) -> Response:
     services = services_of(request)
     body = await read_json(request, RenewBody, services.settings)
-    async with services.db.transaction() as session:
-        sub = await session.get(Subscription, body.subscription_id)
-    if sub is None:
-        raise NotFound(f"No subscription {body.subscription_id!r}.", code="subscription_not_found")
-    if sub.status != SubscriptionStatus.ACTIVE:
-        raise Conflict(f"Subscription {sub.id} is {sub.status}; buy a new seat instead.",
-                       code="subscription_not_active")
-    order = make_order(services.catalog, sub.pool_slug, list(sub.blocks), 1, body.billing_cycle)
+    sub, order = await renewal_order(services, body)
     settled = await pay_for(request, services, order, account_id=sub.account_id, key_name="renewal",
                             renew_subscription_id=sub.id)
     return render_settled(settled, status_if_done=200)
