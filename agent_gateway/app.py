@@ -54,7 +54,8 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None,
             *agents.routes,
             *management.routes,
             Route("/metrics", metrics_endpoint, methods=["GET"]),
-            Route("/mcp", mcp.app, methods=["GET", "POST", "DELETE"]),
+            # Stateless: no server-initiated stream (GET) and no session to end (DELETE).
+            Route("/mcp", mcp.app, methods=["POST"]),
             Mount("/dashboard", app=create_dashboard(services)),
         ],
         exception_handlers={

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import mcp
 from mcp import types
 from mcp.server.lowlevel import Server
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
@@ -33,9 +35,22 @@ log = logging.getLogger(__name__)
 PAYMENT_META_KEY = "x402/payment"
 PAYMENT_RESPONSE_META_KEY = "x402/payment-response"
 
-# The SDK logs every received message (tool arguments included: sk_ keys, payments) at DEBUG, and
-# every unknown tool name at WARNING; neither may reach the gateway's logs.
+# Tool arguments hold sk_ keys and payments; none may reach the gateway's logs. The SDK logs every
+# received message at DEBUG and unknown tool names at WARNING (its loggers are capped at ERROR), and a
+# malformed request, with its input, through the root logger (withheld by this filter).
+_SDK_DIR = os.path.dirname(mcp.__file__) + os.sep
+
+
+class _WithholdSdkDetails(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "root" and record.pathname.startswith(_SDK_DIR):
+            record.msg, record.args, record.exc_info = (
+                "The MCP SDK refused a malformed request (details withheld: they may hold tool arguments).", (), None)
+        return True
+
+
 logging.getLogger("mcp").setLevel(logging.ERROR)
+logging.getLogger().addFilter(_WithholdSdkDetails())
 
 INSTRUCTIONS = (
     "agent_gateway sells seats on LLM inference pools. Call list_pools, then quote an order, then subscribe_pool "
@@ -51,6 +66,7 @@ class McpFace:
         self.services = services
         self.server: Server[Any, Request] = Server("agent_gateway", instructions=INSTRUCTIONS)
         self._tools = tool_definitions()
+        self._names = {tool.name for tool in self._tools}
         self.server.list_tools()(self._list_tools)
         self.server.call_tool(validate_input=False)(self._call_tool)
         self._manager: StreamableHTTPSessionManager | None = None
@@ -87,6 +103,11 @@ class McpFace:
             return _error_result(required, exc.message)
         except GatewayError as exc:
             return _error_result(error_body(exc.type, exc.code, exc.message), exc.message)
+        except Exception:
+            # Logged with the tool's name only (never its arguments); the caller gets no internals.
+            log.exception("MCP tool %s failed", name if name in self._names else "(unknown)")
+            message = "The gateway hit an internal error; it was logged."
+            return _error_result(error_body("api_error", "internal_error", message), message)
         meta = {PAYMENT_RESPONSE_META_KEY: answer.payment_response} if answer.payment_response else None
         return types.CallToolResult(
             content=[types.TextContent(type="text", text=json.dumps(answer.data))],
