@@ -144,6 +144,31 @@ async def test_failed_paid_calls_count_against_the_address_with_http_s_rules(tmp
         assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_attempts"
 
 
+async def test_a_burst_of_failed_paid_calls_is_capped_before_any_row(tmp_path, sqlite_url, upstream, devchain,
+                                                                     chain_view):
+    """The in-flight cap of the HTTP rules: at most `in_flight` paid calls of one address run at once
+    and none once `limit` failures are recorded, so at most limit - 1 + in_flight ever touch the ledger."""
+    from tests.attacks.test_unauthenticated_writes import count_rows
+    from agent_gateway.db.models import Payment
+
+    limit, in_flight, burst = 3, 2, 12
+    with live_gateway(tmp_path, sqlite_url, upstream, pools=X402_POOLS, **chain_settings(devchain),
+                      unauth_writes_per_minute=limit, unauth_attempts_in_flight=in_flight) as live:
+        async with mcp_session(live.url) as session:
+            accepted = (await required_of(session, ORDER))["accepts"][0]
+            payments = []
+            for _ in range(burst):
+                empty = chain_view.new_wallet(usdc_atomic=0, eth_wei=0)
+                payments.append(hand_made_payment(devchain, empty.key, empty.address, accepted))
+            results = await asyncio.gather(*(session.call_tool("subscribe_pool", ORDER, meta={"x402/payment": p})
+                                              for p in payments))
+        codes = [code_of(r) for r in results]
+        ran = [c for c in codes if c != "too_many_attempts"]
+        assert set(ran) <= {"insufficient_balance"} and codes.count("too_many_attempts") >= 1
+        assert len(ran) <= limit - 1 + in_flight
+        assert count_rows(live.settings.database_url, Payment) == len(ran)
+
+
 async def test_hostile_bodies_and_json_rpc_get_4xx_or_json_rpc_errors_and_the_process_lives(x402_gateway):
     url = x402_gateway.url + "/mcp"
     async with httpx.AsyncClient(timeout=30) as http:
