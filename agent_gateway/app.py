@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -18,6 +20,7 @@ from agent_gateway.errors import GatewayError
 from agent_gateway.metrics import metrics_endpoint
 from agent_gateway.v1 import routes as v1_routes
 from agent_gateway.lifespan import build_services, lifespan_for
+from agent_gateway.mcp_face.server import McpFace
 from agent_gateway.services import Services
 from agent_gateway.settings import Settings
 
@@ -36,6 +39,14 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None,
     # Outermost first: the client's real address before anything reads it, then the body deadline
     # around every route (mounted apps included).
     edge = [Middleware(TrustForwardedHeaders, trusted=settings.trusted_proxies)] if settings.trusted_proxies else []
+    mcp = McpFace(services)
+    run_services = lifespan_for(services)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with run_services(app), mcp.running():
+            yield
+
     app = Starlette(
         routes=[
             *v1_routes.routes,
@@ -44,6 +55,8 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None,
             *management.routes,
             *discovery.routes,
             Route("/metrics", metrics_endpoint, methods=["GET"]),
+            # Stateless: no server-initiated stream (GET) and no session to end (DELETE).
+            Route("/mcp", mcp.app, methods=["POST"]),
             Mount("/dashboard", app=create_dashboard(services)),
         ],
         exception_handlers={
@@ -53,7 +66,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None,
         },
         middleware=[*edge, Middleware(BodyDeadline, timeout_s=settings.body_read_timeout_s),
                     Middleware(RefuseNul)],
-        lifespan=lifespan_for(services),
+        lifespan=lifespan,
     )
     app.state.services = services
     return app

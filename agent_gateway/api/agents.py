@@ -3,39 +3,22 @@ and sign in with the paying wallet."""
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import AliasChoices, Field
+from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from agent_gateway.web.auth import services_of
 from agent_gateway.web.bodies import CamelBody, read_json, read_optional_json
+from agent_gateway.web.orders import RenewBody, SubscribePoolBody, renewal_order
 from agent_gateway.web.x402 import HttpCall, challenge, pay_for, payment_header, render_settled, resource_url
 from agent_gateway.web.rendering import iso, ok
 from agent_gateway.web.throttle import limits_challenges, limits_failed_payments
-from agent_gateway.catalog.pricing import MAX_QUANTITY, Order, default_order, make_order, order_body
-from agent_gateway.db.models import Subscription, SubscriptionStatus
-from agent_gateway.errors import Conflict, InvalidRequest, NotFound
+from agent_gateway.catalog.pricing import Order, default_order, order_body
+from agent_gateway.errors import InvalidRequest, NotFound
 from agent_gateway.payments.ledger import get_payment
 from agent_gateway.payments.wallet import issue_challenge, sign_in, sign_in_chain_id
 from agent_gateway.subscriptions.inventory import seats_available
-
-
-class SubscribePoolBody(CamelBody):
-    pool: str = Field(min_length=1, max_length=64, validation_alias=AliasChoices("pool", "poolSlug"))
-    blocks: list[str] = Field(min_length=1, max_length=24)
-    quantity: int = Field(default=1, ge=1, json_schema_extra={"maximum": MAX_QUANTITY})
-    billing_cycle: Literal["month", "year"] = Field(default="month", validation_alias="billingCycle")
-    name: str = Field(default="agent", min_length=1, max_length=200)
-    tx_hash: str | None = Field(default=None, pattern=r"^0x[0-9a-fA-F]{64}$", validation_alias="txHash")
-    signature: str | None = Field(default=None, max_length=200)
-
-
-class RenewBody(CamelBody):
-    subscription_id: str = Field(min_length=1, max_length=40, validation_alias="subscriptionId")
-    billing_cycle: Literal["month", "year"] = Field(default="month", validation_alias="billingCycle")
 
 
 class ChallengeBody(CamelBody):
@@ -60,7 +43,7 @@ async def subscribe_pool(request: Request) -> Response:
         services.payments.require_chain()
         order = default_order(services.catalog, await seats_available(services.db, services.catalog))
         raise challenge(services, order, resource_url(request, services), call=order_call(order))
-    order = make_order(services.catalog, body.pool, body.blocks, body.quantity, body.billing_cycle)
+    order = body.order(services)
     if body.tx_hash is not None:
         if not body.signature:
             raise InvalidRequest(f"A txHash claim needs \"signature\": the paying wallet's signature (EIP-191) "
@@ -79,14 +62,7 @@ def order_call(order: Order) -> HttpCall:
 async def renew(request: Request) -> Response:
     services = services_of(request)
     body = await read_json(request, RenewBody, services.settings)
-    async with services.db.transaction() as session:
-        sub = await session.get(Subscription, body.subscription_id)
-    if sub is None:
-        raise NotFound(f"No subscription {body.subscription_id!r}.", code="subscription_not_found")
-    if sub.status != SubscriptionStatus.ACTIVE:
-        raise Conflict(f"Subscription {sub.id} is {sub.status}; buy a new seat instead.",
-                       code="subscription_not_active")
-    order = make_order(services.catalog, sub.pool_slug, list(sub.blocks), 1, body.billing_cycle)
+    sub, order = await renewal_order(services, body)
     call = HttpCall(RenewBody, {"subscriptionId": sub.id, "billingCycle": body.billing_cycle})
     settled = await pay_for(request, services, order, call=call, account_id=sub.account_id, key_name="renewal",
                             renew_subscription_id=sub.id)

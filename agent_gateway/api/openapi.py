@@ -10,8 +10,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from agent_gateway.api.agents import ChallengeBody, RenewBody, SignInBody, SubscribePoolBody
+from agent_gateway.api.agents import ChallengeBody, SignInBody
 from agent_gateway.api.management import ManagementKeyBody, MintKeyBody, SubscribeBody
+from agent_gateway.web.orders import RenewBody, SubscribePoolBody
 from agent_gateway.web.x402 import body_schema
 from agent_gateway.catalog.pools import Catalog
 from agent_gateway.money import format_usdc

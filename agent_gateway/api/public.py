@@ -8,7 +8,7 @@ from starlette.routing import Route
 
 from agent_gateway.api.discovery import discovery_links
 from agent_gateway.web.auth import services_of
-from agent_gateway.web.catalog import plans_catalog, render_pool
+from agent_gateway.web.catalog import plans_catalog, pools_now, render_pool
 from agent_gateway.web.rendering import ok
 from agent_gateway.errors import NotFound
 from agent_gateway.subscriptions.inventory import seats_available
@@ -16,8 +16,7 @@ from agent_gateway.subscriptions.inventory import seats_available
 
 async def list_pools(request: Request) -> Response:
     services = services_of(request)
-    available = await seats_available(services.db, services.catalog)
-    return ok([render_pool(p, services.catalog, available) for p in services.catalog.pools.values()])
+    return ok(await pools_now(services))
 
 
 async def get_pool(request: Request) -> Response:

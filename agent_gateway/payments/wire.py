@@ -185,6 +185,17 @@ def parse_payment(header_value: str, version_hint: int, max_depth: int = DEFAULT
     if type(version) is not int or version != version_hint:
         header = "PAYMENT-SIGNATURE" if version_hint == 2 else "X-PAYMENT"
         raise WireError("invalid_x402_version", f"The {header} header must carry x402Version {version_hint}.")
+    return payment_from_object(obj)
+
+
+def payment_from_object(obj: object) -> ExactPayment:
+    """Read a decoded x402 `PaymentPayload` (v1 or v2) into an ExactPayment: what a header carries
+    once decoded, and what the MCP transport carries as JSON in `_meta["x402/payment"]`."""
+    if not isinstance(obj, dict):
+        raise WireError("invalid_payment_header", "The payment must be a JSON object.")
+    version = obj.get("x402Version")
+    if type(version) is not int or version not in (1, 2):
+        raise WireError("invalid_x402_version", "The payment must carry x402Version 1 or 2.")
     if version == 2:
         accepted = _check_accepted(obj.get("accepted"))
         scheme, network = accepted["scheme"], accepted["network"]
@@ -263,9 +274,15 @@ def _uint(value: object, name: str) -> int:
 def settle_response_header(success: bool, tx_hash: str | None, network: str, payer: str | None,
                            error_reason: str | None = None) -> str:
     """The `PAYMENT-RESPONSE` header: base64 JSON of the SDK's `SettleResponse` shape."""
+    return encode_header(settle_response(success, tx_hash, network, payer, error_reason))
+
+
+def settle_response(success: bool, tx_hash: str | None, network: str, payer: str | None,
+                    error_reason: str | None = None) -> dict[str, Any]:
+    """The SDK's `SettleResponse` object (the MCP transport sends it as JSON, not base64)."""
     obj: dict[str, Any] = {"success": success, "transaction": tx_hash or "", "network": network}
     if payer is not None:
         obj["payer"] = payer
     if error_reason is not None:
         obj["errorReason"] = error_reason
-    return encode_header(obj)
+    return obj

@@ -12,12 +12,11 @@ from starlette.routing import Route
 from agent_gateway.web.auth import bearer_token, services_of
 from agent_gateway.web.bodies import parse_json_object, read_body
 from agent_gateway.web.catalog import plans_catalog
+from agent_gateway.web.keys import admitted_key, key_plan
 from agent_gateway.web.rendering import iso
 from agent_gateway.catalog.blocks import seconds_until_next
 from agent_gateway.catalog.pools import Pool, PoolStatus
-from agent_gateway.db.models import KeyStatus, SubscriptionStatus
 from agent_gateway.errors import (
-    AuthenticationError,
     InvalidRequest,
     NotFound,
     PaymentRequired,
@@ -31,7 +30,6 @@ from agent_gateway.proxy.directory import KeyRecord
 from agent_gateway.proxy.leases import AcquireResult
 from agent_gateway.v1.relay import ProxyCall, RelayDeps, RelayResponse
 from agent_gateway.proxy.streams import Registration
-from agent_gateway.usage.report import empty_usage, usage_by_key
 
 _STREAMABLE = {"chat.completions", "completions"}
 # The body fields the gateway itself reads: each must appear once, or an upstream that keeps the
@@ -52,21 +50,7 @@ async def admit_key(request: Request, services: Services) -> KeyRecord:
             code="api_key_required",
             extra={"buy": buy, "catalog": await plans_catalog(services)},
         )
-    key = await services.directory.lookup(token)
-    if key is None:
-        raise AuthenticationError("Invalid API key.", code="invalid_api_key")
-    if key.deleted:
-        raise PermissionDenied("This API key was deleted.", code="key_revoked")
-    if key.key_status == KeyStatus.DISABLED:
-        raise PermissionDenied("This API key is disabled; enable it from the management API.", code="key_disabled")
-    if key.subscription_status != SubscriptionStatus.ACTIVE or key.period_end <= services.clock.now():
-        raise PermissionDenied(
-            f"The subscription behind this key ended on {iso(key.period_end)}; renew it to continue.",
-            code="subscription_expired",
-        )
-    if key.key_status != KeyStatus.ACTIVE:
-        raise PermissionDenied("This API key was revoked.", code="key_revoked")
-    return key
+    return await admitted_key(services, token)
 
 
 def _refuse_lookalike_keys(obj: dict, names: frozenset[str]) -> None:
@@ -218,20 +202,17 @@ async def key_usage(request: Request) -> Response:
     """The key's own plan and usage (snake_case, like the reference service's /v1/usage)."""
     services = services_of(request)
     key = await admit_key(request, services)
-    now = services.clock.now()
-    usage = (await usage_by_key(services.db, now, api_key_id=key.key_id)).get(
-        key.key_id, empty_usage())
-    blocks = [services.catalog.blocks[b] for b in key.blocks if b in services.catalog.blocks]
+    plan = await key_plan(services, key)
     return JSONResponse({"success": True, "data": {
         "plan": {"slug": key.pool_slug, "status": key.subscription_status, "expires_at": iso(key.period_end),
-                 "blocks": [{"block": b.name, "hours_utc": b.label} for b in blocks],
-                 "in_block_now": any(b.contains(now) for b in blocks)},
+                 "blocks": [{"block": b.name, "hours_utc": b.label} for b in plan.blocks],
+                 "in_block_now": plan.in_block_now},
         "rate_limits": {"concurrent_requests": 1, "rpm": None, "tpm": None},
         "budget": {"limit": None},
         "key": {"name": key.name, "type": "subscription", "created_at": iso(key.created_at)},
         "usage": {window: {"requests": t["requests"], "prompt_tokens": t["promptTokens"],
                            "completion_tokens": t["completionTokens"], "errors": t["errors"]}
-                  for window, t in usage.items()},
+                  for window, t in plan.usage.items()},
     }})
 
 

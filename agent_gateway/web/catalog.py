@@ -44,6 +44,12 @@ def render_pool(pool: Pool, catalog: Catalog, available: dict[tuple[str, str], i
     }
 
 
+async def pools_now(services: Services) -> list[dict]:
+    """Every pool as /api/pools shows it, with the seats left in each block now."""
+    available = await seats_available(services.db, services.catalog)
+    return [render_pool(p, services.catalog, available) for p in services.catalog.pools.values()]
+
+
 async def plans_catalog(services: Services) -> dict:
     """The catalog in the shape agents quote from (the reference service's `products`)."""
     catalog = services.catalog

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 from starlette.requests import Request
@@ -15,6 +16,8 @@ from agent_gateway.web.auth import services_of
 from agent_gateway.web.bodies import read_body
 from agent_gateway.web.x402 import payment_header
 from agent_gateway.errors import GatewayError, RateLimited
+from agent_gateway.ratelimit import AttemptLimiter
+from agent_gateway.services import Services
 from agent_gateway.settings import Settings
 from agent_gateway.strict_json import JsonRefused, loads_strict
 
@@ -72,28 +75,44 @@ def limits_failed_payments(handler: Handler) -> Handler:
             request, claims = await _peek_tx_hash_claim(request, services.settings)
             if not claims:
                 return await handler(request, *args)
-        limiter = services.attempts
-        address = client_address(request.scope)
-        retry = await limiter.check(address)
-        if retry is not None:
-            raise too_many_attempts(retry, limiter.limit)
-        if not limiter.in_flight.enter(address):
-            raise RateLimited(
-                f"Too many payment attempts from this address at once: at most {limiter.in_flight.cap} may be "
-                "in flight. Retry when one has finished.", code="too_many_attempts", headers={"Retry-After": "1"})
-        try:
+        async with payment_attempt(services, client_address(request.scope)) as attempt:
             response = await handler(request, *args)
-        except GatewayError as exc:
-            if _counts_as_failed(exc):
-                await limiter.record(address)
-            raise
-        finally:
-            limiter.in_flight.leave(address)
-        if 400 <= response.status_code < 500:
-            await limiter.record(address)
+            if 400 <= response.status_code < 500:
+                await attempt.failed()
         return response
 
     return endpoint
+
+
+class _Attempt:
+    def __init__(self, limiter: AttemptLimiter, address: str) -> None:
+        self.limiter, self.address = limiter, address
+
+    async def failed(self) -> None:
+        await self.limiter.record(self.address)
+
+
+@asynccontextmanager
+async def payment_attempt(services: Services, address: str) -> AsyncIterator[_Attempt]:
+    """One paid attempt (it carries a payment) from `address`, under the rules of every x402 face:
+    refused with 429 before it touches the database or the chain when the address is over the limit
+    or has too many attempts in flight; counted when it ends in a client error."""
+    limiter = services.attempts
+    retry = await limiter.check(address)
+    if retry is not None:
+        raise too_many_attempts(retry, limiter.limit)
+    if not limiter.in_flight.enter(address):
+        raise RateLimited(
+            f"Too many payment attempts from this address at once: at most {limiter.in_flight.cap} may be "
+            "in flight. Retry when one has finished.", code="too_many_attempts", headers={"Retry-After": "1"})
+    try:
+        yield _Attempt(limiter, address)
+    except GatewayError as exc:
+        if _counts_as_failed(exc):
+            await limiter.record(address)
+        raise
+    finally:
+        limiter.in_flight.leave(address)
 
 
 # Failures that are not the client's: a confirmation still on its way (the client was told to

@@ -225,3 +225,52 @@ async def test_two_processes_sharing_the_relayer_key_settle_every_payment_once(t
         assert chain_view.usdc(wallet.address) == 100 * 10**6 - PRICE
     assert chain_view.usdc(devchain.pay_to) == pay_to_before + len(wallets) * PRICE
     assert chain_view.relayer_nonce() == relayer_before + len(wallets)
+
+
+async def test_an_mcp_session_split_across_two_processes_buys_and_checks_a_key(two_processes, devchain):
+    from tests.fixtures.mcp import Alternating, mcp_session, x402_mcp_session
+
+    view = ChainView(devchain)
+    agent = view.new_wallet()
+    pay_to_before = view.usdc(devchain.pay_to)
+    # Every HTTP request of the session goes to the other process than the one before: initialise on
+    # one, list on the other, the unpaid call on one and the paid retry on the other.
+    transport = Alternating(two_processes)
+    async with httpx.AsyncClient(transport=transport, timeout=60) as http:
+        async with x402_mcp_session(two_processes[0], devchain.x402_client(agent.key), http) as session:
+            tools = await session.list_tools()
+            bought = await session.call_tool("subscribe_pool", ORDER)
+    assert len(set(transport.seen)) == 2 and len(transport.seen) >= 4
+    assert {t.name for t in tools.tools} >= {"subscribe_pool", "key_status"}
+    assert bought.payment_made and not bought.is_error, bought.content
+    api_key = bought.raw_result.structuredContent["subscriptions"][0]["apiKey"]
+    assert view.usdc(devchain.pay_to) == pay_to_before + PRICE
+    for url in two_processes:  # the key bought through both is known to each
+        async with mcp_session(url) as session:
+            status = await session.call_tool("key_status", {"apiKey": api_key})
+        assert not status.isError and status.structuredContent["pool"] == "alpha"
+
+
+async def test_one_mcp_payment_sent_to_both_processes_at_once_is_delivered_once(two_processes, devchain):
+    from x402.mcp.utils import _extract_payment_required_from_object
+
+    from tests.fixtures.mcp import mcp_session
+
+    view = ChainView(devchain)
+    agent = view.new_wallet()
+    pay_to_before = view.usdc(devchain.pay_to)
+    async with mcp_session(two_processes[0]) as first, mcp_session(two_processes[1]) as second:
+        unpaid = await first.call_tool("subscribe_pool", ORDER)
+        payload = await devchain.x402_client(agent.key).create_payment_payload(
+            _extract_payment_required_from_object(unpaid.structuredContent))
+        meta = {"x402/payment": payload.model_dump(by_alias=True)}
+        results = await asyncio.gather(*(session.call_tool("subscribe_pool", ORDER, meta=meta)
+                                         for session in (first, second) for _ in range(5)))
+    delivered = [r for r in results if not r.isError]
+    assert len(delivered) == 1, [r.content for r in results]
+    # A refusal is an x402 challenge (`error` = the code) or the /api envelope (`error.code`).
+    codes = {r.structuredContent["error"] if isinstance(r.structuredContent["error"], str)
+             else r.structuredContent["error"]["code"] for r in results if r.isError}
+    assert codes == {"payment_already_used"}
+    assert view.usdc(devchain.pay_to) == pay_to_before + PRICE
+    assert view.usdc(agent.address) == 100 * 10**6 - PRICE
