@@ -134,3 +134,26 @@ async def test_with_payments_off_the_paid_tools_say_so(tmp_path, sqlite_url, ups
     assert paid.isError and paid.structuredContent["error"]["code"] == "payments_disabled"
     assert renew.isError and renew.structuredContent["error"]["code"] == "payments_disabled"
     assert not quote.isError and quote.structuredContent["paymentRequired"] is None
+
+
+async def test_the_paid_tools_challenge_carries_a_bazaar_extension_the_sdk_accepts(x402_gateway):
+    """Called without payment, a paid tool's PaymentRequired is the HTTP 402's, bazaar extension
+    included: its `mcp` call names the tool, its argument schema, and an example the tool accepts."""
+    from x402.extensions.bazaar import validate_discovery_extension, validate_discovery_extension_spec
+    from x402.extensions.bazaar.types import parse_discovery_extension
+
+    async with mcp_session(x402_gateway.url) as session:
+        unpaid = await session.call_tool("subscribe_pool", ORDER)
+        assert unpaid.isError
+        extension = unpaid.structuredContent["extensions"]["bazaar"]
+        spec = validate_discovery_extension_spec(extension)
+        assert spec.valid, spec.errors
+        result = validate_discovery_extension(parse_discovery_extension(extension))
+        assert result.valid, result.errors
+        call = extension["info"]["input"]
+        assert call["type"] == "mcp" and call["toolName"] == "subscribe_pool"
+        assert set(call["inputSchema"]["properties"]) >= {"pool", "blocks", "quantity", "billingCycle"}
+        # The example is a real order: quoting it prices exactly what the challenge asks.
+        quoted = await session.call_tool("quote", call["example"])
+        assert not quoted.isError
+        assert quoted.structuredContent["totalAtomic"] == unpaid.structuredContent["accepts"][0]["amount"]
