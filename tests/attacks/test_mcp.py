@@ -12,7 +12,7 @@ import logging
 import httpx
 import pytest
 from eth_account import Account
-from x402.mcp.utils import _extract_payment_required_from_object
+from x402.schemas import parse_payment_required
 
 from tests.fixtures.live import live_gateway
 from tests.fixtures.mcp import ORDER, mcp_session, x402_mcp_session
@@ -21,6 +21,13 @@ from tests.fixtures.x402 import X402_POOLS, chain_settings, sign_authorization
 pytestmark = pytest.mark.anyio
 PRICE = 10_000_000  # pool alpha of X402_POOLS
 MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+
+
+@pytest.fixture
+def paid_gateway(tmp_path, database_url, upstream, devchain):  # type: ignore[no-untyped-def]
+    """A live gateway with payments on, on SQLite and on PostgreSQL."""
+    with live_gateway(tmp_path, database_url, upstream, pools=X402_POOLS, **chain_settings(devchain)) as live:
+        yield live
 
 
 async def seats(url: str) -> int:
@@ -38,7 +45,7 @@ async def required_of(session, order: dict) -> dict:  # type: ignore[no-untyped-
 async def official_payment(devchain, wallet_key: str, required: dict) -> dict:  # type: ignore[no-untyped-def]
     """What the official x402 client puts into _meta["x402/payment"] for this PaymentRequired."""
     payload = await devchain.x402_client(wallet_key).create_payment_payload(
-        _extract_payment_required_from_object(required))
+        parse_payment_required(required))
     return payload.model_dump(by_alias=True)
 
 
@@ -53,8 +60,8 @@ def code_of(result) -> str:  # type: ignore[no-untyped-def]
     return content["error"]["code"] if isinstance(content["error"], dict) else content["error"]
 
 
-async def test_a_replayed_payment_delivers_once_sequentially_and_ten_at_once(x402_gateway, devchain, chain_view):
-    live = x402_gateway
+async def test_a_replayed_payment_delivers_once_sequentially_and_ten_at_once(paid_gateway, devchain, chain_view):
+    live = paid_gateway
     wallet = chain_view.new_wallet()
     pay_to_before, seats_before, relayer_before = (chain_view.usdc(devchain.pay_to), await seats(live.url),
                                                    chain_view.relayer_nonce())

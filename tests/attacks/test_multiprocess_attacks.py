@@ -252,7 +252,7 @@ async def test_an_mcp_session_split_across_two_processes_buys_and_checks_a_key(t
 
 
 async def test_one_mcp_payment_sent_to_both_processes_at_once_is_delivered_once(two_processes, devchain):
-    from x402.mcp.utils import _extract_payment_required_from_object
+    from x402.schemas import parse_payment_required
 
     from tests.fixtures.mcp import mcp_session
 
@@ -262,7 +262,7 @@ async def test_one_mcp_payment_sent_to_both_processes_at_once_is_delivered_once(
     async with mcp_session(two_processes[0]) as first, mcp_session(two_processes[1]) as second:
         unpaid = await first.call_tool("subscribe_pool", ORDER)
         payload = await devchain.x402_client(agent.key).create_payment_payload(
-            _extract_payment_required_from_object(unpaid.structuredContent))
+            parse_payment_required(unpaid.structuredContent))
         meta = {"x402/payment": payload.model_dump(by_alias=True)}
         results = await asyncio.gather(*(session.call_tool("subscribe_pool", ORDER, meta=meta)
                                          for session in (first, second) for _ in range(5)))

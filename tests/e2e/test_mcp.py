@@ -11,11 +11,19 @@ import openai
 import pytest
 
 from tests.fixtures.live import live_gateway
+from tests.fixtures.x402 import X402_POOLS, chain_settings
 from tests.fixtures.mcp import ORDER, mcp_session, x402_mcp_session
 
 pytestmark = pytest.mark.anyio
 PRICE = 10_000_000  # pool alpha of X402_POOLS: 10.00 USDC per seat
 TOOLS = {"list_pools", "quote", "subscribe_pool", "renew_subscription", "key_status", "connection_snippets"}
+
+
+@pytest.fixture
+def paid_gateway(tmp_path, database_url, upstream, devchain):  # type: ignore[no-untyped-def]
+    """A live gateway with payments on, on SQLite and on PostgreSQL."""
+    with live_gateway(tmp_path, database_url, upstream, pools=X402_POOLS, **chain_settings(devchain)) as live:
+        yield live
 
 
 async def seats(url: str) -> int:
@@ -78,8 +86,8 @@ async def test_a_bad_key_or_a_bad_order_is_a_tool_error_naming_the_problem(x402_
     assert "quantity" in bad_field.structuredContent["error"]["message"]
 
 
-async def test_the_x402_mcp_client_pays_subscribe_pool_and_the_key_works(x402_gateway, devchain, chain_view):
-    live = x402_gateway
+async def test_the_x402_mcp_client_pays_subscribe_pool_and_the_key_works(paid_gateway, devchain, chain_view):
+    live = paid_gateway
     agent = chain_view.new_wallet()
     pay_to_before, seats_before = chain_view.usdc(devchain.pay_to), await seats(live.url)
     async with x402_mcp_session(live.url, devchain.x402_client(agent.key)) as session:
@@ -108,8 +116,8 @@ async def test_the_x402_mcp_client_pays_subscribe_pool_and_the_key_works(x402_ga
     assert not again.is_error and again.raw_result.structuredContent["managementKey"] is None
 
 
-async def test_renew_subscription_is_paid_the_same_way(x402_gateway, devchain, chain_view):
-    live = x402_gateway
+async def test_renew_subscription_is_paid_the_same_way(paid_gateway, devchain, chain_view):
+    live = paid_gateway
     agent = chain_view.new_wallet()
     async with x402_mcp_session(live.url, devchain.x402_client(agent.key)) as session:
         bought = await session.call_tool("subscribe_pool", ORDER)

@@ -247,3 +247,24 @@ def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
     payload = sdk_payload(make_offer())
     payload["extensions"] = {"payment-identifier": {"id": "abc"}}
     assert parse_payment(b64(payload), 2).payer == PAYER.address
+
+
+# --- the MCP transport: the same payload as JSON in _meta["x402/payment"] -----------------------
+
+def test_the_official_clients_mcp_payment_reads_as_its_header_does() -> None:
+    from agent_gateway.payments.wire import payment_from_object, settle_response
+
+    offer = make_offer()
+    required = decode_payment_required_header(encode_header(payment_required([offer])))
+    payload = sdk_client().create_payment_payload(required)
+    # What x402MCPSession puts into _meta: the payload's model_dump(by_alias=True), None fields included.
+    from_meta = payment_from_object(payload.model_dump(by_alias=True))
+    assert from_meta == parse_payment(encode_payment_signature_header(payload), 2)
+    for bad, code in (("0xdead", "invalid_payment_header"), ([], "invalid_payment_header"),
+                      ({"x402Version": 3}, "invalid_x402_version"), ({"x402Version": 2}, "invalid_accepted")):
+        with pytest.raises(WireError) as caught:
+            payment_from_object(bad)
+        assert caught.value.code == code
+    receipt = settle_response(True, "0x" + "ab" * 32, "eip155:31337", PAYER.address)
+    assert json.loads(base64.b64decode(settle_response_header(True, "0x" + "ab" * 32, "eip155:31337",
+                                                              PAYER.address))) == receipt
