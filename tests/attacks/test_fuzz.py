@@ -205,8 +205,16 @@ def fuzzed(settings, clock, database_url) -> Iterator[Fuzzed]:  # type: ignore[n
     loop = asyncio.new_event_loop()
     services = build_services(settings, clock)
     app = create_app(services=services)
-    lifespan = app.router.lifespan_context(app)
-    loop.run_until_complete(lifespan.__aenter__())
+    # The lifespan is entered and left by one task (the MCP session manager's task group insists).
+    ready, stop = asyncio.Event(), asyncio.Event()
+
+    async def hold_lifespan() -> None:
+        async with app.router.lifespan_context(app):
+            ready.set()
+            await stop.wait()
+
+    holder = loop.create_task(hold_lifespan())
+    loop.run_until_complete(ready.wait())
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway.test")
     gateway = Gateway(client=client, services=services)
     fuzzed = Fuzzed(loop, gateway, loop.run_until_complete(_provision(gateway)), route_table(app))
@@ -219,7 +227,8 @@ def fuzzed(settings, clock, database_url) -> Iterator[Fuzzed]:  # type: ignore[n
             print(f"\nfuzz[{database_url.split(':')[0]}]: {fuzzed.requests} requests in "
                   f"{time.perf_counter() - started:.1f} s; statuses {dict(sorted(fuzzed.by_status.items()))}")
         loop.run_until_complete(client.aclose())
-        loop.run_until_complete(lifespan.__aexit__(None, None, None))
+        stop.set()
+        loop.run_until_complete(holder)
         loop.close()
 
 
