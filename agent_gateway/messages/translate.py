@@ -197,6 +197,7 @@ def _user_messages(blocks: list[Any], path: str) -> list[dict[str, Any]]:
     # Chat completions wants each tool result as its own "tool" message right after the
     # assistant turn that asked, so tool results go first and the rest of the turn follows.
     tool_messages: list[dict[str, Any]] = []
+    tool_images: list[dict[str, Any]] = []
     parts: list[dict[str, Any]] = []
     for j, block in enumerate(blocks):
         bpath = f"{path}[{j}]"
@@ -206,15 +207,18 @@ def _user_messages(blocks: list[Any], path: str) -> list[dict[str, Any]]:
         elif kind == "image":
             parts.append({"type": "image_url", "image_url": {"url": _image_url(block, bpath)}})
         elif kind == "tool_result":
-            tool_messages.append(_tool_message(block, bpath))
+            message, images = _tool_message(block, bpath)
+            tool_messages.append(message)
+            tool_images.extend(images)
         else:
             raise _unsupported(f"{bpath}.type", f"block type {kind!r} is not supported in user turns")
     out = list(tool_messages)
-    if parts:
-        if all(p["type"] == "text" for p in parts):
-            out.append({"role": "user", "content": "".join(p["text"] for p in parts) if len(parts) == 1 else parts})
-        else:
-            out.append({"role": "user", "content": parts})
+    # The tool results' images go in the user turn after every tool message, ahead of its text.
+    parts = tool_images + parts
+    if len(parts) == 1 and parts[0]["type"] == "text":
+        out.append({"role": "user", "content": parts[0]["text"]})
+    elif parts:
+        out.append({"role": "user", "content": parts})
     return out
 
 
@@ -236,23 +240,31 @@ def _image_url(block: dict[str, Any], path: str) -> str:
     raise _unsupported(f"{path}.source.type", f"image source {kind!r} is not supported")
 
 
-def _tool_message(block: dict[str, Any], path: str) -> dict[str, Any]:
+def _tool_message(block: dict[str, Any], path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A tool_result as a "tool" message, and its images, which a tool message cannot carry (a
+    coding agent's file-reading tool returns screenshots this way)."""
     call_id = block.get("tool_use_id")
     if not isinstance(call_id, str):
         raise _invalid(f"{path}.tool_use_id", "a string is required")
     content = block.get("content", "")
+    images: list[dict[str, Any]] = []
     if isinstance(content, list):
         texts = []
         for k, part in enumerate(content):
             ppath = f"{path}.content[{k}]"
-            if not isinstance(part, dict) or part.get("type") != "text":
-                kind = part.get("type") if isinstance(part, dict) else None
-                raise _unsupported(f"{ppath}.type", f"{kind!r} in a tool result is not supported (text only)")
-            texts.append(_text_of(part, ppath))
-        content = "".join(texts)
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                texts.append(_text_of(part, ppath))
+            elif kind == "image":
+                images.append({"type": "image_url", "image_url": {"url": _image_url(part, ppath)}})
+            else:
+                raise _unsupported(f"{ppath}.type", f"{kind!r} in a tool result is not supported (text and images only)")
+        content = "\n".join(texts)
+    elif content is None:
+        content = ""
     elif not isinstance(content, str):
-        raise _invalid(f"{path}.content", "a string or a list of text blocks is required")
-    return {"role": "tool", "tool_call_id": call_id, "content": content}
+        raise _invalid(f"{path}.content", "a string or a list of text and image blocks is required")
+    return {"role": "tool", "tool_call_id": call_id, "content": content}, images
 
 
 def _chat_tools(tools: Any) -> list[dict[str, Any]]:

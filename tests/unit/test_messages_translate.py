@@ -322,7 +322,7 @@ def test_what_coding_agents_and_the_sdk_send_is_accepted() -> None:
             "unsupported_field",
         ),
         (
-            {"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": [{"type": "image", "source": {}}]}]}]},
+            {"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": [{"type": "document", "source": {}}]}]}]},
             "messages[0].content[0].content[0].type",
             "unsupported_field",
         ),
@@ -338,3 +338,28 @@ def test_what_cannot_be_translated_is_a_400_naming_the_field(change: dict[str, A
     assert isinstance(error, InvalidRequest) and error.status == 400
     assert error.code == code
     assert error.message.startswith(f"{path}: ")
+
+
+def test_tool_results_become_tool_messages_and_their_images_follow_in_the_user_turn() -> None:
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}}
+    body = {
+        "model": "m",
+        "max_tokens": 5,
+        "messages": [
+            {"role": "user", "content": "Look at both"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "read", "input": {}}, {"type": "tool_use", "id": "t2", "name": "shot", "input": {}}]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": "t1", "content": "file text", "is_error": False},
+                    {"type": "tool_result", "tool_use_id": "t2", "content": [{"type": "text", "text": "screen:"}, image]},
+                    {"type": "text", "text": "Now?"},
+                ],
+            },
+        ],
+    }
+    assert to_chat_request(body)["messages"][2:] == [
+        {"role": "tool", "tool_call_id": "t1", "content": "file text"},
+        {"role": "tool", "tool_call_id": "t2", "content": "screen:"},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}}, {"type": "text", "text": "Now?"}]},
+    ]
