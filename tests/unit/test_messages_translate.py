@@ -146,6 +146,7 @@ def test_usage_from_the_final_chunk_is_reported_in_message_delta() -> None:
         ("stop", {}, None, "end_turn", None),
         ("length", {}, None, "max_tokens", None),
         ("tool_calls", {}, None, "tool_use", None),
+        ("content_filter", {}, None, "refusal", None),
         ("stop", {"stop_reason": "\nUser:"}, ["\nUser:"], "stop_sequence", "\nUser:"),  # vLLM
         ("stop", {"matched_stop": "END"}, ["END"], "stop_sequence", "END"),  # SGLang
         ("stop", {"stop_reason": 128009}, ["END"], "end_turn", None),  # a stop token id is EOS
@@ -208,6 +209,7 @@ def test_a_chat_completion_becomes_a_message_the_sdk_parses() -> None:
     [
         ({"finish_reason": "stop"}, "end_turn", None),
         ({"finish_reason": "length"}, "max_tokens", None),
+        ({"finish_reason": "content_filter"}, "refusal", None),
         ({"finish_reason": "stop", "stop_reason": "###"}, "stop_sequence", "###"),
         ({"finish_reason": "stop", "matched_stop": "###"}, "stop_sequence", "###"),
     ],
