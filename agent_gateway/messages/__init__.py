@@ -1,0 +1,1 @@
+"""Anthropic Messages: the pure translation to and from OpenAI chat completions."""
