@@ -170,6 +170,8 @@ class _Upstream:
         self.behaviour = BehaviourControl()
         self._ids = itertools.count(1)
         self._parsed: dict[bytes, Behaviour | str] = {}
+        # The last request's headers (lowercase names), kept in place so tests can read them.
+        self.last_headers: dict[str, str] = {}
         self.models_body = json.dumps({"object": "list", "data": [
             {"id": m, "object": "model", "created": 0, "owned_by": "agent-gateway-test"} for m in settings.models
         ]}).encode()
@@ -352,6 +354,9 @@ class _Endpoint:
             elif name == b"x-test-behaviour" or name == b"x-test-behavior":
                 header = value
         key_s = (key if key is not None else auth or b"").decode("latin-1")
+        if self.kind in ("messages", "count_tokens"):
+            self.up.last_headers.clear()
+            self.up.last_headers.update((n.decode("latin-1"), v.decode("latin-1")) for n, v in scope["headers"])
         payload: Any = {}
         if self.kind != "models":
             message = await receive()
@@ -486,6 +491,7 @@ def create_upstream_app(settings: UpstreamSettings | None = None) -> Starlette:
     app.state.recorder = up.recorder
     app.state.behaviour = up.behaviour
     app.state.settings = up.settings
+    app.state.last_headers = up.last_headers
     return app
 
 
