@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from datetime import UTC, datetime, timedelta
 
 import anthropic
 import httpx
@@ -13,7 +14,7 @@ import pytest
 
 from agent_gateway.testing.upstream import UpstreamSettings
 from tests.e2e.test_proxy import usage_rows, wait_usage
-from tests.fixtures.live import LiveGateway
+from tests.fixtures.live import LiveGateway, live_gateway
 
 pytestmark = pytest.mark.anyio
 ASK = [{"role": "user", "content": "tell me about seats"}]
@@ -222,3 +223,33 @@ async def test_usage_rows_hold_the_messages_input_and_output_tokens(messages_liv
         (4, 5, "upstream", "messages"), (7, 16, "upstream", "messages")]
     assert len(await usage_rows(messages_live, key_id)) == 2
     client.close()
+
+
+LATER_POOL = """
+[blocks]
+later = "{start}-{end}"
+
+[pools.claude]
+name = "Claude-style"
+models = ["test-model"]
+upstreams = ["{{upstream}}"]
+upstream_api = "anthropic"
+seats = 5
+prices = {{{{ later = "10.00" }}}}
+"""
+
+
+async def test_outside_its_blocks_a_key_gets_a_rate_limit_error_with_retry_after(tmp_path, sqlite_url, upstream):
+    start = datetime.now(UTC).replace(second=0, microsecond=0) + timedelta(hours=2)
+    pools = LATER_POOL.format(start=start.strftime("%H:%M"), end=(start + timedelta(hours=1)).strftime("%H:%M"))
+    with live_gateway(tmp_path, sqlite_url, upstream, pools=pools) as live:
+        sk, _ = live.new_key(pool="claude", blocks=["later"])
+        client = sdk(live, sk)
+        with pytest.raises(anthropic.RateLimitError) as err:
+            await asyncio.to_thread(client.messages.create, model="test-model", max_tokens=8, messages=ASK)
+        client.close()
+        assert err.value.body["error"]["type"] == "rate_limit_error"
+        assert f"later {start.strftime('%H:%M')}" in err.value.body["error"]["message"]
+        expected = (start - datetime.now(UTC)).total_seconds()
+        assert abs(int(err.value.response.headers["retry-after"]) - expected) <= 2
+        assert upstream.recorder.total == 0
