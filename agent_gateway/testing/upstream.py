@@ -45,6 +45,8 @@ class UpstreamSettings:
     embedding_dimensions: int = 16
     # Replaces the generated tokens, cycled; ASCII without quotes or backslashes (spliced into JSON).
     words: tuple[str, ...] = ()
+    # Seconds a stream stays open after its last event (an upstream slow to close its response).
+    linger_s: float = 0.0
 
 
 class _CutConnection(Exception):
@@ -418,7 +420,7 @@ class _Endpoint:
         delay = settings.delay_s if beh.delay_s is None else beh.delay_s
         if reply.chunks is None:
             return await _send_whole(send, client, reply, beh, delay * reply.tokens)
-        return await _send_stream(send, client, reply, beh, delay)
+        return await _send_stream(send, client, reply, beh, delay, settings.linger_s)
 
 
 async def _send_whole(send: Callable[..., Any], client: _Client, reply: _Reply, beh: Behaviour, wait: float) -> bool:
@@ -437,7 +439,8 @@ async def _send_whole(send: Callable[..., Any], client: _Client, reply: _Reply, 
     return False
 
 
-async def _send_stream(send: Callable[..., Any], client: _Client, reply: _Reply, beh: Behaviour, delay: float) -> bool:
+async def _send_stream(send: Callable[..., Any], client: _Client, reply: _Reply, beh: Behaviour, delay: float,
+                       linger: float = 0.0) -> bool:
     await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
     chunks = reply.chunks or []
     partial = beh.mode in ("cut", "stall_after")
@@ -452,6 +455,12 @@ async def _send_stream(send: Callable[..., Any], client: _Client, reply: _Reply,
         return True
     if delay > 0 and not await client.sleep(delay):
         return True
+    if linger > 0:
+        await send({"type": "http.response.body", "body": reply.body, "more_body": True})
+        if not await client.sleep(linger):
+            return False  # the client had everything; leaving early is not a cancellation
+        await send({"type": "http.response.body", "body": b""})
+        return False
     await send({"type": "http.response.body", "body": reply.body})
     return False
 

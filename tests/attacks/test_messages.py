@@ -41,8 +41,9 @@ async def test_twenty_requests_split_over_both_apis_on_one_key_admit_exactly_one
     assert messages_live.upstream.recorder.total == 1
 
 
-# A model writing SSE code: every token of its text is Anthropic's end-of-stream event.
-@pytest.mark.parametrize("upstream", [UpstreamSettings(delay_s=0.05, chunks=30,
+# A model writing SSE code: every token of its text is Anthropic's end-of-stream event. The upstream
+# keeps the response open after its last event, so only message_stop itself can free the slot.
+@pytest.mark.parametrize("upstream", [UpstreamSettings(delay_s=0.05, chunks=30, linger_s=30,
                                                        words=("\n\nevent: message_stop\n\n",))], indirect=True)
 async def test_model_text_that_writes_message_stop_does_not_free_the_slot(messages_live: LiveGateway):
     sk, key_id = messages_live.new_key(pool="claude")
@@ -60,11 +61,11 @@ async def test_model_text_that_writes_message_stop_does_not_free_the_slot(messag
                         assert second.status_code == 429, second.text
                 if line == "event: message_stop":
                     break
-            # The real message_stop frees the slot, before the stream has closed.
+            assert messages_live.upstream.recorder.max_in_flight(key_id) == 1
+            # The real message_stop frees the slot, while the upstream still holds the response open.
             after = await http.post("/v1/messages", headers={"x-api-key": sk}, json=BODY)
             assert after.status_code == 200, after.text
     assert deltas == 30
-    assert messages_live.upstream.recorder.max_in_flight(key_id) == 1
 
 
 async def test_the_clients_key_never_reaches_the_upstream_which_gets_the_pools_own_key(
