@@ -37,11 +37,12 @@ _STREAMABLE = {"chat.completions", "completions", "messages"}
 READ_KEYS = frozenset({"model", "stream", "stream_options", "include_usage"})
 
 
-async def admit_key(request: Request, services: Services, token: str | None = None) -> KeyRecord:
+async def admit_key(request: Request, services: Services, token: str | None = None, *,
+                    key_header: str = "Authorization: Bearer sk_…") -> KeyRecord:
     """No key → 402, unknown → 401, disabled/revoked/deleted → 403, expired → 403.
 
-    `token` is the key a face has already read (the Messages face also reads x-api-key); by
-    default it is the bearer token."""
+    `token` is the key a face has already read (the Messages face also reads x-api-key), and
+    `key_header` how that face asks for it; by default the bearer token."""
     if token is None:
         token = bearer_token(request)
     if token is None:
@@ -50,7 +51,7 @@ async def admit_key(request: Request, services: Services, token: str | None = No
         if services.payments.enabled:  # agents can pay on their own only when x402 is on
             buy["agents"] = "/api/agent/subscribe-pool"
         raise PaymentRequired(
-            "This endpoint needs an API key (Authorization: Bearer sk_…). Buy a seat to get one.",
+            f"This endpoint needs an API key ({key_header}). Buy a seat to get one.",
             code="api_key_required",
             extra={"buy": buy, "catalog": await plans_catalog(services)},
         )
@@ -129,7 +130,8 @@ async def proxy_request(request: Request, path: str, endpoint: str, *, api: str 
     started = time.perf_counter()
     services = services_of(request)
     try:
-        key = await admit_key(request, services, token)
+        key = await admit_key(request, services, token, key_header=(
+            "x-api-key: sk_… or Authorization: Bearer sk_…" if api == "anthropic" else "Authorization: Bearer sk_…"))
         body = await read_body(request, services.settings.max_proxy_body_bytes)
         payload = parse_json_object(body, services.settings.max_json_depth, watched_keys=READ_KEYS)
         model = payload.get("model")

@@ -126,7 +126,7 @@ async def test_refusals_come_in_order_as_the_sdk_exceptions(messages_live: LiveG
         assert r.status_code == 402
         body = r.json()
         assert body["type"] == "error" and body["error"]["type"] == "billing_error"
-        assert body["buy"]["catalog"] == "/api/agent/plans"
+        assert body["buy"]["catalog"] == "/api/agent/plans" and "x-api-key" in body["error"]["message"]
 
     def call(key: str, model: str = "test-model") -> None:
         client = sdk(messages_live, key)
@@ -144,6 +144,10 @@ async def test_refusals_come_in_order_as_the_sdk_exceptions(messages_live: LiveG
     with pytest.raises(anthropic.NotFoundError) as err:
         await asyncio.to_thread(call, openai_pool_sk)
     assert "only through an anthropic upstream" in err.value.body["error"]["message"]
+    counter = sdk(messages_live, openai_pool_sk)
+    with pytest.raises(anthropic.NotFoundError):
+        await asyncio.to_thread(counter.messages.count_tokens, model="test-model", messages=ASK)
+    counter.close()
     r = httpx.post(f"{messages_live.url}/api/keys/{key_id}/disable", headers={"Authorization": f"Bearer {mk}"})
     assert r.status_code == 200
     with pytest.raises(anthropic.PermissionDeniedError) as err:
@@ -253,3 +257,43 @@ async def test_outside_its_blocks_a_key_gets_a_rate_limit_error_with_retry_after
         expected = (start - datetime.now(UTC)).total_seconds()
         assert abs(int(err.value.response.headers["retry-after"]) - expected) <= 2
         assert upstream.recorder.total == 0
+
+
+async def test_the_upstreams_own_refusal_is_passed_through_to_the_sdk(messages_live: LiveGateway):
+    sk, _ = messages_live.new_key(pool="claude")
+    async with httpx.AsyncClient(base_url=messages_live.url, timeout=30) as http:
+        r = await http.post("/v1/messages", headers={"x-api-key": sk}, json={"model": "test-model", "messages": ASK})
+    # The upstream's 400 (no max_tokens), unchanged: its type and its message.
+    assert r.status_code == 400
+    assert r.json() == {"type": "error", "error": {"type": "invalid_request_error",
+                                                   "message": "max_tokens: Field required (a positive integer)"}}
+
+
+@pytest.mark.parametrize("upstream", [UpstreamSettings(delay_s=0.05, chunks=100)], indirect=True)
+async def test_a_stream_cut_by_the_upstream_or_its_timeout_ends_with_an_error_event_the_sdk_raises(
+        tmp_path, sqlite_url, upstream):
+    from tests.fixtures.live import MESSAGES_POOLS
+
+    with live_gateway(tmp_path, sqlite_url, upstream, pools=MESSAGES_POOLS, upstream_total_timeout_s=1.0) as live:
+        sk, _ = live.new_key(pool="claude")
+        client = sdk(live, sk)
+
+        def read_stream() -> list[str]:
+            seen: list[str] = []
+            with client.messages.stream(model="test-model", max_tokens=100, messages=ASK) as events:
+                for event in events:
+                    seen.append(event.type)
+            return seen
+
+        with pytest.raises(anthropic.APIStatusError) as err:  # the timeout: 100 chunks take 5 s
+            await asyncio.to_thread(read_stream)
+        assert err.value.body["error"]["type"] == "timeout_error"
+        upstream.control("cut", after_chunks=3)
+        with pytest.raises(anthropic.APIStatusError) as err:
+            await asyncio.to_thread(read_stream)
+        assert err.value.body["error"]["type"] == "api_error"
+        await upstream.recorder.wait_for(lambda r: r.in_flight == 0)
+        upstream.behaviour.reset()
+        reply = await asyncio.to_thread(client.messages.create, model="test-model", max_tokens=2, messages=ASK)
+        assert reply.usage.output_tokens == 2
+        client.close()
