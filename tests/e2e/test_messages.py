@@ -212,21 +212,26 @@ async def test_revoking_the_key_ends_its_messages_stream_with_an_error_event_wit
     assert len(frames) < 50
 
 
-async def test_usage_rows_hold_the_messages_input_and_output_tokens(messages_live: LiveGateway):
-    sk, key_id = messages_live.new_key(pool="claude")
-    client = sdk(messages_live, sk)
-    await asyncio.to_thread(client.messages.create, model="test-model", max_tokens=5, messages=ASK)
+async def test_usage_rows_hold_the_messages_input_and_output_tokens(tmp_path, database_url, upstream):
+    from tests.fixtures.live import MESSAGES_POOLS
 
-    def stream() -> None:
-        with client.messages.stream(model="test-model", max_tokens=64, messages=ASK, system="You sell seats.") as s:
-            s.until_done()
+    with live_gateway(tmp_path, database_url, upstream, pools=MESSAGES_POOLS) as live:
+        sk, key_id = live.new_key(pool="claude")
+        client = sdk(live, sk)
+        await asyncio.to_thread(client.messages.create, model="test-model", max_tokens=5, messages=ASK)
 
-    await asyncio.to_thread(stream)
-    rows = sorted(await wait_usage(messages_live, key_id, 2), key=lambda row: row.completion_tokens)
-    assert [(r.prompt_tokens, r.completion_tokens, r.usage_source, r.endpoint) for r in rows] == [
-        (4, 5, "upstream", "messages"), (7, 16, "upstream", "messages")]
-    assert len(await usage_rows(messages_live, key_id)) == 2
-    client.close()
+        def stream() -> None:
+            with client.messages.stream(model="test-model", max_tokens=64, messages=ASK,
+                                        system="You sell seats.") as events:
+                events.until_done()
+
+        await asyncio.to_thread(stream)
+        # The stream's output count arrives in message_delta, its input count in message_start.
+        rows = sorted(await wait_usage(live, key_id, 2), key=lambda row: row.completion_tokens)
+        assert [(r.prompt_tokens, r.completion_tokens, r.usage_source, r.endpoint) for r in rows] == [
+            (4, 5, "upstream", "messages"), (7, 16, "upstream", "messages")]
+        assert len(await usage_rows(live, key_id)) == 2
+        client.close()
 
 
 LATER_POOL = """
