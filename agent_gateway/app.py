@@ -18,6 +18,7 @@ from agent_gateway.clock import Clock
 from agent_gateway.dashboard import create_dashboard
 from agent_gateway.errors import GatewayError
 from agent_gateway.metrics import metrics_endpoint
+from agent_gateway.v1 import messages as v1_messages
 from agent_gateway.v1 import routes as v1_routes
 from agent_gateway.lifespan import build_services, lifespan_for
 from agent_gateway.mcp_face.server import McpFace
@@ -50,6 +51,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None,
     app = Starlette(
         routes=[
             *v1_routes.routes,
+            *v1_messages.routes,
             *public.routes,
             *agents.routes,
             *management.routes,

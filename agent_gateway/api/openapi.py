@@ -108,6 +108,9 @@ _USAGE = {"type": "object", "description": "Requests and tokens by period."}
 _OPENAI_OBJECT = {"type": "object", "description": "The OpenAI-compatible request, passed to the pool's upstream; "
                                                    "`model` must be one of the key's pool models.",
                   "properties": {"model": _STR, "stream": {"type": "boolean"}}, "required": ["model"]}
+_MESSAGES_OBJECT = {"type": "object", "description": "The Anthropic Messages request, passed to the pool's upstream "
+                                                     "as it is; `model` must be one of the key's pool models.",
+                    "properties": {"model": _STR, "stream": {"type": "boolean"}}, "required": ["model"]}
 
 _PAID = "x402-paid"
 _HEADER_PAYMENT = {"name": "PAYMENT-SIGNATURE", "in": "header", "required": False, "schema": _STR,
@@ -280,6 +283,13 @@ def openapi_document(base_url: str, catalog: Catalog, *, payments_on: bool, vers
                                           description=_INFERENCE_NOTE)}
         paths[path]["post"]["requestBody"] = {"required": True,
                                               "content": {"application/json": {"schema": _OPENAI_OBJECT}}}
+    for prefix in ("", "/anthropic"):
+        for path, summary in [("/v1/messages", "Anthropic Messages (stream with SSE)"),
+                              ("/v1/messages/count_tokens", "Anthropic Messages: count a request's input tokens")]:
+            op = _operation(summary, _messages_responses(), tags=["inference"], description=_MESSAGES_NOTE)
+            op["security"] = [{"anthropicApiKey": []}, {sk: []}]
+            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _MESSAGES_OBJECT}}}
+            paths[prefix + path] = {"post": op}
     paths["/v1/models"] = {"get": _operation(
         "The models of the key's pool", {"200": _json("Models", _obj({"object": {"const": "list"},
                                                                       "data": {"type": "array",
@@ -292,6 +302,9 @@ def openapi_document(base_url: str, catalog: Catalog, *, payments_on: bool, vers
     schemas.update({
         "ErrorDetail": _obj({"type": _STR, "code": _STR, "message": _STR}, ["type", "code", "message"]),
         "Error": _obj({"error": _ref("ErrorDetail")}, ["error"]),
+        "AnthropicError": _obj({"type": {"const": "error"},
+                                "error": _obj({"type": _STR, "message": _STR}, ["type", "message"])},
+                               ["type", "error"]),
         "Subscription": _SUBSCRIPTION, "Key": _KEY, "ManagementKey": _MANAGEMENT_KEY, "Quote": _QUOTE,
         "Pool": _POOL, "Delivery": _DELIVERY,
     })
@@ -312,6 +325,8 @@ def openapi_document(base_url: str, catalog: Catalog, *, payments_on: bool, vers
                                   "description": "A management key: buys seats, mints and manages keys."},
                 "apiKey": {"type": "http", "scheme": "bearer", "bearerFormat": "sk_…",
                            "description": "A seat's API key: calls /v1 on its pool's models, in its blocks."},
+                "anthropicApiKey": {"type": "apiKey", "in": "header", "name": "x-api-key",
+                                    "description": "The same sk_ key, as Anthropic's clients send it."},
                 "metricsToken": {"type": "http", "scheme": "bearer",
                                  "description": "AGW_METRICS_TOKEN, when the operator set one."},
             },
@@ -328,6 +343,29 @@ def _key_refusals() -> dict[str, Any]:
             "402": _json("No API key: where to buy one (not an x402 challenge).", {"type": "object"}),
             "403": _error("The key is disabled, revoked, or its subscription has ended."),
             "429": _error("The key's block is closed now, or it already has a request in flight.")}
+
+
+_MESSAGES_NOTE = (_INFERENCE_NOTE + " Served for pools whose upstream speaks Messages (upstream_api = "
+                  "\"anthropic\"); errors use Anthropic's shape {\"type\": \"error\", \"error\": {type, message}}.")
+
+
+def _messages_responses() -> dict[str, Any]:
+    def error(description: str) -> dict[str, Any]:
+        return _json(description, _ref("AnthropicError"))
+
+    return {"200": {"description": "The upstream's answer (JSON, or text/event-stream when streaming)",
+                    "content": {"application/json": {"schema": {"type": "object"}},
+                                "text/event-stream": {"schema": _STR}}},
+            "400": error("invalid_request_error: the request body is invalid."),
+            "401": error("authentication_error: unknown API key."),
+            "402": error("billing_error: no API key; the body also says where to buy one."),
+            "403": error("permission_error: the key is disabled, revoked, or its subscription has ended."),
+            "404": error("not_found_error: the model is not in the key's pool, or the pool serves no Messages."),
+            "413": error("request_too_large: the body is too large."),
+            "429": error("rate_limit_error: the key's block is closed now, or it has a request in flight."),
+            "502": error("api_error: the upstream failed."),
+            "503": error("overloaded_error: the pool serves no requests now."),
+            "504": error("timeout_error: the upstream timed out.")}
 
 
 def _inference_responses() -> dict[str, Any]:

@@ -40,6 +40,9 @@ class Pool:
     status: PoolStatus
     annual_discount: Decimal
     prices_atomic: dict[str, int]  # block name -> USDC atomic units per seat per 30 days
+    # What the upstream speaks for Anthropic Messages requests: "anthropic" relays /v1/messages
+    # as it is; "openai" (the default) translates to chat completions. OpenAI routes ignore it.
+    upstream_api: str = "openai"
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class _PoolEntry(BaseModel):
     status: Literal["funding", "active", "paused"] = "active"
     annual_discount: str = "0"
     prices: dict[str, str] = Field(min_length=1)
+    upstream_api: Literal["openai", "anthropic"] = "openai"
 
     @field_validator("models")
     @classmethod
@@ -157,6 +161,7 @@ def load_catalog(path: Path) -> Catalog:
             annual_discount=Decimal(entry.annual_discount),
             # Keep the blocks' file order so quotes and listings are stable.
             prices_atomic={b: parse_usdc(entry.prices[b]) for b in blocks if b in entry.prices},
+            upstream_api=entry.upstream_api,
         )
         for slug, entry in parsed.pools.items()
     }

@@ -18,6 +18,10 @@ from agent_gateway.errors import UpstreamError, UpstreamTimeout
 # End-to-end request headers worth passing on; everything else (hop-by-hop headers, the
 # customer's Authorization, cookies) stays at the gateway.
 _FORWARDED_REQUEST_HEADERS = ("content-type", "accept", "user-agent", "openai-organization", "openai-project")
+# An Anthropic upstream also reads the API version and the beta features asked for (never the
+# client's x-api-key: the upstream's own key is sent instead).
+_FORWARDED_ANTHROPIC_HEADERS = ("content-type", "accept", "user-agent", "anthropic-version", "anthropic-beta")
+_DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 
 
 @dataclass(frozen=True)
@@ -146,14 +150,21 @@ class UpstreamClient:
         return next(cycle)
 
     async def send(self, pool: Pool, path: str, body: bytes, request_headers: Mapping[str, str],
-                   extra_headers: dict[str, str]) -> UpstreamResponse:
-        """Send the request and wait for the response headers (the first-byte timeout)."""
-        headers = {name: request_headers[name] for name in _FORWARDED_REQUEST_HEADERS if name in request_headers}
+                   extra_headers: dict[str, str], api: str = "openai") -> UpstreamResponse:
+        """Send the request and wait for the response headers (the first-byte timeout).
+
+        `api="anthropic"` speaks to a Messages upstream: its headers, its way of sending the key."""
+        forwarded = _FORWARDED_ANTHROPIC_HEADERS if api == "anthropic" else _FORWARDED_REQUEST_HEADERS
+        headers = {name: request_headers[name] for name in forwarded if name in request_headers}
+        if api == "anthropic":
+            headers.setdefault("anthropic-version", _DEFAULT_ANTHROPIC_VERSION)
         headers["accept-encoding"] = "identity"
         headers.update(extra_headers)
         if pool.upstream_api_key_env:
             secret = os.environ.get(pool.upstream_api_key_env)
-            if secret:
+            if secret and api == "anthropic":
+                headers["x-api-key"] = secret
+            elif secret:
                 headers["authorization"] = f"Bearer {secret}"
         url = self.base_url(pool) + path
         try:

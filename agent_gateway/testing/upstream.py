@@ -1,4 +1,7 @@
-"""Fast, deterministic OpenAI-compatible test upstream with failure injection and in-flight recording."""
+"""Fast, deterministic OpenAI-compatible test upstream with failure injection and in-flight recording.
+
+It also speaks Anthropic Messages natively (`/v1/messages`, `/v1/messages/count_tokens`): text,
+tools and the exact stream event sequence, usage in `message_start` and `message_delta`."""
 
 from __future__ import annotations
 
@@ -42,6 +45,8 @@ class UpstreamSettings:
     embedding_dimensions: int = 16
     # Replaces the generated tokens, cycled; ASCII without quotes or backslashes (spliced into JSON).
     words: tuple[str, ...] = ()
+    # Seconds a stream stays open after its last event (an upstream slow to close its response).
+    linger_s: float = 0.0
 
 
 class _CutConnection(Exception):
@@ -123,6 +128,34 @@ def _words(value: Any) -> tuple[str, int]:
     return "", 0
 
 
+def _anthropic_error_body(status: int, message: str) -> bytes:
+    kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+            404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+            529: "overloaded_error"}.get(status, "api_error")
+    return json.dumps({"type": "error", "error": {"type": kind, "message": message}}).encode()
+
+
+def _block_text(content: Any) -> Any:
+    """A Messages content (a string or blocks) as `_words` reads it: text, tool results, tool input."""
+    if not isinstance(content, list):
+        return content
+    texts: list[Any] = []
+    for block in content:
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") == "tool_result":
+            texts.append(_block_text(block.get("content")))
+        elif block.get("type") == "tool_use":
+            texts.append(json.dumps(block.get("input")))
+        else:
+            texts.append(block.get("text"))
+    return [t for t in texts if isinstance(t, str | list)]
+
+
+def _sse(event: str, data: dict[str, Any]) -> bytes:
+    return b"event: %s\ndata: %s\n\n" % (event.encode(), json.dumps(data, separators=(",", ":")).encode())
+
+
 def _max_tokens(payload: dict[str, Any], default: int) -> int:
     n = payload.get("max_completion_tokens") or payload.get("max_tokens")
     return min(max(int(n), 1), MAX_TOKENS_CAP) if isinstance(n, int | float) else default
@@ -139,6 +172,8 @@ class _Upstream:
         self.behaviour = BehaviourControl()
         self._ids = itertools.count(1)
         self._parsed: dict[bytes, Behaviour | str] = {}
+        # The last request's headers (lowercase names), kept in place so tests can read them.
+        self.last_headers: dict[str, str] = {}
         self.models_body = json.dumps({"object": "list", "data": [
             {"id": m, "object": "model", "created": 0, "owned_by": "agent-gateway-test"} for m in settings.models
         ]}).encode()
@@ -210,6 +245,78 @@ class _Upstream:
             tail += head + b'"choices":[],"usage":%s}\n\n' % _usage(prompt, n)
         return _Reply(200, tail + _DONE, chunks, n)
 
+    def _tokens(self, text: str, n: int) -> list[bytes]:
+        # Seeded by the prompt, so different prompts give different (but reproducible) text.
+        if self.settings.words:
+            return [self.settings.words[i % len(self.settings.words)].encode("ascii") for i in range(n)]
+        seed = zlib.crc32(text.encode())
+        return [_VOCAB[(seed + i * 7) % 4096] for i in range(n)]
+
+    def _messages_prompt(self, payload: dict[str, Any]) -> tuple[str, int, list[Any]]:
+        if not isinstance(payload.get("model"), str):
+            raise _BadRequest("model: Field required")
+        messages = payload.get("messages")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise _BadRequest("messages: must be a non-empty list of messages")
+        parts = [_block_text(payload.get("system"))] + [_block_text(m.get("content")) for m in messages]
+        text, prompt = _words([p for p in parts if p is not None])
+        return text, prompt, messages
+
+    def count_tokens(self, payload: dict[str, Any]) -> _Reply:
+        _, prompt, _ = self._messages_prompt(payload)
+        return _Reply(200, json.dumps({"input_tokens": prompt}).encode())
+
+    def messages(self, payload: dict[str, Any]) -> _Reply:
+        """A Messages reply. With tools, a user turn that carries no tool result is answered by a
+        call of the first tool (input {"query": the turn's text}); otherwise text is generated."""
+        text, prompt, messages = self._messages_prompt(payload)
+        max_tokens = payload.get("max_tokens")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise _BadRequest("max_tokens: Field required (a positive integer)")
+        model = payload["model"]
+        mid = "msg_test_%d" % next(self._ids)
+        tools = payload.get("tools")
+        last = messages[-1].get("content")
+        answered = isinstance(last, list) and any(isinstance(b, dict) and b.get("type") == "tool_result" for b in last)
+        block: dict[str, Any]
+        if isinstance(tools, list) and tools and isinstance(tools[0], dict) and not answered:
+            last_text, _ = _words(_block_text(last))
+            tool_input = {"query": last_text}
+            block = {"type": "tool_use", "id": "toolu_test_%d" % next(self._ids), "name": tools[0].get("name"),
+                     "input": tool_input}
+            n, stop = len(json.dumps(tool_input).split()), "tool_use"
+            pieces = [json.dumps(tool_input)]
+        else:
+            n = min(max_tokens, self.settings.chunks)
+            stop = "max_tokens" if max_tokens < self.settings.chunks else "end_turn"
+            pieces = [t.decode("ascii") for t in self._tokens(text, n)]
+            block = {"type": "text", "text": "".join(pieces)}
+        usage = {"input_tokens": prompt, "output_tokens": n}
+        if not payload.get("stream"):
+            body = {"id": mid, "type": "message", "role": "assistant", "model": model, "content": [block],
+                    "stop_reason": stop, "stop_sequence": None, "usage": usage}
+            return _Reply(200, json.dumps(body).encode(), None, n)
+        start = {"type": "message_start", "message": {
+            "id": mid, "type": "message", "role": "assistant", "model": model, "content": [],
+            "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": prompt, "output_tokens": 1}}}
+        opening: dict[str, Any]
+        if block["type"] == "text":
+            opening, delta_of = {"type": "text", "text": ""}, (lambda p: {"type": "text_delta", "text": p})
+        else:
+            opening = {**block, "input": {}}
+            delta_of = (lambda p: {"type": "input_json_delta", "partial_json": p})
+        head = (_sse("message_start", start)
+                + _sse("content_block_start", {"type": "content_block_start", "index": 0, "content_block": opening})
+                + _sse("ping", {"type": "ping"}))
+        deltas = [_sse("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta_of(p)})
+                  for p in pieces]
+        chunks = [head + deltas[0], *deltas[1:]]
+        tail = (_sse("content_block_stop", {"type": "content_block_stop", "index": 0})
+                + _sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
+                                         "usage": {"output_tokens": n}})
+                + _sse("message_stop", {"type": "message_stop"}))
+        return _Reply(200, tail, chunks, n)
+
     def embeddings(self, payload: dict[str, Any]) -> _Reply:
         model, inputs = payload.get("model"), payload.get("input")
         if not isinstance(model, str) or inputs is None:
@@ -249,6 +356,9 @@ class _Endpoint:
             elif name == b"x-test-behaviour" or name == b"x-test-behavior":
                 header = value
         key_s = (key if key is not None else auth or b"").decode("latin-1")
+        if self.kind in ("messages", "count_tokens"):
+            self.up.last_headers.clear()
+            self.up.last_headers.update((n.decode("latin-1"), v.decode("latin-1")) for n, v in scope["headers"])
         payload: Any = {}
         if self.kind != "models":
             message = await receive()
@@ -275,10 +385,14 @@ class _Endpoint:
             client.close()
             rec.end(key_s, cancelled)
 
+    def _error(self, status: int, message: str) -> _Reply:
+        anthropic = self.kind in ("messages", "count_tokens")
+        return _Reply(status, (_anthropic_error_body if anthropic else _error_body)(status, message))
+
     async def _serve(self, send: Callable[..., Any], client: _Client, payload: Any, beh: Behaviour | str) -> bool:
         """Send the reply; True if the client disconnected first."""
         if isinstance(beh, str):
-            return await _send_whole(send, client, _Reply(400, _error_body(400, beh)), DEFAULT_BEHAVIOUR, 0.0)
+            return await _send_whole(send, client, self._error(400, beh), DEFAULT_BEHAVIOUR, 0.0)
         settings = self.up.settings
         if beh.mode == "stall":
             await client.wait_gone()
@@ -287,7 +401,7 @@ class _Endpoint:
         if wait > 0 and not await client.sleep(wait):
             return True
         if beh.mode == "fail":
-            return await _send_whole(send, client, _Reply(beh.status, _error_body(beh.status, "injected failure")), DEFAULT_BEHAVIOUR, 0.0)
+            return await _send_whole(send, client, self._error(beh.status, "injected failure"), DEFAULT_BEHAVIOUR, 0.0)
         try:
             if not isinstance(payload, dict):
                 raise _BadRequest("request body must be a JSON object")
@@ -295,14 +409,18 @@ class _Endpoint:
                 reply = _Reply(200, self.up.models_body)
             elif self.kind == "embeddings":
                 reply = self.up.embeddings(payload)
+            elif self.kind == "messages":
+                reply = self.up.messages(payload)
+            elif self.kind == "count_tokens":
+                reply = self.up.count_tokens(payload)
             else:
                 reply = self.up.completion(payload, chat=self.kind == "chat")
         except _BadRequest as exc:
-            return await _send_whole(send, client, _Reply(400, _error_body(400, str(exc))), DEFAULT_BEHAVIOUR, 0.0)
+            return await _send_whole(send, client, self._error(400, str(exc)), DEFAULT_BEHAVIOUR, 0.0)
         delay = settings.delay_s if beh.delay_s is None else beh.delay_s
         if reply.chunks is None:
             return await _send_whole(send, client, reply, beh, delay * reply.tokens)
-        return await _send_stream(send, client, reply, beh, delay)
+        return await _send_stream(send, client, reply, beh, delay, settings.linger_s)
 
 
 async def _send_whole(send: Callable[..., Any], client: _Client, reply: _Reply, beh: Behaviour, wait: float) -> bool:
@@ -321,7 +439,8 @@ async def _send_whole(send: Callable[..., Any], client: _Client, reply: _Reply, 
     return False
 
 
-async def _send_stream(send: Callable[..., Any], client: _Client, reply: _Reply, beh: Behaviour, delay: float) -> bool:
+async def _send_stream(send: Callable[..., Any], client: _Client, reply: _Reply, beh: Behaviour, delay: float,
+                       linger: float = 0.0) -> bool:
     await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
     chunks = reply.chunks or []
     partial = beh.mode in ("cut", "stall_after")
@@ -336,6 +455,12 @@ async def _send_stream(send: Callable[..., Any], client: _Client, reply: _Reply,
         return True
     if delay > 0 and not await client.sleep(delay):
         return True
+    if linger > 0:
+        await send({"type": "http.response.body", "body": reply.body, "more_body": True})
+        if not await client.sleep(linger):
+            return False  # the client had everything; leaving early is not a cancellation
+        await send({"type": "http.response.body", "body": b""})
+        return False
     await send({"type": "http.response.body", "body": reply.body})
     return False
 
@@ -366,6 +491,8 @@ def create_upstream_app(settings: UpstreamSettings | None = None) -> Starlette:
         Route("/v1/completions", _Endpoint(up, "completions"), methods=["POST"]),
         Route("/v1/embeddings", _Endpoint(up, "embeddings"), methods=["POST"]),
         Route("/v1/models", _Endpoint(up, "models"), methods=["GET"]),
+        Route("/v1/messages", _Endpoint(up, "messages"), methods=["POST"]),
+        Route("/v1/messages/count_tokens", _Endpoint(up, "count_tokens"), methods=["POST"]),
         Route("/_control/behaviour", set_behaviour, methods=["POST"]),
         Route("/_control/reset", reset, methods=["POST"]),
         Route("/_control/stats", stats, methods=["GET"]),
@@ -373,6 +500,7 @@ def create_upstream_app(settings: UpstreamSettings | None = None) -> Starlette:
     app.state.recorder = up.recorder
     app.state.behaviour = up.behaviour
     app.state.settings = up.settings
+    app.state.last_headers = up.last_headers
     return app
 
 

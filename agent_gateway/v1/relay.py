@@ -28,7 +28,7 @@ from agent_gateway.errors import (
 from agent_gateway.metrics import PROXY_IN_FLIGHT, PROXY_OVERHEAD, PROXY_REQUESTS, STREAMS_REVOKED
 from agent_gateway.proxy.directory import KeyRecord
 from agent_gateway.proxy.leases import Lease, Leases
-from agent_gateway.proxy.metering import StreamMeter, find_usage
+from agent_gateway.proxy.metering import DIALECTS, StreamMeter, find_usage
 from agent_gateway.proxy.streams import Registration
 from agent_gateway.proxy.upstream import UpstreamClient, UpstreamResponse
 from agent_gateway.usage.recorder import UsageEvent, UsageRecorder
@@ -61,6 +61,7 @@ class ProxyCall:
     created_at: datetime  # from the clock
     registration: Registration  # in the stream registry since before the lease was taken
     unregister: Callable[[], None]
+    api: str = "openai"  # the client's API: "anthropic" for the Messages routes (errors, stream end)
 
 
 @dataclass
@@ -165,6 +166,7 @@ class RelayResponse(Response):
                 response = await upstream_client.send(
                     call.pool, call.path, call.body, call.headers,
                     {"x-agent-gateway-key-id": call.key.key_id, "x-request-id": call.request_id},
+                    api=call.api,
                 )
                 exchange.upstream = response
                 if call.stream and response.status == 200 and response.content_type.startswith("text/event-stream"):
@@ -199,7 +201,7 @@ class RelayResponse(Response):
             raise UpstreamError(f"The upstream answered HTTP {response.status}.", code="upstream_error")
         exchange.status = response.status
         if response.status < 400:
-            exchange.usage = find_usage(body)
+            exchange.usage = find_usage(body, DIALECTS[self.call.api])
         else:
             exchange.outcome = "upstream_refused"
         exchange.upstream_done = time.perf_counter()
@@ -215,7 +217,7 @@ class RelayResponse(Response):
         await send({"type": "http.response.body", "body": body})
 
     async def _relay_stream(self, send: Send, response: UpstreamResponse, exchange: _Exchange) -> None:
-        meter = StreamMeter(self.call.strip_usage)
+        meter = StreamMeter(self.call.strip_usage, DIALECTS[self.call.api])
         exchange.status = 200
         await send({"type": "http.response.start", "status": 200,
                     "headers": [*_SSE_HEADERS, (b"x-request-id", self.call.request_id.encode())]})
@@ -246,7 +248,7 @@ class RelayResponse(Response):
         _close_upstream(exchange)
         await self._release(exchange)
         # The shared renderer: the same envelope, headers and extra fields as every other error.
-        rendered = render_error(exc)
+        rendered = render_error(exc, envelope=self.call.api)
         try:
             async with asyncio.timeout(_ERROR_SEND_TIMEOUT_S):
                 if not exchange.headers_sent:
@@ -256,7 +258,9 @@ class RelayResponse(Response):
                     exchange.headers_sent = True
                     await send({"type": "http.response.body", "body": rendered.body})
                 else:
-                    event = b"data: " + bytes(rendered.body) + b"\n\n"
+                    # Anthropic clients read a named `error` event; OpenAI clients a bare data line.
+                    name = b"event: error\n" if self.call.api == "anthropic" else b""
+                    event = name + b"data: " + bytes(rendered.body) + b"\n\n"
                     await send({"type": "http.response.body", "body": event, "more_body": False})
         except Exception:  # the client may be gone or not reading; nothing left to tell it
             log.debug("could not deliver the error to the client", exc_info=True)

@@ -31,22 +31,27 @@ from agent_gateway.proxy.leases import AcquireResult
 from agent_gateway.v1.relay import ProxyCall, RelayDeps, RelayResponse
 from agent_gateway.proxy.streams import Registration
 
-_STREAMABLE = {"chat.completions", "completions"}
+_STREAMABLE = {"chat.completions", "completions", "messages"}
 # The body fields the gateway itself reads: each must appear once, or an upstream that keeps the
 # first copy would act on a value the gateway never checked (a model outside the key's pool).
 READ_KEYS = frozenset({"model", "stream", "stream_options", "include_usage"})
 
 
-async def admit_key(request: Request, services: Services) -> KeyRecord:
-    """No key → 402, unknown → 401, disabled/revoked/deleted → 403, expired → 403."""
-    token = bearer_token(request)
+async def admit_key(request: Request, services: Services, token: str | None = None, *,
+                    key_header: str = "Authorization: Bearer sk_…") -> KeyRecord:
+    """No key → 402, unknown → 401, disabled/revoked/deleted → 403, expired → 403.
+
+    `token` is the key a face has already read (the Messages face also reads x-api-key), and
+    `key_header` how that face asks for it; by default the bearer token."""
+    if token is None:
+        token = bearer_token(request)
     if token is None:
         buy = {"catalog": "/api/agent/plans", "management": "/api/pools/{slug}/subscribe",
                "dashboard": "/dashboard/"}
         if services.payments.enabled:  # agents can pay on their own only when x402 is on
             buy["agents"] = "/api/agent/subscribe-pool"
         raise PaymentRequired(
-            "This endpoint needs an API key (Authorization: Bearer sk_…). Buy a seat to get one.",
+            f"This endpoint needs an API key ({key_header}). Buy a seat to get one.",
             code="api_key_required",
             extra={"buy": buy, "catalog": await plans_catalog(services)},
         )
@@ -118,11 +123,15 @@ def _human(seconds: int) -> str:
     return f"{hours}h {rest // 60:02d}m" if hours else f"{max(1, rest // 60)}m"
 
 
-async def _proxy(request: Request, path: str, endpoint: str) -> Response:
+async def proxy_request(request: Request, path: str, endpoint: str, *, api: str = "openai",
+                        token: str | None = None) -> Response:
+    """Admit the request in the contract's order and relay it. `api="anthropic"` is the Messages
+    face: its pool must speak Messages, and the relay ends its stream at `message_stop`."""
     started = time.perf_counter()
     services = services_of(request)
     try:
-        key = await admit_key(request, services)
+        key = await admit_key(request, services, token, key_header=(
+            "x-api-key: sk_… or Authorization: Bearer sk_…" if api == "anthropic" else "Authorization: Bearer sk_…"))
         body = await read_body(request, services.settings.max_proxy_body_bytes)
         payload = parse_json_object(body, services.settings.max_json_depth, watched_keys=READ_KEYS)
         model = payload.get("model")
@@ -130,13 +139,16 @@ async def _proxy(request: Request, path: str, endpoint: str) -> Response:
             raise InvalidRequest("The request needs a \"model\" string.", code="invalid_model")
         _check_stream_fields(payload)
         pool = _pool_of(services, key)
+        if api == "anthropic" and pool.upstream_api != "anthropic":
+            raise NotFound("This pool serves Messages only through an anthropic upstream; "
+                           "use /v1/chat/completions.", code="messages_not_available")
         if model not in pool.models:
             raise NotFound(f"The model {model!r} is not in this key's pool; it serves {', '.join(pool.models)}.",
                            code="model_not_found")
         _check_blocks(services, key)
         stream = payload.get("stream") is True and endpoint in _STREAMABLE
         strip_usage = False
-        if stream:
+        if stream and api == "openai":  # a Messages stream always carries its usage
             options = payload.get("stream_options")
             if not (isinstance(options, dict) and options.get("include_usage") is True):
                 # Ask upstream for usage so every stream is metered; the relay removes that event again.
@@ -172,20 +184,21 @@ async def _proxy(request: Request, path: str, endpoint: str) -> Response:
         # Lease ids are already unique (a process tag and a counter): no system call per request.
         request_id=request.headers.get("x-request-id") or f"req_{lease.lease_id}",
         started=started, created_at=services.clock.now(), registration=registration, unregister=unregister,
+        api=api,
     )
     return RelayResponse(call, RelayDeps(upstream=services.upstream, leases=services.leases, usage=services.usage))
 
 
 async def chat_completions(request: Request) -> Response:
-    return await _proxy(request, "/chat/completions", "chat.completions")
+    return await proxy_request(request, "/chat/completions", "chat.completions")
 
 
 async def completions(request: Request) -> Response:
-    return await _proxy(request, "/completions", "completions")
+    return await proxy_request(request, "/completions", "completions")
 
 
 async def embeddings(request: Request) -> Response:
-    return await _proxy(request, "/embeddings", "embeddings")
+    return await proxy_request(request, "/embeddings", "embeddings")
 
 
 async def models(request: Request) -> Response:

@@ -30,6 +30,17 @@ def bearer_token(request: Request) -> str | None:
     return token
 
 
+def api_key_token(request: Request) -> str | None:
+    """An Anthropic client's key: `x-api-key: sk_…`, or else `Authorization: Bearer sk_…`."""
+    header = request.headers.get("x-api-key")
+    if header is not None:
+        token = header.strip()
+        if not token or " " in token:
+            raise AuthenticationError("The x-api-key header must hold one key.", code="invalid_api_key_header")
+        return token
+    return bearer_token(request)
+
+
 def services_of(request: Request) -> Services:
     return request.app.state.services
 

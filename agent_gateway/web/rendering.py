@@ -29,9 +29,29 @@ def error_body(type_: str, code: str, message: str) -> dict[str, Any]:
     return {"error": {"type": type_, "code": code, "message": message}}
 
 
-def render_error(exc: GatewayError) -> JSONResponse:
-    body = error_body(exc.type, exc.code, exc.message)
-    body.update(exc.extra)
+# Anthropic's error types by status: the Messages routes answer in Anthropic's own envelope.
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+                    403: "permission_error", 404: "not_found_error", 408: "invalid_request_error",
+                    409: "invalid_request_error", 413: "request_too_large", 429: "rate_limit_error",
+                    502: "api_error", 503: "overloaded_error", 504: "timeout_error"}
+
+
+def anthropic_error_body(exc: GatewayError) -> dict[str, Any]:
+    """`{"type": "error", "error": {"type", "message"}}`, plus the error's extra fields (the
+    catalog on a 402, the blocks on a 429) beside it, where Anthropic's clients ignore them."""
+    body: dict[str, Any] = {"type": "error", "error": {
+        "type": _ANTHROPIC_TYPES.get(exc.status, "api_error"), "message": exc.message}}
+    body.update({k: v for k, v in exc.extra.items() if k not in body})
+    return body
+
+
+def render_error(exc: GatewayError, envelope: str = "openai") -> JSONResponse:
+    """The error as a response; `envelope="anthropic"` for the Messages routes."""
+    if envelope == "anthropic":
+        body = anthropic_error_body(exc)
+    else:
+        body = error_body(exc.type, exc.code, exc.message)
+        body.update(exc.extra)
     return JSONResponse(body, status_code=exc.status, headers=exc.headers or None)
 
 

@@ -3,7 +3,7 @@ model text that merely mentions it."""
 
 import json
 
-from agent_gateway.proxy.metering import StreamMeter
+from agent_gateway.proxy.metering import ANTHROPIC, StreamMeter, find_usage
 
 
 def event(payload: object) -> bytes:
@@ -37,3 +37,29 @@ def test_the_usage_event_the_gateway_asked_for_is_found_and_removed():
     meter = StreamMeter(strip_usage_event=True)
     assert meter.feed(delta("hi") + usage + b"data: [DONE]\n\n") == delta("hi") + b"data: [DONE]\n\n"
     assert meter.usage == (3, 5) and meter.events == 2 and meter.done
+
+
+def named(name: str, payload: object) -> bytes:
+    return b"event: " + name.encode() + b"\n" + event(payload)
+
+
+def test_a_messages_stream_ends_at_message_stop_and_not_at_text_that_mentions_it():
+    meter = StreamMeter(strip_usage_event=False, dialect=ANTHROPIC)
+    start = named("message_start", {"type": "message_start", "message": {
+        "content": [], "usage": {"input_tokens": 11, "output_tokens": 1}}})
+    assert meter.feed(start) == start and meter.usage == (11, 1)
+    for text in ["event: message_stop", "\nevent: message_stop\n\n", 'data: {"type":"message_stop"}']:
+        piece = named("content_block_delta", {"type": "content_block_delta",
+                                              "delta": {"type": "text_delta", "text": text}})
+        assert meter.feed(piece) == piece and meter.done is False
+    # The output count arrives in message_delta; the input count of message_start is kept.
+    tail = named("message_delta", {"type": "message_delta", "usage": {"output_tokens": 42}})
+    assert meter.feed(tail) == tail and meter.usage == (11, 42) and meter.done is False
+    assert meter.feed(b"event: message_st") == b""
+    assert meter.feed(b'op\r\ndata: {"type":"message_stop"}\r\n\r\n') and meter.done is True
+
+
+def test_a_whole_message_body_gives_its_input_and_output_tokens():
+    body = json.dumps({"content": [{"type": "text", "text": '"usage": {"input_tokens": 999}'}],
+                       "usage": {"input_tokens": 7, "output_tokens": 9}}).encode()
+    assert find_usage(body, ANTHROPIC) == (7, 9)

@@ -35,6 +35,12 @@ def test_blocks_default_when_the_file_names_none(tmp_path):
     catalog = load_catalog(write(tmp_path, GOOD_POOL))
     assert list(catalog.blocks) == ["asia", "europe", "americas"]
     assert catalog.pools["p"].status == "active"
+    assert catalog.pools["p"].upstream_api == "openai"
+
+
+def test_a_pool_may_pass_messages_through_to_an_anthropic_upstream(tmp_path):
+    catalog = load_catalog(write(tmp_path, GOOD_POOL + 'upstream_api = "anthropic"\n'))
+    assert catalog.pools["p"].upstream_api == "anthropic"
 
 
 @pytest.mark.parametrize(
@@ -52,6 +58,8 @@ def test_blocks_default_when_the_file_names_none(tmp_path):
         (GOOD_POOL + 'status = "sleeping"\n', "pools.p.status"),
         (GOOD_POOL + 'annual_discount = "1.5"\n', "pools.p.annual_discount"),
         (GOOD_POOL + 'colour = "red"\n', "pools.p.colour"),
+        (GOOD_POOL + 'upstream_api = "claude"\n', "pools.p.upstream_api"),
+        (GOOD_POOL + 'upstream_api = true\n', "pools.p.upstream_api"),
         ('[blocks]\neurope = "08:00-17:60"\n' + GOOD_POOL, "blocks.europe"),
         ('[pools.BAD]\nname="x"\n', "pools.BAD"),
     ],
