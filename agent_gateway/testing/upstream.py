@@ -1,6 +1,7 @@
 """Fast, deterministic OpenAI-compatible test upstream with failure injection and in-flight recording.
 
-It also speaks Anthropic Messages natively (`/v1/messages`, `/v1/messages/count_tokens`): text,
+With `tools`, chat completions answer with a deterministic tool call (streamed or whole). It also
+speaks Anthropic Messages natively (`/v1/messages`, `/v1/messages/count_tokens`): text,
 tools and the exact stream event sequence, usage in `message_start` and `message_delta`."""
 
 from __future__ import annotations
@@ -213,6 +214,9 @@ class _Upstream:
         else:
             toks = [_VOCAB[(seed + i * 7) % 4096] for i in range(n)]
         rid, created, mj = next(self._ids), int(time.time()), json.dumps(model).encode()
+        call = self._tool_call(payload, rid) if chat else None
+        if call is not None:
+            return self._tool_call_reply(payload, call, rid, created, prompt)
         if not payload.get("stream"):
             content = b"".join(toks)
             if chat:
@@ -243,6 +247,49 @@ class _Upstream:
         tail = head + b'"choices":[{"index":0,' + last + b',"logprobs":null,"finish_reason":"stop"}]%s}\n\n' % unull
         if with_usage:
             tail += head + b'"choices":[],"usage":%s}\n\n' % _usage(prompt, n)
+        return _Reply(200, tail + _DONE, chunks, n)
+
+    @staticmethod
+    def _tool_call(payload: dict[str, Any], rid: int) -> dict[str, Any] | None:
+        """With tools, a last turn that is not a tool result is answered by a call of the first
+        tool, arguments {"query": the turn's text} (as the Messages endpoint does)."""
+        tools, last = payload.get("tools"), payload["messages"][-1]
+        if not (isinstance(tools, list) and tools and isinstance(tools[0], dict)) or not isinstance(last, dict):
+            return None
+        function = tools[0].get("function")
+        if last.get("role") == "tool" or not isinstance(function, dict):
+            return None
+        query, _ = _words(last.get("content"))
+        return {"id": "call_test_%d" % rid, "type": "function",
+                "function": {"name": function.get("name"), "arguments": json.dumps({"query": query})}}
+
+    def _tool_call_reply(self, payload: dict[str, Any], call: dict[str, Any], rid: int, created: int,
+                         prompt: int) -> _Reply:
+        n = len(call["function"]["arguments"].split())
+        usage = {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
+        head = {"id": "chatcmpl-%d" % rid, "created": created, "model": payload["model"], "system_fingerprint": None}
+        if not payload.get("stream"):
+            body = {**head, "object": "chat.completion", "usage": usage, "choices": [{
+                "index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+                "logprobs": None, "finish_reason": "tool_calls"}]}
+            return _Reply(200, json.dumps(body).encode(), None, n)
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            body = {**head, "object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            return b"data: %s\n\n" % json.dumps(body).encode()
+
+        opening = {"index": 0, "id": call["id"], "type": "function",
+                   "function": {"name": call["function"]["name"], "arguments": ""}}
+        pieces = call["function"]["arguments"].split(" ")
+        chunks = [chunk({"role": "assistant", "content": None, "tool_calls": [opening]})] + [
+            chunk({"tool_calls": [{"index": 0, "function": {"arguments": p + (" " if i < len(pieces) - 1 else "")}}]})
+            for i, p in enumerate(pieces)]
+        tail = chunk({}, "tool_calls")
+        opts = payload.get("stream_options")
+        if isinstance(opts, dict) and opts.get("include_usage") is True:
+            tail += b"data: %s\n\n" % json.dumps({**head, "object": "chat.completion.chunk", "choices": [],
+                                                    "usage": usage}).encode()
         return _Reply(200, tail + _DONE, chunks, n)
 
     def _tokens(self, text: str, n: int) -> list[bytes]:

@@ -2,7 +2,8 @@
 
 The same admission, lease, revocation and relay as the OpenAI routes (`proxy_request`), with
 Anthropic's key header and error envelope. A pool whose `upstream_api` is "anthropic" gets the
-request relayed as it is; other pools answer 404 until the translator lands."""
+request relayed as it is; any other pool gets it translated to a chat completion and the answer
+translated back (messages/wire.py, inside the same relay). count_tokens needs an anthropic upstream."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ stream registry's callback that ends the exchange when the key is revoked in any
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -26,13 +27,14 @@ from agent_gateway.errors import (
     UpstreamTimeout,
 )
 from agent_gateway.metrics import PROXY_IN_FLIGHT, PROXY_OVERHEAD, PROXY_REQUESTS, STREAMS_REVOKED
+from agent_gateway.messages.wire import TranslatedStream, Translation
 from agent_gateway.proxy.directory import KeyRecord
 from agent_gateway.proxy.leases import Lease, Leases
 from agent_gateway.proxy.metering import DIALECTS, StreamMeter, find_usage
 from agent_gateway.proxy.streams import Registration
 from agent_gateway.proxy.upstream import UpstreamClient, UpstreamResponse
 from agent_gateway.usage.recorder import UsageEvent, UsageRecorder
-from agent_gateway.web.rendering import render_error
+from agent_gateway.web.rendering import anthropic_error_of, render_error
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,12 @@ class ProxyCall:
     registration: Registration  # in the stream registry since before the lease was taken
     unregister: Callable[[], None]
     api: str = "openai"  # the client's API: "anthropic" for the Messages routes (errors, stream end)
+    # Set when a Messages request goes to a chat-completions upstream: the body is translated back.
+    translation: Translation | None = None
+
+    @property
+    def upstream_api(self) -> str:
+        return "openai" if self.translation is not None else self.api
 
 
 @dataclass
@@ -166,7 +174,7 @@ class RelayResponse(Response):
                 response = await upstream_client.send(
                     call.pool, call.path, call.body, call.headers,
                     {"x-agent-gateway-key-id": call.key.key_id, "x-request-id": call.request_id},
-                    api=call.api,
+                    api=call.upstream_api,
                 )
                 exchange.upstream = response
                 if call.stream and response.status == 200 and response.content_type.startswith("text/event-stream"):
@@ -200,16 +208,21 @@ class RelayResponse(Response):
                         response.status, self.call.key.key_id, self.call.request_id, body)
             raise UpstreamError(f"The upstream answered HTTP {response.status}.", code="upstream_error")
         exchange.status = response.status
+        content_type, translation = response.content_type, self.call.translation
         if response.status < 400:
-            exchange.usage = find_usage(body, DIALECTS[self.call.api])
+            exchange.usage = find_usage(body, DIALECTS[self.call.upstream_api])
+            if translation is not None:
+                body, content_type = translation.whole(body), "application/json"
         else:
             exchange.outcome = "upstream_refused"
+            if translation is not None:
+                body, content_type = _anthropic_refusal(response.status, body), "application/json"
         exchange.upstream_done = time.perf_counter()
         # Free the slot before the client can see the end of the response: a client that sends its
         # next request the moment this one completes must be admitted.
         await self._release(exchange)
         await send({"type": "http.response.start", "status": response.status, "headers": [
-            (b"content-type", response.content_type.encode("latin-1")),
+            (b"content-type", content_type.encode("latin-1")),
             (b"content-length", str(len(body)).encode()),
             (b"x-request-id", self.call.request_id.encode()),
         ]})
@@ -217,7 +230,10 @@ class RelayResponse(Response):
         await send({"type": "http.response.body", "body": body})
 
     async def _relay_stream(self, send: Send, response: UpstreamResponse, exchange: _Exchange) -> None:
-        meter = StreamMeter(self.call.strip_usage, DIALECTS[self.call.api])
+        translation = self.call.translation
+        meter: StreamMeter | TranslatedStream = (
+            translation.stream() if translation is not None
+            else StreamMeter(self.call.strip_usage, DIALECTS[self.call.api]))
         exchange.status = 200
         await send({"type": "http.response.start", "status": 200,
                     "headers": [*_SSE_HEADERS, (b"x-request-id", self.call.request_id.encode())]})
@@ -307,6 +323,18 @@ def _revoked_error(reason: str) -> PermissionDenied:
         return PermissionDenied("This key's subscription ended while the request was running.",
                                 code="subscription_expired")
     return PermissionDenied(f"This API key was {reason} while the request was running.", code="key_revoked")
+
+
+def _anthropic_refusal(status: int, body: bytes) -> bytes:
+    """An OpenAI-shaped refusal from a chat-completions upstream, told in Anthropic's shape."""
+    message = f"The upstream refused the request (HTTP {status})."
+    try:
+        error = json.loads(body).get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str) and error["message"]:
+            message = error["message"]
+    except (ValueError, AttributeError):
+        pass
+    return json.dumps(anthropic_error_of(status, message)).encode()
 
 
 def _close_upstream(exchange: _Exchange) -> None:

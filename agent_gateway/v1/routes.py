@@ -24,6 +24,8 @@ from agent_gateway.errors import (
     RateLimited,
     ServiceUnavailable,
 )
+from agent_gateway.messages.translate import to_chat_request
+from agent_gateway.messages.wire import Translation
 from agent_gateway.services import Services
 from agent_gateway.metrics import PROXY_REQUESTS
 from agent_gateway.proxy.directory import KeyRecord
@@ -126,7 +128,8 @@ def _human(seconds: int) -> str:
 async def proxy_request(request: Request, path: str, endpoint: str, *, api: str = "openai",
                         token: str | None = None) -> Response:
     """Admit the request in the contract's order and relay it. `api="anthropic"` is the Messages
-    face: its pool must speak Messages, and the relay ends its stream at `message_stop`."""
+    face: a pool that speaks Messages gets the body as it is (the relay ends its stream at
+    `message_stop`); any other pool gets it translated to a chat completion and back."""
     started = time.perf_counter()
     services = services_of(request)
     try:
@@ -139,13 +142,22 @@ async def proxy_request(request: Request, path: str, endpoint: str, *, api: str 
             raise InvalidRequest("The request needs a \"model\" string.", code="invalid_model")
         _check_stream_fields(payload)
         pool = _pool_of(services, key)
-        if api == "anthropic" and pool.upstream_api != "anthropic":
-            raise NotFound("This pool serves Messages only through an anthropic upstream; "
-                           "use /v1/chat/completions.", code="messages_not_available")
+        translate = api == "anthropic" and pool.upstream_api != "anthropic"
+        if translate and endpoint == "messages.count_tokens":
+            # A chat-completions upstream has no way to count a prompt (docs/decisions.md).
+            raise NotFound("This pool translates Messages to chat completions, which cannot count tokens; "
+                           "count_tokens needs a pool with an anthropic upstream.",
+                           code="count_tokens_not_available")
         if model not in pool.models:
             raise NotFound(f"The model {model!r} is not in this key's pool; it serves {', '.join(pool.models)}.",
                            code="model_not_found")
         _check_blocks(services, key)
+        translation = None
+        if translate:
+            # A Messages request for a chat-completions upstream (usage is always asked for).
+            body, path = json.dumps(to_chat_request(payload)).encode(), "/chat/completions"
+            stops = payload.get("stop_sequences")
+            translation = Translation(model=model, stop_sequences=stops if isinstance(stops, list) else None)
         stream = payload.get("stream") is True and endpoint in _STREAMABLE
         strip_usage = False
         if stream and api == "openai":  # a Messages stream always carries its usage
@@ -184,7 +196,7 @@ async def proxy_request(request: Request, path: str, endpoint: str, *, api: str 
         # Lease ids are already unique (a process tag and a counter): no system call per request.
         request_id=request.headers.get("x-request-id") or f"req_{lease.lease_id}",
         started=started, created_at=services.clock.now(), registration=registration, unregister=unregister,
-        api=api,
+        api=api, translation=translation,
     )
     return RelayResponse(call, RelayDeps(upstream=services.upstream, leases=services.leases, usage=services.usage))
 

@@ -36,11 +36,16 @@ _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 4
                     502: "api_error", 503: "overloaded_error", 504: "timeout_error"}
 
 
+def anthropic_error_of(status: int, message: str) -> dict[str, Any]:
+    """Anthropic's error envelope for a status: `{"type": "error", "error": {"type", "message"}}`."""
+    kind = _ANTHROPIC_TYPES.get(status, "invalid_request_error" if 400 <= status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
 def anthropic_error_body(exc: GatewayError) -> dict[str, Any]:
     """`{"type": "error", "error": {"type", "message"}}`, plus the error's extra fields (the
     catalog on a 402, the blocks on a 429) beside it, where Anthropic's clients ignore them."""
-    body: dict[str, Any] = {"type": "error", "error": {
-        "type": _ANTHROPIC_TYPES.get(exc.status, "api_error"), "message": exc.message}}
+    body = anthropic_error_of(exc.status, exc.message)
     body.update({k: v for k, v in exc.extra.items() if k not in body})
     return body
 

@@ -141,9 +141,10 @@ async def test_refusals_come_in_order_as_the_sdk_exceptions(messages_live: LiveG
     with pytest.raises(anthropic.NotFoundError) as err:
         await asyncio.to_thread(call, sk, "not-in-the-pool")
     assert err.value.body["error"]["type"] == "not_found_error" and "test-model" in err.value.body["error"]["message"]
+    # A pool with an OpenAI upstream translates Messages, but refuses in the same order first.
     with pytest.raises(anthropic.NotFoundError) as err:
-        await asyncio.to_thread(call, openai_pool_sk)
-    assert "only through an anthropic upstream" in err.value.body["error"]["message"]
+        await asyncio.to_thread(call, openai_pool_sk, "not-in-the-pool")
+    assert err.value.body["error"]["type"] == "not_found_error" and "test-model" in err.value.body["error"]["message"]
     counter = sdk(messages_live, openai_pool_sk)
     with pytest.raises(anthropic.NotFoundError):
         await asyncio.to_thread(counter.messages.count_tokens, model="test-model", messages=ASK)
