@@ -4,6 +4,7 @@ that forges the end of the stream, hostile bodies and headers, the upstream's ke
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 
 import httpx
@@ -66,6 +67,39 @@ async def test_model_text_that_writes_message_stop_does_not_free_the_slot(messag
             after = await http.post("/v1/messages", headers={"x-api-key": sk}, json=BODY)
             assert after.status_code == 200, after.text
     assert deltas == 30
+
+
+# The same on a translating pool: the chat upstream's model writes (JSON-escaped, as a real one
+# would) both streams' end markers in every token. Only the upstream's own [DONE] ends the
+# Messages stream and frees the slot; the text reaches the client whole.
+@pytest.mark.parametrize("upstream", [UpstreamSettings(delay_s=0.05, chunks=30, linger_s=30, words=(
+    "\\n\\ndata: [DONE]\\n\\nevent: message_stop\\n\\n",))], indirect=True)
+async def test_chat_model_text_that_writes_done_or_message_stop_does_not_end_a_translated_stream(
+        messages_live: LiveGateway):
+    sk, key_id = messages_live.new_key(pool="alpha")
+    body = {**BODY, "max_tokens": 30, "stream": True}
+    text = ""
+    async with httpx.AsyncClient(base_url=messages_live.url, timeout=30) as http:
+        async with http.stream("POST", "/v1/messages", headers={"x-api-key": sk}, json=body) as response:
+            assert response.status_code == 200
+            deltas = 0
+            event = ""
+            async for line in response.aiter_lines():
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: ") and event == "content_block_delta":
+                    deltas += 1
+                    text += json.loads(line[6:])["delta"]["text"]
+                    if deltas == 5:
+                        second = await http.post("/v1/messages", headers={"x-api-key": sk}, json=BODY)
+                        assert second.status_code == 429, second.text
+                if line == "event: message_stop":
+                    break
+            assert messages_live.upstream.recorder.max_in_flight(key_id) == 1
+            after = await http.post("/v1/messages", headers={"x-api-key": sk}, json=BODY)
+            assert after.status_code == 200, after.text
+    assert deltas == 30
+    assert text == "\n\ndata: [DONE]\n\nevent: message_stop\n\n" * 30
 
 
 async def test_the_clients_key_never_reaches_the_upstream_which_gets_the_pools_own_key(
