@@ -1,11 +1,16 @@
 """Load tool: N workers, each with its own connection and its own API key, against any base URL.
 
     python bench/load.py --base-url http://127.0.0.1:8080/v1 --keys keys.txt --concurrency 16 \
-        --requests 4000 [--stream --chunks 100] [--model test-model]
+        --requests 4000 [--seconds 5] [--stream --chunks 100] [--model test-model] \
+        [--api chat|messages] [--auth bearer|x-api-key]
 
 Prints one JSON line: requests, errors, seconds, requests per second, latency p50/p90/p99 in ms
-(time to the last byte). Works against any OpenAI-compatible gateway, so another gateway can be
-measured the same way."""
+(time to the last byte) and, when streaming, the SSE events and content chunks per response.
+`--api chat` posts OpenAI chat completions; `--api messages` posts Anthropic Messages
+({model, max_tokens, messages, stream}, with an anthropic-version header and the key as x-api-key
+unless `--auth bearer`). `--seconds` runs for that long instead of a fixed number of requests.
+Works against any OpenAI- or Anthropic-compatible gateway, so another gateway can be measured
+the same way."""
 
 from __future__ import annotations
 
@@ -27,19 +32,24 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def worker(url: str, key: str, body: bytes, stream: bool, quota: list[int],
-                 latencies: list[float], errors: list[str]) -> None:
+def count_stream(body: bytes, api: str) -> tuple[int, int]:
+    """SSE events (blank-line terminated) and content chunks (text deltas) in one streamed reply."""
+    marker = b"event: content_block_delta" if api == "messages" else b'"content":"'
+    return body.count(b"\n\n"), body.count(marker)
+
+
+async def worker(url: str, headers: dict[str, str], body: bytes, stream: bool, api: str, quota: list[int],
+                 deadline: float, latencies: list[float], errors: list[str],
+                 counts: list[tuple[int, int]]) -> None:
     connector = aiohttp.TCPConnector(limit=1, force_close=False)
-    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     async with aiohttp.ClientSession(connector=connector) as session:
-        while quota[0] > 0:
+        while quota[0] > 0 and time.perf_counter() < deadline:
             quota[0] -= 1
             started = time.perf_counter()
             try:
                 async with session.post(url, data=body, headers=headers) as response:
                     if stream:
-                        async for _ in response.content.iter_any():
-                            pass
+                        parts = [part async for part in response.content.iter_any()]
                     else:
                         await response.read()
                     if response.status != 200:
@@ -49,46 +59,77 @@ async def worker(url: str, key: str, body: bytes, stream: bool, quota: list[int]
                 errors.append(type(exc).__name__)
                 continue
             latencies.append(time.perf_counter() - started)
+            if stream:
+                counts.append(count_stream(b"".join(parts), api))
+
+
+def request_of(api: str, auth: str, key: str, model: str, chunks: int, stream: bool) -> tuple[str, dict[str, str], bytes]:
+    """The path, headers and body of one request."""
+    payload: dict[str, object] = {"model": model, "messages": [{"role": "user", "content": "benchmark prompt"}],
+                                  "max_tokens": chunks}
+    if stream:
+        payload["stream"] = True
+    headers = {"Content-Type": "application/json"}
+    if auth == "x-api-key":
+        headers["x-api-key"] = key
+    else:
+        headers["Authorization"] = f"Bearer {key}"
+    if api == "messages":
+        headers["anthropic-version"] = "2023-06-01"
+    return ("/messages" if api == "messages" else "/chat/completions"), headers, json.dumps(payload).encode()
 
 
 async def run(base_url: str, keys: list[str], concurrency: int, requests: int, stream: bool,
-              chunks: int, model: str, warmup: int) -> dict:
-    url = base_url.rstrip("/") + "/chat/completions"
-    payload = {"model": model, "messages": [{"role": "user", "content": "benchmark prompt"}],
-               "max_tokens": chunks}
-    if stream:
-        payload["stream"] = True
-    body = json.dumps(payload).encode()
+              chunks: int, model: str, warmup: int, api: str = "chat", auth: str = "bearer",
+              seconds: float | None = None) -> dict:
     if len(keys) < concurrency:
         raise SystemExit(f"need {concurrency} keys (one per connection), got {len(keys)}")
+    calls = [request_of(api, auth, keys[i], model, chunks, stream) for i in range(concurrency)]
+    url = base_url.rstrip("/") + calls[0][0]
+    forever = float("inf")
+    warm_latencies: list[float] = []
     if warmup:
-        await asyncio.gather(*(worker(url, keys[i], body, stream, [warmup // concurrency + 1], [], [])
-                               for i in range(concurrency)))
-    quota, latencies, errors = [requests], [], []
+        await asyncio.gather(*(worker(url, headers, body, stream, api, [warmup // concurrency + 1], forever,
+                                      warm_latencies, [], []) for _, headers, body in calls))
+    quota = [requests if seconds is None else 1 << 62]
+    latencies: list[float] = []
+    errors: list[str] = []
+    counts: list[tuple[int, int]] = []
     started = time.perf_counter()
-    await asyncio.gather(*(worker(url, keys[i], body, stream, quota, latencies, errors)
-                           for i in range(concurrency)))
-    seconds = time.perf_counter() - started
+    deadline = forever if seconds is None else started + seconds
+    await asyncio.gather(*(worker(url, headers, body, stream, api, quota, deadline, latencies, errors, counts)
+                           for _, headers, body in calls))
+    elapsed = time.perf_counter() - started
     ms = [x * 1000 for x in latencies]
-    return {
-        "concurrency": concurrency, "stream": stream, "requests": len(latencies), "errors": len(errors),
-        "error_kinds": sorted(set(errors))[:5], "seconds": round(seconds, 3),
-        "rps": round(len(latencies) / seconds, 1),
+    result = {
+        "api": api, "concurrency": concurrency, "stream": stream, "requests": len(latencies),
+        "warmup_requests": len(warm_latencies), "errors": len(errors),
+        "error_kinds": sorted(set(errors))[:5], "seconds": round(elapsed, 3),
+        "rps": round(len(latencies) / elapsed, 1),
         "p50_ms": round(percentile(ms, 0.50), 3), "p90_ms": round(percentile(ms, 0.90), 3),
         "p99_ms": round(percentile(ms, 0.99), 3), "mean_ms": round(statistics.fmean(ms), 3) if ms else None,
     }
+    if counts:
+        result["events_per_response"] = [min(e for e, _ in counts), max(e for e, _ in counts)]
+        result["chunks_per_response"] = [min(c for _, c in counts), max(c for _, c in counts)]
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base-url", required=True, help="OpenAI base URL, e.g. http://127.0.0.1:8080/v1")
+    parser.add_argument("--base-url", required=True, help="base URL, e.g. http://127.0.0.1:8080/v1")
     parser.add_argument("--keys", required=True, help="file with one API key per line")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--seconds", type=float, help="run this long (after warm-up) instead of --requests")
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--chunks", type=int, default=16, help="max_tokens: chunks per streamed reply")
     parser.add_argument("--model", default="test-model")
+    parser.add_argument("--api", choices=["chat", "messages"], default="chat",
+                        help="chat: POST {base}/chat/completions; messages: POST {base}/messages (Anthropic)")
+    parser.add_argument("--auth", choices=["bearer", "x-api-key"],
+                        help="how the key is sent (default: bearer for chat, x-api-key for messages)")
     args = parser.parse_args(argv)
     keys = [line.strip() for line in Path(args.keys).read_text().splitlines() if line.strip()]
     try:
@@ -98,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     result = asyncio.run(run(args.base_url, keys, args.concurrency, args.requests, args.stream,
-                             args.chunks, args.model, args.warmup))
+                             args.chunks, args.model, args.warmup, args.api,
+                             args.auth or ("x-api-key" if args.api == "messages" else "bearer"), args.seconds))
     print(json.dumps(result))
     return 0
 

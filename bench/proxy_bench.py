@@ -1,11 +1,18 @@
 """Proxy benchmark: the test upstream called directly vs through one gateway process, same run.
 
-    .venv/bin/python bench/proxy_bench.py [--quick] [--client aiohttp|httpx] [--redis URL]
+    .venv/bin/python bench/proxy_bench.py [--quick] [--client aiohttp|httpx] [--redis URL] [--messages]
 
 Starts the test upstream and a gateway (SQLite; leases in process, or in Redis with --redis) as
 separate processes, provisions one API key per connection, then runs bench/load.py at concurrency 1 / 16 / 64,
 non-streaming and streaming (100 chunks), first direct, then through the gateway. Also holds
-1,000 concurrent streams through the gateway and reads its peak RSS. Prints a Markdown report."""
+1,000 concurrent streams through the gateway and reads its peak RSS. Prints a Markdown report.
+
+With --messages it runs the Anthropic Messages rows instead: streaming 100 chunks at concurrency
+1 / 16 / 64 (5 s per cell, 1.5 s with --quick), through a pool with `upstream_api = "anthropic"`
+(passthrough to the upstream's /v1/messages; baseline: Messages sent to the upstream directly) and
+through a pool with the default `upstream_api = "openai"` (translated to /v1/chat/completions;
+baseline: chat completions sent to the upstream directly), on one gateway process, and reports
+the gateway's CPU per chunk in each mode and their ratio."""
 
 from __future__ import annotations
 
@@ -37,6 +44,17 @@ upstreams = ["{upstream}/v1"]
 seats = 5000
 prices = {{ day = "1.00" }}
 """
+# Messages rows: "bench" (upstream_api "openai", the default) translates; "claude" passes through.
+MESSAGES_POOLS = POOLS + """
+[pools.claude]
+name = "Bench Messages"
+models = ["test-model"]
+upstreams = ["{upstream}/v1"]
+upstream_api = "anthropic"
+seats = 5000
+prices = {{ day = "1.00" }}
+"""
+MESSAGES_CHUNKS = 100
 
 
 def wait_http(url: str, process: subprocess.Popen, seconds: float = 30) -> None:
@@ -67,7 +85,7 @@ def rss_mb(pid: int) -> float:
     return int(match.group(1)) / 1024 if match else float("nan")
 
 
-def provision_keys(gateway: str, env: dict[str, str], count: int) -> list[str]:
+def provision_keys(gateway: str, env: dict[str, str], count: int, pool: str = "bench") -> list[str]:
     created = subprocess.run([PYTHON, "-m", "agent_gateway", "accounts", "create", "bench"],
                              env={**os.environ, **env}, capture_output=True, text=True, check=True).stdout
     account = re.search(r"(acct_\w+)", created).group(1)
@@ -79,19 +97,22 @@ def provision_keys(gateway: str, env: dict[str, str], count: int) -> list[str]:
     with httpx.Client(base_url=gateway, headers=headers, timeout=60) as http:
         while len(keys) < count:
             batch = min(100, count - len(keys))
-            subs = http.post("/api/pools/bench/subscribe", json={"blocks": ["day"], "quantity": batch}).json()
+            subs = http.post(f"/api/pools/{pool}/subscribe", json={"blocks": ["day"], "quantity": batch}).json()
             for sub in subs["data"]["subscriptions"]:
                 minted = http.post("/api/keys/subscription", json={"name": "bench", "subscriptionId": sub["id"]})
                 keys.append(minted.json()["data"]["apiKey"])
     return keys
 
 
-def load(base_url: str, keys_file: Path, concurrency: int, requests: int, stream: bool, chunks: int) -> dict:
+def load(base_url: str, keys_file: Path, concurrency: int, requests: int, stream: bool, chunks: int,
+         api: str = "chat", seconds: float | None = None, warmup: int | None = None) -> dict:
     args = [PYTHON, str(ROOT / "bench" / "load.py"), "--base-url", base_url, "--keys", str(keys_file),
             "--concurrency", str(concurrency), "--requests", str(requests), "--chunks", str(chunks),
-            "--warmup", str(min(requests // 4, 400))]
+            "--warmup", str(min(requests // 4, 400) if warmup is None else warmup), "--api", api]
     if stream:
         args.append("--stream")
+    if seconds is not None:
+        args += ["--seconds", str(seconds)]
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -146,7 +167,12 @@ def main() -> int:
     parser.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp",
                         help="the gateway's upstream HTTP client (AGW_UPSTREAM_CLIENT)")
     parser.add_argument("--redis", metavar="URL", help="keep leases in this Redis (AGW_REDIS_URL)")
+    parser.add_argument("--messages", action="store_true",
+                        help="run the Anthropic Messages rows (passthrough vs translated) instead")
     opts = parser.parse_args()
+    if opts.messages:
+        print(messages_report(run_messages(opts)))
+        return 0
     scale = 0.2 if opts.quick else 1.0
     with tempfile.TemporaryDirectory(prefix="agw-bench-") as tmp:
         work = Path(tmp)
@@ -186,15 +212,96 @@ def main() -> int:
             processes.append(gateway)
             held = hold_streams(gateway_url, keys, gateway.pid)
         finally:
-            for process in processes:
-                process.terminate()
-            for process in processes:
-                try:
-                    process.wait(10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+            stop(processes)
     print(report(rows, held))
     return 0
+
+
+def stop(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def run_messages(opts: argparse.Namespace) -> list[tuple]:
+    """Messages streams through both kinds of pool on one gateway, each after its direct baseline.
+
+    The upstream runs with `--chunks 100`: it streams min(max_tokens, chunks) text deltas for
+    /v1/messages but max_tokens chunks for /v1/chat/completions, so max_tokens 100 gives 100 content
+    chunks on both paths (the load tool counts them)."""
+    seconds = 1.5 if opts.quick else 5.0
+    with tempfile.TemporaryDirectory(prefix="agw-bench-") as tmp:
+        work = Path(tmp)
+        up_port, gw_port = free_port(), free_port()
+        upstream = start(["test-upstream", "--port", str(up_port), "--chunks", str(MESSAGES_CHUNKS)])
+        up_url = f"http://127.0.0.1:{up_port}"
+        (work / "pools.toml").write_text(MESSAGES_POOLS.format(upstream=up_url))
+        env = {"AGW_DATABASE_URL": f"sqlite:///{work / 'bench.db'}", "AGW_POOLS_FILE": str(work / "pools.toml"),
+               "AGW_LOG_LEVEL": "WARNING", "AGW_UPSTREAM_CLIENT": opts.client}
+        if opts.redis:
+            env["AGW_REDIS_URL"] = opts.redis
+        processes = [upstream]
+        try:
+            wait_http(up_url + "/v1/models", upstream)
+            gateway, gateway_url = start_gateway(env, port=gw_port)
+            processes.append(gateway)
+            (work / "translated.txt").write_text("\n".join(provision_keys(gateway_url, env, 64, pool="bench")))
+            (work / "passthrough.txt").write_text("\n".join(provision_keys(gateway_url, env, 64, pool="claude")))
+            (work / "direct.txt").write_text("\n".join(f"direct-{i}" for i in range(64)))
+            rows = []
+            # (mode, API of the direct baseline, the pool's keys): the client always speaks Messages.
+            # Interleaved by concurrency, so both modes meet the gateway in the same state.
+            for concurrency in (1, 16, 64):
+                for mode, direct_api, keys in (("passthrough", "messages", "passthrough.txt"),
+                                               ("translated", "chat", "translated.txt")):
+                    warmup = max(50, 4 * concurrency)
+                    direct = load(up_url + "/v1", work / "direct.txt", concurrency, 0, True, MESSAGES_CHUNKS,
+                                  api=direct_api, seconds=seconds, warmup=warmup)
+                    cpu0 = cpu_seconds(gateway.pid)
+                    via = load(gateway_url + "/v1", work / keys, concurrency, 0, True, MESSAGES_CHUNKS,
+                               api="messages", seconds=seconds, warmup=warmup)
+                    cpu = cpu_seconds(gateway.pid) - cpu0
+                    rows.append((mode, direct_api, concurrency, direct, via, cpu))
+        finally:
+            stop(processes)
+    return rows
+
+
+def messages_report(rows: list[tuple]) -> str:
+    lines = ["| mode | conc. | direct rps | gateway rps | direct p50 / p99 ms | gateway p50 / p99 ms | "
+             "added p50 / p99 ms | gateway CPU per chunk | chunks / events per reply | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    per_chunk: dict[tuple[str, int], float] = {}
+    totals: dict[str, list[float]] = {"passthrough": [0.0, 0], "translated": [0.0, 0]}
+    for mode, direct_api, concurrency, direct, via, cpu in sorted(rows, key=lambda row: row[0]):
+        served = via["requests"] + via["warmup_requests"]
+        per_chunk[mode, concurrency] = cpu / max(1, served) / MESSAGES_CHUNKS
+        totals[mode][0] += cpu
+        totals[mode][1] += served * MESSAGES_CHUNKS
+        counted = "/".join(str(x) for x in sorted(set(via["chunks_per_response"])))
+        events = "/".join(str(x) for x in sorted(set(via["events_per_response"])))
+        lines.append(
+            f"| {mode} (direct: {'Messages' if direct_api == 'messages' else 'chat'}) | {concurrency} | {direct['rps']:.0f} | {via['rps']:.0f} | "
+            f"{direct['p50_ms']:.2f} / {direct['p99_ms']:.2f} | {via['p50_ms']:.2f} / {via['p99_ms']:.2f} | "
+            f"{via['p50_ms'] - direct['p50_ms']:.2f} / {via['p99_ms'] - direct['p99_ms']:.2f} | "
+            f"{per_chunk[mode, concurrency] * 1e6:.1f} µs | {counted} / {events} | "
+            f"{via['errors'] + direct['errors']} |")
+    lines.append("")
+    ratios = []
+    for concurrency in (1, 16, 64):
+        if ("passthrough", concurrency) in per_chunk and ("translated", concurrency) in per_chunk:
+            ratio = per_chunk["translated", concurrency] / per_chunk["passthrough", concurrency]
+            ratios.append(f"{ratio:.2f}× at concurrency {concurrency}")
+    overall = [cpu / max(1, chunks) for cpu, chunks in (totals["passthrough"], totals["translated"])]
+    if overall[0]:
+        ratios.append(f"{overall[1] / overall[0]:.2f}× over all three ({overall[0] * 1e6:.1f} → "
+                      f"{overall[1] * 1e6:.1f} µs per chunk)")
+    lines.append("Translated / passthrough gateway CPU per chunk (target ≤ 1.5×): " + ", ".join(ratios) + ".")
+    return "\n".join(lines)
 
 
 def report(rows: list, held: dict) -> str:
