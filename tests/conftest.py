@@ -24,6 +24,7 @@ from agent_gateway.settings import Settings
 pytest_plugins = ["tests.fixtures.upstream", "tests.fixtures.chain", "tests.fixtures.live", "tests.fixtures.x402"]
 
 POSTGRES_URL = os.environ.get("AGW_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("AGW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 # 10:00 UTC on a Wednesday: inside the default europe block.
 TEST_NOW = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
 
@@ -95,6 +96,18 @@ def postgres_admin() -> Iterator[str]:
     finally:
         conn.execute(f'DROP DATABASE IF EXISTS "{template}" WITH (FORCE)')
         conn.close()
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The test Redis server; the test skips, saying why, where none is running."""
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"Redis not reachable at {REDIS_URL} (set AGW_TEST_REDIS_URL): {exc}")
+    return REDIS_URL
 
 
 def _database_url(name: str) -> str:

@@ -25,7 +25,6 @@ from agent_gateway.keys.api_keys import new_api_key
 from agent_gateway.subscriptions.inventory import ensure_inventory, reserve_seats
 from agent_gateway.testing.processes import start_gateway
 from agent_gateway.usage.recorder import UsageEvent, UsageRecorder
-from tests.e2e.test_multiprocess import redis_url  # noqa: F401 (a fixture)
 from tests.fixtures.live import ALL_DAY_POOLS, buy_key, provision_account
 
 pytestmark = pytest.mark.anyio

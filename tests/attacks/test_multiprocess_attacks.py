@@ -15,7 +15,6 @@ import pytest
 
 from agent_gateway.testing.processes import start_gateway
 from agent_gateway.testing.upstream import UpstreamSettings
-from tests.e2e.test_multiprocess import redis_url  # noqa: F401 (a fixture)
 from tests.e2e.test_x402 import claim_signature, transfer
 from tests.fixtures.live import buy_key, provision_account
 from tests.fixtures.x402 import X402_POOLS, ChainView, Wallet, challenge, payment_header, sign_authorization

@@ -6,7 +6,6 @@ counts together; X-Forwarded-For names the client only when a trusted proxy send
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import subprocess
 from collections.abc import Iterator
@@ -28,7 +27,6 @@ from tests.fixtures.x402 import X402_POOLS, chain_settings, challenge, payment_h
 
 pytestmark = pytest.mark.anyio
 LIMIT = 3
-REDIS_URL = os.environ.get("AGW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 ORDER = {"pool": "alpha", "blocks": ["day"], "quantity": 1}
 
 
@@ -181,16 +179,6 @@ def unique_client_address() -> str:
     """An address no other test run counts under (the Redis log outlives a test by a minute)."""
     return f"10.{secrets.randbelow(256)}.{secrets.randbelow(256)}.{secrets.randbelow(254) + 1}"
 
-
-@pytest.fixture
-def redis_url() -> str:
-    import redis
-
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"Redis not reachable at {REDIS_URL} (set AGW_TEST_REDIS_URL): {exc}")
-    return REDIS_URL
 
 
 @pytest.mark.postgres

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,19 +18,8 @@ from agent_gateway.testing.upstream import UpstreamSettings
 from tests.fixtures.live import ALL_DAY_POOLS, buy_key, provision_account
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
-REDIS_URL = os.environ.get("AGW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 MESSAGES = [{"role": "user", "content": "split me across processes"}]
 
-
-@pytest.fixture
-def redis_url() -> str:
-    import redis
-
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"Redis not reachable at {REDIS_URL} (set AGW_TEST_REDIS_URL): {exc}")
-    return REDIS_URL
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ rule, and the sliding one-minute log (in memory, in Redis, and when Redis is dow
 
 from __future__ import annotations
 
-import os
 import uuid
 
 import pytest
@@ -13,7 +12,6 @@ from agent_gateway.web.throttle import client_address
 from agent_gateway.ratelimit import MemoryAttemptLimiter, RedisAttemptLimiter
 
 pytestmark = pytest.mark.anyio
-REDIS_URL = os.environ.get("AGW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def test_an_ipv6_client_counts_per_64_and_a_mapped_ipv4_as_itself():
@@ -71,16 +69,6 @@ async def test_the_memory_log_forgets_addresses_past_its_bound():
         await limiter.record(f"10.0.{i // 256}.{i % 256}")
     assert len(limiter._log) <= 100
 
-
-@pytest.fixture
-def redis_url() -> str:
-    import redis
-
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"Redis not reachable at {REDIS_URL} (set AGW_TEST_REDIS_URL): {exc}")
-    return REDIS_URL
 
 
 async def test_the_redis_log_is_shared_and_bounded(redis_url):
