@@ -41,9 +41,9 @@ _ERC20_TRANSFER_SELECTOR = keccak(text="transfer(address,uint256)")[:4]
 _AUTHORIZATION_USED_TOPIC = keccak(text="AuthorizationUsed(address,bytes32)")
 _AUTHORIZATION_CANCELED_TOPIC = keccak(text="AuthorizationCanceled(address,bytes32)")
 GAS_HEADROOM_PCT = 20
-# The gas one settlement may need, to judge the relayer's balance (not to send: sending estimates).
-# FiatToken v2.2's transferWithAuthorization behind its proxy stays under 100,000 gas; our TestUSDC
-# uses ~60,000; this adds the estimate's headroom on top.
+# The gas limit one settlement may be signed with, to judge the relayer's balance (sending estimates
+# each one). Our TestUSDC estimates ~88,000 (measured on anvil), real USDC (FiatToken behind its
+# proxy) is of the same order; this is GAS_HEADROOM_PCT over 100,000.
 SETTLEMENT_GAS_BUDGET = 120_000
 # Node messages for "I already have this exact transaction" (geth, anvil, erigon/nethermind).
 _ALREADY_KNOWN = ("already known", "already imported", "known transaction")
