@@ -103,10 +103,13 @@ async def check_relayer_gas(adapter: ChainAdapter, warn_settlements: int) -> Cha
     """Whether the relayer can pay for one settlement (else FAIL) and for `warn_settlements` (else
     warn) at the current fees; sets the relayer gauges in /metrics."""
     balance, cost = await adapter.relayer_balance(), await adapter.settlement_cost()
-    left = balance // cost if cost else balance  # a zero-fee chain (anvil at base fee 0)
     RELAYER_BALANCE.set(balance / 10**18)
-    RELAYER_SETTLEMENTS_LEFT.set(left)
     said = f"{adapter.relayer_address} holds {format_eth(balance)}"
+    if cost == 0:  # a chain without fees (anvil --base-fee 0): nothing to run out of
+        RELAYER_SETTLEMENTS_LEFT.set(float("inf"))
+        return _ok("relayer gas", f"{said}; fees are zero")
+    left = balance // cost
+    RELAYER_SETTLEMENTS_LEFT.set(left)
     if left < 1:
         return _fail("relayer gas", f"{said}; one settlement may cost up to {format_eth(cost)} at the current "
                                     f"fees: fund the relayer (AGW_RELAYER_KEY's address)")
