@@ -228,6 +228,7 @@ def _chain_check(args: argparse.Namespace, settings: Settings) -> int:
     from urllib.parse import urlsplit
 
     from agent_gateway.lifespan import chain_adapter_for
+    from agent_gateway.networks import chain_defaults
     from agent_gateway.payments.checks import CheckStatus, run_chain_checks
 
     chain, adapter = settings.chain, chain_adapter_for(settings)
@@ -236,8 +237,9 @@ def _chain_check(args: argparse.Namespace, settings: Settings) -> int:
               "AGW_PAY_TO, AGW_RELAYER_KEY (see .env.example)", file=sys.stderr)
         return 2
     rpc = urlsplit(chain.rpc_url)  # scheme and host only: hosted RPC URLs carry an API key
+    confirmations = settings.confirmations or chain_defaults(chain.chain_id).confirmations
     print(f"chain {chain.network} ({settings.network or 'no preset'}), token {chain.usdc_address}, "
-          f"RPC {rpc.scheme}://{rpc.hostname}{f':{rpc.port}' if rpc.port else ''}")
+          f"RPC {rpc.scheme}://{rpc.hostname}{f':{rpc.port}' if rpc.port else ''}, confirmations {confirmations}")
     for line in settings.preset_overrides:
         print(f"note  {line}")
 

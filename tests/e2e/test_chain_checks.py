@@ -83,7 +83,7 @@ def test_chain_check_passes_on_the_dev_chain_with_the_anvil_preset(devchain):
     assert "ok    token name: 'USD Coin'" in lines and "ok    chain id: 31337" in lines
     assert lines[-1] == "chain check passed (7 checks, 0 warnings)"
     # The node's URL is shown without its path (a hosted RPC URL carries an API key there).
-    assert f"RPC {devchain.rpc_url}" in lines[0]
+    assert f"RPC {devchain.rpc_url}, confirmations 1" in lines[0]
 
 
 def test_chain_check_names_a_token_whose_name_differs_from_the_settings(devchain, wrong_coin):
