@@ -1,4 +1,4 @@
-"""The `agent-gateway` command: serve, migrate, accounts, pools, demo, test-upstream."""
+"""The `agent-gateway` command: serve, migrate, accounts, pools, chain, demo, test-upstream."""
 
 from __future__ import annotations
 
@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     check = pool_commands.add_parser("check", help="load and validate a pools file, print a summary")
     check.add_argument("file", nargs="?", help="the pools file (default AGW_POOLS_FILE or the example)")
     check.set_defaults(run=_pools_check)
+
+    chain = commands.add_parser("chain", help="check the x402 chain settings against the chain")
+    chain_commands = chain.add_subparsers(dest="chain_command", metavar="ACTION", required=True)
+    chain_check = chain_commands.add_parser(
+        "check", help="run serve's start-up chain checks (chain id, token domain and decimals, payTo, "
+                      "relayer gas); one line each, exit 1 on a FAIL")
+    chain_check.set_defaults(run=_chain_check)
 
     demo = commands.add_parser(
         "demo", help="run the end-to-end demo on embedded defaults (own servers, temporary database)"
@@ -215,6 +222,43 @@ def _pools_check(args: argparse.Namespace, settings: Settings) -> int:
         prices = ", ".join(f"{b} {format_usdc(p)}" for b, p in pool.prices_atomic.items())
         print(f"pool {pool.slug} ({pool.status}): {pool.seats} seats/block; models {', '.join(pool.models)}; {prices} USDC/30d")
     return 0
+
+
+def _chain_check(args: argparse.Namespace, settings: Settings) -> int:
+    from urllib.parse import urlsplit
+
+    from agent_gateway.lifespan import chain_adapter_for
+    from agent_gateway.networks import chain_defaults
+    from agent_gateway.payments.checks import CheckStatus, run_chain_checks
+
+    chain, adapter = settings.chain, chain_adapter_for(settings)
+    if chain is None or adapter is None:
+        print("agent-gateway: payments are off: set AGW_NETWORK or AGW_CHAIN_ID, and AGW_CHAIN_RPC_URL, "
+              "AGW_PAY_TO, AGW_RELAYER_KEY (see .env.example)", file=sys.stderr)
+        return 2
+    rpc = urlsplit(chain.rpc_url)  # scheme and host only: hosted RPC URLs carry an API key
+    confirmations = settings.confirmations or chain_defaults(chain.chain_id).confirmations
+    print(f"chain {chain.network} ({settings.network or 'no preset'}), token {chain.usdc_address}, "
+          f"RPC {rpc.scheme}://{rpc.hostname}{f':{rpc.port}' if rpc.port else ''}, confirmations {confirmations}")
+    for line in settings.preset_overrides:
+        print(f"note  {line}")
+
+    async def run() -> int:
+        try:
+            report = await run_chain_checks(chain, adapter, own_settlement=True,
+                                            warn_settlements=settings.relayer_warn_settlements)
+        finally:
+            await adapter.close()
+        for check in report.checks:
+            print(check.line())
+        warnings = sum(check.status is CheckStatus.WARN for check in report.checks)
+        if report.failed:
+            print(f"chain check FAILED: {len(report.failed)} of {len(report.checks)} checks; serve would refuse to start")
+            return 1
+        print(f"chain check passed ({len(report.checks)} checks, {warnings} warnings)")
+        return 0
+
+    return asyncio.run(run())
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:

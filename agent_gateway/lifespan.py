@@ -13,11 +13,12 @@ from agent_gateway.clock import Clock
 from agent_gateway.db.engine import Database
 from agent_gateway.db.migrate import upgrade_database
 from agent_gateway.jobs.expiry import expire_subscriptions
-from agent_gateway.jobs.runner import JobRunner
+from agent_gateway.jobs.runner import JobRunner, Pass
 from agent_gateway.keys.lifecycle import KeyLifecycle
 from agent_gateway.keys.revocation import RESTORED, KeyRevoker, make_revocation_bus
 from agent_gateway.metrics import SUBSCRIPTIONS_EXPIRED
 from agent_gateway.payments.chain import ChainAdapter
+from agent_gateway.payments.checks import RelayerGasWatch, verify_chain
 from agent_gateway.payments.reorgs import ReorgWatch
 from agent_gateway.payments.service import PaymentService
 from agent_gateway.proxy.directory import KeyDirectory
@@ -53,7 +54,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         kind=settings.upstream_client,
     )
 
-    payments = PaymentService(settings, db, clock, catalog, _chain_adapter(settings))
+    payments = PaymentService(settings, db, clock, catalog, chain_adapter_for(settings))
 
     keys = KeyLifecycle(db, clock, revoker)
 
@@ -68,10 +69,12 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         for revocation in await reorgs.recheck_settled():
             await keys.end_revoked_keys(revocation.key_ids, "payment_revoked")
 
+    passes: dict[str, Pass] = {"expiry": expiry_pass, "payments": payments.reconcile, "reorgs": reorg_pass}
+    if payments.chain is not None:  # own settlement: the relayer's gas, into /metrics
+        passes["relayer_gas"] = RelayerGasWatch(payments.chain, settings.relayer_warn_settlements)
     return Services(
         settings=settings, clock=clock, db=db, catalog=catalog, usage=usage,
-        jobs=JobRunner(settings.job_interval_s, {"expiry": expiry_pass, "payments": payments.reconcile,
-                                                   "reorgs": reorg_pass}),
+        jobs=JobRunner(settings.job_interval_s, passes),
         directory=KeyDirectory(db, ttl_s=settings.key_cache_ttl_s),
         leases=leases, bus=bus, streams=streams, keys=keys, upstream=upstream,
         payments=payments,
@@ -80,7 +83,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     )
 
 
-def _chain_adapter(settings: Settings) -> ChainAdapter | None:
+def chain_adapter_for(settings: Settings) -> ChainAdapter | None:
     """The chain adapter when the chain is configured (Settings checks it is all or nothing)."""
     chain = settings.chain
     if chain is None:
@@ -91,6 +94,12 @@ def _chain_adapter(settings: Settings) -> ChainAdapter | None:
 @asynccontextmanager
 async def run_services(services: Services) -> AsyncIterator[Services]:
     settings = services.settings
+    if settings.chain is not None and services.payments.chain is not None:
+        # Payments on: refuse to start on a chain, token or relayer that does not match the settings.
+        for line in settings.preset_overrides:
+            log.warning("%s", line)
+        await verify_chain(settings.chain, services.payments.chain, own_settlement=True,
+                           warn_settlements=settings.relayer_warn_settlements)
     if settings.auto_migrate:
         # Alembic is synchronous; run it before the server takes traffic.
         import anyio.to_thread

@@ -32,6 +32,10 @@ CONNECTIONS_REFUSED = Counter("agw_connections_refused_total",
                               "New connections closed at once because the process had AGW_MAX_CONNECTIONS open.")
 SLOW_HEADERS_CLOSED = Counter("agw_slow_headers_closed_total",
                               "Connections closed because request headers took over AGW_HEADER_READ_TIMEOUT_S.")
+RELAYER_BALANCE = Gauge("agw_relayer_balance_eth",
+                        "The relayer's native balance (ETH), which pays settlement gas; refreshed by the background job.")
+RELAYER_SETTLEMENTS_LEFT = Gauge("agw_relayer_settlements_left",
+                                 "Settlements the relayer's balance pays for at the current fees (alert on this).")
 
 
 async def metrics_endpoint(request: Request) -> Response:

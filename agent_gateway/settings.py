@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from agent_gateway.networks import NETWORK_PRESETS
 from agent_gateway.strict_json import DEFAULT_MAX_DEPTH
 
 EXAMPLE_POOLS_FILE = Path(__file__).parent / "catalog" / "example_pools.toml"
@@ -18,9 +19,8 @@ EXAMPLE_POOLS_FILE = Path(__file__).parent / "catalog" / "example_pools.toml"
 class ChainSettings(BaseModel):
     """The chain x402 payments settle on, present as a whole or absent (then payments are off).
 
-    Built once from the flat AGW_* chain variables. Settlement is by our own relayer key today; a
-    facilitator URL would be its alternative (exactly one of the two), and a network preset would
-    fill chain_id and the token fields."""
+    Built once from the flat AGW_* chain variables, after AGW_NETWORK's preset filled the ones left
+    unset. Settlement is by our own relayer key today; a facilitator URL would be its alternative."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -100,16 +100,18 @@ class Settings(BaseSettings):
     # Background job.
     job_interval_s: float = Field(default=30.0, gt=0)
 
-    # Chain (used by the x402 payment path).
+    # Chain (used by the x402 payment path). A network preset (base, base-sepolia, anvil) fills the
+    # chain id, token address and EIP-712 domain (and anvil's RPC URL); explicit values override it.
+    network: str | None = None
     chain_rpc_url: str | None = None
     chain_id: int | None = None
     usdc_address: str | None = None
-    usdc_name: str = "USD Coin"
-    usdc_version: str = "2"
+    usdc_name: str | None = None  # unset and no preset: "USD Coin"
+    usdc_version: str | None = None  # unset and no preset: "2"
     pay_to: str | None = None
     relayer_key: str | None = None
     # Confirmations before delivery, and the depth after which a delivered payment is final (no
-    # more reorg checks). Unset: the defaults for the chain id (payments.networks).
+    # more reorg checks). Unset: the defaults for the chain id (networks.py).
     confirmations: int | None = Field(default=None, ge=1)
     reorg_horizon_blocks: int | None = Field(default=None, ge=1)
     # The oldest transfer a tx-hash claim may name (seconds, by block time).
@@ -120,17 +122,53 @@ class Settings(BaseSettings):
     payment_timeout_s: int = Field(default=300, ge=30)
     # The reconciler takes over payments left unfinished this long (a crash, a lost receipt).
     reconcile_after_s: float = Field(default=60.0, ge=0)
+    # Start-up check and /metrics: warn when the relayer's gas covers fewer settlements than this.
+    relayer_warn_settlements: int = Field(default=100, ge=0)
     _chain: ChainSettings | None = PrivateAttr(default=None)
+    _preset_overrides: tuple[str, ...] = PrivateAttr(default=())
 
     @field_validator("redis_url", "chain_rpc_url", "chain_id", "usdc_address", "pay_to", "relayer_key",
                      "session_secret", "public_url", "metrics_token", "confirmations",
-                     "reorg_horizon_blocks", mode="before")
+                     "reorg_horizon_blocks", "network", "usdc_name", "usdc_version", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
 
+    @field_validator("network")
+    @classmethod
+    def _known_network(cls, value: str | None) -> str | None:
+        if value is not None and value not in NETWORK_PRESETS:
+            raise ValueError(f"must be one of {', '.join(NETWORK_PRESETS)}")
+        return value
+
+    def _apply_network_preset(self) -> None:
+        """Fill the chain settings left unset from AGW_NETWORK's preset; note each one set otherwise."""
+        if self.network is None:
+            return
+        preset = NETWORK_PRESETS[self.network]
+        if self.chain_id is not None and self.chain_id != preset.chain_id:
+            raise ValueError(f"AGW_CHAIN_ID={self.chain_id} contradicts AGW_NETWORK={self.network} "
+                             f"(chain id {preset.chain_id}): set only one of them")
+        self.chain_id = preset.chain_id
+        overrides = []
+        for name, value in (("chain_rpc_url", preset.rpc_url), ("usdc_address", preset.usdc_address),
+                            ("usdc_name", preset.usdc_name), ("usdc_version", preset.usdc_version),
+                            ("confirmations", preset.confirmations)):
+            given = getattr(self, name)
+            if given is None:
+                setattr(self, name, value)
+            elif value is not None and str(given).lower() != str(value).lower():
+                overrides.append(f"AGW_{name.upper()}={given!r} overrides the preset's {value!r}")
+        self._preset_overrides = tuple(f"AGW_NETWORK={self.network}: {line}" for line in overrides)
+
+    @property
+    def preset_overrides(self) -> tuple[str, ...]:
+        """One sentence per explicit AGW_* value that differs from AGW_NETWORK's preset (logged at start)."""
+        return self._preset_overrides
+
     @model_validator(mode="after")
     def _chain_all_or_nothing(self) -> Settings:
+        self._apply_network_preset()
         chain = {"chain_rpc_url": self.chain_rpc_url, "chain_id": self.chain_id, "usdc_address": self.usdc_address,
                  "pay_to": self.pay_to, "relayer_key": self.relayer_key}
         missing = [f"AGW_{name.upper()}" for name, value in chain.items() if value is None]
@@ -139,8 +177,8 @@ class Settings(BaseSettings):
         if (self.chain_rpc_url is not None and self.chain_id is not None and self.usdc_address is not None
                 and self.pay_to is not None and self.relayer_key is not None):  # all set (checked above)
             self._chain = ChainSettings(rpc_url=self.chain_rpc_url, chain_id=self.chain_id,
-                                        usdc_address=self.usdc_address, usdc_name=self.usdc_name,
-                                        usdc_version=self.usdc_version, pay_to=self.pay_to,
+                                        usdc_address=self.usdc_address, usdc_name=self.usdc_name or "USD Coin",
+                                        usdc_version=self.usdc_version or "2", pay_to=self.pay_to,
                                         relayer_key=self.relayer_key)
         return self
 

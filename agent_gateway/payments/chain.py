@@ -17,7 +17,13 @@ from eth_account import Account
 from eth_typing import ChecksumAddress, HexStr
 from eth_utils import keccak, to_checksum_address
 from web3 import AsyncHTTPProvider, AsyncWeb3
-from web3.exceptions import ContractLogicError, TransactionNotFound, Web3Exception, Web3RPCError
+from web3.exceptions import (
+    BadFunctionCallOutput,
+    ContractLogicError,
+    TransactionNotFound,
+    Web3Exception,
+    Web3RPCError,
+)
 from web3.types import TxParams
 
 from agent_gateway.errors import InvalidRequest, PaymentRequired, ServiceUnavailable
@@ -35,6 +41,10 @@ _ERC20_TRANSFER_SELECTOR = keccak(text="transfer(address,uint256)")[:4]
 _AUTHORIZATION_USED_TOPIC = keccak(text="AuthorizationUsed(address,bytes32)")
 _AUTHORIZATION_CANCELED_TOPIC = keccak(text="AuthorizationCanceled(address,bytes32)")
 GAS_HEADROOM_PCT = 20
+# The gas limit one settlement may be signed with, to judge the relayer's balance (sending estimates
+# each one). Our TestUSDC estimates ~88,000 (measured on anvil), real USDC (FiatToken behind its
+# proxy) is of the same order; this is GAS_HEADROOM_PCT over 100,000.
+SETTLEMENT_GAS_BUDGET = 120_000
 # Node messages for "I already have this exact transaction" (geth, anvil, erigon/nethermind).
 _ALREADY_KNOWN = ("already known", "already imported", "known transaction")
 _NONCE_CONFLICT = ("nonce too low", "replacement transaction underpriced", "nonce has already been used")
@@ -98,6 +108,17 @@ class TxInfo:
 
 
 @dataclass(frozen=True)
+class TokenFacts:
+    """What the token contract says about itself; None where it has no such function (or no code)."""
+
+    has_code: bool
+    name: str | None
+    version: str | None
+    decimals: int | None
+    domain_separator: bytes | None
+
+
+@dataclass(frozen=True)
 class AuthorizationEvent:
     """The mined transaction that used (a Transfer) or canceled an EIP-3009 authorization."""
 
@@ -145,6 +166,12 @@ def _rpc_message(exc: Web3RPCError) -> str:
     response = getattr(exc, "rpc_response", None) or {}
     error = response.get("error") if isinstance(response, dict) else None
     return str(error.get("message", "")) if isinstance(error, dict) else str(exc.message or "")
+
+
+def _max_fee_per_gas(block: Any, tip: int) -> int:
+    # EIP-1559 only (every x402 network is post-London). Twice the base fee survives six full
+    # blocks of +12.5% before the settlement stalls; the tip is the node's suggestion.
+    return 2 * int(block["baseFeePerGas"]) + int(tip)
 
 
 def _revert_reason(exc: ContractLogicError) -> str:
@@ -208,6 +235,40 @@ class ChainAdapter:
         if not block:
             block = await self._rpc("the latest block", self._w3.eth.get_block("latest"))
         return int(block["timestamp"])  # type: ignore[index]  # get_block returns a block or raises; web3 types it Optional
+
+    async def node_chain_id(self) -> int:
+        """The chain id the RPC node reports (eth_chainId)."""
+        return int(await self._rpc("the chain id", self._w3.eth.chain_id))
+
+    async def token_facts(self) -> TokenFacts:
+        """The token's name(), version(), decimals() and DOMAIN_SEPARATOR(), each None if it reverts."""
+        code = await self._rpc("the token's code", self._w3.eth.get_code(self.token_address))
+        if not code:
+            return TokenFacts(has_code=False, name=None, version=None, decimals=None, domain_separator=None)
+        functions = self._token.functions
+        name, version, decimals, separator = [await self._optional_call(what, call) for what, call in (
+            ("name()", functions.name()), ("version()", functions.version()),
+            ("decimals()", functions.decimals()), ("DOMAIN_SEPARATOR()", functions.DOMAIN_SEPARATOR()))]
+        return TokenFacts(has_code=True, name=name, version=version,
+                          decimals=None if decimals is None else int(decimals),
+                          domain_separator=None if separator is None else bytes(separator))
+
+    async def _optional_call(self, what: str, function: Any) -> Any:
+        try:
+            return await self._rpc(what, function.call(), passthrough=(ContractLogicError, BadFunctionCallOutput))
+        except (ContractLogicError, BadFunctionCallOutput):
+            return None
+
+    async def relayer_balance(self) -> int:
+        """The relayer's native balance (wei): what pays the settlements' gas."""
+        return int(await self._rpc("the relayer balance", self._w3.eth.get_balance(self.relayer_address)))
+
+    async def settlement_cost(self) -> int:
+        """The most one settlement can cost the relayer at the current fees (wei): the node accepts a
+        transaction only if the sender holds its gas limit times its max fee per gas."""
+        block, tip = await asyncio.gather(self._rpc("the latest block", self._w3.eth.get_block("latest")),
+                                          self._rpc("the priority fee", self._w3.eth.max_priority_fee))
+        return SETTLEMENT_GAS_BUDGET * _max_fee_per_gas(block, tip)
 
     async def authorization_used(self, authorizer: str, nonce_hex: str) -> bool:
         call = self._token.functions.authorizationState(to_checksum_address(authorizer),
@@ -283,11 +344,8 @@ class ChainAdapter:
             else:
                 nonce = self._next_nonce
                 self._next_nonce += 1
-        # EIP-1559 only (every x402 network is post-London). Twice the base fee survives six full
-        # blocks of +12.5% before the settlement stalls; the tip is the node's suggestion.
         tx = {"type": 2, "chainId": self.chain_id, "nonce": nonce, "to": self.token_address, "value": 0,
-              "data": data, "gas": gas, "maxPriorityFeePerGas": int(tip),
-              "maxFeePerGas": 2 * int(block["baseFeePerGas"]) + int(tip)}
+              "data": data, "gas": gas, "maxPriorityFeePerGas": int(tip), "maxFeePerGas": _max_fee_per_gas(block, tip)}
         signed = self._relayer.sign_transaction(tx)
         return SignedSettlement(tx_hash="0x" + bytes(signed.hash).hex(),
                                 raw_tx="0x" + bytes(signed.raw_transaction).hex(), nonce=nonce)

@@ -24,7 +24,7 @@ from agent_gateway.payments import ledger
 from agent_gateway.money import format_usdc
 from agent_gateway.payments.chain import ChainAdapter, Receipt, SettlementWouldRevert
 from agent_gateway.payments.ledger import Claim, Delivery
-from agent_gateway.payments.networks import chain_defaults
+from agent_gateway.networks import chain_defaults
 from agent_gateway.payments.rules import check_chain_facts, check_payment, reason_message
 from agent_gateway.payments.wallet import recover_personal_signer
 from agent_gateway.payments.wire import ExactPayment, Offer

@@ -147,9 +147,11 @@ def test_pools_check_reads_the_packaged_example_and_a_custom_file(installed: Ins
     assert "solo.toml: OK" in custom.stdout and "pool solo (active): 2 seats/block; models solo-1; day 12.50" in custom.stdout
 
 
-def test_serve_with_payments_configured_answers_health_pools_quotes_and_the_dashboard(installed: Installed):
-    # Payments on (the ABI loads at start-up); the node is never reached by these requests.
-    chain = {"AGW_CHAIN_RPC_URL": f"http://127.0.0.1:{free_port()}", "AGW_CHAIN_ID": "31337", "AGW_USDC_ADDRESS": TOKEN,
+def test_serve_with_payments_configured_answers_health_pools_quotes_and_the_dashboard(installed: Installed, devchain):
+    # Payments on through the anvil preset (its TestUSDC address is TOKEN): the start-up chain
+    # checks read the dev chain, and the ABI loads from the wheel's package data.
+    assert devchain.token == TOKEN
+    chain = {"AGW_NETWORK": "anvil", "AGW_CHAIN_RPC_URL": devchain.rpc_url,
              "AGW_PAY_TO": PAY_TO, "AGW_RELAYER_KEY": RELAYER_KEY, "AGW_DATABASE_URL": "sqlite:///serve.db"}
     log = installed.workdir / "serve.log"
     process, url = start_gateway(chain, command=[str(installed.command)], base_env=installed.env,

@@ -190,12 +190,16 @@ async def test_seats_sold_out_while_paying_means_no_settlement(x402_gateway, dev
 
 
 async def test_rpc_down_is_a_clear_503_and_nothing_is_charged(tmp_path, sqlite_url, upstream, devchain, chain_view):
+    from agent_gateway.testing.devchain import start_devchain
     from tests.fixtures.live import live_gateway
     from tests.fixtures.x402 import X402_POOLS, chain_settings
 
     wallet = chain_view.new_wallet()
-    with live_gateway(tmp_path, sqlite_url, upstream, pools=X402_POOLS,
-                      **chain_settings(devchain, chain_rpc_url="http://127.0.0.1:9")) as live:
+    # The gateway refuses to start on a node it cannot check, so it starts on a node of its own
+    # (the same token address, domain and keys as the session chain) that then goes away.
+    with start_devchain(agents=0) as node, live_gateway(tmp_path, sqlite_url, upstream, pools=X402_POOLS,
+                                                        **chain_settings(devchain, chain_rpc_url=node.rpc_url)) as live:
+        node.stop()
         attack = Attack(live, devchain, wallet)  # the 402 needs no chain access
         pay_to_before = chain_view.usdc(devchain.pay_to)
         r = attack.post(attack.header())
