@@ -18,6 +18,7 @@ from agent_gateway.keys.lifecycle import KeyLifecycle
 from agent_gateway.keys.revocation import RESTORED, KeyRevoker, make_revocation_bus
 from agent_gateway.metrics import SUBSCRIPTIONS_EXPIRED
 from agent_gateway.payments.chain import ChainAdapter
+from agent_gateway.payments.facilitator import FacilitatorClient
 from agent_gateway.payments.reorgs import ReorgWatch
 from agent_gateway.payments.service import PaymentService
 from agent_gateway.proxy.directory import KeyDirectory
@@ -53,7 +54,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         kind=settings.upstream_client,
     )
 
-    payments = PaymentService(settings, db, clock, catalog, _chain_adapter(settings))
+    payments = PaymentService(settings, db, clock, catalog, _chain_adapter(settings), _facilitator(settings))
 
     keys = KeyLifecycle(db, clock, revoker)
 
@@ -88,6 +89,15 @@ def _chain_adapter(settings: Settings) -> ChainAdapter | None:
     return ChainAdapter(chain.rpc_url, chain.chain_id, chain.usdc_address, chain.relayer_key)
 
 
+def _facilitator(settings: Settings) -> FacilitatorClient | None:
+    """The x402 facilitator client when payments settle through one (AGW_FACILITATOR_URL)."""
+    chain = settings.chain
+    if chain is None or chain.facilitator_url is None:
+        return None
+    return FacilitatorClient(chain.facilitator_url, auth_header=chain.facilitator_auth_header,
+                             timeout_s=chain.facilitator_timeout_s)
+
+
 @asynccontextmanager
 async def run_services(services: Services) -> AsyncIterator[Services]:
     settings = services.settings
@@ -97,6 +107,8 @@ async def run_services(services: Services) -> AsyncIterator[Services]:
 
         await anyio.to_thread.run_sync(upgrade_database, settings.database_url)
     await ensure_inventory(services.db, services.catalog)
+    # Before any traffic: a facilitator that cannot settle on our network stops the start.
+    await services.payments.check_facilitator()
 
     def on_revocation(key_id: str, reason: str) -> None:
         services.directory.forget(key_id)
@@ -126,6 +138,8 @@ async def run_services(services: Services) -> AsyncIterator[Services]:
         await services.attempts.close()
         if services.payments.chain is not None:
             await services.payments.chain.close()
+        if services.payments.facilitator is not None:
+            await services.payments.facilitator.close()
         await services.db.dispose()
         log.info("agent_gateway stopped")
 
