@@ -46,6 +46,7 @@ class TestFacilitator:
         self.facilitator = register_exact_evm_facilitator(x402FacilitatorSync(), self.signer, networks=networks)
         self.auth_header = auth_header
         self.fault: str | None = None
+        self.fault_paths: tuple[str, ...] = ("/supported", "/verify", "/settle")  # where `fault` applies
         self.before_settle: Callable[[dict[str, Any]], None] | None = None
         self.calls: list[str] = []
         self._lock = threading.Lock()
@@ -94,6 +95,8 @@ class TestFacilitator:
             self.calls.append(request.url.path)
         if self.auth_header is not None and request.headers.get(self.auth_header[0]) != self.auth_header[1]:
             return JSONResponse({"error": "unauthorized"}, status_code=401)
+        if request.url.path not in self.fault_paths:
+            return None
         if self.fault == "down":
             return PlainTextResponse("facilitator down", status_code=503)
         if self.fault == "nonsense":
@@ -122,7 +125,7 @@ class TestFacilitator:
             return refused
         body = json.loads(await request.body())
         payload, requirements = await self._body(request)
-        fault = self.fault
+        fault = self.fault if "/settle" in self.fault_paths else None
 
         def settle() -> Any:
             if self.before_settle is not None:

@@ -91,3 +91,91 @@ async def test_the_auth_header_reaches_the_facilitator_and_nothing_else_is_neede
     assert services.settings.relayer_key is None and services.payments.chain is not None
     async with run_services(services):
         assert facilitator.count("/supported") == 1
+
+
+async def test_a_gateway_killed_while_settle_is_in_flight_delivers_after_restart(
+        tmp_path, upstream, devchain, chain_view, sqlite_template, facilitator):
+    import shutil
+    import signal
+    import threading
+    import time
+
+    from agent_gateway.testing.processes import free_port, start_gateway
+    from tests.attacks.conftest import wait_for_pending
+    from tests.e2e.test_x402_recovery import _payment_state, sign_in
+    from tests.fixtures.facilitator import facilitator_env
+
+    db = tmp_path / "crash.db"
+    shutil.copyfile(sqlite_template, db)
+    pools = tmp_path / "pools.toml"
+    pools.write_text(X402_POOLS.format(upstream=upstream.url))
+    env = {**facilitator_env(devchain, facilitator), "AGW_DATABASE_URL": f"sqlite:///{db}",
+           "AGW_POOLS_FILE": str(pools), "AGW_SETTLE_WAIT_S": "120", "AGW_RECONCILE_AFTER_S": "5",
+           "AGW_JOB_INTERVAL_S": "0.2", "AGW_AUTO_MIGRATE": "false", "AGW_LOG_LEVEL": "INFO"}
+    port, log = free_port(), tmp_path / "gateway.log"
+    url = f"http://127.0.0.1:{port}"
+    wallet = chain_view.new_wallet()
+    pay_to_before, facilitator_before = chain_view.usdc(devchain.pay_to), nonce_of(devchain, facilitator.address)
+    w3 = devchain.web3()
+    gateway, _ = start_gateway(env, port=port, log=log)
+    w3.provider.make_request("evm_setAutomine", [False])
+    try:
+        outcome: dict = {}
+
+        def buy() -> None:
+            import asyncio
+
+            async def run() -> None:
+                async with x402HttpxClient(official_client(devchain, wallet), base_url=url, timeout=120) as http:
+                    outcome["response"] = await http.post("/api/agent/subscribe-pool", json=ORDER)
+            try:
+                asyncio.run(run())
+            except Exception as exc:  # the gateway dies under this request
+                outcome["error"] = exc
+
+        buyer = threading.Thread(target=buy)
+        buyer.start()
+        # The facilitator's transaction waits in the pool: /settle is in flight, no hash in the ledger.
+        wait_for_pending(devchain, facilitator.address)
+        payment_id, state = _payment_state(db) or (None, None)
+        assert state == "submitted", log.read_text()
+        assert stored_settlement(db, payment_id) == (None, None)
+        gateway.send_signal(signal.SIGKILL)
+        gateway.wait(10)
+        buyer.join(30)
+        assert "response" not in outcome  # the buyer never got its 201
+        w3.provider.make_request("evm_mine", [])
+    finally:
+        if gateway.poll() is None:
+            gateway.kill()
+            gateway.wait(10)
+        w3.provider.make_request("evm_setAutomine", [True])
+    gateway, _ = start_gateway(env, port=port, log=log)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            state = httpx.get(f"{url}/api/agent/payments/{payment_id}").json()["data"]["state"]
+            if state == "delivered":
+                break
+            assert state != "failed" and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)  # waiting for the reconciler, bounded by the deadline
+        mk = sign_in(url, wallet)
+        [sub] = httpx.get(f"{url}/api/subscriptions", headers={"Authorization": f"Bearer {mk}"}).json()["data"]
+        assert sub["status"] == "active" and sub["paymentId"] == payment_id
+        # Charged once, sent once: by the facilitator, never again by anyone.
+        assert chain_view.usdc(devchain.pay_to) == pay_to_before + PRICE
+        assert nonce_of(devchain, facilitator.address) == facilitator_before + 1
+        assert facilitator.count("/settle") == 1
+    finally:
+        gateway.terminate()
+        gateway.wait(10)
+
+
+
+def stored_settlement(db: Path, payment_id: str) -> tuple[str | None, str | None]:
+    """(tx_hash, raw_tx) of a payment, read straight from the ledger."""
+    import sqlite3
+    from contextlib import closing
+
+    with closing(sqlite3.connect(db)) as conn:
+        return conn.execute("SELECT tx_hash, raw_tx FROM payments WHERE id = ?", (payment_id,)).fetchone()

@@ -1,0 +1,193 @@
+"""Attacks and failures in facilitator mode, against a real x402 facilitator (the SDK's own, over
+HTTP) on anvil: replays and forgeries, a facilitator that is down, talks nonsense, loses its answer
+or says "already used", and a front-runner between /verify and /settle. Whatever happens, money
+moves at most once, and the buyer gets the seats exactly when the chain shows it paid."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+from eth_account import Account
+
+from agent_gateway.testing.devchain import start_devchain, token_contract
+from agent_gateway.testing.facilitator import TestFacilitator
+from tests.attacks.conftest import rpc, run_background_pass
+from tests.e2e.test_x402 import ORDER, PRICE
+from tests.fixtures.facilitator import AUTH_HEADER, facilitator_settings
+from tests.fixtures.live import LiveGateway, live_gateway
+from tests.fixtures.x402 import X402_POOLS, ChainView, Wallet, challenge, payment_header, sign_authorization
+
+pytestmark = pytest.mark.anyio
+START_USDC = 100 * 10**6
+
+
+def pay(live: LiveGateway, chain, wallet: Wallet, *, signer_key: str | None = None, **fields) -> str:
+    """A PAYMENT-SIGNATURE header for ORDER against the gateway's own challenge."""
+    with httpx.Client(base_url=live.url) as http:
+        accepted = challenge(http, ORDER)
+    values = {"payer": wallet.address, "to": accepted["payTo"], "value": int(accepted["amount"]), **fields}
+    authorization, signature = sign_authorization(chain, signer_key or wallet.key, **values)
+    return payment_header(accepted, authorization, signature)
+
+
+def post(live: LiveGateway, header: str) -> httpx.Response:
+    return httpx.post(live.url + "/api/agent/subscribe-pool", json=ORDER, headers={"PAYMENT-SIGNATURE": header},
+                      timeout=60)
+
+
+def status(live: LiveGateway, payment_id: str) -> dict:
+    return httpx.get(f"{live.url}/api/agent/payments/{payment_id}", timeout=30).json()["data"]
+
+
+async def test_a_replayed_payment_is_settled_once_sequentially_and_ten_at_once(
+        facilitator_gateway, facilitator, devchain, chain_view):
+    live, wallet = facilitator_gateway, chain_view.new_wallet()
+    pay_to_before = chain_view.usdc(devchain.pay_to)
+    header = pay(live, devchain, wallet)
+    first = post(live, header)
+    assert first.status_code == 201, first.text
+    again = post(live, header)
+    assert again.status_code == 402 and again.json()["error"]["code"] == "payment_already_used"
+    async with httpx.AsyncClient(base_url=live.url, timeout=60) as http:
+        burst = await asyncio.gather(*(http.post("/api/agent/subscribe-pool", json=ORDER,
+                                                 headers={"PAYMENT-SIGNATURE": header}) for _ in range(10)))
+    assert {(r.status_code, r.json()["error"]["code"]) for r in burst} == {(402, "payment_already_used")}
+    assert facilitator.count("/verify") == 1 and facilitator.count("/settle") == 1
+    assert chain_view.usdc(wallet.address) == START_USDC - PRICE
+    assert chain_view.usdc(devchain.pay_to) == pay_to_before + PRICE
+
+
+@pytest.mark.parametrize("case,code", [("forged", "invalid_signature"), ("amount", "wrong_amount"),
+                                       ("pay_to", "wrong_recipient")])
+async def test_forged_payments_never_reach_the_facilitator(facilitator_gateway, facilitator, devchain, chain_view,
+                                                           case, code):
+    live, wallet = facilitator_gateway, chain_view.new_wallet()
+    pay_to_before = chain_view.usdc(devchain.pay_to)
+    changes = {"forged": {"signer_key": Account.create().key.hex()}, "amount": {"value": PRICE - 1},
+               "pay_to": {"to": Account.create().address}}[case]
+    r = post(live, pay(live, devchain, wallet, **changes))
+    assert r.status_code == 402 and r.json()["error"]["code"] == code
+    assert facilitator.count("/verify") == 0 and facilitator.count("/settle") == 0
+    assert chain_view.usdc(wallet.address) == START_USDC
+    assert chain_view.usdc(devchain.pay_to) == pay_to_before
+
+
+async def test_the_facilitators_verify_refusal_moves_nothing_and_frees_the_authorization(
+        facilitator_gateway, facilitator, devchain, chain_view):
+    live = facilitator_gateway
+    broke = chain_view.new_wallet(usdc_atomic=0)
+    header = pay(live, devchain, broke)  # signed correctly, but the payer has no USDC
+    r = post(live, header)
+    assert r.status_code == 402 and r.json()["error"]["code"] == "insufficient_balance", r.text
+    assert facilitator.count("/verify") == 1 and facilitator.count("/settle") == 0
+    # Nothing was claimed for good: once funded, the same authorization buys the seat.
+    devchain.fund(broke.address, PRICE)
+    r = post(live, header)
+    assert r.status_code == 201, r.text
+    assert chain_view.usdc(broke.address) == 0
+
+
+async def test_a_facilitator_that_is_down_is_a_503_and_the_same_payment_works_later(
+        facilitator_gateway, facilitator, devchain, chain_view):
+    live, wallet = facilitator_gateway, chain_view.new_wallet()
+    header = pay(live, devchain, wallet)
+    facilitator.fault = "down"
+    r = post(live, header)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "facilitator_unavailable", r.text
+    assert chain_view.usdc(wallet.address) == START_USDC
+    facilitator.fault = None
+    r = post(live, header)
+    assert r.status_code == 201, r.text
+    assert chain_view.usdc(wallet.address) == START_USDC - PRICE
+
+
+async def test_a_lost_settle_answer_is_finished_from_the_chain_and_never_sent_twice(
+        facilitator_gateway, facilitator, devchain, chain_view):
+    live, wallet = facilitator_gateway, chain_view.new_wallet()
+    pay_to_before, facilitator_nonce = chain_view.usdc(devchain.pay_to), _nonce(devchain, facilitator.address)
+    header = pay(live, devchain, wallet)
+    facilitator.fault, facilitator.fault_paths = "lose_settle_answer", ("/settle",)
+    r = post(live, header)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "facilitator_unavailable", r.text
+    payment_id = r.json()["paymentId"]
+    assert status(live, payment_id)["state"] == "submitted"
+    # The facilitator did settle: the money moved once. The reconciler reads the chain and delivers.
+    assert chain_view.usdc(devchain.pay_to) == pay_to_before + PRICE
+    run_background_pass(live)
+    assert status(live, payment_id)["state"] == "delivered"
+    assert facilitator.count("/settle") == 1 and _nonce(devchain, facilitator.address) == facilitator_nonce + 1
+    assert post(live, header).json()["error"]["code"] == "payment_already_used"
+    assert chain_view.usdc(devchain.pay_to) == pay_to_before + PRICE
+
+
+async def test_a_settle_answered_already_used_is_read_from_the_chain_not_as_a_failure(
+        facilitator_gateway, facilitator, devchain, chain_view):
+    live, wallet = facilitator_gateway, chain_view.new_wallet()
+    facilitator.fault, facilitator.fault_paths = "say_used", ("/settle",)
+    r = post(live, pay(live, devchain, wallet))
+    assert r.status_code == 201, r.text
+    data = r.json()["data"]
+    assert data["subscriptions"][0]["apiKey"].startswith("sk_")
+    assert devchain.web3().eth.get_transaction(data["txHash"])["from"] == facilitator.address
+    assert chain_view.usdc(wallet.address) == START_USDC - PRICE
+
+
+async def test_a_front_runner_between_verify_and_settle_still_pays_for_the_seat(
+        facilitator_gateway, facilitator, devchain, chain_view):
+    live, wallet, attacker = facilitator_gateway, chain_view.new_wallet(), chain_view.new_wallet(usdc_atomic=0)
+    pay_to_before = chain_view.usdc(devchain.pay_to)
+    carried: dict = {}
+
+    def front_run(body: dict) -> None:
+        # The attacker executes the buyer's authorization itself, just before the facilitator does.
+        auth, signature = body["paymentPayload"]["payload"]["authorization"], body["paymentPayload"]["payload"]["signature"]
+        w3 = devchain.web3()
+        call = token_contract(w3, devchain.token).get_function_by_signature(
+            "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,bytes)")(
+            auth["from"], auth["to"], int(auth["value"]), int(auth["validAfter"]), int(auth["validBefore"]),
+            bytes.fromhex(auth["nonce"][2:]), bytes.fromhex(signature[2:]))
+        tx = call.build_transaction({"from": attacker.address, "gas": 200_000, "gasPrice": w3.eth.gas_price,
+                                     "nonce": w3.eth.get_transaction_count(attacker.address, "pending")})
+        sent = w3.eth.send_raw_transaction(Account.sign_transaction(tx, attacker.key).raw_transaction)
+        assert w3.eth.wait_for_transaction_receipt(sent, timeout=30)["status"] == 1
+        carried["tx"] = "0x" + bytes(sent).hex()
+
+    facilitator.before_settle = front_run
+    r = post(live, pay(live, devchain, wallet))
+    assert r.status_code == 201, r.text
+    assert r.json()["data"]["txHash"] == carried["tx"]  # the transaction that really paid
+    assert chain_view.usdc(wallet.address) == START_USDC - PRICE
+    assert chain_view.usdc(devchain.pay_to) == pay_to_before + PRICE
+
+
+def _nonce(chain, address: str) -> int:
+    return chain.web3().eth.get_transaction_count(address)
+
+
+async def test_nonsense_from_the_facilitator_is_a_502_and_an_authorization_that_expires_unused_is_released(
+        tmp_path: Path, sqlite_url: str, upstream):
+    # A chain of its own: the test moves the chain's clock.
+    with start_devchain(agents=0) as chain, \
+            TestFacilitator(chain.rpc_url, chain.facilitator_key, [chain.network], auth_header=AUTH_HEADER) as facilitator, \
+            live_gateway(tmp_path, sqlite_url, upstream, pools=X402_POOLS,
+                         **facilitator_settings(chain, facilitator)) as live:
+        view = ChainView(chain)
+        wallet = view.new_wallet()
+        seats_before = httpx.get(f"{live.url}/api/pools/alpha").json()["data"]["blocks"][0]["availableSeats"]
+        facilitator.fault, facilitator.fault_paths = "nonsense", ("/settle",)
+        r = post(live, pay(live, chain, wallet))
+        assert r.status_code == 502 and r.json()["error"]["code"] == "facilitator_bad_response", r.text
+        payment_id = r.json()["paymentId"]
+        # Maybe sent, as far as the gateway knows: held while the authorization can still be used.
+        run_background_pass(live)
+        assert status(live, payment_id)["state"] == "submitted"
+        rpc(chain, "evm_increaseTime", [3600])
+        rpc(chain, "evm_mine")
+        run_background_pass(live)
+        final = status(live, payment_id)
+        assert final["state"] == "failed" and final["failureReason"] == "authorization_expired", final
+        assert view.usdc(wallet.address) == START_USDC
+        assert httpx.get(f"{live.url}/api/pools/alpha").json()["data"]["blocks"][0]["availableSeats"] == seats_before
