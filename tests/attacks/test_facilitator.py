@@ -104,9 +104,17 @@ async def test_a_facilitator_that_is_down_is_a_503_and_the_same_payment_works_la
     assert chain_view.usdc(wallet.address) == START_USDC - PRICE
 
 
+@pytest.fixture
+def any_db_gateway(tmp_path: Path, database_url: str, upstream, devchain, facilitator):
+    """A facilitator-mode gateway on SQLite and on PostgreSQL (the `submitted` transitions are storage)."""
+    with live_gateway(tmp_path, database_url, upstream, pools=X402_POOLS,
+                      **facilitator_settings(devchain, facilitator)) as live:
+        yield live
+
+
 async def test_a_lost_settle_answer_is_finished_from_the_chain_and_never_sent_twice(
-        facilitator_gateway, facilitator, devchain, chain_view):
-    live, wallet = facilitator_gateway, chain_view.new_wallet()
+        any_db_gateway, facilitator, devchain, chain_view):
+    live, wallet = any_db_gateway, chain_view.new_wallet()
     pay_to_before, facilitator_nonce = chain_view.usdc(devchain.pay_to), _nonce(devchain, facilitator.address)
     header = pay(live, devchain, wallet)
     facilitator.fault, facilitator.fault_paths = "lose_settle_answer", ("/settle",)
@@ -168,11 +176,11 @@ def _nonce(chain, address: str) -> int:
 
 
 async def test_nonsense_from_the_facilitator_is_a_502_and_an_authorization_that_expires_unused_is_released(
-        tmp_path: Path, sqlite_url: str, upstream):
+        tmp_path: Path, database_url: str, upstream):
     # A chain of its own: the test moves the chain's clock.
     with start_devchain(agents=0) as chain, \
             TestFacilitator(chain.rpc_url, chain.facilitator_key, [chain.network], auth_header=AUTH_HEADER) as facilitator, \
-            live_gateway(tmp_path, sqlite_url, upstream, pools=X402_POOLS,
+            live_gateway(tmp_path, database_url, upstream, pools=X402_POOLS,
                          **facilitator_settings(chain, facilitator)) as live:
         view = ChainView(chain)
         wallet = view.new_wallet()
