@@ -12,6 +12,7 @@ from agent_gateway.catalog.pools import Catalog, load_catalog
 from agent_gateway.clock import Clock
 from agent_gateway.db.engine import Database
 from agent_gateway.db.migrate import upgrade_database
+from agent_gateway.errors import GatewayError
 from agent_gateway.jobs.expiry import expire_subscriptions
 from agent_gateway.jobs.runner import JobRunner
 from agent_gateway.keys.lifecycle import KeyLifecycle
@@ -20,7 +21,7 @@ from agent_gateway.metrics import SUBSCRIPTIONS_EXPIRED
 from agent_gateway.payments.chain import ChainAdapter
 from agent_gateway.payments.facilitator import FacilitatorClient
 from agent_gateway.payments.reorgs import ReorgWatch
-from agent_gateway.payments.service import PaymentService
+from agent_gateway.payments.service import FacilitatorMismatch, PaymentService
 from agent_gateway.proxy.directory import KeyDirectory
 from agent_gateway.proxy.leases import Leases, make_leases
 from agent_gateway.proxy.streams import StreamRegistry
@@ -108,7 +109,11 @@ async def run_services(services: Services) -> AsyncIterator[Services]:
         await anyio.to_thread.run_sync(upgrade_database, settings.database_url)
     await ensure_inventory(services.db, services.catalog)
     # Before any traffic: a facilitator that cannot settle on our network stops the start.
-    await services.payments.check_facilitator()
+    try:
+        await services.payments.check_facilitator()
+    except (FacilitatorMismatch, GatewayError) as exc:
+        log.error("agent_gateway not starting: %s", exc)
+        raise
 
     def on_revocation(key_id: str, reason: str) -> None:
         services.directory.forget(key_id)

@@ -299,11 +299,12 @@ class PaymentService:
             return
         kinds = await self.facilitator.supported()
         if (2, "exact", self.network) not in kinds:
-            listed = ", ".join(sorted(f"{scheme} on {network} (v{version})" for version, scheme, network in kinds))
+            usable = ", ".join(sorted(network for version, scheme, network in kinds
+                                      if version == 2 and scheme == "exact")) or "none"
             raise FacilitatorMismatch(
                 f"The x402 facilitator at AGW_FACILITATOR_URL does not support exact payments on {self.network} "
-                f"(x402 v2); its /supported lists: {listed or 'nothing'}. Point AGW_FACILITATOR_URL at a "
-                f"facilitator for this network, or check AGW_CHAIN_ID.")
+                f"(x402 v2); the networks its /supported lists for exact v2: {usable}. Point "
+                f"AGW_FACILITATOR_URL at a facilitator for this network, or check AGW_CHAIN_ID.")
         log.info("x402 facilitator %s settles exact on %s", self.facilitator.url, self.network)
 
     # --- tx hash -------------------------------------------------------------------------

@@ -179,3 +179,25 @@ def stored_settlement(db: Path, payment_id: str) -> tuple[str | None, str | None
 
     with closing(sqlite3.connect(db)) as conn:
         return conn.execute("SELECT tx_hash, raw_tx FROM payments WHERE id = ?", (payment_id,)).fetchone()
+
+
+async def test_serve_refuses_to_start_naming_the_network_the_facilitator_lacks(tmp_path, devchain, sqlite_template):
+    import shutil
+
+    from agent_gateway.testing.processes import start_gateway
+    from tests.fixtures.facilitator import facilitator_env
+
+    db = tmp_path / "refused.db"
+    shutil.copyfile(sqlite_template, db)
+    pools = tmp_path / "pools.toml"
+    pools.write_text(X402_POOLS.format(upstream="http://127.0.0.1:9/v1"))
+    log = tmp_path / "gateway.log"
+    with TestFacilitator(devchain.rpc_url, devchain.facilitator_key, ["eip155:84532"],
+                         auth_header=AUTH_HEADER) as sepolia_only:
+        env = {**facilitator_env(devchain, sepolia_only), "AGW_DATABASE_URL": f"sqlite:///{db}",
+               "AGW_POOLS_FILE": str(pools), "AGW_AUTO_MIGRATE": "false"}
+        with pytest.raises(RuntimeError, match="gateway exited"):
+            start_gateway(env, log=log)
+    said = log.read_text()
+    assert "not starting" in said and "does not support exact payments on eip155:31337" in said
+    assert "eip155:84532" in said and "AGW_FACILITATOR_URL" in said
