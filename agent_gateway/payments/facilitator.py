@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 
 from agent_gateway.errors import GatewayError, ServiceUnavailable, UpstreamError
+from agent_gateway.metrics import FACILITATOR_REQUESTS
 from agent_gateway.payments.wire import ExactPayment
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ class FacilitatorClient:
                     and isinstance(kind.get("scheme"), str) and isinstance(kind.get("network"), str)):
                 raise self._bad("/supported", "a kind without x402Version, scheme and network")
             found.add((kind["x402Version"], kind["scheme"], kind["network"]))
+        FACILITATOR_REQUESTS.labels(endpoint="supported", outcome="ok").inc()
         return found
 
     async def verify(self, payment: ExactPayment, requirements: dict[str, Any],
@@ -122,6 +124,7 @@ class FacilitatorClient:
         valid = body.get("isValid")
         if not isinstance(valid, bool):
             raise self._bad("/verify", "no boolean `isValid`")
+        FACILITATOR_REQUESTS.labels(endpoint="verify", outcome="ok" if valid else "refused").inc()
         return FacilitatorVerdict(valid=valid, reason=_text(body.get("invalidReason")),
                                   message=_text(body.get("invalidMessage")))
 
@@ -135,6 +138,7 @@ class FacilitatorClient:
             raise self._bad("/settle", "`transaction` is not a transaction hash")
         if success and not transaction:
             raise self._bad("/settle", "success without a transaction")
+        FACILITATOR_REQUESTS.labels(endpoint="settle", outcome="ok" if success else "refused").inc()
         return FacilitatorSettlement(success=success, tx_hash=transaction.lower() or None,
                                      reason=_text(body.get("errorReason")), message=_text(body.get("errorMessage")))
 
@@ -144,6 +148,13 @@ class FacilitatorClient:
                 "paymentRequirements": requirements}
 
     async def _call(self, method: str, path: str, json: dict[str, Any] | None = None) -> dict[str, Any]:
+        try:
+            return await self._exchange(method, path, json)
+        except FacilitatorUnavailable:
+            FACILITATOR_REQUESTS.labels(endpoint=path.strip("/"), outcome="unavailable").inc()
+            raise
+
+    async def _exchange(self, method: str, path: str, json: dict[str, Any] | None) -> dict[str, Any]:
         try:
             response = await self._http.request(method, self.url + path, json=json)
         except httpx.ConnectError as exc:
@@ -171,6 +182,7 @@ class FacilitatorClient:
 
     @staticmethod
     def _bad(path: str, what: str, response: httpx.Response | None = None) -> FacilitatorBadAnswer:
+        FACILITATOR_REQUESTS.labels(endpoint=path.strip("/"), outcome="bad_response").inc()
         if response is not None:
             log.warning("facilitator %s answered nonsense (%s): %s", path, what, response.text[:_EXCERPT_CHARS])
         return FacilitatorBadAnswer(f"The x402 facilitator's answer to {path} is unusable ({what}).")

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from eth_account import Account
+from prometheus_client import REGISTRY
 
 from agent_gateway.testing.devchain import start_devchain, token_contract
 from agent_gateway.testing.facilitator import TestFacilitator
@@ -36,6 +37,11 @@ def pay(live: LiveGateway, chain, wallet: Wallet, *, signer_key: str | None = No
 def post(live: LiveGateway, header: str) -> httpx.Response:
     return httpx.post(live.url + "/api/agent/subscribe-pool", json=ORDER, headers={"PAYMENT-SIGNATURE": header},
                       timeout=60)
+
+
+def facilitator_requests(endpoint: str, outcome: str) -> float:
+    return REGISTRY.get_sample_value("agw_facilitator_requests_total",
+                                     {"endpoint": endpoint, "outcome": outcome}) or 0.0
 
 
 def status(live: LiveGateway, payment_id: str) -> dict:
@@ -118,7 +124,9 @@ async def test_a_lost_settle_answer_is_finished_from_the_chain_and_never_sent_tw
     pay_to_before, facilitator_nonce = chain_view.usdc(devchain.pay_to), _nonce(devchain, facilitator.address)
     header = pay(live, devchain, wallet)
     facilitator.fault, facilitator.fault_paths = "lose_settle_answer", ("/settle",)
+    lost_before = facilitator_requests("settle", "unavailable")
     r = post(live, header)
+    assert facilitator_requests("settle", "unavailable") == lost_before + 1
     assert r.status_code == 503 and r.json()["error"]["code"] == "facilitator_unavailable", r.text
     payment_id = r.json()["paymentId"]
     assert status(live, payment_id)["state"] == "submitted"
@@ -186,8 +194,10 @@ async def test_nonsense_from_the_facilitator_is_a_502_and_an_authorization_that_
         wallet = view.new_wallet()
         seats_before = httpx.get(f"{live.url}/api/pools/alpha").json()["data"]["blocks"][0]["availableSeats"]
         facilitator.fault, facilitator.fault_paths = "nonsense", ("/settle",)
+        nonsense_before = facilitator_requests("settle", "bad_response")
         r = post(live, pay(live, chain, wallet))
         assert r.status_code == 502 and r.json()["error"]["code"] == "facilitator_bad_response", r.text
+        assert facilitator_requests("settle", "bad_response") == nonsense_before + 1
         payment_id = r.json()["paymentId"]
         # Maybe sent, as far as the gateway knows: held while the authorization can still be used.
         run_background_pass(live)
