@@ -209,3 +209,43 @@ async def test_nonsense_from_the_facilitator_is_a_502_and_an_authorization_that_
         assert final["state"] == "failed" and final["failureReason"] == "authorization_expired", final
         assert view.usdc(wallet.address) == START_USDC
         assert httpx.get(f"{live.url}/api/pools/alpha").json()["data"]["blocks"][0]["availableSeats"] == seats_before
+
+
+async def test_a_settlement_the_facilitator_calls_pending_is_followed_by_its_hash(
+        tmp_path: Path, sqlite_url: str, upstream, devchain, chain_view):
+    import threading
+    import time
+
+    from tests.attacks.conftest import wait_for_pending
+    from tests.e2e.test_x402_recovery import _payment_state
+
+    # A facilitator that gives up waiting for the receipt at once: it answers `settlement_pending`
+    # with the hash of the transaction it sent (success false), as it would on a slow chain.
+    with TestFacilitator(devchain.rpc_url, devchain.facilitator_key, [devchain.network], auth_header=AUTH_HEADER,
+                         confirmation_timeout_s=0.2) as impatient, \
+            live_gateway(tmp_path, sqlite_url, upstream, pools=X402_POOLS,
+                         **facilitator_settings(devchain, impatient, settle_wait_s=60)) as live:
+        wallet = chain_view.new_wallet()
+        header = pay(live, devchain, wallet)
+        w3 = devchain.web3()
+        outcome: dict = {}
+        refused_before = facilitator_requests("settle", "refused")
+        w3.provider.make_request("evm_setAutomine", [False])
+        try:
+            buyer = threading.Thread(target=lambda: outcome.update(response=post(live, header)))
+            buyer.start()
+            pending = wait_for_pending(devchain, impatient.address)
+            db = Path(sqlite_url.removeprefix("sqlite:///"))
+            deadline = time.monotonic() + 30
+            while (_payment_state(db) or (None, None))[1] != "broadcast":
+                assert time.monotonic() < deadline, "the facilitator's pending answer never moved the payment on"
+                time.sleep(0.02)  # polling the ledger, bounded by the deadline
+            rpc(devchain, "evm_mine")
+            buyer.join(60)
+        finally:
+            w3.provider.make_request("evm_setAutomine", [True])
+    r = outcome["response"]
+    assert r.status_code == 201, r.text
+    assert facilitator_requests("settle", "refused") == refused_before + 1  # success false, with the hash
+    assert r.json()["data"]["txHash"] == pending["hash"]
+    assert chain_view.usdc(wallet.address) == START_USDC - PRICE
