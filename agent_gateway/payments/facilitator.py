@@ -188,5 +188,24 @@ class FacilitatorClient:
         return FacilitatorBadAnswer(f"The x402 facilitator's answer to {path} is unusable ({what}).")
 
 
+# The x402 SDK's reasons for a refused /verify that have a reason code of our own
+# (payments.rules.REASONS), so a buyer reads the same code in both modes.
+_OUR_REASONS = {
+    "insufficient_funds": "insufficient_balance",
+    "invalid_exact_evm_insufficient_balance": "insufficient_balance",
+    "invalid_exact_evm_nonce_already_used": "nonce_already_used",
+    "invalid_exact_evm_payload_signature": "invalid_signature",
+    "invalid_exact_evm_payload_authorization_valid_before": "expired",
+    "invalid_exact_evm_payload_authorization_valid_after": "not_yet_valid",
+    "invalid_exact_evm_payload_recipient_mismatch": "wrong_recipient",
+    "invalid_exact_evm_payload_authorization_value_mismatch": "wrong_amount",
+}
+
+
+def our_reason(facilitator_reason: str | None) -> str | None:
+    """Our reason code for a facilitator's refusal reason, or None when we have none for it."""
+    return _OUR_REASONS.get(facilitator_reason or "")
+
+
 def _text(value: object) -> str | None:
     return value[:200] if isinstance(value, str) and value else None

@@ -27,7 +27,7 @@ from agent_gateway.errors import Conflict, GatewayError, PaymentRequired, Servic
 from agent_gateway.payments import ledger
 from agent_gateway.money import format_usdc
 from agent_gateway.payments.chain import ChainAdapter, Receipt, SettlementWouldRevert
-from agent_gateway.payments.facilitator import ConnectFailed, FacilitatorClient, FacilitatorError
+from agent_gateway.payments.facilitator import ConnectFailed, FacilitatorClient, FacilitatorError, our_reason
 from agent_gateway.payments.ledger import Claim, Delivery
 from agent_gateway.payments.networks import chain_defaults
 from agent_gateway.payments.rules import check_chain_facts, check_payment, reason_message
@@ -242,7 +242,7 @@ class PaymentService:
         assert self.facilitator is not None
         verdict = await self.facilitator.verify(payment, offer.requirements(), offer.resource_url)
         if not verdict.valid:
-            code = _FACILITATOR_REASONS.get(verdict.reason or "")
+            code = our_reason(verdict.reason)
             log.info("payment %s: the facilitator refused it: %s %s", row.id, verdict.reason, verdict.message or "")
             said = f"The x402 facilitator refused the payment ({verdict.reason or 'no reason given'})."
             raise PaymentRequired(f"{reason_message(code)} {said}" if code else said,
@@ -284,14 +284,6 @@ class PaymentService:
         log.info("payment %s: /settle refused it: %s %s", payment_id, answer.reason, answer.message or "")
         return await self.settle_by_authorization(await ledger.load_payment(self.db, payment_id),
                                                   "settlement_refused", mint_keys=True)
-
-    def requirements_of(self, payment: Payment) -> dict[str, object]:
-        """The requirements a stored x402 payment was made against (its offer, minus the resource)."""
-        terms = self.terms
-        return Offer(scheme="exact", network=payment.network, amount_atomic=payment.amount_atomic,
-                     asset=terms.usdc_address, pay_to=terms.pay_to, max_timeout_s=self.settings.payment_timeout_s,
-                     token_name=terms.usdc_name, token_version=terms.usdc_version, resource_url="",
-                     description="").requirements()
 
     async def check_facilitator(self) -> None:
         """At start: the facilitator must settle `exact` on our network (x402 v2), or we do not serve."""
@@ -647,16 +639,4 @@ _UNSETTLED = {
     "transfer_mismatch": "The transaction the x402 facilitator named does not carry this payment.",
     "settlement_would_fail": "The settlement could not be sent again: it would revert.",
     "authorization_expired": "The authorization expired before the settlement was mined.",
-}
-
-# The x402 SDK's reasons for a refused /verify, as our own reason codes (payments.rules.REASONS).
-_FACILITATOR_REASONS = {
-    "insufficient_funds": "insufficient_balance",
-    "invalid_exact_evm_insufficient_balance": "insufficient_balance",
-    "invalid_exact_evm_nonce_already_used": "nonce_already_used",
-    "invalid_exact_evm_payload_signature": "invalid_signature",
-    "invalid_exact_evm_payload_authorization_valid_before": "expired",
-    "invalid_exact_evm_payload_authorization_valid_after": "not_yet_valid",
-    "invalid_exact_evm_payload_recipient_mismatch": "wrong_recipient",
-    "invalid_exact_evm_payload_authorization_value_mismatch": "wrong_amount",
 }
