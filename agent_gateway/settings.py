@@ -149,6 +149,8 @@ class Settings(BaseSettings):
         missing = [f"AGW_{name.upper().replace(' OR ', ' or AGW_')}" for name, value in chain.items() if value is None]
         if missing and len(missing) < len(chain):
             raise ValueError(f"x402 payments need every chain setting; missing {', '.join(missing)}")
+        if self.facilitator_auth_header is not None and self.facilitator_url is None:
+            raise ValueError("AGW_FACILITATOR_AUTH_HEADER is set but AGW_FACILITATOR_URL is not")
         if self.relayer_key is not None and self.facilitator_url is not None:
             raise ValueError("set either AGW_RELAYER_KEY (settle with the own relayer) or AGW_FACILITATOR_URL "
                              "(settle through an x402 facilitator), not both")

@@ -63,3 +63,5 @@ def test_a_malformed_facilitator_setting_is_named_and_its_secret_never_echoed():
         assert "AGW_FACILITATOR_AUTH_HEADER" in str(refused.value) and "s3cret" not in str(refused.value)
     with pytest.raises(ValidationError, match="http:// or https://"):
         Settings(_env_file=None, **CHAIN, facilitator_url="facilitator.example")
+    with pytest.raises(ValidationError, match="AGW_FACILITATOR_URL is not"):
+        Settings(_env_file=None, **CHAIN, relayer_key="0x" + "33" * 32, facilitator_auth_header="X-Key: s3cret")
