@@ -30,7 +30,11 @@ _EXCERPT_CHARS = 200
 
 
 class FacilitatorError(GatewayError):
-    """The facilitator could not give an answer we can use."""
+    """The facilitator could not give an answer we can use; `detail` says how, in a few words."""
+
+    def __init__(self, message: str, *, detail: str) -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 class FacilitatorUnavailable(FacilitatorError, ServiceUnavailable):
@@ -159,15 +163,15 @@ class FacilitatorClient:
             response = await self._http.request(method, self.url + path, json=json)
         except httpx.ConnectError as exc:
             raise ConnectFailed(f"The x402 facilitator is unreachable ({path}: {type(exc).__name__}); "
-                                "retry in a moment.") from exc
+                                "retry in a moment.", detail=type(exc).__name__) from exc
         except httpx.HTTPError as exc:
             raise FacilitatorUnavailable(f"The x402 facilitator did not answer {path} ({type(exc).__name__}); "
-                                         "retry in a moment.") from exc
+                                         "retry in a moment.", detail=type(exc).__name__) from exc
         if response.status_code >= 500 or response.status_code in (401, 403, 429):
             log.warning("facilitator %s answered %d: %s", path, response.status_code,
                         response.text[:_EXCERPT_CHARS])
             raise FacilitatorUnavailable(f"The x402 facilitator answered {path} with HTTP {response.status_code}; "
-                                         "retry in a moment.")
+                                         "retry in a moment.", detail=f"HTTP {response.status_code}")
         # The x402 SDK's facilitators answer a refused payment with 200 (isValid/success false);
         # others use 400 with the same body, so any 2xx or 400 body is read.
         if not (200 <= response.status_code < 300 or response.status_code == 400):
@@ -185,7 +189,7 @@ class FacilitatorClient:
         FACILITATOR_REQUESTS.labels(endpoint=path.strip("/"), outcome="bad_response").inc()
         if response is not None:
             log.warning("facilitator %s answered nonsense (%s): %s", path, what, response.text[:_EXCERPT_CHARS])
-        return FacilitatorBadAnswer(f"The x402 facilitator's answer to {path} is unusable ({what}).")
+        return FacilitatorBadAnswer(f"The x402 facilitator's answer to {path} is unusable ({what}).", detail=what)
 
 
 # The x402 SDK's reasons for a refused /verify that have a reason code of our own

@@ -269,8 +269,10 @@ class PaymentService:
             log.warning("payment %s: /settle gave no usable answer (%s); left for the reconciler",
                         payment_id, exc.code)
             exc.extra = {**exc.extra, "paymentId": payment_id, "poll": f"/api/agent/payments/{payment_id}"}
-            exc.message += (f" Payment {payment_id} may still settle: poll /api/agent/payments/{payment_id}; "
-                            "it is delivered if the transfer happens, and released if the authorization expires unused.")
+            exc.message = (f"The x402 facilitator gave no usable answer to /settle ({exc.detail}). "
+                           f"Payment {payment_id} may still settle: do not pay again, poll "
+                           f"/api/agent/payments/{payment_id}. It is delivered if the transfer happens (sign in "
+                           "with the paying wallet for its keys), and released if the authorization expires unused.")
             raise
         if answer.tx_hash is not None:
             # Whatever `success` says: a transaction that reverted, or one still pending, is judged
