@@ -25,7 +25,8 @@ from agent_gateway.testing.server import ServerThread
 #   nonsense             every call answers 200 with a body that is not the API's JSON
 #   lose_settle_answer   /settle settles for real, then answers 502 (the answer is lost)
 #   say_used             /settle settles for real, then answers "nonce already used", no hash
-FAULTS = ("down", "nonsense", "lose_settle_answer", "say_used")
+#   wrong_hash           /settle settles for real, then answers success naming a made-up hash
+FAULTS = ("down", "nonsense", "lose_settle_answer", "say_used", "wrong_hash")
 
 
 class TestFacilitator:
@@ -138,6 +139,9 @@ class TestFacilitator:
         if fault == "say_used":
             return JSONResponse({"success": False, "errorReason": "invalid_exact_evm_nonce_already_used",
                                  "transaction": "", "network": result.network, "payer": result.payer})
+        if fault == "wrong_hash":
+            return JSONResponse({"success": True, "transaction": "0x" + "5a" * 32, "network": result.network,
+                                 "payer": result.payer})
         return JSONResponse(result.model_dump(by_alias=True, exclude_none=True))
 
     @staticmethod

@@ -151,6 +151,25 @@ async def test_a_settle_answered_already_used_is_read_from_the_chain_not_as_a_fa
     assert chain_view.usdc(wallet.address) == START_USDC - PRICE
 
 
+async def test_a_made_up_transaction_hash_is_not_believed_and_the_real_transfer_is_found(
+        tmp_path: Path, sqlite_url: str, upstream, devchain, facilitator, chain_view):
+    with live_gateway(tmp_path, sqlite_url, upstream, pools=X402_POOLS,
+                      **facilitator_settings(devchain, facilitator, settle_wait_s=0.5)) as live:
+        wallet = chain_view.new_wallet()
+        facilitator.fault, facilitator.fault_paths = "wrong_hash", ("/settle",)
+        r = post(live, pay(live, devchain, wallet))
+        # No receipt for the named hash: the buyer is told to poll, nothing is delivered on its word.
+        assert r.status_code == 202, r.text
+        payment_id = r.json()["data"]["paymentId"]
+        assert status(live, payment_id)["state"] == "broadcast"
+        run_background_pass(live)
+        final = status(live, payment_id)
+        assert final["state"] == "delivered", final
+        assert final["txHash"] != "0x" + "5a" * 32
+        assert devchain.web3().eth.get_transaction(final["txHash"])["from"] == facilitator.address
+        assert chain_view.usdc(wallet.address) == START_USDC - PRICE
+
+
 async def test_a_front_runner_between_verify_and_settle_still_pays_for_the_seat(
         facilitator_gateway, facilitator, devchain, chain_view):
     live, wallet, attacker = facilitator_gateway, chain_view.new_wallet(), chain_view.new_wallet(usdc_atomic=0)
