@@ -26,7 +26,8 @@ from agent_gateway.testing.server import ServerThread
 #   lose_settle_answer   /settle settles for real, then answers 502 (the answer is lost)
 #   say_used             /settle settles for real, then answers "nonce already used", no hash
 #   wrong_hash           /settle settles for real, then answers success naming a made-up hash
-FAULTS = ("down", "nonsense", "lose_settle_answer", "say_used", "wrong_hash")
+#   refuse_settle        /settle sends nothing and answers failure, no hash
+FAULTS = ("down", "nonsense", "lose_settle_answer", "say_used", "wrong_hash", "refuse_settle")
 
 
 class TestFacilitator:
@@ -127,6 +128,9 @@ class TestFacilitator:
         body = json.loads(await request.body())
         payload, requirements = await self._body(request)
         fault = self.fault if "/settle" in self.fault_paths else None
+        if fault == "refuse_settle":
+            return JSONResponse({"success": False, "errorReason": "unexpected_settle_error", "transaction": "",
+                                 "network": requirements.network})
 
         def settle() -> Any:
             if self.before_settle is not None:

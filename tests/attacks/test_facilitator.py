@@ -151,6 +151,19 @@ async def test_a_settle_answered_already_used_is_read_from_the_chain_not_as_a_fa
     assert chain_view.usdc(wallet.address) == START_USDC - PRICE
 
 
+async def test_a_settle_refused_with_the_authorization_unused_charges_nothing_and_frees_it(
+        facilitator_gateway, facilitator, devchain, chain_view):
+    live, wallet = facilitator_gateway, chain_view.new_wallet()
+    header = pay(live, devchain, wallet)
+    facilitator.fault, facilitator.fault_paths = "refuse_settle", ("/settle",)
+    r = post(live, header)
+    assert r.status_code == 402 and r.json()["error"]["code"] == "settlement_refused", r.text
+    assert chain_view.usdc(wallet.address) == START_USDC
+    facilitator.fault = None
+    r = post(live, header)
+    assert r.status_code == 201, r.text
+
+
 async def test_a_made_up_transaction_hash_is_not_believed_and_the_real_transfer_is_found(
         tmp_path: Path, sqlite_url: str, upstream, devchain, facilitator, chain_view):
     with live_gateway(tmp_path, sqlite_url, upstream, pools=X402_POOLS,
