@@ -136,17 +136,18 @@ class Settings(BaseSettings):
     _chain: ChainSettings | None = PrivateAttr(default=None)
 
     @field_validator("redis_url", "chain_rpc_url", "chain_id", "usdc_address", "pay_to", "relayer_key",
-                     "facilitator_url", "facilitator_auth_header", "session_secret", "public_url", "metrics_token", "confirmations",
-                     "reorg_horizon_blocks", mode="before")
+                     "facilitator_url", "facilitator_auth_header", "session_secret", "public_url", "metrics_token",
+                     "confirmations", "reorg_horizon_blocks", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
 
     @model_validator(mode="after")
     def _chain_all_or_nothing(self) -> Settings:
-        chain = {"chain_rpc_url": self.chain_rpc_url, "chain_id": self.chain_id, "usdc_address": self.usdc_address,
-                 "pay_to": self.pay_to, "relayer_key or facilitator_url": self.relayer_key or self.facilitator_url}
-        missing = [f"AGW_{name.upper().replace(' OR ', ' or AGW_')}" for name, value in chain.items() if value is None]
+        chain = {"AGW_CHAIN_RPC_URL": self.chain_rpc_url, "AGW_CHAIN_ID": self.chain_id,
+                 "AGW_USDC_ADDRESS": self.usdc_address, "AGW_PAY_TO": self.pay_to,
+                 "AGW_RELAYER_KEY or AGW_FACILITATOR_URL": self.relayer_key or self.facilitator_url}
+        missing = [name for name, value in chain.items() if value is None]
         if missing and len(missing) < len(chain):
             raise ValueError(f"x402 payments need every chain setting; missing {', '.join(missing)}")
         if self.facilitator_auth_header is not None and self.facilitator_url is None:
@@ -238,7 +239,8 @@ _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
 def _auth_header(line: str | None) -> tuple[str, str] | None:
-    """"Name: value" -> (name, value); ValueError naming the setting (never its secret value)."""
+    """Parse the header line `Name: value` into (name, value); a ValueError names the setting, never
+    its value (a secret)."""
     if line is None:
         return None
     name, sep, value = line.partition(":")
