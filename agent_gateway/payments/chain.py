@@ -14,6 +14,7 @@ from typing import Any, TypeVar, cast
 from aiohttp import ClientError, ClientTimeout
 from eth_abi import decode as abi_decode
 from eth_account import Account
+from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress, HexStr
 from eth_utils import keccak, to_checksum_address
 from web3 import AsyncHTTPProvider, AsyncWeb3
@@ -176,7 +177,7 @@ class ChainAdapter:
         self._holes: set[int] = set()  # relayer nonces handed out, then released unsent
 
     @property
-    def _relayer(self) -> Any:
+    def _relayer(self) -> LocalAccount:
         if self._relayer_account is None:
             raise RuntimeError("this chain adapter has no relayer key: settlements go through the facilitator")
         return self._relayer_account
