@@ -35,7 +35,7 @@ class ChainSettings(BaseModel):
     facilitator_url: str | None = None
     # (name, value) of the header sent with every facilitator request; a secret, like the key.
     facilitator_auth_header: tuple[str, str] | None = Field(default=None, repr=False)
-    facilitator_timeout_s: float = 60.0
+    facilitator_timeout_s: float = 30.0
 
     @property
     def network(self) -> str:
@@ -120,7 +120,7 @@ class Settings(BaseSettings):
     # facilitator request: "Name: value", e.g. "Authorization: Bearer <token>".
     facilitator_url: str | None = None
     facilitator_auth_header: str | None = Field(default=None, repr=False)
-    facilitator_timeout_s: float = Field(default=60.0, gt=0)
+    facilitator_timeout_s: float = Field(default=30.0, gt=0)
     # Confirmations before delivery, and the depth after which a delivered payment is final (no
     # more reorg checks). Unset: the defaults for the chain id (payments.networks).
     confirmations: int | None = Field(default=None, ge=1)

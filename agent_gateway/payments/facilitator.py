@@ -93,7 +93,7 @@ def payment_payload(payment: ExactPayment, requirements: dict[str, Any], resourc
 class FacilitatorClient:
     """One facilitator, one static auth header (sent with every request), one connection pool."""
 
-    def __init__(self, url: str, *, auth_header: tuple[str, str] | None = None, timeout_s: float = 60.0,
+    def __init__(self, url: str, *, auth_header: tuple[str, str] | None = None, timeout_s: float = 30.0,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.url = url.rstrip("/")
         headers = {"Accept": "application/json"}
