@@ -39,6 +39,10 @@ def post(live: LiveGateway, header: str) -> httpx.Response:
                       timeout=60)
 
 
+def _nonce(chain, address: str) -> int:
+    return chain.web3().eth.get_transaction_count(address)
+
+
 def facilitator_requests(endpoint: str, outcome: str) -> float:
     return REGISTRY.get_sample_value("agw_facilitator_requests_total",
                                      {"endpoint": endpoint, "outcome": outcome}) or 0.0
@@ -209,10 +213,6 @@ async def test_a_front_runner_between_verify_and_settle_still_pays_for_the_seat(
     assert r.json()["data"]["txHash"] == carried["tx"]  # the transaction that really paid
     assert chain_view.usdc(wallet.address) == START_USDC - PRICE
     assert chain_view.usdc(devchain.pay_to) == pay_to_before + PRICE
-
-
-def _nonce(chain, address: str) -> int:
-    return chain.web3().eth.get_transaction_count(address)
 
 
 async def test_nonsense_from_the_facilitator_is_a_502_and_an_authorization_that_expires_unused_is_released(

@@ -6,6 +6,12 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
+import signal
+import sqlite3
+import threading
+import time
+from contextlib import closing
 from pathlib import Path
 
 import httpx
@@ -18,8 +24,11 @@ from agent_gateway.payments.facilitator import FacilitatorUnavailable
 from agent_gateway.payments.service import FacilitatorMismatch
 from agent_gateway.settings import Settings
 from agent_gateway.testing.facilitator import TestFacilitator
+from agent_gateway.testing.processes import free_port, start_gateway
+from tests.attacks.conftest import wait_for_pending
 from tests.e2e.test_x402 import ORDER, PRICE, official_client
-from tests.fixtures.facilitator import AUTH_HEADER, facilitator_settings
+from tests.e2e.test_x402_recovery import _payment_state, sign_in
+from tests.fixtures.facilitator import AUTH_HEADER, facilitator_env, facilitator_settings
 from tests.fixtures.x402 import X402_POOLS
 
 pytestmark = pytest.mark.anyio
@@ -95,16 +104,6 @@ async def test_the_auth_header_reaches_the_facilitator_and_nothing_else_is_neede
 
 async def test_a_gateway_killed_while_settle_is_in_flight_delivers_after_restart(
         tmp_path, upstream, devchain, chain_view, sqlite_template, facilitator):
-    import shutil
-    import signal
-    import threading
-    import time
-
-    from agent_gateway.testing.processes import free_port, start_gateway
-    from tests.attacks.conftest import wait_for_pending
-    from tests.e2e.test_x402_recovery import _payment_state, sign_in
-    from tests.fixtures.facilitator import facilitator_env
-
     db = tmp_path / "crash.db"
     shutil.copyfile(sqlite_template, db)
     pools = tmp_path / "pools.toml"
@@ -174,19 +173,11 @@ async def test_a_gateway_killed_while_settle_is_in_flight_delivers_after_restart
 
 def stored_settlement(db: Path, payment_id: str) -> tuple[str | None, str | None]:
     """(tx_hash, raw_tx) of a payment, read straight from the ledger."""
-    import sqlite3
-    from contextlib import closing
-
     with closing(sqlite3.connect(db)) as conn:
         return conn.execute("SELECT tx_hash, raw_tx FROM payments WHERE id = ?", (payment_id,)).fetchone()
 
 
 async def test_serve_refuses_to_start_naming_the_network_the_facilitator_lacks(tmp_path, devchain, sqlite_template):
-    import shutil
-
-    from agent_gateway.testing.processes import start_gateway
-    from tests.fixtures.facilitator import facilitator_env
-
     db = tmp_path / "refused.db"
     shutil.copyfile(sqlite_template, db)
     pools = tmp_path / "pools.toml"
