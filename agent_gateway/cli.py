@@ -227,14 +227,14 @@ def _pools_check(args: argparse.Namespace, settings: Settings) -> int:
 def _chain_check(args: argparse.Namespace, settings: Settings) -> int:
     from urllib.parse import urlsplit
 
-    from agent_gateway.lifespan import chain_adapter_for
+    from agent_gateway.lifespan import chain_adapter_for, facilitator_for
     from agent_gateway.networks import chain_defaults
     from agent_gateway.payments.checks import CheckStatus, run_chain_checks
 
     chain, adapter = settings.chain, chain_adapter_for(settings)
     if chain is None or adapter is None:
         print("agent-gateway: payments are off: set AGW_NETWORK or AGW_CHAIN_ID, and AGW_CHAIN_RPC_URL, "
-              "AGW_PAY_TO, AGW_RELAYER_KEY (see .env.example)", file=sys.stderr)
+              "AGW_PAY_TO, and AGW_RELAYER_KEY or AGW_FACILITATOR_URL (see .env.example)", file=sys.stderr)
         return 2
     rpc = urlsplit(chain.rpc_url)  # scheme and host only: hosted RPC URLs carry an API key
     confirmations = settings.confirmations or chain_defaults(chain.chain_id).confirmations
@@ -244,11 +244,15 @@ def _chain_check(args: argparse.Namespace, settings: Settings) -> int:
         print(f"note  {line}")
 
     async def run() -> int:
+        facilitator = facilitator_for(settings)
         try:
-            report = await run_chain_checks(chain, adapter, own_settlement=True,
-                                            warn_settlements=settings.relayer_warn_settlements)
+            report = await run_chain_checks(chain, adapter, own_settlement=facilitator is None,
+                                            warn_settlements=settings.relayer_warn_settlements,
+                                            facilitator=facilitator)
         finally:
             await adapter.close()
+            if facilitator is not None:
+                await facilitator.close()
         for check in report.checks:
             print(check.line())
         warnings = sum(check.status is CheckStatus.WARN for check in report.checks)

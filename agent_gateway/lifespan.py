@@ -12,6 +12,7 @@ from agent_gateway.catalog.pools import Catalog, load_catalog
 from agent_gateway.clock import Clock
 from agent_gateway.db.engine import Database
 from agent_gateway.db.migrate import upgrade_database
+from agent_gateway.errors import GatewayError
 from agent_gateway.jobs.expiry import expire_subscriptions
 from agent_gateway.jobs.runner import JobRunner, Pass
 from agent_gateway.keys.lifecycle import KeyLifecycle
@@ -19,8 +20,9 @@ from agent_gateway.keys.revocation import RESTORED, KeyRevoker, make_revocation_
 from agent_gateway.metrics import SUBSCRIPTIONS_EXPIRED
 from agent_gateway.payments.chain import ChainAdapter
 from agent_gateway.payments.checks import RelayerGasWatch, verify_chain
+from agent_gateway.payments.facilitator import FacilitatorClient
 from agent_gateway.payments.reorgs import ReorgWatch
-from agent_gateway.payments.service import PaymentService
+from agent_gateway.payments.service import FacilitatorMismatch, PaymentService
 from agent_gateway.proxy.directory import KeyDirectory
 from agent_gateway.proxy.leases import Leases, make_leases
 from agent_gateway.proxy.streams import StreamRegistry
@@ -54,7 +56,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         kind=settings.upstream_client,
     )
 
-    payments = PaymentService(settings, db, clock, catalog, chain_adapter_for(settings))
+    payments = PaymentService(settings, db, clock, catalog, chain_adapter_for(settings), facilitator_for(settings))
 
     keys = KeyLifecycle(db, clock, revoker)
 
@@ -70,7 +72,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
             await keys.end_revoked_keys(revocation.key_ids, "payment_revoked")
 
     passes: dict[str, Pass] = {"expiry": expiry_pass, "payments": payments.reconcile, "reorgs": reorg_pass}
-    if payments.chain is not None:  # own settlement: the relayer's gas, into /metrics
+    if payments.chain is not None and payments.facilitator is None:  # own settlement: the relayer's gas, into /metrics
         passes["relayer_gas"] = RelayerGasWatch(payments.chain, settings.relayer_warn_settlements)
     return Services(
         settings=settings, clock=clock, db=db, catalog=catalog, usage=usage,
@@ -91,6 +93,15 @@ def chain_adapter_for(settings: Settings) -> ChainAdapter | None:
     return ChainAdapter(chain.rpc_url, chain.chain_id, chain.usdc_address, chain.relayer_key)
 
 
+def facilitator_for(settings: Settings) -> FacilitatorClient | None:
+    """The x402 facilitator client when payments settle through one (AGW_FACILITATOR_URL)."""
+    chain = settings.chain
+    if chain is None or chain.facilitator_url is None:
+        return None
+    return FacilitatorClient(chain.facilitator_url, auth_header=chain.facilitator_auth_header,
+                             timeout_s=chain.facilitator_timeout_s)
+
+
 @asynccontextmanager
 async def run_services(services: Services) -> AsyncIterator[Services]:
     settings = services.settings
@@ -98,7 +109,8 @@ async def run_services(services: Services) -> AsyncIterator[Services]:
         # Payments on: refuse to start on a chain, token or relayer that does not match the settings.
         for line in settings.preset_overrides:
             log.warning("%s", line)
-        await verify_chain(settings.chain, services.payments.chain, own_settlement=True,
+        await verify_chain(settings.chain, services.payments.chain,
+                           own_settlement=services.payments.facilitator is None,
                            warn_settlements=settings.relayer_warn_settlements)
     if settings.auto_migrate:
         # Alembic is synchronous; run it before the server takes traffic.
@@ -106,6 +118,12 @@ async def run_services(services: Services) -> AsyncIterator[Services]:
 
         await anyio.to_thread.run_sync(upgrade_database, settings.database_url)
     await ensure_inventory(services.db, services.catalog)
+    # Before any traffic: a facilitator that cannot settle on our network stops the start.
+    try:
+        await services.payments.check_facilitator()
+    except (FacilitatorMismatch, GatewayError) as exc:
+        log.error("agent_gateway not starting: %s", exc)
+        raise
 
     def on_revocation(key_id: str, reason: str) -> None:
         services.directory.forget(key_id)
@@ -135,6 +153,8 @@ async def run_services(services: Services) -> AsyncIterator[Services]:
         await services.attempts.close()
         if services.payments.chain is not None:
             await services.payments.chain.close()
+        if services.payments.facilitator is not None:
+            await services.payments.facilitator.close()
         await services.db.dispose()
         log.info("agent_gateway stopped")
 

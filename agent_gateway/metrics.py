@@ -28,6 +28,12 @@ PAYMENTS_REVOKED = Counter(
     "Delivered or credited payments revoked because their transfer was reorganised away for good, by reason.",
     ["reason"],
 )
+FACILITATOR_REQUESTS = Counter(
+    "agw_facilitator_requests_total",
+    "Requests to the x402 facilitator by endpoint (verify, settle, supported) and outcome (ok, refused, "
+    "unavailable, bad_response).",
+    ["endpoint", "outcome"],
+)
 CONNECTIONS_REFUSED = Counter("agw_connections_refused_total",
                               "New connections closed at once because the process had AGW_MAX_CONNECTIONS open.")
 SLOW_HEADERS_CLOSED = Counter("agw_slow_headers_closed_total",

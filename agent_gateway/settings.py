@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -20,7 +21,8 @@ class ChainSettings(BaseModel):
     """The chain x402 payments settle on, present as a whole or absent (then payments are off).
 
     Built once from the flat AGW_* chain variables, after AGW_NETWORK's preset filled the ones left
-    unset. Settlement is by our own relayer key today; a facilitator URL would be its alternative."""
+    unset. Settlement is by our own relayer key or through an x402 facilitator (exactly one of the
+    two)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -30,7 +32,11 @@ class ChainSettings(BaseModel):
     usdc_name: str
     usdc_version: str
     pay_to: str
-    relayer_key: str = Field(repr=False)  # a private key: never in a repr or a log
+    relayer_key: str | None = Field(default=None, repr=False)  # a private key: never in a repr or a log
+    facilitator_url: str | None = None
+    # (name, value) of the header sent with every facilitator request; a secret, like the key.
+    facilitator_auth_header: tuple[str, str] | None = Field(default=None, repr=False)
+    facilitator_timeout_s: float = 30.0
 
     @property
     def network(self) -> str:
@@ -42,7 +48,9 @@ class Settings(BaseSettings):
     """Read from `AGW_*` environment variables and, when present, a `.env` file."""
 
     model_config = SettingsConfigDict(
-        env_prefix="AGW_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+        env_prefix="AGW_", env_file=".env", env_file_encoding="utf-8", extra="ignore",
+        # A refused value is named, never echoed: the relayer key and the facilitator's auth header are secrets.
+        hide_input_in_errors=True,
     )
 
     # Storage and coordination.
@@ -110,6 +118,12 @@ class Settings(BaseSettings):
     usdc_version: str | None = None  # unset and no preset: "2"
     pay_to: str | None = None
     relayer_key: str | None = None
+    # Verify and settle through an x402 facilitator (POST /verify, /settle; GET /supported) instead
+    # of the own relayer, which then needs no key. The auth header is sent as is with every
+    # facilitator request: "Name: value", e.g. "Authorization: Bearer <token>".
+    facilitator_url: str | None = None
+    facilitator_auth_header: str | None = Field(default=None, repr=False)
+    facilitator_timeout_s: float = Field(default=30.0, gt=0)
     # Confirmations before delivery, and the depth after which a delivered payment is final (no
     # more reorg checks). Unset: the defaults for the chain id (networks.py).
     confirmations: int | None = Field(default=None, ge=1)
@@ -128,8 +142,9 @@ class Settings(BaseSettings):
     _preset_overrides: tuple[str, ...] = PrivateAttr(default=())
 
     @field_validator("redis_url", "chain_rpc_url", "chain_id", "usdc_address", "pay_to", "relayer_key",
-                     "session_secret", "public_url", "metrics_token", "confirmations",
-                     "reorg_horizon_blocks", "network", "usdc_name", "usdc_version", mode="before")
+                     "facilitator_url", "facilitator_auth_header", "session_secret", "public_url",
+                     "metrics_token", "confirmations", "reorg_horizon_blocks", "network", "usdc_name",
+                     "usdc_version", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
@@ -169,18 +184,43 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _chain_all_or_nothing(self) -> Settings:
         self._apply_network_preset()
-        chain = {"chain_rpc_url": self.chain_rpc_url, "chain_id": self.chain_id, "usdc_address": self.usdc_address,
-                 "pay_to": self.pay_to, "relayer_key": self.relayer_key}
-        missing = [f"AGW_{name.upper()}" for name, value in chain.items() if value is None]
+        chain = {"AGW_CHAIN_RPC_URL": self.chain_rpc_url, "AGW_CHAIN_ID": self.chain_id,
+                 "AGW_USDC_ADDRESS": self.usdc_address, "AGW_PAY_TO": self.pay_to,
+                 "AGW_RELAYER_KEY or AGW_FACILITATOR_URL": self.relayer_key or self.facilitator_url}
+        missing = [name for name, value in chain.items() if value is None]
         if missing and len(missing) < len(chain):
             raise ValueError(f"x402 payments need every chain setting; missing {', '.join(missing)}")
+        if self.facilitator_auth_header is not None and self.facilitator_url is None:
+            raise ValueError("AGW_FACILITATOR_AUTH_HEADER is set but AGW_FACILITATOR_URL is not")
+        if self.relayer_key is not None and self.facilitator_url is not None:
+            raise ValueError("set either AGW_RELAYER_KEY (settle with the own relayer) or AGW_FACILITATOR_URL "
+                             "(settle through an x402 facilitator), not both")
         if (self.chain_rpc_url is not None and self.chain_id is not None and self.usdc_address is not None
-                and self.pay_to is not None and self.relayer_key is not None):  # all set (checked above)
+                and self.pay_to is not None):  # all set (checked above)
             self._chain = ChainSettings(rpc_url=self.chain_rpc_url, chain_id=self.chain_id,
                                         usdc_address=self.usdc_address, usdc_name=self.usdc_name or "USD Coin",
                                         usdc_version=self.usdc_version or "2", pay_to=self.pay_to,
-                                        relayer_key=self.relayer_key)
+                                        relayer_key=self.relayer_key, facilitator_url=self.facilitator_url,
+                                        facilitator_auth_header=_auth_header(self.facilitator_auth_header),
+                                        facilitator_timeout_s=self.facilitator_timeout_s)
         return self
+
+    @field_validator("facilitator_url")
+    @classmethod
+    def _facilitator_base_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ValueError("must be an http:// or https:// URL without query or fragment, e.g. "
+                             "https://facilitator.example.com (its /verify, /settle and /supported are called)")
+        return value.rstrip("/")
+
+    @field_validator("facilitator_auth_header")
+    @classmethod
+    def _header_line(cls, value: str | None) -> str | None:
+        _auth_header(value)
+        return value
 
     @property
     def chain(self) -> ChainSettings | None:
@@ -233,3 +273,19 @@ class Settings(BaseSettings):
         if not value.startswith(("sqlite", "postgresql", "postgres://")):
             raise ValueError("must be a sqlite:/// or postgresql:// URL")
         return value
+
+
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def _auth_header(line: str | None) -> tuple[str, str] | None:
+    """Parse the header line `Name: value` into (name, value); a ValueError names the setting, never
+    its value (a secret)."""
+    if line is None:
+        return None
+    name, sep, value = line.partition(":")
+    name, value = name.strip(), value.strip()
+    if not sep or not _HEADER_NAME_RE.match(name) or not value or any(c in value for c in "\r\n\0"):
+        raise ValueError("AGW_FACILITATOR_AUTH_HEADER must be one header line \"Name: value\", "
+                         "e.g. \"Authorization: Bearer <token>\"")
+    return name, value

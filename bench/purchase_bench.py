@@ -4,7 +4,10 @@
 
 Starts anvil with the test USDC and one gateway process (SQLite), then (1) makes `--purchases`
 sequential purchases with the official x402 client, timing each from the first POST (answered
-402) to the 201, and (2) lets `--agents` wallets buy `--per-agent` seats each, all at once."""
+402) to the 201, and (2) lets `--agents` wallets buy `--per-agent` seats each, all at once.
+Then (3) the same sequential purchases through a second gateway in facilitator mode
+(AGW_FACILITATOR_URL, no relayer key), against the x402 SDK's own facilitator served over HTTP
+from this process (agent_gateway.testing.facilitator), on the same chain."""
 
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from eth_account import Account
 from x402.http.clients import x402HttpxClient
 
 from agent_gateway.testing.devchain import start_devchain
+from agent_gateway.testing.facilitator import TestFacilitator
 from agent_gateway.testing.processes import start_gateway
 from load import percentile  # bench/load.py, beside this script
 
@@ -83,9 +87,21 @@ def main() -> int:
         finally:
             gateway.terminate()
             gateway.wait(10)
+        with TestFacilitator(chain.rpc_url, chain.facilitator_key, [chain.network]) as facilitator:
+            facilitated_env = {**env, "AGW_DATABASE_URL": f"sqlite:///{work / 'facilitated.db'}",
+                               "AGW_RELAYER_KEY": "", "AGW_FACILITATOR_URL": facilitator.url}
+            gateway, url = start_gateway(facilitated_env)
+            try:
+                asyncio.run(buy(url, chain.x402_client(wallets[0].key.hex()), 1))
+                facilitated = asyncio.run(buy(url, chain.x402_client(wallets[0].key.hex()), args.purchases))
+            finally:
+                gateway.terminate()
+                gateway.wait(10)
     total = args.agents * args.per_agent
     print(f"| sequential purchases | {args.purchases} | p50 {pct(sequential, .5):.1f} ms | "
           f"p99 {pct(sequential, .99):.1f} ms | mean {statistics.fmean(sequential) * 1000:.1f} ms |")
+    print(f"| sequential purchases, facilitator | {args.purchases} | p50 {pct(facilitated, .5):.1f} ms | "
+          f"p99 {pct(facilitated, .99):.1f} ms | mean {statistics.fmean(facilitated) * 1000:.1f} ms |")
     print(f"| {args.agents} agents at once | {total} | {total / seconds:.1f} purchases/s | "
           f"{seconds:.2f} s total | |")
     return 0

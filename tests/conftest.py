@@ -21,7 +21,8 @@ from agent_gateway.lifespan import build_services
 from agent_gateway.services import Services
 from agent_gateway.settings import Settings
 
-pytest_plugins = ["tests.fixtures.upstream", "tests.fixtures.chain", "tests.fixtures.live", "tests.fixtures.x402"]
+pytest_plugins = ["tests.fixtures.upstream", "tests.fixtures.chain", "tests.fixtures.live", "tests.fixtures.x402",
+                  "tests.fixtures.facilitator"]
 
 POSTGRES_URL = os.environ.get("AGW_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("AGW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -30,6 +30,7 @@ class PaymentState(StrEnum):
     RECEIVED = "received"
     VERIFIED = "verified"
     RESERVED = "reserved"
+    SUBMITTED = "submitted"  # handed to the x402 facilitator's /settle; no transaction hash yet
     BROADCAST = "broadcast"
     CONFIRMED = "confirmed"
     DELIVERED = "delivered"

@@ -14,6 +14,7 @@ from typing import Any, TypeVar, cast
 from aiohttp import ClientError, ClientTimeout
 from eth_abi import decode as abi_decode
 from eth_account import Account
+from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress, HexStr
 from eth_utils import keccak, to_checksum_address
 from web3 import AsyncHTTPProvider, AsyncWeb3
@@ -180,16 +181,17 @@ def _revert_reason(exc: ContractLogicError) -> str:
 
 
 class ChainAdapter:
-    """Async access to one chain, one EIP-3009 token and one relayer key.
+    """Async access to one chain, one EIP-3009 token and, for own settlement, one relayer key
+    (without one, as when a facilitator settles, it reads and never signs).
 
     Every web3, HTTP or timeout failure leaves as `ServiceUnavailable(code="chain_unavailable")`;
     a settlement that would revert is a reason text (`simulate_settlement`), not an exception."""
 
-    def __init__(self, rpc_url: str, chain_id: int, token_address: str, relayer_key: str,
+    def __init__(self, rpc_url: str, chain_id: int, token_address: str, relayer_key: str | None,
                  request_timeout_s: float = 10) -> None:
         self.chain_id = chain_id
         self.token_address = to_checksum_address(token_address)
-        self._relayer = Account.from_key(relayer_key)
+        self._relayer_account = Account.from_key(relayer_key) if relayer_key is not None else None
         self._timeout_s = request_timeout_s
         # No retries and no middleware: a dead node must fail within one timeout, and every
         # request we make is explicit (the default middleware adds eth_chainId round trips).
@@ -200,6 +202,12 @@ class ChainAdapter:
         self._nonce_lock = asyncio.Lock()
         self._next_nonce: int | None = None
         self._holes: set[int] = set()  # relayer nonces handed out, then released unsent
+
+    @property
+    def _relayer(self) -> LocalAccount:
+        if self._relayer_account is None:
+            raise RuntimeError("this chain adapter has no relayer key: settlements go through the facilitator")
+        return self._relayer_account
 
     @property
     def relayer_address(self) -> ChecksumAddress:

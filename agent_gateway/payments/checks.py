@@ -3,7 +3,8 @@ settings say (chain id, the token's EIP-712 domain and decimals, payTo, the rela
 
 A check is a value (name, ok/warn/FAIL, what was expected and found), never an exception; a report
 with a FAIL stops the start (`verify_chain`). The relayer-gas check is the only one that depends on
-who settles: with `own_settlement=False` (a facilitator pays the gas) it is skipped."""
+who settles: with a facilitator (it pays the gas) it is skipped, and the facilitator's `/supported`
+must list exact payments on our network instead."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from enum import StrEnum
 from eth_abi import encode as abi_encode
 from eth_utils import is_checksum_address, is_hex_address, keccak, to_checksum_address
 
-from agent_gateway.errors import ServiceUnavailable
+from agent_gateway.errors import GatewayError, ServiceUnavailable
 from agent_gateway.metrics import RELAYER_BALANCE, RELAYER_SETTLEMENTS_LEFT
 from agent_gateway.money import USDC_DECIMALS
 from agent_gateway.payments.chain import ChainAdapter
+from agent_gateway.payments.facilitator import FacilitatorClient
 from agent_gateway.settings import ChainSettings
 
 log = logging.getLogger(__name__)
@@ -141,13 +143,29 @@ async def _token_checks(chain: ChainSettings, adapter: ChainAdapter) -> list[Cha
     return checks
 
 
+async def check_facilitator(chain: ChainSettings, facilitator: FacilitatorClient) -> ChainCheck:
+    """The facilitator's `/supported` lists exact payments (x402 v2) on our network."""
+    try:
+        kinds = await facilitator.supported()
+    except GatewayError as exc:
+        return _fail("facilitator", f"{facilitator.url}/supported: {exc.message} (AGW_FACILITATOR_URL)")
+    if (2, "exact", chain.network) in kinds:
+        return ChainCheck("facilitator", CheckStatus.OK, f"{facilitator.url} settles exact on {chain.network}")
+    usable = ", ".join(sorted(n for version, scheme, n in kinds if version == 2 and scheme == "exact")) or "none"
+    return _fail("facilitator", f"expected exact on {chain.network} in {facilitator.url}/supported, "
+                                f"found exact v2 on: {usable} (AGW_FACILITATOR_URL)")
+
+
 async def run_chain_checks(chain: ChainSettings, adapter: ChainAdapter, *, own_settlement: bool = True,
-                           warn_settlements: int = 100) -> ChainReport:
+                           warn_settlements: int = 100, facilitator: FacilitatorClient | None = None) -> ChainReport:
     """Every check, in order; the chain ones stop at the first node failure (reported as a FAIL).
 
     own_settlement: the gateway signs and pays for its settlements with AGW_RELAYER_KEY. False when
-    a facilitator settles: then the relayer's gas is not ours to check."""
+    a facilitator settles: then the relayer's gas is not ours to check, and the facilitator (when
+    given) is asked what it supports."""
     checks = [check_pay_to(chain.pay_to)]
+    if facilitator is not None:
+        checks.append(await check_facilitator(chain, facilitator))
     try:
         found = await adapter.node_chain_id()
         checks.append(_compare("chain id", "AGW_CHAIN_ID or AGW_NETWORK", chain.chain_id, found))

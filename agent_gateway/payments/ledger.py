@@ -3,6 +3,7 @@ conditional UPDATE from the state it expects, so a transition happens once even 
 processes (a request and the reconciler) reach it together.
 
     received ─► verified ─► reserved ─► broadcast ─► confirmed ─► delivered ─► revoked (reason)
+                               └─► submitted ─┘   (through an x402 facilitator; may fail too)
         └──────────┴───────────┴────────────┴─────────────┴──► failed (reason)       ▲
                                                                └──► credited (reason) ┘
 
@@ -15,9 +16,13 @@ went to the account's prepaid balance, and the claim stays taken for good.
 under a unique index (the transaction that carried an x402 payment is not unique: one transaction
 can execute several authorizations, each a payment of its own);
 `reserved` holds the seats in the inventory; `broadcast` stores the signed settlement *before* it
-is sent, so a restart resends the same bytes and never a second transaction; `delivered` creates
-the account (bound to the payer's wallet, if new), the subscriptions and their keys in the same
-transaction that moves the state.
+is sent, so a restart resends the same bytes and never a second transaction. Through an x402
+facilitator the transaction is not ours to sign: `submitted` is written *before* its `/settle` is
+called, so a payment whose answer was lost (a crash, a timeout) has a row that says "maybe sent",
+which the reconciler resolves from the chain (the authorization used → follow its transaction;
+expired unused → failed); the facilitator's answer moves it on to `broadcast` with the hash it
+names. `delivered` creates the account (bound to the payer's wallet, if new), the subscriptions
+and their keys in the same transaction that moves the state.
 
 `confirmed` names the transaction that really carried the Transfer (`tx_hash`, `block_number`):
 our relayer's settlement, or a front-runner's copy of it. Until that block is past the reorg
@@ -59,6 +64,9 @@ SETTLED_STATES = (PaymentState.DELIVERED, PaymentState.CREDITED)
 # Before the settlement was stored: nothing can have been sent for these x402 payments. (A tx-hash
 # claim's money is on-chain before its row exists: the reconciler re-checks those instead.)
 UNSENT_STATES = (PaymentState.RECEIVED, PaymentState.VERIFIED, PaymentState.RESERVED)
+# Maybe on its way to the chain: our own signed settlement (`broadcast`), or one handed to the
+# facilitator (`submitted`). Only the chain can fail these.
+IN_FLIGHT_STATES = (PaymentState.SUBMITTED, PaymentState.BROADCAST)
 
 
 class PaymentAlreadyUsed(PaymentRequired):

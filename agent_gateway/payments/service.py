@@ -3,7 +3,11 @@
 Facts from the chain adapter → pure rules → a ledger row that claims the payment → seats
 reserved → the settlement signed, stored, then sent → receipt and Transfer checked → delivery.
 Every step is a committed ledger transition; a step that cannot finish leaves the payment for
-the reconciler (`reconcile`), which drives it to `delivered` or to a named failure."""
+the reconciler (`reconcile`), which drives it to `delivered` or to a named failure.
+
+The settlement is sent by our own relayer (the chain adapter signs it) or, with a facilitator
+configured, by an x402 facilitator (`payments.facilitator`): verification and sending differ, the
+state machine and every check after the send are the same."""
 
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from agent_gateway.errors import Conflict, GatewayError, PaymentRequired, Servic
 from agent_gateway.payments import ledger
 from agent_gateway.money import format_usdc
 from agent_gateway.payments.chain import ChainAdapter, Receipt, SettlementWouldRevert
+from agent_gateway.payments.facilitator import ConnectFailed, FacilitatorClient, FacilitatorError, our_reason
 from agent_gateway.payments.ledger import Claim, Delivery
 from agent_gateway.networks import chain_defaults
 from agent_gateway.payments.rules import check_chain_facts, check_payment, reason_message
@@ -45,6 +50,10 @@ class PaymentRefused(PaymentRequired):
     """The payment breaks a rule before anything is claimed; the binding answers with a fresh challenge."""
 
 
+class FacilitatorMismatch(Exception):
+    """The configured facilitator cannot settle on this gateway's network: `serve` does not start."""
+
+
 @dataclass(frozen=True)
 class Settled:
     """The outcome of a paid request: delivered now, or still settling (answer 202 and poll)."""
@@ -59,12 +68,13 @@ class Settled:
 
 class PaymentService:
     def __init__(self, settings: Settings, db: Database, clock: Clock, catalog: Catalog,
-                 chain: ChainAdapter | None) -> None:
+                 chain: ChainAdapter | None, facilitator: FacilitatorClient | None = None) -> None:
         self.settings = settings
         self.db = db
         self.clock = clock
         self.catalog = catalog
         self.chain = chain
+        self.facilitator = facilitator
         defaults = chain_defaults(settings.chain_id)
         self.confirmations = settings.confirmations or defaults.confirmations
         self.reorg_horizon_blocks = settings.reorg_horizon_blocks or defaults.reorg_horizon_blocks
@@ -133,8 +143,23 @@ class PaymentService:
             order, account_id=account_id, key_name=key_name, renew_subscription_id=renew_subscription_id,
         )
         try:
-            await self._verify_on_chain(row, payment)
-            await ledger.reserve(self.db, self.clock, self.catalog, row)
+            if self.facilitator is not None:
+                await self._verify_with_facilitator(row, payment, offer)
+                await ledger.reserve(self.db, self.clock, self.catalog, row)
+                # Durable before /settle is called: if this process dies while it is in flight,
+                # the row says "maybe sent", and the reconciler reads the chain (never fails it blind).
+                if not await ledger.advance(self.db, self.clock, row.id, PaymentState.RESERVED, PaymentState.SUBMITTED):
+                    raise Conflict("The payment moved on while it was being settled.", code="payment_state_changed")
+            else:
+                await self._verify_on_chain(row, payment)
+                await ledger.reserve(self.db, self.clock, self.catalog, row)
+        except BaseException as exc:
+            await ledger.fail(self.db, self.clock, row.id, getattr(exc, "code", type(exc).__name__),
+                              only_from=ledger.UNSENT_STATES)
+            raise
+        if self.facilitator is not None:
+            return await self._settle_through_facilitator(row.id, payment, offer)
+        try:
             settlement = await chain.build_settlement(payment)
             stored = False
             try:
@@ -208,6 +233,73 @@ class PaymentService:
             raise SettlementWouldRevert(revert)
         if not await ledger.advance(self.db, self.clock, row.id, PaymentState.RECEIVED, PaymentState.VERIFIED):
             raise Conflict("The payment moved on while it was being verified.", code="payment_state_changed")
+
+    # --- through an x402 facilitator -------------------------------------------------------
+
+    async def _verify_with_facilitator(self, row: Payment, payment: ExactPayment, offer: Offer) -> None:
+        """The facilitator's /verify in place of our own chain reads and simulation (our pure rules
+        have already judged the payment against the offer)."""
+        assert self.facilitator is not None
+        verdict = await self.facilitator.verify(payment, offer.requirements(), offer.resource_url)
+        if not verdict.valid:
+            code = our_reason(verdict.reason)
+            log.info("payment %s: the facilitator refused it: %s %s", row.id, verdict.reason, verdict.message or "")
+            said = f"The x402 facilitator refused the payment ({verdict.reason or 'no reason given'})."
+            raise PaymentRequired(f"{reason_message(code)} {said}" if code else said,
+                                  code=code or "payment_refused_by_facilitator")
+        if not await ledger.advance(self.db, self.clock, row.id, PaymentState.RECEIVED, PaymentState.VERIFIED):
+            raise Conflict("The payment moved on while it was being verified.", code="payment_state_changed")
+
+    async def _settle_through_facilitator(self, payment_id: str, payment: ExactPayment, offer: Offer) -> Settled:
+        """/settle for a payment stored as `submitted`. A transaction the facilitator names is checked
+        on-chain like our own (receipt, confirmations, the Transfer); without one, the chain says
+        whether the authorization was used anyway (a retry answered "nonce already used" is a
+        payment, never a failure). An answer that never came leaves the payment `submitted` for
+        the reconciler, which reads the chain too."""
+        assert self.facilitator is not None
+        try:
+            answer = await self.facilitator.settle(payment, offer.requirements(), offer.resource_url)
+        except ConnectFailed:
+            # No connection was made: /settle certainly did nothing, so the claim is given back.
+            await ledger.fail(self.db, self.clock, payment_id, "facilitator_unavailable",
+                              only_from=(PaymentState.SUBMITTED,))
+            raise
+        except FacilitatorError as exc:
+            # It may have sent the transaction: only the chain can say. The buyer can poll.
+            log.warning("payment %s: /settle gave no usable answer (%s); left for the reconciler",
+                        payment_id, exc.code)
+            exc.extra = {**exc.extra, "paymentId": payment_id, "poll": f"/api/agent/payments/{payment_id}"}
+            exc.message = (f"The x402 facilitator gave no usable answer to /settle ({exc.detail}). "
+                           f"Payment {payment_id} may still settle: do not pay again, poll "
+                           f"/api/agent/payments/{payment_id}. It is delivered if the transfer happens (sign in "
+                           "with the paying wallet for its keys), and released if the authorization expires unused.")
+            raise
+        if answer.tx_hash is not None:
+            # Whatever `success` says: a transaction that reverted, or one still pending, is judged
+            # by its receipt, and a revert by the authorization's state.
+            if not answer.success:
+                log.info("payment %s: /settle answered %s with transaction %s", payment_id, answer.reason, answer.tx_hash)
+            if not await ledger.advance(self.db, self.clock, payment_id, PaymentState.SUBMITTED, PaymentState.BROADCAST,
+                                        tx_hash=answer.tx_hash):
+                return Settled(await ledger.load_payment(self.db, payment_id), None)  # the reconciler has it
+            return await self._await_delivery(payment_id, answer.tx_hash, mint_keys=True)
+        log.info("payment %s: /settle refused it: %s %s", payment_id, answer.reason, answer.message or "")
+        return await self.settle_by_authorization(await ledger.load_payment(self.db, payment_id),
+                                                  "settlement_refused", mint_keys=True)
+
+    async def check_facilitator(self) -> None:
+        """At start: the facilitator must settle `exact` on our network (x402 v2), or we do not serve."""
+        if self.facilitator is None:
+            return
+        kinds = await self.facilitator.supported()
+        if (2, "exact", self.network) not in kinds:
+            usable = ", ".join(sorted(network for version, scheme, network in kinds
+                                      if version == 2 and scheme == "exact")) or "none"
+            raise FacilitatorMismatch(
+                f"The x402 facilitator at AGW_FACILITATOR_URL does not support exact payments on {self.network} "
+                f"(x402 v2); the networks its /supported lists for exact v2: {usable}. Point "
+                f"AGW_FACILITATOR_URL at a facilitator for this network, or check AGW_CHAIN_ID.")
+        log.info("x402 facilitator %s settles exact on %s", self.facilitator.url, self.network)
 
     # --- tx hash -------------------------------------------------------------------------
 
@@ -322,6 +414,10 @@ class PaymentService:
     async def _finish(self, payment: Payment, receipt: Receipt, *, mint_keys: bool) -> Settled:
         if not receipt.ok:
             return await self.settle_by_authorization(payment, "settlement_reverted", mint_keys=mint_keys)
+        if not self.carries(receipt, payment) and payment.raw_tx is None:
+            # A transaction the facilitator named, which did not execute this authorization: the
+            # authorization's own state and events decide (it may have been used by another one).
+            return await self.settle_by_authorization(payment, "transfer_mismatch", mint_keys=mint_keys)
         if not self.carries(receipt, payment):
             await ledger.fail(self.db, self.clock, payment.id, "transfer_mismatch", only_from=(PaymentState.BROADCAST,))
             raise GatewayError("The settlement's Transfer does not match the payment.", code="transfer_mismatch")
@@ -338,10 +434,12 @@ class PaymentService:
           transaction, so the reorg re-checks follow it. Until it has the confirmations, the
           payment stays pending.
         - The payer canceled it, or its use paid someone else: failed, nothing delivered.
-        Used alike by the request path (`_finish`, `_send`) and the reconciler."""
+        Used alike by the request path (`_finish`, `_send`, a facilitator's answer) and the
+        reconciler, for `broadcast` and `submitted` payments."""
         chain = self.require_chain()
+        in_flight = ledger.IN_FLIGHT_STATES
         if not await chain.authorization_used(payment.payer, ledger.stored(payment.auth_nonce, "auth_nonce", payment)):
-            await ledger.fail(self.db, self.clock, payment.id, reason, only_from=(PaymentState.BROADCAST,))
+            await ledger.fail(self.db, self.clock, payment.id, reason, only_from=in_flight)
             raise PaymentRequired(f"{_UNSETTLED[reason]} The authorization is still unused: nothing was charged.",
                                   code=reason)
         event = await chain.authorization_event(payment.payer, ledger.stored(payment.auth_nonce, "auth_nonce", payment), await self.watch_from_block(payment))
@@ -350,22 +448,24 @@ class PaymentService:
             raise ServiceUnavailable("The authorization was used on-chain, but the transaction is not found yet; "
                                      "poll the payment.", code="authorization_use_not_found")
         if event.kind == "canceled":
-            await ledger.fail(self.db, self.clock, payment.id, "authorization_canceled", only_from=(PaymentState.BROADCAST,))
+            await ledger.fail(self.db, self.clock, payment.id, "authorization_canceled", only_from=in_flight)
             raise PaymentRequired("The payer canceled the authorization on-chain before it was settled; nothing "
                                   "was charged and nothing is delivered.", code="authorization_canceled")
         carrier = await chain.receipt(event.tx_hash)
         if carrier is None or carrier.confirmations < self.confirmations:
             return Settled(await ledger.load_payment(self.db, payment.id), None)
         if not self.carries(carrier, payment):
-            await ledger.fail(self.db, self.clock, payment.id, "authorization_used_elsewhere", only_from=(PaymentState.BROADCAST,))
+            await ledger.fail(self.db, self.clock, payment.id, "authorization_used_elsewhere", only_from=in_flight)
             raise PaymentRequired("The authorization was used by a transaction that did not pay this gateway.",
                                   code="authorization_used_elsewhere")
-        if event.tx_hash != payment.tx_hash:
+        if payment.tx_hash is not None and event.tx_hash != payment.tx_hash:
             log.warning("payment %s: settled by another transaction %s (front-run of %s); delivering",
                         payment.id, event.tx_hash, payment.tx_hash)
         # One transaction can carry several authorizations (a bundler's): each is its own payment,
         # redeemed once by (payer, nonce), and all of them name that transaction.
-        await ledger.confirm(self.db, self.clock, payment.id, PaymentState.BROADCAST, event.tx_hash, carrier.block_number)
+        for state in in_flight:  # the state it is in: a conditional update from the other is a no-op
+            if await ledger.confirm(self.db, self.clock, payment.id, state, event.tx_hash, carrier.block_number):
+                break
         return await self._deliver_confirmed(payment.id, mint_keys=mint_keys)
 
     async def watch_from_block(self, payment: Payment) -> int:
@@ -426,6 +526,8 @@ class PaymentService:
                                          only_from=ledger.UNSENT_STATES))
         if payment.state == PaymentState.CONFIRMED:
             return int(await ledger.deliver(self.db, self.clock, payment.id, mint_keys=False) is not None)
+        if payment.state == PaymentState.SUBMITTED:
+            return await self._reconcile_submitted(payment)
         # Read the clock before the receipt: once the chain is past the authorization's window no
         # block can execute it any more, so "no receipt" after that is final.
         expired = payment.valid_before is not None and await chain.chain_now() >= payment.valid_before
@@ -451,6 +553,10 @@ class PaymentService:
             return int(not settled.pending)
         if await chain.transaction(tx_hash) is not None:
             return 0  # in the mempool: wait
+        if payment.raw_tx is None:
+            # Named by a facilitator, unknown to our node: we hold no bytes to send. If the
+            # authorization was used (by whatever transaction), follow that; else wait for expiry.
+            return await self._reconcile_submitted(payment)
         # Never reached the node (or was dropped): resend it (rebuilt only if its nonce was taken).
         try:
             sent = await self._send(payment.id, ExactPayment(**ledger.stored(payment.authorization, "authorization", payment)),
@@ -461,6 +567,25 @@ class PaymentService:
             return int(not sent.pending)
         log.info("payment %s: settlement %s resent", payment.id, payment.tx_hash)
         return 0
+
+    async def _reconcile_submitted(self, payment: Payment) -> int:
+        """A payment handed to the facilitator whose answer never came (the process died, the
+        facilitator timed out), or whose named transaction the node does not know. No transaction
+        of ours exists to look up, so the authorization is: used → the transaction that used it
+        decides (delivered once confirmed); unused and expired → failed, nothing was charged;
+        unused and still valid → the facilitator may still send it: look again next pass. It is
+        not sent again: one stuck /settle must not become two transactions."""
+        chain = self.require_chain()
+        # The clock first: expired before an "unused" reading means unused for ever.
+        expired = payment.valid_before is not None and await chain.chain_now() >= payment.valid_before
+        if not expired and not await chain.authorization_used(
+                payment.payer, ledger.stored(payment.auth_nonce, "auth_nonce", payment)):
+            return 0
+        try:
+            settled = await self.settle_by_authorization(payment, "authorization_expired", mint_keys=False)
+        except (PaymentRequired, Conflict):
+            return 1  # failed, recorded
+        return int(not settled.pending)
 
     async def _reconcile_tx_claim(self, payment: Payment) -> int:
         """A tx-hash claim stopped between its record and its delivery (the process died). Its
@@ -512,6 +637,8 @@ class PaymentService:
 
 _UNSETTLED = {
     "settlement_reverted": "The settlement reverted on-chain.",
+    "settlement_refused": "The x402 facilitator refused to settle the payment.",
+    "transfer_mismatch": "The transaction the x402 facilitator named does not carry this payment.",
     "settlement_would_fail": "The settlement could not be sent again: it would revert.",
     "authorization_expired": "The authorization expired before the settlement was mined.",
 }

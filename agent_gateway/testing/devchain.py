@@ -38,9 +38,10 @@ ANVIL_DEV_KEYS: tuple[str, ...] = (
     "0xdbda1821b80551c9d65939329250298aa3472ba22feea921c0cf5d620ea67b97",
     "0x2a871d0798f97d79848a013d4936a73bf4cc922c825d33c1cf7073dff6d409c6",
 )
-# Roles on a DevChain: 0 deploys and mints, 1 relays settlements, 2 is the merchant, 3.. are agents.
-DEPLOYER_INDEX, RELAYER_INDEX, PAY_TO_INDEX, FIRST_AGENT_INDEX = 0, 1, 2, 3
-MAX_AGENTS = len(ANVIL_DEV_KEYS) - FIRST_AGENT_INDEX
+# Roles on a DevChain: 0 deploys and mints, 1 relays settlements, 2 is the merchant, 3..8 are agents,
+# 9 is an x402 facilitator's signer (testing.facilitator).
+DEPLOYER_INDEX, RELAYER_INDEX, PAY_TO_INDEX, FIRST_AGENT_INDEX, FACILITATOR_INDEX = 0, 1, 2, 3, 9
+MAX_AGENTS = FACILITATOR_INDEX - FIRST_AGENT_INDEX
 
 _NPM_PLATFORM = {"Linux": "linux", "Darwin": "darwin", "Windows": "win32"}
 _NPM_ARCH = {"x86_64": "amd64", "AMD64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
@@ -251,6 +252,11 @@ class DevChain:
     @property
     def relayer_address(self) -> str:
         return Account.from_key(self.relayer_key).address
+
+    @property
+    def facilitator_key(self) -> str:
+        """The key an x402 facilitator on this chain settles with (a funded dev account)."""
+        return ANVIL_DEV_KEYS[FACILITATOR_INDEX]
 
     @property
     def agent_addresses(self) -> list[str]:
