@@ -27,7 +27,9 @@ from agent_gateway.payments.checks import (
 )
 from agent_gateway.settings import ChainSettings, Settings
 from agent_gateway.testing.devchain import DevChain, deploy_test_token
+from agent_gateway.testing.facilitator import TestFacilitator
 from agent_gateway.testing.processes import free_port
+from tests.fixtures.facilitator import AUTH_HEADER
 
 pytestmark = pytest.mark.anyio
 
@@ -222,3 +224,23 @@ async def test_a_live_gateway_on_the_anvil_preset_logs_its_overrides_and_reports
     left = [line for line in metrics.splitlines() if line.startswith("agw_relayer_settlements_left ")]
     assert left and float(left[0].split()[1]) > 1000  # the dev relayer holds 10,000 ETH
     assert quote.status_code == 402 and quote.json()["accepts"][0]["extra"] == {"name": "USD Coin", "version": "2"}
+
+
+def test_chain_check_in_facilitator_mode_asks_the_facilitator_and_not_the_relayer(devchain):
+    """With AGW_FACILITATOR_URL there is no relayer key: its gas is not checked, the facilitator's
+    /supported is, and a facilitator for another network is a FAIL that names both."""
+    for networks, code in (([devchain.network], 0), (["eip155:8453"], 1)):
+        with TestFacilitator(devchain.rpc_url, devchain.facilitator_key, networks, auth_header=AUTH_HEADER) as running:
+            env = {**chain_env(devchain), "AGW_RELAYER_KEY": "", "AGW_FACILITATOR_URL": running.url,
+                   "AGW_FACILITATOR_AUTH_HEADER": f"{AUTH_HEADER[0]}: {AUTH_HEADER[1]}"}
+            result = cli(env, "chain", "check")
+            url = running.url
+        assert result.returncode == code, result.stdout + result.stderr
+        names = [line.split(":")[0] for line in result.stdout.splitlines() if line.startswith(("ok ", "warn", "FAIL"))]
+        assert "ok    relayer gas" not in names and len(names) == 7
+        if code == 0:
+            assert f"ok    facilitator: {url} settles exact on {devchain.network}" in result.stdout
+        else:
+            assert (f"FAIL  facilitator: expected exact on {devchain.network} in {url}/supported, "
+                    "found exact v2 on: eip155:8453 (AGW_FACILITATOR_URL)") in result.stdout
+        assert AUTH_HEADER[1] not in result.stdout + result.stderr  # the secret is never printed
