@@ -88,8 +88,12 @@ _DELIVERY = _obj({
     "managementKey": {"type": ["string", "null"], "description": "A new mk_ key when the payer had no account."},
     "subscriptions": {"type": "array", "items": _ref("Subscription")},
     "credited": _USDC, "creditedAtomic": _STR, "message": _STR,
+    "repeated": {"type": "boolean", "description": "A retry with an x402 payment-identifier already used for this "
+                                                   "purchase: shown again, without plaintext keys."},
+    "paymentIdentifier": _STR,
 }, ["paymentId", "accountId", "subscriptions"])
-_SETTLING = _obj({"paymentId": _STR, "state": _STR, "txHash": _NULLABLE_STR, "poll": _STR, "message": _STR},
+_SETTLING = _obj({"paymentId": _STR, "state": _STR, "txHash": _NULLABLE_STR, "poll": _STR, "message": _STR,
+                  "repeated": {"type": "boolean"}, "paymentIdentifier": _STR},
                  ["paymentId", "state", "poll"])
 _PAYMENT_REQUIRED = _obj({
     "error": _ref("ErrorDetail"), "x402Version": {"const": 2},
@@ -199,7 +203,10 @@ def openapi_document(base_url: str, catalog: Catalog, *, payments_on: bool, vers
             "Buy seats: over x402, or by claiming a USDC transfer (txHash + signature)",
             {"201": _json("Delivered: the subscriptions with their sk_ keys, and a management key for a new account",
                           _data(_ref("Delivery"))),
-             "400": bad, "404": not_found, "409": _error("Sold out, or the pool is paused.")},
+             "200": _json("A retry under an x402 payment-identifier that already bought this purchase: the same "
+                          "purchase, keys without their plaintext", _data(_ref("Delivery"))),
+             "400": bad, "404": not_found,
+             "409": _error("Sold out, the pool is paused, or the payment-identifier names another purchase.")},
             tags=agent_tags, body=SubscribePoolBody, body_optional=True, paid=paid,
             description="Without a body and without a payment, the answer is the 402 challenge for the default order "
                         "(one seat, the cheapest open block of the first active pool, one month). A payment always "
