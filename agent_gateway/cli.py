@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the gateway HTTP server (migrates the database first)")
     serve.add_argument("--host", help="interface to bind (default AGW_HOST, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default AGW_PORT, 8080)")
+    serve.add_argument(
+        "--workers", type=int, metavar="N",
+        help="worker processes sharing the port (default AGW_WORKERS, 1); N > 1 needs PostgreSQL "
+             "(AGW_DATABASE_URL), AGW_REDIS_URL and a fixed AGW_SESSION_SECRET, and refuses to start without them")
     serve.set_defaults(run=_serve)
 
     migrate = commands.add_parser("migrate", help="bring the database schema up to date and exit")
@@ -128,11 +132,23 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         settings.host = args.host
     if args.port:
         settings.port = args.port
+    workers = settings.workers if args.workers is None else args.workers
     try:
+        if workers < 1:
+            raise server.ServeSettingsError(f"--workers must be 1 or more, not {workers}")
         server.check_serving_settings(settings)
+        server.check_worker_settings(settings, workers)
     except server.ServeSettingsError as exc:
         print(f"agent-gateway: invalid settings: {exc}", file=sys.stderr)
         return 2
+    if workers > 1:
+        if settings.auto_migrate:
+            from agent_gateway.db.migrate import upgrade_database
+
+            upgrade_database(settings.database_url)  # once, before the workers start
+            settings.auto_migrate = False
+        _tune_garbage_collector()  # before the fork: the frozen start-up objects stay shared
+        return server.serve_workers(lambda: create_app(settings), settings, workers)
     app = create_app(settings)
     _tune_garbage_collector()
     server.serve(app, settings)
