@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import shutil
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -125,6 +129,32 @@ def _settings_problems(exc: ValidationError) -> str:
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    workers = settings.workers if args.workers is None else args.workers
+    if workers > 1:
+        with _shared_metrics_directory():
+            return _serve_now(args, settings, workers)
+    return _serve_now(args, settings, workers)
+
+
+@contextmanager
+def _shared_metrics_directory() -> Iterator[None]:
+    """Several workers add up their metrics through files in one directory (prometheus_client's
+    multiprocess mode), named by PROMETHEUS_MULTIPROC_DIR before prometheus_client is imported. An
+    operator's own directory is used as it is; ours is made empty here and removed at the end."""
+    if "prometheus_client" in sys.modules:  # imported already: the values are per process
+        logging.getLogger(__name__).warning("metrics stay per worker: prometheus_client was imported first")
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        yield
+        return
+    directory = tempfile.mkdtemp(prefix="agent-gateway-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    try:
+        yield
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _serve_now(args: argparse.Namespace, settings: Settings, workers: int) -> int:
     from agent_gateway import server
     from agent_gateway.app import create_app
 
@@ -132,7 +162,6 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         settings.host = args.host
     if args.port:
         settings.port = args.port
-    workers = settings.workers if args.workers is None else args.workers
     try:
         if workers < 1:
             raise server.ServeSettingsError(f"--workers must be 1 or more, not {workers}")

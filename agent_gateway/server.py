@@ -17,7 +17,7 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from agent_gateway.metrics import CONNECTIONS_REFUSED, SLOW_HEADERS_CLOSED
+from agent_gateway.metrics import CONNECTIONS_REFUSED, MULTIPROCESS_DIR_VARIABLE, SLOW_HEADERS_CLOSED
 from agent_gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -234,6 +234,14 @@ def serve_workers(make_app: Callable[[], Any], settings: Settings, workers: int)
         listening.close()
 
 
+def _forget_worker_gauges(pid: int) -> None:
+    """A gone worker's live gauges (requests in flight) no longer count in the sum."""
+    if os.environ.get(MULTIPROCESS_DIR_VARIABLE):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
+
+
 def bind_listening_socket(host: str, port: int) -> socket.socket:
     """The one socket every worker accepts on (each worker's uvicorn calls listen on it)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -267,6 +275,7 @@ class _Supervisor:
                 if not number:
                     continue
                 code = os.waitstatus_to_exitcode(wait_status)
+                _forget_worker_gauges(pid)
                 if self.stopping:
                     continue
                 if code == WORKER_START_FAILED:

@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent_gateway.testing.processes import start_gateway
 from agent_gateway.testing.upstream import UpstreamSettings
@@ -180,3 +181,23 @@ async def test_a_worker_that_dies_is_replaced_and_the_port_keeps_answering(worke
     # The new worker serves too: connections reach both the survivor and the replacement.
     pinned = await two_workers(url, redis_url, provision_account(database_url))
     await close_all(pinned)
+
+
+async def test_metrics_from_any_worker_add_up_every_workers_requests(workers_gateway, database_url, redis_url):
+    _, url = workers_gateway
+    mk = provision_account(database_url)
+    pinned = await two_workers(url, redis_url, mk)  # one streamed request each
+    sk, _ = buy_key(url, mk, "alpha", ["day"])
+    try:
+        for p in pinned:  # one more each, one at a time, on both workers
+            assert (await p.post(url, sk)).status_code == 200
+    finally:
+        await close_all(pinned)
+    expected = 2 * len(pinned)
+    async with httpx.AsyncClient(timeout=30) as http:
+        for _ in range(6):  # fresh connections: scraped from either worker
+            text = (await http.get(url + "/metrics", headers={"Connection": "close"})).text
+            samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+            ok = sum(s.value for s in samples if s.name == "agw_proxy_requests_total" and s.labels["outcome"] == "ok")
+            assert ok == expected, text
+            assert [s.value for s in samples if s.name == "agw_proxy_in_flight"] == [0]
