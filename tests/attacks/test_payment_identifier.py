@@ -40,19 +40,21 @@ def paid_gateway(tmp_path, database_url, upstream, devchain):  # type: ignore[no
 class Buyer:
     """Hand-made x402 payments for ORDER (or another order) from one wallet, with or without an identifier."""
 
-    def __init__(self, live: LiveGateway, devchain, wallet: Wallet) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, live: LiveGateway, devchain, wallet: Wallet, *, path: str = URL,  # type: ignore[no-untyped-def]
+                 body: dict = ORDER, headers: dict[str, str] | None = None) -> None:
         self.live, self.chain, self.wallet = live, devchain, wallet
-        self.required = self._challenge(ORDER)
+        self.path, self.body, self.headers = path, body, headers or {}
+        self.required = self._challenge(body)
 
     def _challenge(self, order: dict) -> dict:
         with httpx.Client(base_url=self.live.url) as http:
-            r = http.post(URL, json=order)
+            r = http.post(self.path, json=order, headers=self.headers)
         assert r.status_code == 402, r.text
         return json.loads(base64.b64decode(r.headers["PAYMENT-REQUIRED"]))
 
-    def payment(self, identifier: Any = None, *, order: dict = ORDER, signer_key: str | None = None,
+    def payment(self, identifier: Any = None, *, order: dict | None = None, signer_key: str | None = None,
                 payer: str | None = None) -> dict:
-        required = self.required if order is ORDER else self._challenge(order)
+        required = self.required if order is None else self._challenge(order)
         accepted = required["accepts"][0]
         authorization, signature = sign_authorization(
             self.chain, signer_key or self.wallet.key, payer=payer or self.wallet.address, to=accepted["payTo"],
@@ -69,8 +71,9 @@ class Buyer:
     def header(payment: dict) -> str:
         return base64.b64encode(json.dumps(payment).encode()).decode()
 
-    async def post(self, http: httpx.AsyncClient, payment: dict, order: dict = ORDER) -> httpx.Response:
-        return await http.post(self.live.url + URL, json=order, headers={"PAYMENT-SIGNATURE": self.header(payment)})
+    async def post(self, http: httpx.AsyncClient, payment: dict, order: dict | None = None) -> httpx.Response:
+        return await http.post(self.live.url + self.path, json=self.body if order is None else order,
+                               headers={**self.headers, "PAYMENT-SIGNATURE": self.header(payment)})
 
 
 def code(response: httpx.Response) -> str:
@@ -280,3 +283,33 @@ async def test_an_mcp_retry_is_shown_the_purchase_and_so_is_the_same_payment_ove
     assert r.status_code == 200 and r.json()["data"]["paymentId"] == bought["paymentId"], r.text
     assert chain_view.usdc(buyer.wallet.address) == 100 * 10**6 - PRICE
     assert await payment_rows(live) == 1
+
+
+async def test_renewals_and_account_purchases_are_shown_again_too(paid_gateway, devchain, chain_view: ChainView):
+    """A renewal's retry shows the renewed subscription, extended once; a purchase through the
+    management endpoint tells the account to mint keys with its management key."""
+    live = paid_gateway
+    wallet = chain_view.new_wallet()
+    async with httpx.AsyncClient(timeout=60) as http:
+        r = await Buyer(live, devchain, wallet).post(http, Buyer(live, devchain, wallet).payment())
+        assert r.status_code == 201, r.text
+        subscription = r.json()["data"]["subscriptions"][0]
+        renewal = Buyer(live, devchain, wallet, path="/api/agent/renew", body={"subscriptionId": subscription["id"]})
+        payment = renewal.payment(generate_payment_id())
+        first, again = await renewal.post(http, payment), await renewal.post(http, payment)
+        assert first.status_code == 200 and again.status_code == 200, (first.text, again.text)
+        assert "repeated" not in first.json()["data"] and again.json()["data"]["repeated"] is True
+        renewed = [s["currentPeriodEnd"] for s in (first.json()["data"]["subscriptions"][0],
+                                                   again.json()["data"]["subscriptions"][0])]
+        assert renewed[0] == renewed[1] > subscription["currentPeriodEnd"]
+
+        mk = live.new_account(credit_usdc=0)
+        account = Buyer(live, devchain, wallet, path="/api/pools/alpha/subscribe",
+                        body={"blocks": ["day"], "quantity": 1}, headers={"Authorization": f"Bearer {mk}"})
+        payment = account.payment(generate_payment_id())
+        first, again = await account.post(http, payment), await account.post(http, payment)
+        assert first.status_code == 201 and again.status_code == 200, (first.text, again.text)
+        shown = again.json()["data"]
+        assert shown["subscriptions"][0]["id"] == first.json()["data"]["subscriptions"][0]["id"]
+        assert "with its management key" in shown["message"] and "sk_" not in again.text
+    assert chain_view.usdc(wallet.address) == 100 * 10**6 - 3 * PRICE
