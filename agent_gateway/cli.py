@@ -171,6 +171,7 @@ def _serve_now(args: argparse.Namespace, settings: Settings, workers: int) -> in
         print(f"agent-gateway: invalid settings: {exc}", file=sys.stderr)
         return 2
     if workers > 1:
+        load_catalog(settings.pools_file)  # a bad pools file is refused here, not by every worker
         if settings.auto_migrate:
             from agent_gateway.db.migrate import upgrade_database
 

@@ -297,26 +297,30 @@ class _Supervisor:
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         pid = os.fork()
         if pid == 0:  # the worker: never returns into the supervisor's code
-            code = 1
-            try:
-                for sig in _STOP_SIGNALS:
-                    signal.signal(sig, signal.SIG_DFL)  # uvicorn installs its graceful shutdown on run
-                self.children.clear()
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-                code = self._work(number)
-            except BaseException:
-                log.exception("worker %d failed", number)
-            finally:
-                logging.shutdown()
-                os._exit(code)
+            os._exit(self._work(number))
         self.children[pid] = number
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
     def _work(self, number: int) -> int:
-        log.info("worker %d starting (pid %d)", number, os.getpid())
-        server = uvicorn.Server(build_config(self.make_app(), self.settings, self.bound))
-        server.run(sockets=[self.listening])
-        return 0 if server.started else WORKER_START_FAILED
+        """Serve until stopped; the exit status: 0 stopped, 1 failed while serving, 3 never served."""
+        server: uvicorn.Server | None = None
+        failed = False
+        try:
+            for sig in _STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)  # uvicorn installs its graceful shutdown on run
+            self.children.clear()
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+            log.info("worker %d starting (pid %d)", number, os.getpid())
+            server = uvicorn.Server(build_config(self.make_app(), self.settings, self.bound))
+            server.run(sockets=[self.listening])
+        except BaseException:
+            log.exception("worker %d failed", number)
+            failed = True
+        finally:
+            logging.shutdown()
+        if server is None or not server.started:
+            return WORKER_START_FAILED  # starting it again would fail the same way: no restart storm
+        return 1 if failed else 0
 
     def _stop(self, signum: int, frame: object) -> None:
         if not self.stopping:

@@ -104,3 +104,12 @@ def test_several_workers_refuse_to_start_without_what_they_share(tmp_path, env, 
         assert name not in result.stderr
     # AGW_WORKERS says the same as --workers.
     assert run("serve", "--port", "9", env={**base, **env, "AGW_WORKERS": "2"}).returncode == 2
+
+
+def test_workers_that_cannot_start_stop_serve_instead_of_restarting_forever(tmp_path):
+    """The database named does not exist: each worker fails its start; the supervisor stops."""
+    env = {"AGW_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/agw_no_such_database",
+           "AGW_REDIS_URL": "redis://127.0.0.1:6379/0", "AGW_SESSION_SECRET": "fixed", "AGW_AUTO_MIGRATE": "false"}
+    result = run("serve", "--workers", "2", "--port", "0", env=env)
+    assert result.returncode == 1, result.stderr
+    assert "could not start; stopping the others" in result.stderr
