@@ -22,7 +22,6 @@ from agent_gateway.catalog.pricing import Order
 from agent_gateway.services import Services
 from agent_gateway.money import format_usdc
 from agent_gateway.errors import InvalidRequest, PaymentRequired
-from agent_gateway.db.models import Payment
 from agent_gateway.payments.ledger import Delivery
 from agent_gateway.payments.service import PaymentRefused, Settled
 from agent_gateway.payments.wire import (
@@ -236,7 +235,11 @@ def render_pending(settled: Settled) -> dict[str, Any]:
         "message": "Settlement sent; seats are delivered once it is confirmed. Poll the payment; "
                    "if this answer is lost, sign in with the paying wallet to get your keys."}
     if settled.repeated:
-        data.update(repeated=True, paymentIdentifier=payment.payment_identifier)
+        data.update(repeated=True, paymentIdentifier=payment.payment_identifier,
+                    message=f"This payment identifier's purchase (payment {payment.id}) is still being settled by "
+                            "its first request; nothing was charged again. Poll the payment; its keys are shown "
+                            "only to that first request (or, if that answer is lost, sign in with the paying wallet "
+                            "for a management key and mint new ones).")
     return data
 
 
