@@ -12,6 +12,7 @@ connection, once its worker is known, reaches that worker for as long as the con
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent_gateway.testing.processes import start_gateway
@@ -43,8 +45,11 @@ def workers_gateway(tmp_path: Path, database_url: str, redis_url: str, upstream)
                                                                                                     str]]:
     pools = tmp_path / "pools.toml"
     pools.write_text(ALL_DAY_POOLS.format(upstream=upstream.url))
+    metrics = tmp_path / "metrics"  # the operator's own directory: kept, so the test can read each worker's file
+    metrics.mkdir()
     env = {"AGW_DATABASE_URL": database_url, "AGW_REDIS_URL": redis_url, "AGW_POOLS_FILE": str(pools),
-           "AGW_SESSION_SECRET": "a-fixed-secret-for-every-worker", "AGW_WORKERS": "2", "AGW_LOG_LEVEL": "INFO"}
+           "AGW_SESSION_SECRET": "a-fixed-secret-for-every-worker", "AGW_WORKERS": "2", "AGW_LOG_LEVEL": "INFO",
+           "AGW_HEADER_READ_TIMEOUT_S": "1", "PROMETHEUS_MULTIPROC_DIR": str(metrics)}
     process, url = start_gateway(env, log=tmp_path / "gateway.log")
     try:
         yield process, url
@@ -201,3 +206,40 @@ async def test_metrics_from_any_worker_add_up_every_workers_requests(workers_gat
             ok = sum(s.value for s in samples if s.name == "agw_proxy_requests_total" and s.labels["outcome"] == "ok")
             assert ok == expected, text
             assert [s.value for s in samples if s.name == "agw_proxy_in_flight"] == [0]
+
+
+def counted_by(metrics: Path, pid: int, name: str) -> float:
+    """A counter as one worker counted it, from its own multiprocess file."""
+    path = metrics / f"counter_{pid}.db"
+    if not path.exists():
+        return 0.0
+    return sum(value for key, value, _, _ in MmapedDict.read_all_values_from_file(str(path))
+               if json.loads(key)[1] == name)
+
+
+async def test_every_worker_closes_connections_whose_headers_are_too_slow(workers_gateway, tmp_path):
+    """The guarded protocol runs in each worker: connections that never finish their headers are
+    closed after AGW_HEADER_READ_TIMEOUT_S (1 s here) by whichever worker accepted them."""
+    process, url = workers_gateway
+    host, port = url.removeprefix("http://").split(":")
+    workers = children_of(process.pid)
+    metrics = tmp_path / "metrics"
+
+    async def trickle() -> tuple[bytes, float]:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n")  # never finished
+        started = time.monotonic()
+        try:
+            return await asyncio.wait_for(reader.read(1), timeout=10), time.monotonic() - started
+        finally:
+            writer.close()
+
+    sent = 0
+    for _ in range(5):  # the kernel chooses the worker; rounds until both have closed some
+        results = await asyncio.gather(*(trickle() for _ in range(8)))
+        sent += len(results)
+        assert all(data == b"" and waited < 5 for data, waited in results), results
+        closed = {pid: counted_by(metrics, pid, "agw_slow_headers_closed_total") for pid in workers}
+        if all(closed.values()):
+            break
+    assert all(closed.values()) and sum(closed.values()) == sent, closed
