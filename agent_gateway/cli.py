@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import shutil
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the gateway HTTP server (migrates the database first)")
     serve.add_argument("--host", help="interface to bind (default AGW_HOST, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default AGW_PORT, 8080)")
+    serve.add_argument(
+        "--workers", type=int, metavar="N",
+        help="worker processes sharing the port (default AGW_WORKERS, 1); N > 1 needs PostgreSQL "
+             "(AGW_DATABASE_URL), AGW_REDIS_URL and a fixed AGW_SESSION_SECRET, and refuses to start without them")
     serve.set_defaults(run=_serve)
 
     migrate = commands.add_parser("migrate", help="bring the database schema up to date and exit")
@@ -128,6 +136,32 @@ def _settings_problems(exc: ValidationError) -> str:
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    workers = settings.workers if args.workers is None else args.workers
+    if workers > 1:
+        with _shared_metrics_directory():
+            return _serve_now(args, settings, workers)
+    return _serve_now(args, settings, workers)
+
+
+@contextmanager
+def _shared_metrics_directory() -> Iterator[None]:
+    """Several workers add up their metrics through files in one directory (prometheus_client's
+    multiprocess mode), named by PROMETHEUS_MULTIPROC_DIR before prometheus_client is imported. An
+    operator's own directory is used as it is; ours is made empty here and removed at the end."""
+    if "prometheus_client" in sys.modules:  # imported already: the values are per process
+        logging.getLogger(__name__).warning("metrics stay per worker: prometheus_client was imported first")
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        yield
+        return
+    directory = tempfile.mkdtemp(prefix="agent-gateway-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    try:
+        yield
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _serve_now(args: argparse.Namespace, settings: Settings, workers: int) -> int:
     from agent_gateway import server
     from agent_gateway.app import create_app
 
@@ -136,10 +170,22 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if args.port:
         settings.port = args.port
     try:
+        if workers < 1:
+            raise server.ServeSettingsError(f"--workers must be 1 or more, not {workers}")
         server.check_serving_settings(settings)
+        server.check_worker_settings(settings, workers)
     except server.ServeSettingsError as exc:
         print(f"agent-gateway: invalid settings: {exc}", file=sys.stderr)
         return 2
+    if workers > 1:
+        load_catalog(settings.pools_file)  # a bad pools file is refused here, not by every worker
+        if settings.auto_migrate:
+            from agent_gateway.db.migrate import upgrade_database
+
+            upgrade_database(settings.database_url)  # once, before the workers start
+            settings.auto_migrate = False
+        _tune_garbage_collector()  # before the fork: the frozen start-up objects stay shared
+        return server.serve_workers(lambda: create_app(settings), settings, workers)
     app = create_app(settings)
     _tune_garbage_collector()
     server.serve(app, settings)

@@ -1,10 +1,16 @@
-"""Prometheus metrics and the /metrics endpoint (behind a bearer token when AGW_METRICS_TOKEN is set)."""
+"""Prometheus metrics and the /metrics endpoint (behind a bearer token when AGW_METRICS_TOKEN is set).
+
+Under `serve --workers N` every worker writes its values to files in PROMETHEUS_MULTIPROC_DIR
+(prometheus_client's multiprocess mode, chosen by that variable before this module is imported),
+and /metrics, whichever worker answers it, adds up all of them."""
 
 from __future__ import annotations
 
 import hmac
+import os
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -15,7 +21,8 @@ PROXY_REQUESTS = Counter(
     "Inference requests by endpoint and outcome (ok, refused_*, upstream_error, client_disconnected, revoked).",
     ["endpoint", "outcome"],
 )
-PROXY_IN_FLIGHT = Gauge("agw_proxy_in_flight", "Inference requests holding a lease right now.")
+PROXY_IN_FLIGHT = Gauge("agw_proxy_in_flight", "Inference requests holding a lease right now.",
+                        multiprocess_mode="livesum")  # several workers: the sum over the live ones
 PROXY_OVERHEAD = Histogram(
     "agw_proxy_overhead_seconds",
     "Time the gateway adds to a request: admission before the upstream call plus the tail after it.",
@@ -49,7 +56,19 @@ async def metrics_endpoint(request: Request) -> Response:
     if token is not None and not _bearer_matches(request.headers.get("authorization", ""), token):
         raise AuthenticationError("/metrics needs 'Authorization: Bearer <AGW_METRICS_TOKEN>'.",
                                   code="invalid_metrics_token", headers={"WWW-Authenticate": "Bearer"})
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return Response(exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+def exposition() -> bytes:
+    """The metrics text: this process's, or every worker's added up in multiprocess mode."""
+    if os.environ.get(MULTIPROCESS_DIR_VARIABLE):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest()
+
+
+MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def _bearer_matches(header: str, token: str) -> bool:

@@ -1,18 +1,23 @@
-"""Serving the app: the checks before binding, the file-descriptor limit, and the uvicorn config
-with its guarded HTTP protocol (header read deadline, connection bound)."""
+"""Serving the app: the checks before binding, the file-descriptor limit, the uvicorn config with
+its guarded HTTP protocol (header read deadline, connection bound), and several worker processes
+on one port."""
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
 import logging
+import os
+import signal
+import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from agent_gateway.metrics import CONNECTIONS_REFUSED, SLOW_HEADERS_CLOSED
+from agent_gateway.metrics import CONNECTIONS_REFUSED, MULTIPROCESS_DIR_VARIABLE, SLOW_HEADERS_CLOSED
 from agent_gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -177,3 +182,155 @@ def serve(app: Any, settings: Settings) -> None:
     """Run the app until stopped (the settings were checked by check_serving_settings)."""
     bound = raise_fd_limit(settings.max_connections)
     uvicorn.Server(build_config(app, settings, bound)).run()
+
+
+# --- several worker processes on one port ----------------------------------------------------
+
+# A worker that exits with this never served: its start failed (database, Redis or the chain not
+# reachable, a bad pools file), and starting it again would fail the same way.
+WORKER_START_FAILED = 3
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def check_worker_settings(settings: Settings, workers: int) -> None:
+    """Several processes are one deployment only if they share what one process keeps to itself:
+    the database (SQLite is one file per machine and one writer at a time), the leases, revocations
+    and attempt counts (Redis), and the key that signs dashboard cookies (each process would make
+    its own, and a cookie would verify only on the worker that set it)."""
+    if workers <= 1:
+        return
+    missing = []
+    if not settings.database_url.startswith(("postgresql", "postgres://")):
+        missing.append("PostgreSQL (AGW_DATABASE_URL=postgresql://…; SQLite cannot be shared by several processes)")
+    if settings.redis_url is None:
+        missing.append("Redis (AGW_REDIS_URL=redis://…; one request in flight per key and revocations are kept "
+                       "there for every process)")
+    if settings.session_secret is None:
+        missing.append("a fixed AGW_SESSION_SECRET (dashboard cookies must verify on every worker)")
+    if missing:
+        raise ServeSettingsError(f"--workers {workers} needs " + "; ".join(missing)
+                                 + ". Serve with --workers 1, or set them.")
+
+
+def serve_workers(make_app: Callable[[], Any], settings: Settings, workers: int) -> int:
+    """Run `workers` processes that accept on one listening socket, bound here before they fork.
+
+    The parent binds, then forks; each worker builds its own app and services (its own event loop,
+    database pool, Redis connections, background jobs: nothing that holds a connection or a thread
+    is made before the fork) and runs uvicorn with the same guarded protocol as a single process.
+    The kernel hands each new connection to one of the workers. The parent only supervises: it
+    restarts a worker that dies while serving, stops them all on SIGTERM or SIGINT, and if a
+    worker fails to start, stops the others and exits 1. Returns the exit status."""
+    bound = raise_fd_limit(settings.max_connections)
+    try:
+        listening = bind_listening_socket(settings.host, settings.port)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror or exc)
+        return 1
+    supervisor = _Supervisor(make_app, settings, bound, listening)
+    try:
+        return supervisor.run(workers)
+    finally:
+        listening.close()
+
+
+def _forget_worker_gauges(pid: int) -> None:
+    """A gone worker's live gauges (requests in flight) no longer count in the sum."""
+    if os.environ.get(MULTIPROCESS_DIR_VARIABLE):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
+
+
+def bind_listening_socket(host: str, port: int) -> socket.socket:
+    """The one socket every worker accepts on (each worker's uvicorn calls listen on it)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+class _Supervisor:
+    def __init__(self, make_app: Callable[[], Any], settings: Settings, bound: int, listening: socket.socket) -> None:
+        self.make_app, self.settings, self.bound, self.listening = make_app, settings, bound, listening
+        self.children: dict[int, int] = {}  # pid -> worker number
+        self.stopping = False
+
+    def run(self, workers: int) -> int:
+        previous = {sig: signal.signal(sig, self._stop) for sig in _STOP_SIGNALS}
+        try:
+            for number in range(1, workers + 1):
+                self._fork(number)
+            log.info("serving on %s:%d with %d worker processes (pids %s)", self.settings.host, self.settings.port,
+                     workers, ", ".join(map(str, self.children)))
+            status = 0
+            while self.children:
+                pid, wait_status = os.wait()
+                number = self.children.pop(pid, 0)
+                if not number:
+                    continue
+                code = os.waitstatus_to_exitcode(wait_status)
+                _forget_worker_gauges(pid)
+                if self.stopping:
+                    continue
+                if code == WORKER_START_FAILED:
+                    log.error("worker %d (pid %d) could not start; stopping the others", number, pid)
+                    status = 1
+                    self._stop_all()
+                    continue
+                log.error("worker %d (pid %d) exited (%s) while serving; starting a new one", number, pid,
+                          f"signal {-code}" if code < 0 else f"status {code}")
+                self._fork(number)
+            return status
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _fork(self, number: int) -> None:
+        # Signals wait until the worker has dropped the supervisor's handlers (which would signal
+        # the supervisor's children, its siblings, from inside it).
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        pid = os.fork()
+        if pid == 0:  # the worker: never returns into the supervisor's code
+            os._exit(self._work(number))
+        self.children[pid] = number
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+    def _work(self, number: int) -> int:
+        """Serve until stopped; the exit status: 0 stopped, 1 failed while serving, 3 never served."""
+        server: uvicorn.Server | None = None
+        failed = False
+        try:
+            for sig in _STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)  # uvicorn installs its graceful shutdown on run
+            self.children.clear()
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+            log.info("worker %d starting (pid %d)", number, os.getpid())
+            server = uvicorn.Server(build_config(self.make_app(), self.settings, self.bound))
+            server.run(sockets=[self.listening])
+        except BaseException:
+            log.exception("worker %d failed", number)
+            failed = True
+        finally:
+            logging.shutdown()
+        if server is None or not server.started:
+            return WORKER_START_FAILED  # starting it again would fail the same way: no restart storm
+        return 1 if failed else 0
+
+    def _stop(self, signum: int, frame: object) -> None:
+        if not self.stopping:
+            log.info("stopping %d worker processes (%s)", len(self.children), signal.Signals(signum).name)
+        self._stop_all()
+
+    def _stop_all(self) -> None:
+        self.stopping = True
+        for pid in self.children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     # HTTP server.
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
+    # Worker processes of `serve` on that one port; more than 1 needs PostgreSQL, AGW_REDIS_URL and
+    # AGW_SESSION_SECRET (checked at start).
+    workers: int = Field(default=1, ge=1, le=256)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     log_level: str = "INFO"
     # The gateway's canonical external URL (scheme://host[:port]); every absolute URL it emits and

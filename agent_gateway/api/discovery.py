@@ -122,6 +122,10 @@ def llms_text(services: Services) -> str:
             f"- x402 manifest: {base}/.well-known/x402",
             f"- Lost the answer? Sign in with the paying wallet: POST {base}/api/agent/auth/challenge, "
             f"then POST {base}/api/agent/auth/sign-in.",
+            "- Retry safely: name the purchase with the x402 payment-identifier extension (the challenge "
+            'declares it; put "id", 16-128 characters of A-Z a-z 0-9 _ -, in the payment\'s '
+            'extensions["payment-identifier"].info). The same payment sent again under that id returns the same '
+            "purchase, without its keys (they are shown once: sign in for them); another payment under it is a 409.",
             f"- Renew: POST {base}/api/agent/renew with {{\"subscriptionId\": \"…\"}} over x402.",
         ]
     lines += [

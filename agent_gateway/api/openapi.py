@@ -88,8 +88,12 @@ _DELIVERY = _obj({
     "managementKey": {"type": ["string", "null"], "description": "A new mk_ key when the payer had no account."},
     "subscriptions": {"type": "array", "items": _ref("Subscription")},
     "credited": _USDC, "creditedAtomic": _STR, "message": _STR,
+    "repeated": {"type": "boolean", "description": "A retry with an x402 payment-identifier already used for this "
+                                                   "purchase: shown again, without plaintext keys."},
+    "paymentIdentifier": _STR,
 }, ["paymentId", "accountId", "subscriptions"])
-_SETTLING = _obj({"paymentId": _STR, "state": _STR, "txHash": _NULLABLE_STR, "poll": _STR, "message": _STR},
+_SETTLING = _obj({"paymentId": _STR, "state": _STR, "txHash": _NULLABLE_STR, "poll": _STR, "message": _STR,
+                  "repeated": {"type": "boolean"}, "paymentIdentifier": _STR},
                  ["paymentId", "state", "poll"])
 _PAYMENT_REQUIRED = _obj({
     "error": _ref("ErrorDetail"), "x402Version": {"const": 2},
@@ -199,14 +203,19 @@ def openapi_document(base_url: str, catalog: Catalog, *, payments_on: bool, vers
             "Buy seats: over x402, or by claiming a USDC transfer (txHash + signature)",
             {"201": _json("Delivered: the subscriptions with their sk_ keys, and a management key for a new account",
                           _data(_ref("Delivery"))),
-             "400": bad, "404": not_found, "409": _error("Sold out, or the pool is paused.")},
+             "200": _json("A retry under an x402 payment-identifier that already bought this purchase: the same "
+                          "purchase, keys without their plaintext", _data(_ref("Delivery"))),
+             "400": bad, "404": not_found,
+             "409": _error("Sold out, the pool is paused, or the payment-identifier names another purchase.")},
             tags=agent_tags, body=SubscribePoolBody, body_optional=True, paid=paid,
             description="Without a body and without a payment, the answer is the 402 challenge for the default order "
                         "(one seat, the cheapest open block of the first active pool, one month). A payment always "
                         "needs its order as the body.")},
         "/api/agent/renew": {"post": _operation(
-            "Renew a subscription over x402", {"200": _json("Renewed", _data(_ref("Delivery"))), "400": bad,
-                                               "404": not_found, "409": _error("The subscription is not active.")},
+            "Renew a subscription over x402",
+            {"200": _json("Renewed (or, for a retry under its x402 payment-identifier, the same renewal again)",
+                          _data(_ref("Delivery"))), "400": bad, "404": not_found,
+             "409": _error("The subscription is not active, or the payment-identifier names another purchase.")},
             tags=agent_tags, body=RenewBody, paid=paid)},
         "/api/agent/payments/{payment_id}": {"get": _operation(
             "A payment's state", {"200": _json("The payment", _data({"type": "object"})), "404": not_found},
@@ -232,8 +241,11 @@ def openapi_document(base_url: str, catalog: Catalog, *, payments_on: bool, vers
             {"201": _json("The subscriptions (from the balance), or the x402 delivery",
                           _data(_obj({"quote": _ref("Quote"), "subscriptions": {"type": "array",
                                                                                 "items": _ref("Subscription")}}))),
-             "400": bad, "401": unauth, "404": not_found, "409": _error("Sold out, or the pool is paused.")}
-            | ({} if payments_on else {"402": _error("The balance does not cover the order.")}),
+             "400": bad, "401": unauth, "404": not_found,
+             "409": _error("Sold out, the pool is paused, or the x402 payment-identifier names another purchase.")}
+            | ({"200": _json("A retry under an x402 payment-identifier that already bought this purchase: the same "
+                             "purchase, keys without their plaintext", _data(_ref("Delivery")))} if payments_on
+               else {"402": _error("The balance does not cover the order.")}),
             tags=management_tags, security=mk, body=SubscribeBody, parameters=[slug], paid=paid)},
         "/api/subscriptions": {"get": _operation(
             "The account's subscriptions", {"200": _json("Subscriptions", _data({"type": "array",

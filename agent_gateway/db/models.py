@@ -167,6 +167,8 @@ class UsageRecord(SQLModel, table=True):
 
 # The rows of ux_payments_tx_hash: tx-hash claims that have not failed.
 TX_HASH_CLAIMED = "method = 'tx-hash' AND state <> 'failed' AND tx_hash IS NOT NULL"
+# The rows of ux_payments_identifier: payments with a client's idempotency key that have not failed.
+IDENTIFIER_HELD = "state <> 'failed' AND payment_identifier IS NOT NULL"
 
 
 class Payment(SQLModel, table=True):
@@ -184,6 +186,8 @@ class Payment(SQLModel, table=True):
               postgresql_where=text("state <> 'failed' AND auth_nonce IS NOT NULL")),
         Index("ux_payments_tx_hash", "tx_hash", unique=True,
               sqlite_where=text(TX_HASH_CLAIMED), postgresql_where=text(TX_HASH_CLAIMED)),
+        Index("ux_payments_identifier", "payer", "payment_identifier", unique=True,
+              sqlite_where=text(IDENTIFIER_HELD), postgresql_where=text(IDENTIFIER_HELD)),
         Index("ix_payments_state_updated", "state", "updated_at"),
         Index("ix_payments_recheck", "chain_final", "state"),
     )
@@ -222,6 +226,11 @@ class Payment(SQLModel, table=True):
     sender_nonce: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     # What of amount_atomic went to the prepaid balance at delivery (an overpaid tx-hash transfer).
     credit_atomic: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    # x402 `payment-identifier`: the payer's idempotency key (unique per payer over the payments
+    # that have not failed), and the SHA-256 of the request it was first sent with
+    # (payments.idempotency), so a retry is told apart from another request under the same key.
+    payment_identifier: str | None = Field(default=None, max_length=128)
+    request_fingerprint: str | None = Field(default=None, max_length=64)
     # Past the reorg horizon (or ended without money): no longer re-checked.
     chain_final: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, server_default=false()))
     # When the reorg re-check last took it up: the pass takes the longest unchecked first.

@@ -75,6 +75,9 @@ _PURCHASE = {"type": "object", "properties": {
     "subscriptions": {"type": "array", "items": _SUBSCRIPTION},
     "poll": {"type": "string", "description": "When the settlement is still confirming: where to poll it."},
     "message": {"type": "string"},
+    "repeated": {"type": "boolean", "description": "A retry with an x402 payment-identifier already used for this "
+                                                   "purchase: shown again, without plaintext keys."},
+    "paymentIdentifier": {"type": "string"},
 }, "required": ["paymentId"]}
 
 _USAGE_WINDOW = {"type": "object", "properties": {

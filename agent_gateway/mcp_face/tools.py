@@ -117,7 +117,7 @@ def _decoder(payment: object | None) -> Callable[[], ExactPayment] | None:
 def _purchase(settled: Settled) -> Answer:
     payment = settled.payment
     if settled.delivery is None:  # still confirming: no receipt yet, as the HTTP 202 has none
-        return Answer(render_pending(payment))
+        return Answer(render_pending(settled))
     data = render_delivery(settled)
     data.update(amount=format_usdc(payment.amount_atomic), amountAtomic=str(payment.amount_atomic))
     return Answer(data, settle_response(True, payment.tx_hash, payment.network, payment.payer))

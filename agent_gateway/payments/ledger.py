@@ -33,7 +33,7 @@ revoked, a renewal's added period and any credit taken back, all in one transact
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TypeVar
 
@@ -89,6 +89,8 @@ class Claim:
     block_number: int | None = None  # tx-hash: the claimed transaction's block
     sender_nonce: int | None = None  # tx-hash: the claimed transaction's nonce
     credit_atomic: int = 0  # tx-hash: paid beyond the price, credited at delivery
+    identifier: str | None = None  # x402 payment-identifier: the payer's idempotency key
+    fingerprint: str | None = None  # with an identifier: the request it names (payments.idempotency)
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,8 @@ class Delivery:
     subscriptions: list[Subscription]
     keys: list[tuple[ApiKey, IssuedToken]]  # empty when delivered by the reconciler
     management_key: IssuedToken | None  # a new account's first management key
+    # A delivery shown again (a payment-identifier retry): the keys minted then, never their plaintext.
+    existing_keys: dict[str, ApiKey] = field(default_factory=dict)
 
 
 async def record_received(db: Database, clock: Clock, claim: Claim, order: Order, *,
@@ -113,6 +117,7 @@ async def record_received(db: Database, clock: Clock, claim: Claim, order: Order
         unit_price_atomic=order.unit_price_atomic, key_name=key_name,
         renew_subscription_id=renew_subscription_id, watch_from_block=claim.watch_from_block,
         block_number=claim.block_number, sender_nonce=claim.sender_nonce, credit_atomic=claim.credit_atomic,
+        payment_identifier=claim.identifier, request_fingerprint=claim.fingerprint,
         created_at=now, updated_at=now,
     )
     try:

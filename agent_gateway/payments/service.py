@@ -24,11 +24,11 @@ from agent_gateway.clock import Clock
 from agent_gateway.db.engine import Database
 from agent_gateway.db.models import Payment, PaymentState
 from agent_gateway.errors import Conflict, GatewayError, PaymentRequired, ServiceUnavailable
-from agent_gateway.payments import ledger
+from agent_gateway.payments import idempotency, ledger
 from agent_gateway.money import format_usdc
 from agent_gateway.payments.chain import ChainAdapter, Receipt, SettlementWouldRevert
 from agent_gateway.payments.facilitator import ConnectFailed, FacilitatorClient, FacilitatorError, our_reason
-from agent_gateway.payments.ledger import Claim, Delivery
+from agent_gateway.payments.ledger import Claim, Delivery, PaymentAlreadyUsed
 from agent_gateway.networks import chain_defaults
 from agent_gateway.payments.rules import check_chain_facts, check_payment, reason_message
 from agent_gateway.payments.wallet import recover_personal_signer
@@ -56,10 +56,12 @@ class FacilitatorMismatch(Exception):
 
 @dataclass(frozen=True)
 class Settled:
-    """The outcome of a paid request: delivered now, or still settling (answer 202 and poll)."""
+    """The outcome of a paid request: delivered now, or still settling (answer 202 and poll).
+    `repeated`: a payment-identifier retry, shown the purchase its first request made."""
 
     payment: Payment
     delivery: Delivery | None
+    repeated: bool = False
 
     @property
     def pending(self) -> bool:
@@ -130,18 +132,33 @@ class PaymentService:
         """Settle a decoded x402 `exact` payment for `order` (the HTTP binding decoded its header)."""
         chain = self.require_chain()
         offer = self.offer(order, resource_url)
+        fingerprint = None
+        if payment.identifier is not None:
+            fingerprint = idempotency.request_fingerprint(payment, order, account_id=account_id, key_name=key_name,
+                                                          renew_subscription_id=renew_subscription_id)
+            # Before any chain call: a retry is answered even once its authorization has expired.
+            if (repeated := await self._repeated(payment, fingerprint, offer)) is not None:
+                return repeated
         # The head before the authorization is checked unused: any use of it is in a later block.
         chain_now, watch_from_block = await asyncio.gather(chain.chain_now(), chain.block_number())
         verdict = check_payment(offer, payment, self.terms.chain_id, self.terms.usdc_address, chain_now)
         if not verdict.ok:
             raise PaymentRefused(reason_message(verdict.reason), code=verdict.reason)
-        row = await ledger.record_received(
-            self.db, self.clock,
-            Claim(method="x402-exact", network=self.network, payer=payment.payer, amount_atomic=payment.value,
-                  auth_nonce=payment.nonce, valid_before=payment.valid_before,
-                  authorization=dataclasses.asdict(payment), watch_from_block=watch_from_block),
-            order, account_id=account_id, key_name=key_name, renew_subscription_id=renew_subscription_id,
-        )
+        try:
+            row = await ledger.record_received(
+                self.db, self.clock,
+                Claim(method="x402-exact", network=self.network, payer=payment.payer, amount_atomic=payment.value,
+                      auth_nonce=payment.nonce, valid_before=payment.valid_before,
+                      authorization=dataclasses.asdict(payment), watch_from_block=watch_from_block,
+                      identifier=payment.identifier, fingerprint=fingerprint),
+                order, account_id=account_id, key_name=key_name, renew_subscription_id=renew_subscription_id,
+            )
+        except PaymentAlreadyUsed:
+            # A concurrent request claimed it first. With an identifier, that one is this same
+            # purchase (shown as it stands) or another request under the key (a conflict).
+            if fingerprint is not None and (repeated := await self._repeated(payment, fingerprint, offer)):
+                return repeated
+            raise
         try:
             if self.facilitator is not None:
                 await self._verify_with_facilitator(row, payment, offer)
@@ -186,6 +203,11 @@ class PaymentService:
         if isinstance(sent, Settled):
             return sent
         return await self._await_delivery(row.id, sent, mint_keys=True)
+
+    async def _repeated(self, payment: ExactPayment, fingerprint: str, offer: Offer) -> Settled | None:
+        shown = await idempotency.purchase_shown_again(self.db, payment, fingerprint, offer, self.terms.chain_id,
+                                                       self.terms.usdc_address)
+        return None if shown is None else Settled(*shown, repeated=True)
 
     async def _send(self, payment_id: str, payment: ExactPayment, tx_hash: str, raw_tx: str, *,
                     mint_keys: bool) -> str | Settled:

@@ -23,6 +23,15 @@ _NONCE_RE = re.compile(r"^0x[0-9a-fA-F]{64}$")
 _SIGNATURE_RE = re.compile(r"^0x[0-9a-fA-F]{130}$")
 _CAIP2_EIP155_RE = re.compile(r"^eip155:[1-9][0-9]*$")
 
+# The x402 `payment-identifier` extension (specs/extensions/payment_identifier.md): a client's
+# idempotency key, 16-128 letters, digits, `-` or `_`. The SDK's constants
+# (x402.extensions.payment_identifier); a unit test keeps the two equal.
+PAYMENT_IDENTIFIER = "payment-identifier"
+PAYMENT_ID_MIN_CHARS = 16
+PAYMENT_ID_MAX_CHARS = 128
+_PAYMENT_ID_RE = re.compile(r"[a-zA-Z0-9_-]{16,128}")
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
 # The v1 protocol names networks instead of using CAIP-2, from a closed table. This is the x402
 # SDK's table (x402.mechanisms.evm.v1.constants.V1_NETWORK_CHAIN_IDS, 2.25.0), keyed by chain id;
 # a unit test keeps the two equal.
@@ -43,6 +52,13 @@ class WireError(ValueError):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class InvalidPaymentIdentifier(WireError):
+    """The payment's `payment-identifier` extension is malformed: a bad request, not an unpaid one."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("invalid_payment_identifier", message)
 
 
 @dataclass(frozen=True)
@@ -87,6 +103,8 @@ class ExactPayment:
     nonce: str  # 0x + 64 lowercase hex
     signature: str  # 0x + 130 lowercase hex (65 bytes: r, s, v)
     accepted: dict[str, Any] | None  # v2: the requirements the client says it paid; v1: None
+    # v2: the client's idempotency key from the `payment-identifier` extension, if it sent one.
+    identifier: str | None = None
 
     @property
     def signature_bytes(self) -> bytes:
@@ -119,6 +137,21 @@ def payment_required(offers: list[Offer], error: str | None = None,
     if extensions:
         required["extensions"] = extensions
     return required
+
+
+def payment_identifier_extension() -> dict[str, Any]:
+    """Our declaration of the `payment-identifier` extension in a challenge's `extensions`, as the
+    SDK's `declare_payment_identifier_extension()` writes it: an id is welcome, not required."""
+    return {
+        "info": {"required": False},
+        "schema": {
+            "$schema": JSON_SCHEMA_DIALECT, "type": "object",
+            "properties": {"required": {"type": "boolean"},
+                           "id": {"type": "string", "minLength": PAYMENT_ID_MIN_CHARS,
+                                  "maxLength": PAYMENT_ID_MAX_CHARS, "pattern": "^[a-zA-Z0-9_-]+$"}},
+            "required": ["required"],
+        },
+    }
 
 
 def payment_required_v1(offers: list[Offer], error: str | None = None,
@@ -226,7 +259,32 @@ def payment_from_object(obj: object) -> ExactPayment:
         valid_after=_uint(auth.get("validAfter"), "authorization.validAfter"),
         valid_before=_uint(auth.get("validBefore"), "authorization.validBefore"),
         nonce=nonce.lower(), signature=signature.lower(), accepted=accepted,
+        identifier=payment_identifier(obj) if version == 2 else None,
     )
+
+
+def payment_identifier(obj: dict[str, Any]) -> str | None:
+    """The id a v2 payment carries in `extensions["payment-identifier"].info.id`, or None when it
+    sends none (no extension, or our declaration echoed back without an id, as the SDK does)."""
+    extensions = obj.get("extensions")
+    if extensions is None:
+        return None
+    if not isinstance(extensions, dict):
+        raise WireError("invalid_payment_header", "The payment's `extensions` must be an object.")
+    extension = extensions.get(PAYMENT_IDENTIFIER)
+    if extension is None:
+        return None
+    info = extension.get("info") if isinstance(extension, dict) else None
+    if not isinstance(info, dict):
+        raise InvalidPaymentIdentifier(f"extensions[{PAYMENT_IDENTIFIER!r}] must be an object with an `info` object.")
+    value = info.get("id")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _PAYMENT_ID_RE.fullmatch(value):
+        raise InvalidPaymentIdentifier(
+            f"The payment identifier must be {PAYMENT_ID_MIN_CHARS}-{PAYMENT_ID_MAX_CHARS} characters of letters, "
+            "digits, '-' and '_' (x402 payment-identifier), e.g. pay_7d5d747be160e280504c099d984bcfe0.")
+    return value
 
 
 def _check_accepted(accepted: object) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import asyncio
 import enum
 import itertools
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable
@@ -68,6 +69,16 @@ class Leases(Protocol):
 # call per request (the acquire sits on every inference request's path).
 _PROCESS_TAG = secrets.token_hex(8)
 _LEASE_COUNTER = itertools.count(1)
+
+
+def _new_process_tag() -> None:
+    # A forked worker (`serve --workers N`) would otherwise inherit its parent's tag and counter,
+    # and two workers would hand out the same lease ids.
+    global _PROCESS_TAG
+    _PROCESS_TAG = secrets.token_hex(8)
+
+
+os.register_at_fork(after_in_child=_new_process_tag)
 
 
 def new_lease(key_id: str) -> Lease:

@@ -21,15 +21,19 @@ from agent_gateway.web.views import render_subscription
 from agent_gateway.catalog.pricing import Order
 from agent_gateway.services import Services
 from agent_gateway.money import format_usdc
-from agent_gateway.errors import PaymentRequired
-from agent_gateway.db.models import Payment
+from agent_gateway.errors import InvalidRequest, PaymentRequired
+from agent_gateway.payments.ledger import Delivery
 from agent_gateway.payments.service import PaymentRefused, Settled
 from agent_gateway.payments.wire import (
+    JSON_SCHEMA_DIALECT,
+    PAYMENT_IDENTIFIER,
     ExactPayment,
+    InvalidPaymentIdentifier,
     WireError,
     encode_header,
     parse_payment,
     payment_required,
+    payment_identifier_extension,
     payment_required_v1,
     settle_response_header,
 )
@@ -47,9 +51,6 @@ def payment_header(request: Request) -> tuple[str, int] | None:
 def resource_url(request: Request, services: Services) -> str:
     """The x402 `resource` of a paid route: AGW_PUBLIC_URL plus the path, never the Host header."""
     return services.settings.external_url + request.url.path
-
-
-JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 
 @dataclass(frozen=True)
@@ -161,8 +162,11 @@ def challenge(services: Services, order: Order, resource: str, *, call: PaidCall
     payments = services.payments
     payments.require_chain()
     offer = payments.offer(order, resource)
+    # `payment-identifier`: a client may name its purchase, so that a retry after a lost answer is
+    # shown that purchase instead of paying twice (payments.idempotency).
     required = payment_required([offer], error=None if code == "payment_required" else code,
-                                extensions={"bazaar": call.bazaar(urlsplit(services.settings.external_url).path)})
+                                extensions={"bazaar": call.bazaar(urlsplit(services.settings.external_url).path),
+                                            PAYMENT_IDENTIFIER: payment_identifier_extension()})
     headers = {"PAYMENT-REQUIRED": encode_header(required), "Cache-Control": "no-store"}
     # The body carries the same object (its `error` lives in the error envelope) plus a quote.
     extra: dict[str, object] = {**{k: v for k, v in required.items() if k != "error"}, "quote": order.quote()}
@@ -202,6 +206,8 @@ async def settle_for(services: Services, order: Order, resource: str, decode: Ca
     payments.require_chain()
     try:
         payment = decode()
+    except InvalidPaymentIdentifier as exc:
+        raise InvalidRequest(exc.message, code=exc.code) from None
     except WireError as exc:
         raise challenge(services, order, resource, call=call, message=exc.message, code=exc.code) from None
     try:
@@ -212,18 +218,29 @@ async def settle_for(services: Services, order: Order, resource: str, decode: Ca
 
 
 def render_settled(settled: Settled, status_if_done: int = 201) -> Response:
+    """201 (200 for a renewal) with the delivery; 202 while settling; 200 for a payment-identifier
+    retry of a delivered purchase (nothing new was made)."""
     payment = settled.payment
     if settled.delivery is None:  # still settling
-        return ok(render_pending(payment), status=202)
+        return ok(render_pending(settled), status=202)
     headers = {"PAYMENT-RESPONSE": settle_response_header(True, payment.tx_hash, payment.network, payment.payer)}
-    return ok(render_delivery(settled), status=status_if_done, headers=headers)
+    return ok(render_delivery(settled), status=200 if settled.repeated else status_if_done, headers=headers)
 
 
-def render_pending(payment: Payment) -> dict[str, Any]:
-    return {"paymentId": payment.id, "state": payment.state, "txHash": payment.tx_hash,
-            "poll": f"/api/agent/payments/{payment.id}",
-            "message": "Settlement sent; seats are delivered once it is confirmed. Poll the payment; "
-                       "if this answer is lost, sign in with the paying wallet to get your keys."}
+def render_pending(settled: Settled) -> dict[str, Any]:
+    payment = settled.payment
+    data: dict[str, Any] = {
+        "paymentId": payment.id, "state": payment.state, "txHash": payment.tx_hash,
+        "poll": f"/api/agent/payments/{payment.id}",
+        "message": "Settlement sent; seats are delivered once it is confirmed. Poll the payment; "
+                   "if this answer is lost, sign in with the paying wallet to get your keys."}
+    if settled.repeated:
+        data.update(repeated=True, paymentIdentifier=payment.payment_identifier,
+                    message=f"This payment identifier's purchase (payment {payment.id}) is still being settled by "
+                            "its first request; nothing was charged again. Poll the payment; its keys are shown "
+                            "only to that first request (or, if that answer is lost, sign in with the paying wallet "
+                            "for a management key and mint new ones).")
+    return data
 
 
 def render_delivery(settled: Settled) -> dict[str, Any]:
@@ -247,9 +264,23 @@ def render_delivery(settled: Settled) -> dict[str, Any]:
                     message=f"You paid {format_usdc(payment.credit_atomic)} USDC beyond the price; it was credited "
                             f"to account {delivery.account.id}'s prepaid balance.")
     for sub in delivery.subscriptions:
-        row = render_subscription(sub)
+        row = render_subscription(sub, delivery.existing_keys.get(sub.id))
         if sub.id in keys:
             key, token = keys[sub.id]
             row.update(keyId=key.id, hasKey=True, apiKey=token.plaintext)
         rows.append(row)
+    if settled.repeated:
+        data.update(repeated=True, paymentIdentifier=payment.payment_identifier, message=_shown_again(delivery))
     return data
+
+
+def _shown_again(delivery: Delivery) -> str:
+    """What a payment-identifier retry is told: this is the earlier purchase, and where its keys are."""
+    text = (f"This payment identifier already bought this purchase (payment {delivery.payment.id}); nothing was "
+            "charged or created again. API keys are shown only once, in the first answer: ")
+    if delivery.account.wallet_address == delivery.payment.payer:
+        return text + ("sign in with the paying wallet (POST /api/agent/auth/challenge, then POST "
+                       "/api/agent/auth/sign-in) for a management key, and mint new keys with it "
+                       "(POST /api/keys/subscription; GET /api/subscriptions lists them).")
+    return text + (f"account {delivery.account.id} mints new keys with its management key "
+                   "(POST /api/keys/subscription; GET /api/subscriptions lists them).")

@@ -5,6 +5,7 @@ to both at once is settled, delivered and charged once."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import subprocess
 from collections.abc import Iterator
@@ -171,6 +172,44 @@ async def test_one_payment_sent_to_both_processes_at_once_settles_and_delivers_o
     # Later copies, to either process, are still refused.
     again = await post_everywhere(two_processes, ORDER, {"PAYMENT-SIGNATURE": header}, copies_each=1)
     assert {(r.status_code, error_code(r)) for r in again} == {(402, "payment_already_used")}
+
+
+async def test_one_identified_payment_sent_to_both_processes_at_once_is_settled_once_and_shown_to_the_rest(
+        two_processes, devchain, chain_view: ChainView):
+    """x402 payment-identifier across processes: copies of one payment under one id settle once, and
+    every other copy, on either process, is shown that purchase (never its keys); another payment
+    under the id, sent to both at once, is refused everywhere."""
+    wallet = chain_view.new_wallet()
+    with httpx.Client(base_url=two_processes[0]) as http:
+        r = http.post("/api/agent/subscribe-pool", json=ORDER)
+    required = json.loads(base64.b64decode(r.headers["PAYMENT-REQUIRED"]))
+    accepted = required["accepts"][0]
+
+    def identified_header(identifier: str) -> str:
+        authorization, signature = sign_authorization(devchain, wallet.key, payer=wallet.address,
+                                                      to=accepted["payTo"], value=int(accepted["amount"]))
+        payload = {"x402Version": 2, "accepted": accepted,
+                   "payload": {"authorization": authorization, "signature": signature},
+                   "extensions": {"payment-identifier": {"info": {"required": False, "id": identifier}}}}
+        return base64.b64encode(json.dumps(payload).encode()).decode()
+
+    identifier = "pay_" + "ab12" * 8
+    pay_to_before, relayer_before = chain_view.usdc(devchain.pay_to), chain_view.relayer_nonce()
+    responses = await post_everywhere(two_processes, ORDER, {"PAYMENT-SIGNATURE": identified_header(identifier)},
+                                      copies_each=4)
+    delivered = [r for r in responses if r.status_code == 201]
+    assert len(delivered) == 1, [r.text for r in responses]
+    payment_id = delivered[0].json()["data"]["paymentId"]
+    for r in responses:
+        if r.status_code != 201:
+            assert r.status_code in (200, 202) and r.json()["data"]["repeated"] is True, r.text
+            assert r.json()["data"]["paymentId"] == payment_id and "sk_" not in r.text
+    others = await post_everywhere(two_processes, ORDER, {"PAYMENT-SIGNATURE": identified_header(identifier)},
+                                   copies_each=2)
+    assert {(r.status_code, error_code(r)) for r in others} == {(409, "payment_identifier_conflict")}
+    assert chain_view.usdc(wallet.address) == 100 * 10**6 - PRICE
+    assert chain_view.usdc(devchain.pay_to) == pay_to_before + PRICE
+    assert chain_view.relayer_nonce() == relayer_before + 1
 
 
 async def test_one_tx_hash_claimed_through_both_processes_at_once_is_delivered_once(two_processes, devchain,

@@ -82,3 +82,34 @@ def test_one_shot_commands_print_their_result_and_no_log_lines(database_url, tmp
     result = run("migrate", env={"AGW_DATABASE_URL": f"sqlite:///{tmp_path}/fresh.db", "AGW_LOG_LEVEL": "DEBUG"})
     assert result.returncode == 0, result.stderr
     assert "alembic.runtime.migration: Running upgrade" in result.stderr
+
+
+@pytest.mark.parametrize("env,missing", [
+    ({}, ["PostgreSQL", "AGW_REDIS_URL", "AGW_SESSION_SECRET"]),
+    ({"AGW_REDIS_URL": "redis://127.0.0.1:6379/0", "AGW_SESSION_SECRET": "fixed"}, ["PostgreSQL"]),
+    ({"AGW_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/test", "AGW_SESSION_SECRET": "fixed"},
+     ["AGW_REDIS_URL"]),
+    ({"AGW_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/test", "AGW_REDIS_URL": "redis://127.0.0.1:6379/0"},
+     ["AGW_SESSION_SECRET"]),
+])
+def test_several_workers_refuse_to_start_without_what_they_share(tmp_path, env, missing):
+    """Checked before anything is bound, migrated or connected to (nothing listens on these URLs)."""
+    base = {"AGW_DATABASE_URL": f"sqlite:///{tmp_path}/gw.db", "AGW_REDIS_URL": "", "AGW_SESSION_SECRET": ""}
+    result = run("serve", "--workers", "2", "--port", "9", env={**base, **env})
+    assert result.returncode == 2, result.stderr
+    assert "--workers 2 needs" in result.stderr
+    for name in missing:
+        assert name in result.stderr
+    for name in {"PostgreSQL", "AGW_REDIS_URL", "AGW_SESSION_SECRET"} - set(missing):
+        assert name not in result.stderr
+    # AGW_WORKERS says the same as --workers.
+    assert run("serve", "--port", "9", env={**base, **env, "AGW_WORKERS": "2"}).returncode == 2
+
+
+def test_workers_that_cannot_start_stop_serve_instead_of_restarting_forever(tmp_path):
+    """The database named does not exist: each worker fails its start; the supervisor stops."""
+    env = {"AGW_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/agw_no_such_database",
+           "AGW_REDIS_URL": "redis://127.0.0.1:6379/0", "AGW_SESSION_SECRET": "fixed", "AGW_AUTO_MIGRATE": "false"}
+    result = run("serve", "--workers", "2", "--port", "0", env=env)
+    assert result.returncode == 1, result.stderr
+    assert "could not start; stopping the others" in result.stderr

@@ -21,12 +21,18 @@ from x402.schemas import PaymentRequired
 from x402.schemas.v1 import PaymentRequiredV1
 
 from agent_gateway.payments.wire import (
+    PAYMENT_ID_MAX_CHARS,
+    PAYMENT_ID_MIN_CHARS,
+    PAYMENT_IDENTIFIER,
     V1_NETWORK_NAMES,
+    InvalidPaymentIdentifier,
     Offer,
     WireError,
     decode_header,
     encode_header,
     parse_payment,
+    payment_identifier,
+    payment_identifier_extension,
     payment_required,
     payment_required_v1,
     settle_response_header,
@@ -245,7 +251,7 @@ def test_malformed_v1_payments() -> None:
 
 def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
     payload = sdk_payload(make_offer())
-    payload["extensions"] = {"payment-identifier": {"id": "abc"}}
+    payload["extensions"] = {"some-future-extension": {"id": "abc"}, "bazaar": {"info": {}}}
     assert parse_payment(b64(payload), 2).payer == PAYER.address
 
 
@@ -268,3 +274,70 @@ def test_the_official_clients_mcp_payment_reads_as_its_header_does() -> None:
     receipt = settle_response(True, "0x" + "ab" * 32, "eip155:31337", PAYER.address)
     assert json.loads(base64.b64decode(settle_response_header(True, "0x" + "ab" * 32, "eip155:31337",
                                                               PAYER.address))) == receipt
+
+
+# --- the payment-identifier extension -----------------------------------------------------------
+
+def identified_sdk_header(offer: Offer, identifier: str) -> str:
+    """The official client's payment after it appended `identifier` to our declaration, as its
+    own helper does in a before-payment hook."""
+    from x402.extensions.payment_identifier import append_payment_identifier_to_extensions
+
+    client = sdk_client()
+    client.on_before_payment_creation(
+        lambda context: append_payment_identifier_to_extensions(context.payment_required.extensions, identifier))
+    required = payment_required([offer], extensions={PAYMENT_IDENTIFIER: payment_identifier_extension()})
+    return encode_payment_signature_header(client.create_payment_payload(decode_payment_required_header(
+        encode_header(required))))
+
+
+def test_the_payment_identifier_declaration_and_rules_are_the_sdks() -> None:
+    from x402.extensions import payment_identifier as sdk
+
+    assert PAYMENT_IDENTIFIER == sdk.PAYMENT_IDENTIFIER
+    assert payment_identifier_extension() == sdk.declare_payment_identifier_extension()
+    assert (PAYMENT_ID_MIN_CHARS, PAYMENT_ID_MAX_CHARS) == (sdk.PAYMENT_ID_MIN_LENGTH, sdk.PAYMENT_ID_MAX_LENGTH)
+    candidates = ["a" * 15, "a" * 16, "a" * 128, "a" * 129, "pay_" + "0f" * 16, "pay-ok_" + "x" * 9,
+                  "pay_7d5d747be160e2!0", "pay 7d5d747be160e280", "päy_7d5d747be160e280"]
+    for candidate in candidates:
+        payload = {"extensions": {PAYMENT_IDENTIFIER: {"info": {"required": False, "id": candidate}}}}
+        try:
+            ours = payment_identifier(payload) == candidate
+        except WireError:
+            ours = False
+        assert ours == sdk.is_valid_payment_id(candidate), candidate
+    # Stricter than the SDK in one place: its Python `$` lets one trailing newline through, which
+    # the spec's JSON Schema pattern does not.
+    with pytest.raises(InvalidPaymentIdentifier):
+        payment_identifier({"extensions": {PAYMENT_IDENTIFIER: {"info": {"id": "pay_7d5d747be160e28\n"}}}})
+
+
+def test_reads_the_identifier_the_official_client_appends() -> None:
+    offer = make_offer()
+    payment = parse_payment(identified_sdk_header(offer, "pay_7d5d747be160e280504c099d984bcfe0"), 2)
+    assert payment.identifier == "pay_7d5d747be160e280504c099d984bcfe0"
+    # Our declaration echoed back without an id (the SDK echoes every declared extension): no id.
+    plain = sdk_payload(offer)
+    plain["extensions"] = {PAYMENT_IDENTIFIER: payment_identifier_extension()}
+    assert parse_payment(b64(plain), 2).identifier is None
+    assert parse_payment(sdk_header(offer), 2).identifier is None
+
+
+@pytest.mark.parametrize("extensions,code", [
+    ({PAYMENT_IDENTIFIER: {"info": {"required": False, "id": "short"}}}, "invalid_payment_identifier"),
+    ({PAYMENT_IDENTIFIER: {"info": {"required": False, "id": "x" * 129}}}, "invalid_payment_identifier"),
+    ({PAYMENT_IDENTIFIER: {"info": {"required": False, "id": "pay_<script>alert(1)</script>"}}},
+     "invalid_payment_identifier"),
+    ({PAYMENT_IDENTIFIER: {"info": {"required": False, "id": 1234567890123456789}}}, "invalid_payment_identifier"),
+    ({PAYMENT_IDENTIFIER: {"info": "pay_7d5d747be160e280"}}, "invalid_payment_identifier"),
+    ({PAYMENT_IDENTIFIER: "pay_7d5d747be160e280"}, "invalid_payment_identifier"),
+    ({PAYMENT_IDENTIFIER: {"id": "pay_7d5d747be160e280"}}, "invalid_payment_identifier"),
+    ([], "invalid_payment_header"),
+])
+def test_malformed_payment_identifiers_are_refused(extensions: Any, code: str) -> None:
+    payload = sdk_payload(make_offer())
+    payload["extensions"] = extensions
+    with pytest.raises(WireError) as refused:
+        parse_payment(b64(payload), 2)
+    assert refused.value.code == code
+    assert isinstance(refused.value, InvalidPaymentIdentifier) == (code == "invalid_payment_identifier")
