@@ -203,13 +203,25 @@ async def test_metrics_from_any_worker_add_up_every_workers_requests(workers_gat
     finally:
         await close_all(pinned)
     expected = 2 * len(pinned)
+
+    async def scrape(http: httpx.AsyncClient) -> tuple[float, list[float], str]:
+        text = (await http.get(url + "/metrics", headers={"Connection": "close"})).text
+        samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+        ok = sum(s.value for s in samples if s.name == "agw_proxy_requests_total" and s.labels["outcome"] == "ok")
+        return ok, [s.value for s in samples if s.name == "agw_proxy_in_flight"], text
+
     async with httpx.AsyncClient(timeout=30) as http:
+        # A worker counts a request when its relay has finished, which may be a moment after the
+        # client read the last byte: wait (bounded) until every count has landed, then check that
+        # every worker reports the same total.
+        deadline = time.monotonic() + 10
+        while (got := await scrape(http))[:2] != (expected, [0]):
+            assert time.monotonic() < deadline, got[2]
+            await asyncio.sleep(0.05)  # polling the scrape, bounded by the deadline
         for _ in range(6):  # fresh connections: scraped from either worker
-            text = (await http.get(url + "/metrics", headers={"Connection": "close"})).text
-            samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
-            ok = sum(s.value for s in samples if s.name == "agw_proxy_requests_total" and s.labels["outcome"] == "ok")
+            ok, in_flight, text = await scrape(http)
             assert ok == expected, text
-            assert [s.value for s in samples if s.name == "agw_proxy_in_flight"] == [0]
+            assert in_flight == [0]
 
 
 def counted_by(metrics: Path, pid: int, name: str) -> float:
