@@ -192,7 +192,8 @@ async def test_a_worker_that_dies_is_replaced_and_the_port_keeps_answering(worke
     await close_all(pinned)
 
 
-async def test_metrics_from_any_worker_add_up_every_workers_requests(workers_gateway, database_url, redis_url):
+async def test_metrics_from_any_worker_add_up_every_workers_requests(workers_gateway, database_url, redis_url,
+                                                                    upstream):
     _, url = workers_gateway
     mk = provision_account(database_url)
     pinned = await two_workers(url, redis_url, mk)  # one streamed request each
@@ -202,7 +203,9 @@ async def test_metrics_from_any_worker_add_up_every_workers_requests(workers_gat
             assert (await p.post(url, sk)).status_code == 200
     finally:
         await close_all(pinned)
-    expected = 2 * len(pinned)
+    # Pinning may take more than one round of requests; the upstream saw each one the workers relayed.
+    expected = upstream.recorder.total
+    assert expected >= 2 * len(pinned)
 
     async def scrape(http: httpx.AsyncClient) -> tuple[float, list[float], str]:
         text = (await http.get(url + "/metrics", headers={"Connection": "close"})).text
