@@ -8,14 +8,18 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from starlette.applications import Starlette
 
-from agent_gateway.catalog.pools import Catalog, load_catalog
+from agent_gateway.admin.accounts import AccountAdmin
+from agent_gateway.admin.console import AdminConsole
+from agent_gateway.admin.money import MoneyReport
+from agent_gateway.admin.pools import PoolAdmin
+from agent_gateway.catalog.pools import parse_catalog, read_pools_file
 from agent_gateway.clock import Clock
 from agent_gateway.db.engine import Database
 from agent_gateway.db.migrate import upgrade_database
 from agent_gateway.jobs.expiry import expire_subscriptions
 from agent_gateway.jobs.runner import JobRunner
 from agent_gateway.keys.lifecycle import KeyLifecycle
-from agent_gateway.keys.revocation import RESTORED, KeyRevoker, make_revocation_bus
+from agent_gateway.keys.revocation import RESTORED, KeyRevoker, RedisRevocationBus, make_revocation_bus
 from agent_gateway.metrics import SUBSCRIPTIONS_EXPIRED
 from agent_gateway.payments.chain import ChainAdapter
 from agent_gateway.payments.reorgs import ReorgWatch
@@ -27,7 +31,6 @@ from agent_gateway.proxy.upstream import UpstreamClient, UpstreamTimeouts
 from agent_gateway.ratelimit import AttemptLimiter, make_attempt_limiter
 from agent_gateway.services import Services
 from agent_gateway.settings import Settings
-from agent_gateway.subscriptions.inventory import ensure_inventory
 from agent_gateway.usage.recorder import UsageRecorder
 
 log = logging.getLogger(__name__)
@@ -36,7 +39,8 @@ log = logging.getLogger(__name__)
 def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     """Everything the routes use, built once; nothing is started yet."""
     clock = clock or Clock()
-    catalog = load_catalog(settings.pools_file)
+    pools_text = read_pools_file(settings.pools_file)
+    catalog = parse_catalog(pools_text, str(settings.pools_file))
     db = Database(settings.database_url)
     usage = UsageRecorder(db)
     leases = make_leases(settings.redis_url, settings.lease_ttl_s)
@@ -56,6 +60,16 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     payments = PaymentService(settings, db, clock, catalog, _chain_adapter(settings))
 
     keys = KeyLifecycle(db, clock, revoker)
+    # Pool changes reach the other processes on a channel of their own (the payload is only a hint:
+    # each process re-reads the database), and by polling should a message be missed.
+    notifier = (RedisRevocationBus(settings.redis_url, channel="agw:catalog", client_name="agw-catalog")
+                if settings.redis_url else None)
+    admin = AdminConsole(
+        db=db,
+        pools=PoolAdmin(db, clock, catalog, settings.pools_file, pools_text, leases, notifier, settings.catalog_poll_s),
+        accounts=AccountAdmin(db, clock, keys),
+        money=MoneyReport(db, clock, settings, payments.chain),
+    )
 
     async def expiry_pass() -> None:
         result = await expire_subscriptions(db, clock)
@@ -77,6 +91,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         payments=payments,
         attempts=make_attempt_limiter(settings.redis_url, settings.unauth_writes_per_minute,
                                       settings.unauth_attempts_in_flight),
+        admin=admin,
     )
 
 
@@ -96,7 +111,8 @@ async def run_services(services: Services) -> AsyncIterator[Services]:
         import anyio.to_thread
 
         await anyio.to_thread.run_sync(upgrade_database, settings.database_url)
-    await ensure_inventory(services.db, services.catalog)
+    # The pools file under the reload rules: new pools seeded, stored states applied, a bad file refused.
+    await services.admin.pools.start()
 
     def on_revocation(key_id: str, reason: str) -> None:
         services.directory.forget(key_id)
@@ -119,6 +135,7 @@ async def run_services(services: Services) -> AsyncIterator[Services]:
     finally:
         # Stop taking new background work, then drain usage so no record is lost, then close.
         await services.jobs.stop()
+        await services.admin.pools.close()
         await services.upstream.close()
         await services.usage.close()
         await services.bus.close()
