@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 _WALLET = re.compile(r"^0x[0-9a-fA-F]{40}$")
 _KEY_PREFIX = re.compile(r"^(sk|mk)_[A-Za-z0-9]{1,43}$")
 SEARCH_LIMIT = 50
+# A billion USDC: far above any real correction, far below the 64-bit balance column.
+MAX_ADJUSTMENT_ATOMIC = 10**15
 
 
 @dataclass(frozen=True)
@@ -110,9 +112,9 @@ class AccountAdmin:
     async def adjust_balance(self, account_id: str, amount_atomic: int, *, actor: str, reason: str) -> int:
         """Credit (amount > 0) or debit (amount < 0) the prepaid balance; a debit never takes it below
         zero. Returns the new balance."""
-        if amount_atomic == 0:
-            raise InvalidRequest("The amount must not be zero: positive credits, negative debits.",
-                                 code="invalid_amount")
+        if amount_atomic == 0 or abs(amount_atomic) > MAX_ADJUSTMENT_ATOMIC:
+            raise InvalidRequest(f"The amount must not be zero (positive credits, negative debits) and at most "
+                                 f"{format_usdc(MAX_ADJUSTMENT_ATOMIC)} USDC either way.", code="invalid_amount")
         now = self.clock.now()
         note = f"{'credited' if amount_atomic > 0 else 'debited'} by {actor}: {reason}"[:500]
         async with self.db.transaction() as session:

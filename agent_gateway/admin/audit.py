@@ -17,7 +17,7 @@ from agent_gateway.errors import InvalidRequest
 
 # A person's or a tool's name: letters, digits and . _ @ - + and inner spaces. No control
 # characters or markup, so the log renders safely anywhere and cannot forge a line.
-_ACTOR = re.compile(r"^[A-Za-z0-9._@+-](?:[A-Za-z0-9._@+ -]{0,62}[A-Za-z0-9._@+-])?$")
+_ACTOR = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._@+ -]{0,62}[A-Za-z0-9._@+-])?$")
 MAX_REASON = 500
 
 
@@ -28,7 +28,7 @@ def validate_actor(actor: str | None) -> str:
                              "(`--actor` or AGW_ADMIN_ACTOR with the CLI).", code="actor_required")
     actor = actor.strip()
     if not _ACTOR.match(actor):
-        raise InvalidRequest("The actor must be 1 to 64 letters, digits, spaces or . _ @ + - "
+        raise InvalidRequest("The actor must be 1 to 64 letters, digits, spaces or . _ @ + -, starting with a letter or digit "
                              "(e.g. alice or ops@example.com).", code="invalid_actor")
     return actor
 

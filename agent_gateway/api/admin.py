@@ -3,6 +3,7 @@ the pools file, accounts, money and the audit log. Writes name their actor (X-Ad
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import Field
@@ -22,6 +23,9 @@ from agent_gateway.web.auth import admin
 from agent_gateway.web.bodies import CamelBody, read_json, read_optional_json
 from agent_gateway.web.rendering import iso, ok
 from agent_gateway.web.views import render_key, render_management_key, render_subscription
+
+
+_AMOUNT = re.compile(r"^[+-]?[0-9]{1,12}(\.[0-9]{1,6})?$")
 
 
 class StateBody(CamelBody):
@@ -125,11 +129,12 @@ async def get_account(request: Request, services: Services, actor: str) -> Respo
 async def adjust_balance(request: Request, services: Services, actor: str) -> Response:
     body = await read_json(request, BalanceBody, services.settings)
     text = body.amount.strip()
+    # Plain decimals only: an exponent ("1e999999999") would make a billion-digit integer.
+    if not _AMOUNT.match(text):
+        raise InvalidRequest('amount is a decimal string in USDC with at most 6 decimals, "-" for a debit, '
+                             'e.g. "25.00" or "-25.00".', code="invalid_amount")
     sign = -1 if text.startswith("-") else 1
-    try:
-        amount = sign * parse_usdc(text.removeprefix("-").removeprefix("+"))
-    except ValueError as exc:
-        raise InvalidRequest(f"amount: {exc}", code="invalid_amount") from None
+    amount = sign * parse_usdc(text.lstrip("+-"))
     account_id = request.path_params["account_id"]
     balance = await services.admin.accounts.adjust_balance(account_id, amount, actor=actor,
                                                            reason=validate_reason(body.reason, required=True))
