@@ -320,3 +320,21 @@ async def test_the_money_view_without_payments_is_empty_and_says_payments_are_of
     assert data["balances"] is None
     assert (await console.client.get("/api/admin/money?days=0", headers=admin())).status_code == 400
 
+
+
+async def test_a_process_that_hears_no_notice_follows_by_polling(console, settings: Settings, clock: FixedClock,
+                                                                 pools_file: Path):
+    """No Redis here: a second process (its own services, same database) learns of a state change and
+    a reload made through the first from the database alone, within its poll interval."""
+    import asyncio
+
+    other = build_services(settings.model_copy(update={"catalog_poll_s": 0.05}), clock)
+    app = create_app(services=other)
+    async with app.router.lifespan_context(app):
+        assert other.catalog.pools["alpha"].status == "active"
+        await console.client.post("/api/admin/pools/alpha/state", json={"status": "paused"}, headers=admin())
+        pools_file.write_text(pools_file.read_text() + FUNDING_POOL)
+        assert (await console.client.post("/api/admin/pools/reload", headers=admin())).status_code == 200
+        async with asyncio.timeout(10):
+            while not (other.catalog.pools["alpha"].status == "paused" and "seed" in other.catalog.pools):
+                await asyncio.sleep(0.02)  # waiting for the poll, bounded by the timeout
