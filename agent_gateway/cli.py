@@ -1,4 +1,4 @@
-"""The `agent-gateway` command: serve, migrate, accounts, pools, demo, test-upstream."""
+"""The `agent-gateway` command: serve, migrate, accounts, pools, admin, demo, test-upstream."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from agent_gateway.admin_client import add_admin_commands
 from agent_gateway.catalog.pools import CatalogError, load_catalog
 from agent_gateway.errors import GatewayError
 from agent_gateway.settings import Settings
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = pool_commands.add_parser("check", help="load and validate a pools file, print a summary")
     check.add_argument("file", nargs="?", help="the pools file (default AGW_POOLS_FILE or the example)")
     check.set_defaults(run=_pools_check)
+
+    add_admin_commands(commands)
 
     demo = commands.add_parser(
         "demo", help="run the end-to-end demo on embedded defaults (own servers, temporary database)"
