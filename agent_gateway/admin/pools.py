@@ -20,6 +20,8 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy import func
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import col, select
 
 from agent_gateway.admin import audit
@@ -212,9 +214,14 @@ class PoolAdmin:
                 raise PoolsFileRefused(f"{source}: refused, nothing changed: " + "; ".join(problems),
                                        extra={"problems": problems})
             added = [slug for slug in catalog.pools if slug not in seeded]
-            for slug in added:
-                status = catalog.pools[slug].status
-                session.add(PoolState(pool_slug=slug, status=status, file_status=status, updated_at=now))
+            if added:
+                # Processes starting together on a new database all seed: the first row wins, the
+                # others' inserts do nothing (and they seed from the same file).
+                insert = pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert  # type: ignore[union-attr]
+                await session.execute(insert(PoolState).values([
+                    {"pool_slug": slug, "status": catalog.pools[slug].status,
+                     "file_status": catalog.pools[slug].status, "updated_at": now} for slug in added
+                ]).on_conflict_do_nothing())
             latest = (await session.execute(
                 select(CatalogVersion.sha256).order_by(col(CatalogVersion.id).desc()).limit(1))).scalar()
             changed = latest != sha
