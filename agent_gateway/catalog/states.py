@@ -56,9 +56,9 @@ def reload_problems(catalog: Catalog, seeded: dict[str, SeededPool], sold: dict[
     for slug, known in sorted(seeded.items()):
         pool = catalog.pool(slug)
         if pool is not None and pool.status != known.file_status:
-            problems.append(f"pools.{slug}.status: the file says {pool.status!r} but seeded the pool as "
-                            f"{known.file_status!r} (now {known.status}); pool states change only through "
-                            f"`agent-gateway admin pools state`, so restore {known.file_status!r}")
+            problems.append(f"pools.{slug}.status: the file says '{pool.status}' but seeded the pool as "
+                            f"'{known.file_status}' (now {known.status}); pool states change only through "
+                            f"`agent-gateway admin pool-state`, so restore '{known.file_status}'")
     used = set(in_use) | {pair for pair, seats in sold.items() if seats > 0}
     for slug in sorted({slug for slug, _ in used}):
         if catalog.pool(slug) is None:
