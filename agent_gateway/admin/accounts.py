@@ -32,7 +32,7 @@ from agent_gateway.db.models import (
 from agent_gateway.errors import Conflict, InvalidRequest, NotFound
 from agent_gateway.keys.lifecycle import KeyLifecycle
 from agent_gateway.keys.tokens import API_KEY_PREFIX, MANAGEMENT_KEY_PREFIX, DISPLAY_PREFIX, hash_token, looks_like
-from agent_gateway.money import format_usdc
+from agent_gateway.money import format_usdc, parse_usdc
 from agent_gateway.subscriptions.service import SubscriptionView, list_subscriptions
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,19 @@ class AccountDetail:
     management_keys: list[ManagementKey]
     balance_entries: list[BalanceEntry]
     payments: list[Payment]
+
+
+_AMOUNT = re.compile(r"^[+-]?[0-9]{1,12}(\.[0-9]{1,6})?$")
+
+
+def parse_adjustment(text: str) -> int:
+    """A signed USDC decimal ("25.00" credits, "-25.00" debits) in atomic units, or 400. Plain
+    decimals only: an exponent ("1e999999999") would make a billion-digit integer."""
+    text = text.strip()
+    if not _AMOUNT.match(text):
+        raise InvalidRequest('amount is a decimal string in USDC with at most 6 decimals, "-" for a debit, '
+                             'e.g. "25.00" or "-25.00".', code="invalid_amount")
+    return (-1 if text.startswith("-") else 1) * parse_usdc(text.lstrip("+-"))
 
 
 def _key_owners(query: str) -> Any:

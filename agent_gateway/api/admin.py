@@ -3,7 +3,6 @@ the pools file, accounts, money and the audit log. Writes name their actor (X-Ad
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from pydantic import Field
@@ -11,21 +10,19 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from agent_gateway.admin.accounts import parse_adjustment
 from agent_gateway.admin.audit import list_records, validate_reason
 from agent_gateway.admin.money import MoneySummary
 from agent_gateway.admin.pools import PoolReport
 from agent_gateway.catalog.pools import PoolStatus
 from agent_gateway.db.models import Account, AuditRecord, Payment
 from agent_gateway.errors import InvalidRequest
-from agent_gateway.money import format_usdc, parse_usdc
+from agent_gateway.money import format_usdc
 from agent_gateway.services import Services
 from agent_gateway.web.auth import admin
 from agent_gateway.web.bodies import CamelBody, read_json, read_optional_json
 from agent_gateway.web.rendering import iso, ok
 from agent_gateway.web.views import render_key, render_management_key, render_subscription
-
-
-_AMOUNT = re.compile(r"^[+-]?[0-9]{1,12}(\.[0-9]{1,6})?$")
 
 
 class StateBody(CamelBody):
@@ -128,13 +125,7 @@ async def get_account(request: Request, services: Services, actor: str) -> Respo
 @admin
 async def adjust_balance(request: Request, services: Services, actor: str) -> Response:
     body = await read_json(request, BalanceBody, services.settings)
-    text = body.amount.strip()
-    # Plain decimals only: an exponent ("1e999999999") would make a billion-digit integer.
-    if not _AMOUNT.match(text):
-        raise InvalidRequest('amount is a decimal string in USDC with at most 6 decimals, "-" for a debit, '
-                             'e.g. "25.00" or "-25.00".', code="invalid_amount")
-    sign = -1 if text.startswith("-") else 1
-    amount = sign * parse_usdc(text.lstrip("+-"))
+    amount = parse_adjustment(body.amount)
     account_id = request.path_params["account_id"]
     balance = await services.admin.accounts.adjust_balance(account_id, amount, actor=actor,
                                                            reason=validate_reason(body.reason, required=True))
