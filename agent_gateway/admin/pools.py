@@ -33,6 +33,8 @@ from agent_gateway.db.models import (
     ApiKey,
     CatalogVersion,
     KeyStatus,
+    Payment,
+    PaymentState,
     PoolState,
     SeatInventory,
     Subscription,
@@ -51,6 +53,8 @@ log = logging.getLogger(__name__)
 # so the change and its consequences commit together.
 TransitionHook = Callable[[AsyncSession, str, PoolStatus, PoolStatus, datetime], Awaitable[None]]
 _LIVE = (SubscriptionStatus.ACTIVE, SubscriptionStatus.PENDING)
+_SETTLING = (PaymentState.RECEIVED, PaymentState.VERIFIED, PaymentState.RESERVED, PaymentState.BROADCAST,
+             PaymentState.CONFIRMED)
 
 
 class PoolsFileRefused(InvalidRequest):
@@ -207,6 +211,10 @@ class PoolAdmin:
                 select(SeatInventory).order_by(col(SeatInventory.pool_slug), col(SeatInventory.block)).with_for_update())}
             in_use = {(slug, block) for slug, blocks in (await session.execute(
                 select(Subscription.pool_slug, Subscription.blocks).where(col(Subscription.status).in_(_LIVE))
+            )).all() for block in blocks}
+            # A payment still on its way will reserve and deliver seats of its pool and blocks.
+            in_use |= {(slug, block) for slug, blocks in (await session.execute(
+                select(Payment.pool_slug, Payment.blocks).where(col(Payment.state).in_(_SETTLING))
             )).all() for block in blocks}
             seeded = {s.pool_slug: SeededPool(PoolStatus(s.status), PoolStatus(s.file_status)) for s in states}
             problems = reload_problems(catalog, seeded, held, in_use)

@@ -49,7 +49,8 @@ def reload_problems(catalog: Catalog, seeded: dict[str, SeededPool], sold: dict[
                     in_use: Iterable[tuple[str, str]]) -> list[str]:
     """Why a new pools file may not replace the running one (empty: it may).
 
-    `sold` is seats held per (pool, block); `in_use` the (pool, block) pairs of live subscriptions.
+    `sold` is seats held per (pool, block); `in_use` the (pool, block) pairs of live subscriptions
+    and of payments still settling.
     A file may add pools and blocks and change anything else, but not a known pool's status (states
     change through admin transitions), nor seats below those sold, nor drop what is in use."""
     problems = []
@@ -62,11 +63,11 @@ def reload_problems(catalog: Catalog, seeded: dict[str, SeededPool], sold: dict[
     used = set(in_use) | {pair for pair, seats in sold.items() if seats > 0}
     for slug in sorted({slug for slug, _ in used}):
         if catalog.pool(slug) is None:
-            problems.append(f"pools.{slug}: removed, but live subscriptions or reserved seats use it")
+            problems.append(f"pools.{slug}: removed, but live subscriptions, reserved seats or settling payments use it")
     for (slug, block) in sorted(used):
         pool = catalog.pool(slug)
         if pool is not None and block not in pool.prices_atomic:
-            problems.append(f"pools.{slug}.prices.{block}: removed, but live subscriptions or reserved seats use it")
+            problems.append(f"pools.{slug}.prices.{block}: removed, but live subscriptions, reserved seats or settling payments use it")
     for (slug, block), seats in sorted(sold.items()):
         pool = catalog.pool(slug)
         if pool is not None and block in pool.prices_atomic and pool.seats < seats:

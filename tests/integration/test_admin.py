@@ -338,3 +338,20 @@ async def test_a_process_that_hears_no_notice_follows_by_polling(console, settin
         async with asyncio.timeout(10):
             while not (other.catalog.pools["alpha"].status == "paused" and "seed" in other.catalog.pools):
                 await asyncio.sleep(0.02)  # waiting for the poll, bounded by the timeout
+
+
+async def test_a_pool_with_a_payment_still_settling_cannot_be_removed(console, pools_file: Path, clock: FixedClock):
+    from agent_gateway.db.models import Payment, PaymentState
+
+    now = clock.now()
+    async with console.services.db.transaction() as session:
+        session.add(Payment(id="pay_settling", method="x402-exact", network="eip155:31337", payer="0x" + "1" * 40,
+                            amount_atomic=10_000_000, state=PaymentState.VERIFIED, pool_slug="tiny", blocks=["europe"],
+                            quantity=1, billing_cycle="month", unit_price_atomic=10_000_000, created_at=now,
+                            updated_at=now))
+    text = pools_file.read_text()
+    pools_file.write_text(text[:text.index("[pools.tiny]")] + text[text.index("[pools.resting]"):])
+    r = await console.client.post("/api/admin/pools/reload", headers=admin())
+    assert r.status_code == 400 and r.json()["error"]["problems"] == [
+        "pools.tiny: removed, but live subscriptions, reserved seats or settling payments use it"]
+    assert "tiny" in console.services.catalog.pools

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["serve", "migrate", "accounts", "pools", "demo", "test-upstream"]
+COMMANDS = ["serve", "migrate", "accounts", "pools", "admin", "demo", "test-upstream"]
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -57,7 +57,7 @@ def test_every_broken_rule_is_named():
     assert problems == [
         "pools.beta.status: the file says 'paused' but seeded the pool as 'active' (now active); pool states change "
         "only through `agent-gateway admin pool-state`, so restore 'active'",
-        "pools.gone: removed, but live subscriptions or reserved seats use it",
-        "pools.alpha.prices.night: removed, but live subscriptions or reserved seats use it",
+        "pools.gone: removed, but live subscriptions, reserved seats or settling payments use it",
+        "pools.alpha.prices.night: removed, but live subscriptions, reserved seats or settling payments use it",
         "pools.alpha.seats: 2 is below the 3 seats sold in the day block",
     ]
