@@ -352,6 +352,6 @@ async def test_a_pool_with_a_payment_still_settling_cannot_be_removed(console, p
     text = pools_file.read_text()
     pools_file.write_text(text[:text.index("[pools.tiny]")] + text[text.index("[pools.resting]"):])
     r = await console.client.post("/api/admin/pools/reload", headers=admin())
-    assert r.status_code == 400 and r.json()["error"]["problems"] == [
+    assert r.status_code == 400 and r.json()["problems"] == [
         "pools.tiny: removed, but live subscriptions, reserved seats or settling payments use it"]
     assert "tiny" in console.services.catalog.pools
