@@ -101,6 +101,17 @@ def summarize(catalog: Catalog) -> dict[str, Any]:
             for slug, p in catalog.pools.items()}
 
 
+def _before(previous: Any) -> dict[str, Any] | None:
+    """The audit record's "before": the file that was applied until now (our own, once validated)."""
+    if previous is None:
+        return None
+    try:
+        pools = summarize(parse_catalog(previous.pools_toml, "the previous pools file"))
+    except CatalogError:  # written by an older version with other rules: keep its fingerprint only
+        pools = None
+    return {"sha256": previous.sha256, "pools": pools}
+
+
 class PoolAdmin:
     def __init__(self, db: Database, clock: Clock, catalog: Catalog, pools_file: Path, text: str,
                  leases: Leases, notifier: RevocationBus | None, poll_s: float) -> None:
@@ -230,15 +241,16 @@ class PoolAdmin:
                     {"pool_slug": slug, "status": catalog.pools[slug].status,
                      "file_status": catalog.pools[slug].status, "updated_at": now} for slug in added
                 ]).on_conflict_do_nothing())
-            latest = (await session.execute(
-                select(CatalogVersion.sha256).order_by(col(CatalogVersion.id).desc()).limit(1))).scalar()
+            previous = (await session.execute(select(CatalogVersion.sha256, CatalogVersion.pools_toml)
+                                              .order_by(col(CatalogVersion.id).desc()).limit(1))).first()
+            latest = previous.sha256 if previous is not None else None
             changed = latest != sha
             if changed:
                 session.add(CatalogVersion(sha256=sha, pools_toml=text, source=source[:500], actor=actor,
                                            created_at=now))
             if not at_start or changed:
                 audit.record(session, now, actor=actor, action="pools.reload", target="pools", reason=reason,
-                             before={"sha256": latest, "pools": summarize(self._file)} if latest else None,
+                             before=_before(previous),
                              after={"sha256": sha, "changed": changed, "added": added,
                                     "pools": summarize(catalog)})
         await ensure_inventory(self.db, catalog)
