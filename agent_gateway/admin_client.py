@@ -174,13 +174,15 @@ def _text(command: str, data: Any) -> list[str]:
         return [f"account {data['id']} enabled; keys enabled: {', '.join(data['keysEnabled']) or 'none'}"]
     if command == "money":
         lines = [f"revenue, last {data['days']} days:"]
-        lines += [f"  {pool}: {r['amount']} USDC ({r['payments']} payments)" for pool, r in data["revenueByPool"].items()]
+        lines += [f"  {pool}: {r['amount']} USDC ({r['payments']} payments)"
+                  for pool, r in data["revenueByPool"].items()]
         lines += ["payments by state: " + ", ".join(f"{s} {v['count']}" for s, v in data["paymentsByState"].items())]
         lines += [f"  ATTENTION {p['why']}: {p['id']} {p['state']} {p['amount']} USDC {p['txHash'] or ''}"
                   for p in data["needsAttention"]]
         if data["balances"]:
             b = data["balances"]
-            lines.append(f"relayer {b['relayer']}: {b['relayerNativeWei']} wei; payTo {b['payTo']}: {b['payToUsdc']} USDC"
+            lines.append(f"relayer {b['relayer']}: {b['relayerNativeWei']} wei; "
+                         f"payTo {b['payTo']}: {b['payToUsdc']} USDC"
                          + (f" ({b['error']})" if b["error"] else ""))
         return lines
     if command == "audit":

@@ -28,7 +28,8 @@ def validate_actor(actor: str | None) -> str:
                              "(`--actor` or AGW_ADMIN_ACTOR with the CLI).", code="actor_required")
     actor = actor.strip()
     if not _ACTOR.match(actor):
-        raise InvalidRequest("The actor must be 1 to 64 letters, digits, spaces or . _ @ + -, starting with a letter or digit "
+        raise InvalidRequest("The actor must be 1 to 64 letters, digits, spaces or . _ @ + -, starting with a "
+                             "letter or digit "
                              "(e.g. alice or ops@example.com).", code="invalid_actor")
     return actor
 

@@ -219,7 +219,8 @@ class PoolAdmin:
             # (by this database's rows; see docs/decisions.md for processes still on the old file).
             states = list(await session.scalars(select(PoolState).order_by(col(PoolState.pool_slug)).with_for_update()))
             held = {(r.pool_slug, r.block): r.seats_held for r in await session.scalars(
-                select(SeatInventory).order_by(col(SeatInventory.pool_slug), col(SeatInventory.block)).with_for_update())}
+                select(SeatInventory).order_by(col(SeatInventory.pool_slug), col(SeatInventory.block))
+                .with_for_update())}
             in_use = {(slug, block) for slug, blocks in (await session.execute(
                 select(Subscription.pool_slug, Subscription.blocks).where(col(Subscription.status).in_(_LIVE))
             )).all() for block in blocks}
@@ -236,7 +237,8 @@ class PoolAdmin:
             if added:
                 # Processes starting together on a new database all seed: the first row wins, the
                 # others' inserts do nothing (and they seed from the same file).
-                insert = pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert  # type: ignore[union-attr]
+                dialect = session.bind.dialect.name  # type: ignore[union-attr]  # sessions are always bound
+                insert = pg_insert if dialect == "postgresql" else sqlite_insert
                 await session.execute(insert(PoolState).values([
                     {"pool_slug": slug, "status": catalog.pools[slug].status,
                      "file_status": catalog.pools[slug].status, "updated_at": now} for slug in added

@@ -71,8 +71,8 @@ class Catalog:
 
     def with_statuses(self, statuses: dict[str, PoolStatus]) -> Catalog:
         """This catalog with the pools' live statuses (from the database) in place of the file's."""
-        return Catalog(blocks=self.blocks, pools={
-            slug: dataclasses.replace(pool, status=statuses.get(slug, pool.status)) for slug, pool in self.pools.items()})
+        return Catalog(blocks=self.blocks, pools={slug: dataclasses.replace(pool, status=statuses.get(slug, pool.status))
+                                                  for slug, pool in self.pools.items()})
 
 
 class _PoolEntry(BaseModel):

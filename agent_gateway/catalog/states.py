@@ -61,13 +61,14 @@ def reload_problems(catalog: Catalog, seeded: dict[str, SeededPool], sold: dict[
                             f"'{known.file_status}' (now {known.status}); pool states change only through "
                             f"`agent-gateway admin pool-state`, so restore '{known.file_status}'")
     used = set(in_use) | {pair for pair, seats in sold.items() if seats > 0}
+    in_use_text = "removed, but live subscriptions, reserved seats or settling payments use it"
     for slug in sorted({slug for slug, _ in used}):
         if catalog.pool(slug) is None:
-            problems.append(f"pools.{slug}: removed, but live subscriptions, reserved seats or settling payments use it")
+            problems.append(f"pools.{slug}: {in_use_text}")
     for (slug, block) in sorted(used):
         pool = catalog.pool(slug)
         if pool is not None and block not in pool.prices_atomic:
-            problems.append(f"pools.{slug}.prices.{block}: removed, but live subscriptions, reserved seats or settling payments use it")
+            problems.append(f"pools.{slug}.prices.{block}: {in_use_text}")
     for (slug, block), seats in sorted(sold.items()):
         pool = catalog.pool(slug)
         if pool is not None and block in pool.prices_atomic and pool.seats < seats:

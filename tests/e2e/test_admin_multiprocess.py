@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from agent_gateway.testing.processes import start_gateway
+from agent_gateway.testing.upstream import UpstreamSettings
 from tests.fixtures.live import ALL_DAY_POOLS, buy_key, provision_account
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
@@ -119,3 +120,33 @@ async def test_a_reload_through_one_process_applies_in_the_other_and_a_bad_file_
         r = await http.post(url_a + "/api/admin/pools/reload", headers=ADMIN)  # the operator retries: the same
         assert r.status_code == 400
         assert [(await http.get(url + "/api/pools")).json() for url in (url_a, url_b)] == before
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("upstream", [UpstreamSettings(delay_s=0.05, chunks=400)], indirect=True)
+async def test_disabling_an_account_through_one_process_cuts_its_stream_in_the_other(two_gateways, database_url,
+                                                                                      upstream):
+    url_a, url_b, _ = two_gateways
+    mk = provision_account(database_url)
+    sk, key_id = buy_key(url_a, mk, "alpha", ["day"])
+    headers = {"Authorization": f"Bearer {sk}"}
+    body = {"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    async with httpx.AsyncClient(timeout=30) as http:
+        r = await http.get(url_a + "/api/account", headers={"Authorization": f"Bearer {mk}"})
+        account_id = r.json()["data"]["id"]
+        events = []
+        async with http.stream("POST", url_b + "/v1/chat/completions", headers=headers, json=body) as stream:
+            async for line in stream.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                events.append(line)
+                if len(events) == 3:
+                    r = await http.post(f"{url_a}/api/admin/accounts/{account_id}/disable", json={"reason": "abuse"},
+                                        headers=ADMIN)
+                    assert r.status_code == 200 and r.json()["data"]["keysRevoked"] == [key_id]
+        assert "key_revoked" in events[-1] and len(events) < 50
+        r = await http.post(url_b + "/v1/chat/completions", headers=headers, json={**body, "stream": False})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "key_disabled"
+        r = await http.get(url_b + "/api/keys", headers={"Authorization": f"Bearer {mk}"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "account_disabled"
+    await upstream.recorder.wait_for(lambda r: r.in_flight == 0)

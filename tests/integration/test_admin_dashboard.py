@@ -81,7 +81,8 @@ async def test_an_operator_changes_pools_and_accounts_and_the_log_names_them(con
     r = await post(console.client, f"/dashboard/admin/accounts/{account_id}/debit", amount="1e999999999", reason="x")
     r = await post(console.client, f"/dashboard/admin/accounts/{account_id}/disable", reason="abuse")
     detail = await console.client.get(f"/dashboard/admin/accounts/{account_id}")
-    assert 'id="account-disabled"' in detail.text and ">7.00 USDC<" in detail.text  # 100 - 2 × 49 + 5, the exponent debit refused
+    # 100 - 2 × 49 + 5; the debit with an exponent was refused.
+    assert 'id="account-disabled"' in detail.text and ">7.00 USDC<" in detail.text
     audit = await console.client.get("/dashboard/admin/audit")
     rows = re.findall(r'class="strong">(\w+)</td><td data-label="Action">([\w.]+)</td>', audit.text)
     assert rows == [("olga", "account.disable"), ("olga", "account.balance"), ("olga", "pool.state"),
