@@ -148,7 +148,7 @@ def _text(command: str, data: Any) -> list[str]:
         lines = []
         for pool in data:
             blocks = ", ".join(f"{b['block']} {b['sold']}/{b['seats']} sold" for b in pool["blocks"])
-            lines.append(f"{pool['slug']:<16} {pool['status']:<10} in flight {pool['inFlight']:<4} {blocks}")
+            lines.append(f"{pool['slug']:<16} {pool['status']:<10} in flight {pool['inFlight'] if pool['inFlight'] is not None else '?':<4} {blocks}")
         return lines
     if command == "pool-state":
         return [f"pool {data['slug']}: {data['status']}"]

@@ -40,7 +40,7 @@ from agent_gateway.db.models import (
     Subscription,
     SubscriptionStatus,
 )
-from agent_gateway.errors import InvalidRequest, NotFound
+from agent_gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
 from agent_gateway.keys.revocation import RevocationBus
 from agent_gateway.money import format_usdc
 from agent_gateway.proxy.leases import Leases
@@ -78,7 +78,7 @@ class PoolReport:
     pool: Pool
     file_status: PoolStatus
     blocks: list[BlockReport]
-    in_flight: int
+    in_flight: int | None  # None: the lease store (Redis) did not answer
     live_subscriptions: int
 
 
@@ -315,7 +315,10 @@ class PoolAdmin:
             blocks = [BlockReport(name=b, hours_utc=catalog.blocks[b].label, seats=pool.seats,
                                   sold=held.get((slug, b), 0)) for b in pool.prices_atomic]
             file_pool = self._file.pool(slug)
+            try:
+                in_flight: int | None = await self._leases.held(by_pool.get(slug, []))
+            except ServiceUnavailable:  # the rest of the view is still worth showing
+                in_flight = None
             reports.append(PoolReport(pool=pool, file_status=file_pool.status if file_pool else pool.status,
-                                      blocks=blocks, in_flight=await self._leases.held(by_pool.get(slug, [])),
-                                      live_subscriptions=counts.get(slug, 0)))
+                                      blocks=blocks, in_flight=in_flight, live_subscriptions=counts.get(slug, 0)))
         return reports
