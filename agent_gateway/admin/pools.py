@@ -163,8 +163,9 @@ class PoolAdmin:
     async def _refresh_logged(self) -> None:
         try:
             await self.refresh()
-        except Exception:  # a database hiccup must not end the follower; the next poll retries
-            log.exception("could not refresh the catalog from the database")
+        except Exception as exc:  # a database hiccup must not end the follower; the next poll retries
+            log.warning("could not refresh the catalog from the database (%s: %s); retrying at the next poll",
+                        type(exc).__name__, exc)
 
     async def _announce(self, reason: str) -> None:
         if self._notifier is None:

@@ -355,3 +355,20 @@ async def test_a_pool_with_a_payment_still_settling_cannot_be_removed(console, p
     assert r.status_code == 400 and r.json()["problems"] == [
         "pools.tiny: removed, but live subscriptions, reserved seats or settling payments use it"]
     assert "tiny" in console.services.catalog.pools
+
+
+async def test_the_pools_view_survives_a_lease_store_that_does_not_answer(console, settings: Settings):
+    from agent_gateway.admin.pools import PoolAdmin
+    from agent_gateway.catalog.pools import read_pools_file
+    from agent_gateway.proxy.leases import RedisLeases
+
+    _, mk = await console.new_account(credit="100")
+    await console.mint(mk, (await console.buy(mk))[0]["id"])  # an active key whose lease must be asked about
+    dead = RedisLeases("redis://127.0.0.1:9/0", connect_timeout_s=0.2, command_timeout_s=0.2)
+    try:
+        pools = PoolAdmin(console.services.db, console.services.clock, console.services.catalog, settings.pools_file,
+                          read_pools_file(settings.pools_file), dead, None, 3600)
+        reports = {r.pool.slug: r for r in await pools.report()}
+    finally:
+        await dead.close()
+    assert reports["alpha"].in_flight is None and reports["alpha"].blocks[1].sold == 1
