@@ -14,9 +14,9 @@ from agent_gateway.clock import FixedClock
 from agent_gateway.lifespan import build_services
 from agent_gateway.settings import Settings
 from tests.conftest import Gateway
+from tests.integration.test_admin import ADMIN_TOKEN, FUNDING_POOL, admin
 
 pytestmark = pytest.mark.anyio
-ADMIN_TOKEN = "adm-" + "d5" * 20
 ORIGIN = {"origin": "http://gateway.test"}
 
 
@@ -106,3 +106,18 @@ async def test_changing_the_admin_token_ends_admin_sessions(console):
     assert (await console.client.get("/dashboard/admin")).status_code == 200
     console.services.settings.admin_token = "adm-" + "z9" * 20
     assert (await console.client.get("/dashboard/admin")).status_code == 303
+
+
+async def test_a_pool_that_sells_nothing_now_is_not_offered_to_customers(console, pools_file):
+    pools_file.write_text(pools_file.read_text() + FUNDING_POOL)
+    assert (await console.client.post("/api/admin/pools/reload", headers=admin())).status_code == 200
+    _, mk = await console.new_account()
+    page = await console.client.get("/dashboard/signin")
+    await console.client.post("/dashboard/signin", headers=ORIGIN,
+                              data={"csrf_token": csrf(page.text), "management_key": mk})
+    assert "Seed round" in (await console.client.get("/dashboard/buy")).text  # funding: pledges on sale
+    assert "/buy?pool=seed" in (await console.client.get("/dashboard/pools")).text
+    r = await console.client.post("/api/admin/pools/seed/state", json={"status": "activating"}, headers=admin())
+    assert r.status_code == 200
+    assert "Seed round" not in (await console.client.get("/dashboard/buy")).text
+    assert "/buy?pool=seed" not in (await console.client.get("/dashboard/pools")).text
