@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Mount, Route
 
-from agent_gateway.api import agents, discovery, management, public
+from agent_gateway.api import admin, agents, discovery, management, public
 from agent_gateway.web.edge import BodyDeadline, TrustForwardedHeaders
 from agent_gateway.web.rendering import RefuseNul, handle_gateway_error, handle_http_exception, handle_unexpected
 from agent_gateway.clock import Clock
@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None,
             *public.routes,
             *agents.routes,
             *management.routes,
+            *admin.routes,
             *discovery.routes,
             Route("/metrics", metrics_endpoint, methods=["GET"]),
             # Stateless: no server-initiated stream (GET) and no session to end (DELETE).

@@ -1,4 +1,4 @@
-"""The `agent-gateway` command: serve, migrate, accounts, pools, chain, demo, test-upstream."""
+"""The `agent-gateway` command: serve, migrate, accounts, pools, chain, admin, demo, test-upstream."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from agent_gateway.admin_client import add_admin_commands
 from agent_gateway.catalog.pools import CatalogError, load_catalog
 from agent_gateway.errors import GatewayError
 from agent_gateway.settings import Settings
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="run serve's start-up chain checks (chain id, token domain and decimals, payTo, "
                       "relayer gas); one line each, exit 1 on a FAIL")
     chain_check.set_defaults(run=_chain_check)
+    add_admin_commands(commands)
 
     demo = commands.add_parser(
         "demo", help="run the end-to-end demo on embedded defaults (own servers, temporary database)"

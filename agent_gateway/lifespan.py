@@ -8,7 +8,11 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from starlette.applications import Starlette
 
-from agent_gateway.catalog.pools import Catalog, load_catalog
+from agent_gateway.admin.accounts import AccountAdmin
+from agent_gateway.admin.console import AdminConsole
+from agent_gateway.admin.money import MoneyReport
+from agent_gateway.admin.pools import PoolAdmin
+from agent_gateway.catalog.pools import parse_catalog, read_pools_file
 from agent_gateway.clock import Clock
 from agent_gateway.db.engine import Database
 from agent_gateway.db.migrate import upgrade_database
@@ -16,7 +20,7 @@ from agent_gateway.errors import GatewayError
 from agent_gateway.jobs.expiry import expire_subscriptions
 from agent_gateway.jobs.runner import JobRunner, Pass
 from agent_gateway.keys.lifecycle import KeyLifecycle
-from agent_gateway.keys.revocation import RESTORED, KeyRevoker, make_revocation_bus
+from agent_gateway.keys.revocation import RESTORED, KeyRevoker, RedisRevocationBus, make_revocation_bus
 from agent_gateway.metrics import SUBSCRIPTIONS_EXPIRED
 from agent_gateway.payments.chain import ChainAdapter
 from agent_gateway.payments.checks import RelayerGasWatch, verify_chain
@@ -30,7 +34,6 @@ from agent_gateway.proxy.upstream import UpstreamClient, UpstreamTimeouts
 from agent_gateway.ratelimit import AttemptLimiter, make_attempt_limiter
 from agent_gateway.services import Services
 from agent_gateway.settings import Settings
-from agent_gateway.subscriptions.inventory import ensure_inventory
 from agent_gateway.usage.recorder import UsageRecorder
 
 log = logging.getLogger(__name__)
@@ -39,7 +42,8 @@ log = logging.getLogger(__name__)
 def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     """Everything the routes use, built once; nothing is started yet."""
     clock = clock or Clock()
-    catalog = load_catalog(settings.pools_file)
+    pools_text = read_pools_file(settings.pools_file)
+    catalog = parse_catalog(pools_text, str(settings.pools_file))
     db = Database(settings.database_url)
     usage = UsageRecorder(db)
     leases = make_leases(settings.redis_url, settings.lease_ttl_s)
@@ -59,6 +63,16 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     payments = PaymentService(settings, db, clock, catalog, chain_adapter_for(settings), facilitator_for(settings))
 
     keys = KeyLifecycle(db, clock, revoker)
+    # Pool changes reach the other processes on a channel of their own (the payload is only a hint:
+    # each process re-reads the database), and by polling should a message be missed.
+    notifier = (RedisRevocationBus(settings.redis_url, channel="agw:catalog", client_name="agw-catalog")
+                if settings.redis_url else None)
+    admin = AdminConsole(
+        db=db,
+        pools=PoolAdmin(db, clock, catalog, settings.pools_file, pools_text, leases, notifier, settings.catalog_poll_s),
+        accounts=AccountAdmin(db, clock, keys),
+        money=MoneyReport(db, clock, settings, payments.chain),
+    )
 
     async def expiry_pass() -> None:
         result = await expire_subscriptions(db, clock)
@@ -82,6 +96,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         payments=payments,
         attempts=make_attempt_limiter(settings.redis_url, settings.unauth_writes_per_minute,
                                       settings.unauth_attempts_in_flight),
+        admin=admin,
     )
 
 
@@ -117,7 +132,8 @@ async def run_services(services: Services) -> AsyncIterator[Services]:
         import anyio.to_thread
 
         await anyio.to_thread.run_sync(upgrade_database, settings.database_url)
-    await ensure_inventory(services.db, services.catalog)
+    # The pools file under the reload rules: new pools seeded, stored states applied, a bad file refused.
+    await services.admin.pools.start()
     # Before any traffic: a facilitator that cannot settle on our network stops the start.
     try:
         await services.payments.check_facilitator()
@@ -146,6 +162,7 @@ async def run_services(services: Services) -> AsyncIterator[Services]:
     finally:
         # Stop taking new background work, then drain usage so no record is lost, then close.
         await services.jobs.stop()
+        await services.admin.pools.close()
         await services.upstream.close()
         await services.usage.close()
         await services.bus.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from agent_gateway.admin.console import AdminConsole
 from agent_gateway.catalog.pools import Catalog
 from agent_gateway.clock import Clock
 from agent_gateway.db.engine import Database
@@ -39,3 +40,4 @@ class Services:
     upstream: UpstreamClient
     payments: PaymentService
     attempts: AttemptLimiter
+    admin: AdminConsole

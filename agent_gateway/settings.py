@@ -91,6 +91,10 @@ class Settings(BaseSettings):
     unauth_attempts_in_flight: int = Field(default=64, ge=1)
     # A bearer token that /metrics requires when set. Unset: /metrics is public.
     metrics_token: str | None = None
+    # The operator's token for /api/admin/ and `agent-gateway admin` (never an mk_ key). Unset: the
+    # admin API refuses everything. Processes follow each other's pool changes within catalog_poll_s.
+    admin_token: str | None = Field(default=None, min_length=32, repr=False)
+    catalog_poll_s: float = Field(default=5.0, gt=0)
 
     # Proxy.
     max_proxy_body_bytes: int = Field(default=10_485_760, ge=1024)
@@ -146,8 +150,8 @@ class Settings(BaseSettings):
 
     @field_validator("redis_url", "chain_rpc_url", "chain_id", "usdc_address", "pay_to", "relayer_key",
                      "facilitator_url", "facilitator_auth_header", "session_secret", "public_url",
-                     "metrics_token", "confirmations", "reorg_horizon_blocks", "network", "usdc_name",
-                     "usdc_version", mode="before")
+                     "metrics_token", "admin_token", "confirmations", "reorg_horizon_blocks", "network",
+                     "usdc_name", "usdc_version", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
@@ -240,6 +244,14 @@ class Settings(BaseSettings):
             raise ValueError("must be an absolute http:// or https:// URL without query or fragment, "
                              "e.g. https://gateway.example.com")
         return value.rstrip("/")
+
+    @field_validator("admin_token")
+    @classmethod
+    def _not_a_customer_key(cls, value: str | None) -> str | None:
+        if value is not None and (value.startswith(("mk_", "sk_")) or any(c.isspace() for c in value)):
+            raise ValueError("must be a random secret of its own (e.g. `openssl rand -hex 32`), "
+                             "not an mk_/sk_ key, without spaces")
+        return value
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -8,12 +8,12 @@ from datetime import datetime
 
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlmodel import col
+from sqlmodel import col, select
 
 from agent_gateway.clock import Clock
 from agent_gateway.db.engine import Database
 from agent_gateway.db.models import Account, BalanceEntry, new_id
-from agent_gateway.errors import InvalidRequest, NotFound
+from agent_gateway.errors import InvalidRequest, NotFound, PermissionDenied
 from agent_gateway.keys.management import new_management_key
 from agent_gateway.keys.tokens import IssuedToken
 
@@ -64,7 +64,7 @@ async def add_credit(session: AsyncSession, account_id: str, amount_atomic: int,
 
 
 async def take_back_credit(session: AsyncSession, account_id: str, amount_atomic: int, note: str,
-                           now: datetime) -> int:
+                           now: datetime, kind: str = "reversal") -> int:
     """Within the caller's transaction: reverse a credit whose money never stayed (a reorganised
     transfer). The balance may go below zero: that is what the account owes, on the record."""
     result = await session.execute(
@@ -74,7 +74,7 @@ async def take_back_credit(session: AsyncSession, account_id: str, amount_atomic
     balance = result.scalar_one_or_none()
     if balance is None:
         raise NotFound(f"No account {account_id!r}.", code="account_not_found")
-    session.add(BalanceEntry(id=new_id("bal"), account_id=account_id, delta_atomic=-amount_atomic, kind="reversal",
+    session.add(BalanceEntry(id=new_id("bal"), account_id=account_id, delta_atomic=-amount_atomic, kind=kind,
                              note=note, created_at=now))
     return balance
 
@@ -85,3 +85,21 @@ async def get_account(db: Database, account_id: str) -> Account:
     if account is None:
         raise NotFound(f"No account {account_id!r}.", code="account_not_found")
     return account
+
+
+def account_disabled_error(account_id: str) -> PermissionDenied:
+    return PermissionDenied(f"Account {account_id} is disabled by the operator; contact them.", code="account_disabled")
+
+
+async def ensure_buyer_enabled(db: Database, *, account_id: str | None = None, wallet: str | None = None) -> None:
+    """403 when the buying account, or the account bound to the paying wallet, is disabled: checked
+    before a challenge and before any settlement, so no money is taken for seats it cannot have."""
+    if account_id is None and wallet is None:
+        return
+    query = select(Account.id).where(col(Account.disabled_at).is_not(None))
+    query = query.where(col(Account.id) == account_id) if account_id is not None else \
+        query.where(col(Account.wallet_address) == (wallet or "").lower())
+    async with db.transaction() as session:
+        disabled = (await session.execute(query.limit(1))).scalar()
+    if disabled is not None:
+        raise account_disabled_error(disabled)

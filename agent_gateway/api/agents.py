@@ -14,10 +14,11 @@ from agent_gateway.web.orders import RenewBody, SubscribePoolBody, renewal_order
 from agent_gateway.web.x402 import HttpCall, challenge, pay_for, payment_header, render_settled, resource_url
 from agent_gateway.web.rendering import iso, ok
 from agent_gateway.web.throttle import limits_challenges, limits_failed_payments
+from agent_gateway.accounts.service import ensure_buyer_enabled
 from agent_gateway.catalog.pricing import Order, default_order, order_body
 from agent_gateway.errors import InvalidRequest, NotFound
 from agent_gateway.payments.ledger import get_payment
-from agent_gateway.payments.wallet import issue_challenge, sign_in, sign_in_chain_id
+from agent_gateway.payments.wallet import issue_challenge, recover_personal_signer, sign_in, sign_in_chain_id
 from agent_gateway.subscriptions.inventory import seats_available
 
 
@@ -48,6 +49,9 @@ async def subscribe_pool(request: Request) -> Response:
         if not body.signature:
             raise InvalidRequest(f"A txHash claim needs \"signature\": the paying wallet's signature (EIP-191) "
                                  f"of {services.payments.tx_claim_message(body.tx_hash)!r}.", code="missing_signature")
+        # A disabled account's wallet is refused before its transfer is claimed.
+        signer = recover_personal_signer(services.payments.tx_claim_message(body.tx_hash), body.signature)
+        await ensure_buyer_enabled(services.db, wallet=signer)
         settled = await services.payments.claim_tx_hash(order, body.tx_hash, body.signature, key_name=body.name)
         return render_settled(settled)
     settled = await pay_for(request, services, order, call=order_call(order), account_id=None, key_name=body.name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tomllib
 from dataclasses import dataclass
@@ -19,9 +20,17 @@ _SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 
 class PoolStatus(StrEnum):
+    """A pool's status; the file seeds it, admin transitions change it (catalog.states)."""
+
     FUNDING = "funding"  # sells (pledges), serves no inference
+    ACTIVATING = "activating"  # the round is funded; neither sells nor serves until it is active
     ACTIVE = "active"  # sells and serves
     PAUSED = "paused"  # neither sells nor serves
+    CLOSED = "closed"  # the funding round failed; final
+
+    @property
+    def sells(self) -> bool:
+        return self in (PoolStatus.FUNDING, PoolStatus.ACTIVE)
 
 
 class CatalogError(ValueError):
@@ -45,13 +54,25 @@ class Pool:
     upstream_api: str = "openai"
 
 
-@dataclass(frozen=True)
+@dataclass
 class Catalog:
+    """The pools and blocks on sale. Every service holds the one running instance, which a reload
+    or a pool state change updates in place (`adopt`), so nobody keeps a stale copy."""
+
     blocks: dict[str, Block]
     pools: dict[str, Pool]
 
+    def adopt(self, other: Catalog) -> None:
+        # Two plain assignments with no await between them: no request sees half of a change.
+        self.blocks, self.pools = other.blocks, other.pools
+
     def pool(self, slug: str) -> Pool | None:
         return self.pools.get(slug)
+
+    def with_statuses(self, statuses: dict[str, PoolStatus]) -> Catalog:
+        """This catalog with the pools' live statuses (from the database) in place of the file's."""
+        return Catalog(blocks=self.blocks, pools={slug: dataclasses.replace(pool, status=statuses.get(slug, pool.status))
+                                                  for slug, pool in self.pools.items()})
 
 
 class _PoolEntry(BaseModel):
@@ -137,16 +158,28 @@ class _PoolsFile(BaseModel):
 
 def load_catalog(path: Path) -> Catalog:
     """Read and validate a pools file; raise CatalogError naming the file and the field."""
+    return parse_catalog(read_pools_file(path), str(path))
+
+
+def read_pools_file(path: Path) -> str:
     try:
-        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise CatalogError(f"{path}: pools file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CatalogError(f"{path}: cannot be read: {exc}") from None
+
+
+def parse_catalog(text: str, source: str) -> Catalog:
+    """Validate a pools file's text; `source` names it in the error."""
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise CatalogError(f"{path}: not valid TOML: {exc}") from None
+        raise CatalogError(f"{source}: not valid TOML: {exc}") from None
     try:
         parsed = _PoolsFile.model_validate(raw)
     except ValidationError as exc:
-        raise CatalogError(f"{path}: {_describe(exc)}") from None
+        raise CatalogError(f"{source}: {_describe(exc)}") from None
     blocks = {name: parse_block(name, span) for name, span in parsed.blocks.items()}
     pools = {
         slug: Pool(

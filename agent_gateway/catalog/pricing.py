@@ -53,8 +53,9 @@ def make_order(
     pool = catalog.pool(pool_slug)
     if pool is None:
         raise NotFound(f"No pool {pool_slug!r}. See GET /api/pools.", code="pool_not_found")
-    if pool.status == PoolStatus.PAUSED:
-        raise Conflict(f"Pool {pool_slug} is paused and sells no seats now.", code="pool_paused")
+    if not pool.status.sells:
+        raise Conflict(f"Pool {pool_slug} is {pool.status} and sells no seats now.",
+                       code="pool_paused" if pool.status == PoolStatus.PAUSED else "pool_not_selling")
     if not blocks:
         raise InvalidRequest("blocks must name at least one block.", code="invalid_blocks")
     if len(set(blocks)) != len(blocks):

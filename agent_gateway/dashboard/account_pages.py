@@ -7,7 +7,7 @@ from datetime import datetime
 
 from starlette.responses import Response
 
-from agent_gateway.catalog.pools import Catalog, PoolStatus
+from agent_gateway.catalog.pools import Catalog
 from agent_gateway.clock import as_utc
 from agent_gateway.dashboard.guard import Visit, form_field, page
 from agent_gateway.dashboard.rendering import when
@@ -27,7 +27,7 @@ async def subscriptions(visit: Visit) -> Response:
     catalog = services.catalog
     views = await list_subscriptions(services.db, account.id)
     rows = [_subscription_row(catalog, view, services.clock.now()) for view in views]
-    offers = [pool for pool in catalog.pools.values() if pool.status != PoolStatus.PAUSED]
+    offers = [pool for pool in catalog.pools.values() if pool.status.sells]
     example = offers[0] if offers else None
     example_blocks = [next(iter(example.prices_atomic))] if example else []
     # The renewal example names the seat the user picked (?renew=…), else the first active one.

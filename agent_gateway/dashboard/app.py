@@ -7,7 +7,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from agent_gateway.dashboard import account_pages, buy_pages, key_pages, public_pages, usage_pages
+from agent_gateway.dashboard import account_pages, admin_pages, buy_pages, key_pages, public_pages, usage_pages
 from agent_gateway.dashboard.guard import Dashboard, routing_error
 from agent_gateway.dashboard.rendering import STATIC_DIR, PageRenderer
 from agent_gateway.dashboard.sessions import SessionCodec
@@ -37,6 +37,17 @@ def create_dashboard(services: Services) -> Starlette:
             Route("/management-keys", account_pages.create_management_key, methods=["POST"]),
             Route("/management-keys/{key_id}/revoke", account_pages.confirm_revoke, methods=["GET"]),
             Route("/management-keys/{key_id}/revoke", account_pages.revoke, methods=["POST"]),
+            # The operator's pages (AGW_ADMIN_TOKEN and a name; every change audited).
+            Route("/admin/signin", admin_pages.signin_form, methods=["GET"]),
+            Route("/admin/signin", admin_pages.signin, methods=["POST"]),
+            Route("/admin", admin_pages.pools, methods=["GET"]),
+            Route("/admin/pools/reload", admin_pages.reload_pools, methods=["POST"]),
+            Route("/admin/pools/{slug}/state", admin_pages.set_pool_state, methods=["POST"]),
+            Route("/admin/accounts", admin_pages.accounts, methods=["GET"]),
+            Route("/admin/accounts/{account_id}", admin_pages.account, methods=["GET"]),
+            Route("/admin/accounts/{account_id}/{action}", admin_pages.account_action, methods=["POST"]),
+            Route("/admin/money", admin_pages.money, methods=["GET"]),
+            Route("/admin/audit", admin_pages.audit, methods=["GET"]),
             Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
         ],
         exception_handlers={HTTPException: routing_error},

@@ -108,9 +108,9 @@ def _short_balance_message(visit: Visit, order: Order, balance: int) -> str:
 async def _form_page(visit: Visit, pool_slug: str | None, blocks: list[str], quantity: str, cycle: str, *,
                      error: str | None = None, status: int = 200) -> Response:
     catalog = visit.services.catalog
-    offers = [p for p in catalog.pools.values() if p.status != "paused"]
+    offers = [p for p in catalog.pools.values() if p.status.sells]
     chosen = catalog.pool(pool_slug or "") if pool_slug else None
-    if chosen is None or chosen.status == "paused":
+    if chosen is None or not chosen.status.sells:
         chosen = offers[0] if offers else None
     available = await seats_available(visit.services.db, catalog)
     assert visit.account is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ class Visit:
     session: Session
     account: Account | None = None
     mkey_id: str | None = None
+    admin_actor: str | None = None  # an operator signed in to the admin pages, by name
     form: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -81,6 +83,7 @@ class Visit:
             site=self.site_url,
             account=self.account,
             mkey_id=self.mkey_id,
+            admin_actor=self.admin_actor,
             csrf_field=CSRF_FIELD,
             csrf_token=self.session.csrf,
             flashes=self.session.take_flashes(),
@@ -95,9 +98,10 @@ Handler = Callable[[Visit], Awaitable[Response]]
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-def page(*, sign_in: bool = True, back: str | None = None) -> Callable[[Handler], Endpoint]:
-    """Route decorator. `sign_in`: the page needs a live management key. `back`: where a refused
-    action (a domain error on POST) returns to, with the error shown as a message."""
+def page(*, sign_in: bool = True, back: str | None = None, admin: bool = False) -> Callable[[Handler], Endpoint]:
+    """Route decorator. `sign_in`: the page needs a live management key; `admin`: it needs an
+    operator's session instead. `back`: where a refused action (a domain error on POST) returns to,
+    with the error shown as a message."""
 
     def decorate(handler: Handler) -> Endpoint:
         @functools.wraps(handler)
@@ -113,7 +117,10 @@ def page(*, sign_in: bool = True, back: str | None = None) -> Callable[[Handler]
                     return refused
             if session.is_signed_in:
                 await _identify(visit)
-            if sign_in and visit.account is None:
+            _identify_admin(visit)
+            if admin and visit.admin_actor is None:
+                response = visit.redirect("/admin/signin")
+            elif sign_in and not admin and visit.account is None:
                 response = visit.redirect("/signin")
             else:
                 response = await _run(handler, visit, back)
@@ -139,6 +146,19 @@ async def _identify(visit: Visit) -> None:
     visit.session = Session.anonymous(services.clock.now())
     visit.session.flash("error", "Your session ended: it was signed out, it expired, or its management key "
                                  "was revoked. Sign in again.")
+
+
+def _identify_admin(visit: Visit) -> None:
+    """An admin session counts only while the admin token it was opened with is still the one set."""
+    session, token = visit.session, visit.services.settings.admin_token
+    if session.admin_actor is None:
+        return
+    if token is not None and session.admin_mark is not None and hmac.compare_digest(
+            session.admin_mark.encode(), visit.dashboard.codec.admin_mark(token).encode()):
+        visit.admin_actor = session.admin_actor
+        return
+    visit.session = Session.anonymous(visit.services.clock.now())
+    visit.session.flash("error", "Your admin session ended: the admin token changed. Sign in again.")
 
 
 async def _refuse_forgery(visit: Visit) -> Response | None:

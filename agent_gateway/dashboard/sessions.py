@@ -31,6 +31,10 @@ class Session:
     session_id: str | None = None
     flashes: list[tuple[str, str]] = field(default_factory=list)
     changed: bool = False
+    # An operator's session (admin pages): the name they signed in under, and a mark of the admin
+    # token it was opened with, so changing AGW_ADMIN_TOKEN ends every admin session.
+    admin_actor: str | None = None
+    admin_mark: str | None = None
 
     @classmethod
     def anonymous(cls, now: datetime) -> Session:
@@ -42,6 +46,11 @@ class Session:
         # A fresh CSRF token at sign-in, so a token seen before signing in is worth nothing after.
         return cls(csrf=secrets.token_urlsafe(32), expires_at=int(expires_at.timestamp()),
                    session_id=session_id, changed=True)
+
+    @classmethod
+    def admin(cls, actor: str, mark: str, expires_at: datetime) -> Session:
+        return cls(csrf=secrets.token_urlsafe(32), expires_at=int(expires_at.timestamp()), admin_actor=actor,
+                   admin_mark=mark, changed=True)
 
     @property
     def is_signed_in(self) -> bool:
@@ -73,6 +82,8 @@ class SessionCodec:
 
     def encode(self, session: Session) -> str:
         payload = {"c": session.csrf, "e": session.expires_at, "s": session.session_id, "f": session.flashes}
+        if session.admin_actor is not None:
+            payload["a"] = [session.admin_actor, session.admin_mark]
         body = _b64(json.dumps(payload, separators=(",", ":")).encode())
         return f"{body}.{self._sign(body)}"
 
@@ -91,13 +102,19 @@ class SessionCodec:
             session_id = data["s"]
             if session_id is not None and not isinstance(session_id, str):
                 raise TypeError("session id")
+            actor, mark = data.get("a") or (None, None)
             session = Session(
                 csrf=str(data["c"]), expires_at=int(data["e"]), session_id=session_id,
                 flashes=[(str(kind), str(text)) for kind, text in data["f"]],
+                admin_actor=None if actor is None else str(actor), admin_mark=None if mark is None else str(mark),
             )
         except (ValueError, KeyError, TypeError, OverflowError):
             return None
         return session if session.expires_at > now.timestamp() else None
+
+    def admin_mark(self, admin_token: str) -> str:
+        """A fingerprint of the admin token under this deployment's key (never the token itself)."""
+        return _b64(hmac.new(self._key, b"admin token:" + admin_token.encode(), hashlib.sha256).digest())[:32]
 
     def _sign(self, body: str) -> str:
         return _b64(hmac.new(self._key, body.encode(), hashlib.sha256).digest())

@@ -56,6 +56,8 @@ class Account(SQLModel, table=True):
     wallet_address: str | None = Field(default=None, max_length=42, unique=True)
     balance_atomic: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
     created_at: datetime = Field(sa_column=_ts())
+    # Set by an operator (admin API): its keys are revoked, sign-in and purchases refused.
+    disabled_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
 
 
 class BalanceEntry(SQLModel, table=True):
@@ -66,7 +68,7 @@ class BalanceEntry(SQLModel, table=True):
     id: str = Field(primary_key=True, max_length=40)
     account_id: str = Field(foreign_key="accounts.id", index=True, max_length=40)
     delta_atomic: int = Field(sa_column=Column(BigInteger, nullable=False))
-    kind: str = Field(max_length=20)  # credit | charge | reversal
+    kind: str = Field(max_length=20)  # credit | charge | reversal | debit (by an operator)
     note: str = Field(default="", max_length=500)
     created_at: datetime = Field(sa_column=_ts())
 
@@ -266,3 +268,47 @@ class DashboardSession(SQLModel, table=True):
     created_at: datetime = Field(sa_column=_ts())
     expires_at: datetime = Field(sa_column=_ts())
     ended_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
+
+
+class AuditRecord(SQLModel, table=True):
+    """One admin action: who (the actor the operator named), when, what, on what, and the values
+    before and after. Written in the same transaction as the change it records."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_target", "target", "created_at"),)
+
+    id: str = Field(primary_key=True, max_length=40)
+    actor: str = Field(max_length=64, index=True)
+    action: str = Field(max_length=60)  # e.g. pool.state, pools.reload, account.balance, account.disable
+    target: str = Field(max_length=120)  # what it acted on: a pool slug, an account id, the pools file
+    reason: str = Field(default="", max_length=500)
+    before: dict | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    after: dict | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    created_at: datetime = Field(sa_column=_ts(index=True))
+
+
+class PoolState(SQLModel, table=True):
+    """A pool's live status. The pools file seeds it (`file_status`, what the file said); after
+    that it changes only through audited admin transitions (catalog.states)."""
+
+    __tablename__ = "pool_states"
+
+    pool_slug: str = Field(primary_key=True, max_length=64)
+    status: str = Field(max_length=12)
+    file_status: str = Field(max_length=12)
+    updated_at: datetime = Field(sa_column=_ts())
+
+
+class CatalogVersion(SQLModel, table=True):
+    """A pools file the gateway applied (at start or by a reload), kept whole so that every process
+    serves the same text, whatever file it has on its own disk."""
+
+    __tablename__ = "catalog_versions"
+
+    id: int | None = Field(default=None, sa_column=Column(BigInteger().with_variant(Integer, "sqlite"),
+                                                          primary_key=True, autoincrement=True))
+    sha256: str = Field(max_length=64)
+    pools_toml: str = Field(sa_column=Column(Text, nullable=False))
+    source: str = Field(max_length=500)
+    actor: str = Field(max_length=64)
+    created_at: datetime = Field(sa_column=_ts())

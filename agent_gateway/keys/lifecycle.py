@@ -35,3 +35,9 @@ class KeyLifecycle:
         """Keys a domain transaction has just revoked (an expired subscription, a payment
         reorganised away): end them in every process at once, running streams included."""
         await self._revoker.revoke(key_ids, reason)
+
+    async def restore_keys(self, key_ids: list[str]) -> None:
+        """Keys a domain transaction has just made active again (an account enabled): lift their
+        tombstones and tell every process."""
+        for key_id in key_ids:
+            await self._revoker.restore(key_id)

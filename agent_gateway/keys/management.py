@@ -48,6 +48,9 @@ async def authenticate_management_key(db: Database, clock: Clock, plaintext: str
         if row is None or row[0].revoked_at is not None:
             raise AuthenticationError("The management key is not valid.", code="invalid_management_key")
         key, account = row
+        if account.disabled_at is not None:
+            raise PermissionDenied(f"Account {account.id} is disabled by the operator; contact them.",
+                                   code="account_disabled")
         if key.last_used_at is None or now - as_utc(key.last_used_at) > _LAST_USED_GRANULARITY:
             await session.execute(
                 update(ManagementKey).where(col(ManagementKey.id) == key.id).values(last_used_at=now)

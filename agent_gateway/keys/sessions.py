@@ -42,7 +42,7 @@ async def find_live_session(db: Database, clock: Clock, session_id: str) -> tupl
     if row is None:
         return None
     dashboard_session, key_revoked_at, account = row
-    if (dashboard_session.ended_at is not None or key_revoked_at is not None
+    if (dashboard_session.ended_at is not None or key_revoked_at is not None or account.disabled_at is not None
             or as_utc(dashboard_session.expires_at) <= clock.now()):
         return None
     return account, dashboard_session.management_key_id

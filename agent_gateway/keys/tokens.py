@@ -11,7 +11,7 @@ API_KEY_PREFIX = "sk_"
 MANAGEMENT_KEY_PREFIX = "mk_"
 _ALPHABET = string.ascii_letters + string.digits
 _BODY_LENGTH = 43  # 43 base62 characters carry 256 bits of entropy
-_DISPLAY_PREFIX = 7
+DISPLAY_PREFIX = 7
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ def issue_token(kind_prefix: str) -> IssuedToken:
     return IssuedToken(
         plaintext=plaintext,
         key_hash=hash_token(plaintext),
-        prefix=plaintext[:_DISPLAY_PREFIX],
+        prefix=plaintext[:DISPLAY_PREFIX],
         last_four=plaintext[-4:],
     )
 

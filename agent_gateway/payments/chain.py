@@ -314,6 +314,10 @@ class ChainAdapter:
     async def balance_of(self, address: str) -> int:
         return int(await self._rpc("balanceOf", self._token.functions.balanceOf(to_checksum_address(address)).call()))
 
+    async def native_balance(self, address: str) -> int:
+        """The chain's own coin (wei) at `address`: what the relayer pays gas with."""
+        return int(await self._rpc("a balance", self._w3.eth.get_balance(to_checksum_address(address))))
+
     # --- settlement ------------------------------------------------------------------------------
 
     @staticmethod

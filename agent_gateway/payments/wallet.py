@@ -20,6 +20,7 @@ from sqlmodel import col
 from agent_gateway.clock import Clock, as_utc
 from agent_gateway.db.engine import Database
 from agent_gateway.db.models import Account, WalletChallenge, new_id
+from agent_gateway.accounts.service import account_disabled_error
 from agent_gateway.errors import AuthenticationError, InvalidRequest, NotFound
 from agent_gateway.keys.management import new_management_key
 from agent_gateway.keys.tokens import IssuedToken
@@ -118,6 +119,8 @@ async def sign_in(db: Database, clock: Clock, challenge_id: str, signature: str)
         if account is None:
             raise NotFound("No account is bound to this wallet; buy a seat with it first.",
                            code="account_not_found")
+        if account.disabled_at is not None:
+            raise account_disabled_error(account.id)
         challenge.used_at = now  # the row is locked: no other sign-in can use it meanwhile
         session.add(challenge)
         key, token = new_management_key(account.id, "wallet sign-in", now)

@@ -62,6 +62,10 @@ class Leases(Protocol):
         """Remove the tombstone (the key was re-enabled)."""
         ...
 
+    async def held(self, key_ids: list[str]) -> int:
+        """How many of these keys have a request in flight now (the operator's console)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -127,6 +131,9 @@ class MemoryLeases:
 
     async def restore(self, key_id: str) -> None:
         self._tombstones.pop(key_id, None)
+
+    async def held(self, key_ids: list[str]) -> int:
+        return sum(1 for key_id in key_ids if key_id in self._holders)
 
     async def close(self) -> None:
         self._holders.clear()
@@ -262,6 +269,15 @@ class RedisLeases:
             await self._redis.delete(self._tombstone_key(key_id))
         except (RedisError, OSError) as exc:
             raise _unavailable("restore", exc) from exc
+
+    async def held(self, key_ids: list[str]) -> int:
+        total = 0
+        try:
+            for start in range(0, len(key_ids), 500):  # EXISTS counts every named key that exists
+                total += await self._redis.exists(*(self._lease_key(k) for k in key_ids[start:start + 500]))
+        except (RedisError, OSError) as exc:
+            raise _unavailable("held", exc) from exc
+        return total
 
     async def close(self) -> None:
         if self._undoing:

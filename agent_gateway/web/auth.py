@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import hmac
 from collections.abc import Awaitable, Callable
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from agent_gateway.db.models import Account
+from agent_gateway.admin.audit import validate_actor
 from agent_gateway.errors import AuthenticationError
 from agent_gateway.keys.management import authenticate_management_key
 from agent_gateway.services import Services
 
 ManagementHandler = Callable[[Request, Services, Account], Awaitable[Response]]
+AdminHandler = Callable[[Request, Services, str], Awaitable[Response]]
+ACTOR_HEADER = "x-admin-actor"
 
 
 def bearer_token(request: Request) -> str | None:
@@ -59,5 +64,40 @@ def management(handler: ManagementHandler) -> Callable[[Request], Awaitable[Resp
             )
         account = await authenticate_management_key(services.db, services.clock, token)
         return await handler(request, services, account)
+
+    return endpoint
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+
+def admin_token_matches(given: str, expected: str | None) -> bool:
+    """Constant time whatever the lengths: both sides are hashed to 32 bytes before comparing."""
+    return expected is not None and hmac.compare_digest(_digest(given), _digest(expected))
+
+
+def admin(handler: AdminHandler) -> Callable[[Request], Awaitable[Response]]:
+    """Route decorator for /api/admin/: the handler runs only for `Authorization: Bearer
+    <AGW_ADMIN_TOKEN>`, never for a customer's key. A write also names its actor (X-Admin-Actor),
+    which the handler records; a read gets the actor if one was sent, else "".
+    """
+
+    @functools.wraps(handler)
+    async def endpoint(request: Request) -> Response:
+        services = services_of(request)
+        token = bearer_token(request)
+        if token is None:
+            raise AuthenticationError("The admin API needs 'Authorization: Bearer <AGW_ADMIN_TOKEN>'.",
+                                      code="missing_admin_token")
+        if not admin_token_matches(token, services.settings.admin_token):
+            # One answer for every wrong token, an mk_/sk_ key included, and for an unset AGW_ADMIN_TOKEN.
+            raise AuthenticationError("The admin token is not valid.", code="invalid_admin_token")
+        header = request.headers.get(ACTOR_HEADER)
+        if request.method in ("GET", "HEAD"):
+            actor = validate_actor(header) if header is not None else ""
+        else:
+            actor = validate_actor(header)
+        return await handler(request, services, actor)
 
     return endpoint

@@ -18,6 +18,7 @@ from starlette.responses import Response
 
 from agent_gateway.web.rendering import ok
 from agent_gateway.web.views import render_subscription
+from agent_gateway.accounts.service import ensure_buyer_enabled
 from agent_gateway.catalog.pricing import Order
 from agent_gateway.services import Services
 from agent_gateway.money import format_usdc
@@ -199,6 +200,7 @@ async def settle_for(services: Services, order: Order, resource: str, decode: Ca
     New seats must be there before we ask for (or take) money; they are reserved atomically
     again before settling. A renewal keeps the seats it holds."""
     payments = services.payments
+    await ensure_buyer_enabled(services.db, account_id=account_id)
     if renew_subscription_id is None:
         await payments.check_capacity(order)
     if decode is None:
@@ -210,6 +212,8 @@ async def settle_for(services: Services, order: Order, resource: str, decode: Ca
         raise InvalidRequest(exc.message, code=exc.code) from None
     except WireError as exc:
         raise challenge(services, order, resource, call=call, message=exc.message, code=exc.code) from None
+    # The wallet's account, when it has one, must not be disabled: refused before any settlement.
+    await ensure_buyer_enabled(services.db, wallet=payment.payer)
     try:
         return await payments.settle_exact(order, payment, resource, account_id=account_id,
                                            key_name=key_name, renew_subscription_id=renew_subscription_id)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["serve", "migrate", "accounts", "pools", "chain", "demo", "test-upstream"]
+COMMANDS = ["serve", "migrate", "accounts", "pools", "chain", "admin", "demo", "test-upstream"]
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -1,0 +1,219 @@
+"""The admin API (`/api/admin/…`, `Bearer <AGW_ADMIN_TOKEN>`): pools and their states, reloading
+the pools file, accounts, money and the audit log. Writes name their actor (X-Admin-Actor)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from agent_gateway.admin.accounts import parse_adjustment
+from agent_gateway.admin.audit import list_records, validate_reason
+from agent_gateway.admin.money import MoneySummary
+from agent_gateway.admin.pools import PoolReport
+from agent_gateway.catalog.pools import PoolStatus
+from agent_gateway.db.models import Account, AuditRecord, Payment
+from agent_gateway.errors import InvalidRequest
+from agent_gateway.money import format_usdc
+from agent_gateway.services import Services
+from agent_gateway.web.auth import admin
+from agent_gateway.web.bodies import CamelBody, read_json, read_optional_json
+from agent_gateway.web.rendering import iso, ok
+from agent_gateway.web.views import render_key, render_management_key, render_subscription
+
+
+class StateBody(CamelBody):
+    status: str = Field(min_length=1, max_length=20)
+    reason: str = Field(default="", max_length=500)
+
+
+class ReasonBody(CamelBody):
+    reason: str = Field(default="", max_length=500)
+
+
+class BalanceBody(CamelBody):
+    # A signed decimal string in USDC: "25.00" credits, "-25.00" debits.
+    amount: str = Field(min_length=1, max_length=40)
+    reason: str = Field(min_length=1, max_length=500)
+
+
+# --- pools ------------------------------------------------------------------------------------
+
+def render_pool_report(report: PoolReport) -> dict[str, Any]:
+    pool = report.pool
+    sold = sum(b.sold for b in report.blocks)
+    offered = sum(b.seats for b in report.blocks)
+    return {
+        "slug": pool.slug, "name": pool.name, "status": pool.status, "fileStatus": report.file_status,
+        "models": list(pool.models), "seatsPerBlock": pool.seats,
+        "blocks": [{"block": b.name, "hoursUtc": b.hours_utc, "seats": b.seats, "sold": b.sold, "left": b.left,
+                    "price": format_usdc(pool.prices_atomic[b.name])} for b in report.blocks],
+        "inFlight": report.in_flight, "liveSubscriptions": report.live_subscriptions,
+        "funding": ({"seatsPledged": sold, "seatsOffered": offered,
+                     "progress": round(sold / offered, 4) if offered else 0.0}
+                    if pool.status in (PoolStatus.FUNDING, PoolStatus.ACTIVATING) else None),
+    }
+
+
+@admin
+async def get_pools(request: Request, services: Services, actor: str) -> Response:
+    return ok([render_pool_report(r) for r in await services.admin.pools.report()])
+
+
+@admin
+async def set_pool_state(request: Request, services: Services, actor: str) -> Response:
+    body = await read_json(request, StateBody, services.settings)
+    slug = request.path_params["slug"]
+    await services.admin.pools.set_state(slug, body.status, actor, validate_reason(body.reason))
+    report = next(r for r in await services.admin.pools.report() if r.pool.slug == slug)
+    return ok(render_pool_report(report))
+
+
+@admin
+async def reload_pools(request: Request, services: Services, actor: str) -> Response:
+    body = await read_optional_json(request, ReasonBody, services.settings)
+    result = await services.admin.pools.reload(actor, validate_reason(body.reason if body else ""))
+    return ok({"changed": result.changed, "sha256": result.version_sha256, "added": result.added,
+               "pools": sorted(result.catalog.pools)})
+
+
+# --- accounts ---------------------------------------------------------------------------------
+
+def render_account(account: Account) -> dict[str, Any]:
+    return {"id": account.id, "name": account.name, "walletAddress": account.wallet_address,
+            "balance": format_usdc(account.balance_atomic), "disabled": account.disabled_at is not None,
+            "disabledAt": iso(account.disabled_at), "createdAt": iso(account.created_at)}
+
+
+def render_payment(payment: Payment) -> dict[str, Any]:
+    return {"id": payment.id, "state": payment.state, "failureReason": payment.failure_reason,
+            "method": payment.method, "network": payment.network, "payer": payment.payer,
+            "amount": format_usdc(payment.amount_atomic), "amountAtomic": str(payment.amount_atomic),
+            "txHash": payment.tx_hash, "pool": payment.pool_slug, "blocks": list(payment.blocks),
+            "quantity": payment.quantity, "accountId": payment.account_id, "chainFinal": payment.chain_final,
+            "createdAt": iso(payment.created_at), "updatedAt": iso(payment.updated_at)}
+
+
+@admin
+async def search_accounts(request: Request, services: Services, actor: str) -> Response:
+    query = request.query_params.get("q")
+    if query is None:
+        raise InvalidRequest("Give ?q=: an account id, a wallet address, a key prefix or a name.",
+                             code="invalid_query")
+    return ok([render_account(a) for a in await services.admin.accounts.search(query)])
+
+
+@admin
+async def get_account(request: Request, services: Services, actor: str) -> Response:
+    detail = await services.admin.accounts.detail(request.path_params["account_id"])
+    subscriptions, keys = [], []
+    for view in detail.subscriptions:
+        subscriptions.append(render_subscription(view.subscription, view.key))
+        if view.key is not None:
+            keys.append(render_key(view.key, view.subscription))
+    return ok({**render_account(detail.account), "subscriptions": subscriptions, "keys": keys,
+               "managementKeys": [{**render_management_key(k), "revokedAt": iso(k.revoked_at)}
+                                  for k in detail.management_keys],
+               "balanceEntries": [{"id": e.id, "delta": format_usdc(e.delta_atomic), "kind": e.kind, "note": e.note,
+                                   "createdAt": iso(e.created_at)} for e in detail.balance_entries],
+               "payments": [render_payment(p) for p in detail.payments]})
+
+
+@admin
+async def adjust_balance(request: Request, services: Services, actor: str) -> Response:
+    body = await read_json(request, BalanceBody, services.settings)
+    amount = parse_adjustment(body.amount)
+    account_id = request.path_params["account_id"]
+    balance = await services.admin.accounts.adjust_balance(account_id, amount, actor=actor,
+                                                           reason=validate_reason(body.reason, required=True))
+    return ok({"id": account_id, "balance": format_usdc(balance)})
+
+
+@admin
+async def disable_account(request: Request, services: Services, actor: str) -> Response:
+    body = await read_optional_json(request, ReasonBody, services.settings)
+    account_id = request.path_params["account_id"]
+    key_ids = await services.admin.accounts.disable(account_id, actor=actor,
+                                                    reason=validate_reason(body.reason if body else ""))
+    return ok({"id": account_id, "disabled": True, "keysRevoked": key_ids})
+
+
+@admin
+async def enable_account(request: Request, services: Services, actor: str) -> Response:
+    body = await read_optional_json(request, ReasonBody, services.settings)
+    account_id = request.path_params["account_id"]
+    key_ids = await services.admin.accounts.enable(account_id, actor=actor,
+                                                   reason=validate_reason(body.reason if body else ""))
+    return ok({"id": account_id, "disabled": False, "keysEnabled": key_ids})
+
+
+# --- money ------------------------------------------------------------------------------------
+
+def render_money(summary: MoneySummary) -> dict[str, Any]:
+    balances = summary.balances
+    return {
+        "days": summary.days,
+        "revenueByDay": [{"day": day.isoformat(), "pools": {pool: {"amount": format_usdc(a), "payments": n}
+                                                            for pool, (a, n) in pools.items()},
+                          "total": format_usdc(sum(a for a, _ in pools.values()))}
+                         for day, pools in summary.revenue_by_day.items()],
+        "revenueByPool": {pool: {"amount": format_usdc(a), "payments": n}
+                          for pool, (a, n) in summary.revenue_by_pool.items()},
+        "paymentsByState": {state: {"count": n, "amount": format_usdc(a)}
+                            for state, (n, a) in sorted(summary.by_state.items())},
+        "needsAttention": [{"why": item.why, **render_payment(item.payment)} for item in summary.attention],
+        "balances": None if balances is None else {
+            "relayer": balances.relayer_address,
+            "relayerNativeWei": None if balances.relayer_native_wei is None else str(balances.relayer_native_wei),
+            "payTo": balances.pay_to,
+            "payToUsdc": None if balances.pay_to_usdc_atomic is None else format_usdc(balances.pay_to_usdc_atomic),
+            "error": balances.error},
+    }
+
+
+@admin
+async def get_money(request: Request, services: Services, actor: str) -> Response:
+    days = _int_param(request, "days", 30, 1, 366)
+    return ok(render_money(await services.admin.money.summary(days)))
+
+
+# --- the audit log ----------------------------------------------------------------------------
+
+def render_audit(row: AuditRecord) -> dict[str, Any]:
+    return {"id": row.id, "actor": row.actor, "action": row.action, "target": row.target, "reason": row.reason,
+            "before": row.before, "after": row.after, "createdAt": iso(row.created_at)}
+
+
+@admin
+async def get_audit(request: Request, services: Services, actor: str) -> Response:
+    params = request.query_params
+    rows = await list_records(services.db, limit=_int_param(request, "limit", 100, 1, 1000),
+                              actor=params.get("actor"), target=params.get("target"), action=params.get("action"),
+                              before_id=params.get("before"))
+    return ok([render_audit(r) for r in rows])
+
+
+def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise InvalidRequest(f"{name} must be a whole number from {low} to {high}.", code=f"invalid_{name}")
+    return int(raw)
+
+
+routes = [
+    Route("/api/admin/pools", get_pools, methods=["GET"]),
+    Route("/api/admin/pools/reload", reload_pools, methods=["POST"]),
+    Route("/api/admin/pools/{slug}/state", set_pool_state, methods=["POST"]),
+    Route("/api/admin/accounts", search_accounts, methods=["GET"]),
+    Route("/api/admin/accounts/{account_id}", get_account, methods=["GET"]),
+    Route("/api/admin/accounts/{account_id}/balance", adjust_balance, methods=["POST"]),
+    Route("/api/admin/accounts/{account_id}/disable", disable_account, methods=["POST"]),
+    Route("/api/admin/accounts/{account_id}/enable", enable_account, methods=["POST"]),
+    Route("/api/admin/money", get_money, methods=["GET"]),
+    Route("/api/admin/audit", get_audit, methods=["GET"]),
+]
