@@ -181,8 +181,9 @@ def _text(command: str, data: Any) -> list[str]:
                   for p in data["needsAttention"]]
         if data["balances"]:
             b = data["balances"]
-            lines.append(f"relayer {b['relayer']}: {b['relayerNativeWei']} wei; "
-                         f"payTo {b['payTo']}: {b['payToUsdc']} USDC"
+            relayer = (f"relayer {b['relayer']}: {b['relayerNativeWei']} wei" if b["relayer"]
+                       else "no relayer (a facilitator settles)")
+            lines.append(f"{relayer}; payTo {b['payTo']}: {b['payToUsdc']} USDC"
                          + (f" ({b['error']})" if b["error"] else ""))
         return lines
     if command == "audit":

@@ -95,12 +95,14 @@ class MoneyReport:
         terms = self.settings.chain
         if self.chain is None or terms is None:
             return None
+        # With a facilitator there is no relayer of ours: only payTo's balance is shown.
+        relayer = self.chain.relayer_address if self.chain.has_relayer else None
         try:
-            native = await self.chain.native_balance(self.chain.relayer_address)
+            native = await self.chain.native_balance(relayer) if relayer is not None else None
             usdc = await self.chain.balance_of(terms.pay_to)
         except GatewayError as exc:  # chain_unavailable: show the rest of the page, say why
-            return Balances(relayer_address=self.chain.relayer_address, pay_to=terms.pay_to, error=exc.message)
-        return Balances(relayer_address=self.chain.relayer_address, relayer_native_wei=native,
+            return Balances(relayer_address=relayer, pay_to=terms.pay_to, error=exc.message)
+        return Balances(relayer_address=relayer, relayer_native_wei=native,
                         pay_to=terms.pay_to, pay_to_usdc_atomic=usdc)
 
 

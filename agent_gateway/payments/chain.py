@@ -213,6 +213,11 @@ class ChainAdapter:
     def relayer_address(self) -> ChecksumAddress:
         return self._relayer.address
 
+    @property
+    def has_relayer(self) -> bool:
+        """False when a facilitator settles (no relayer key): then there is no relayer to report on."""
+        return self._relayer_account is not None
+
     async def close(self) -> None:
         await self._w3.provider.disconnect()
 

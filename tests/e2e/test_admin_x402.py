@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from agent_gateway.testing.devchain import DevChain
+from tests.fixtures.facilitator import facilitator_settings
 from tests.fixtures.live import LiveGateway, live_gateway
 from tests.fixtures.x402 import X402_POOLS, ChainView, chain_settings, challenge, payment_header, sign_authorization
 
@@ -60,3 +61,18 @@ async def test_a_disabled_accounts_wallet_is_refused_before_any_money_moves(cons
     balances = money["balances"]
     assert balances["payTo"] == devchain.pay_to and balances["payToUsdc"] == f"{view.usdc(devchain.pay_to) / 1e6:.2f}"
     assert balances["relayer"] == devchain.relayer_address and int(balances["relayerNativeWei"]) > 0
+
+
+async def test_in_facilitator_mode_the_money_view_shows_no_relayer_and_still_payto(tmp_path, sqlite_url, upstream,
+                                                                                  devchain, facilitator):
+    """With a facilitator there is no relayer key: the view says so instead of failing."""
+    view = ChainView(devchain)
+    with live_gateway(tmp_path, sqlite_url, upstream, pools=X402_POOLS, admin_token=ADMIN_TOKEN,
+                      **facilitator_settings(devchain, facilitator)) as live:
+        assert pay(live, devchain, view.new_wallet()).status_code == 201
+        with httpx.Client(base_url=live.url, timeout=60) as http:
+            r = http.get("/api/admin/money", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    balances = r.json()["data"]["balances"]
+    assert balances["relayer"] is None and balances["relayerNativeWei"] is None
+    assert balances["payTo"] == devchain.pay_to and balances["payToUsdc"] == f"{view.usdc(devchain.pay_to) / 1e6:.2f}"
