@@ -85,8 +85,12 @@ class StreamMeter:
     def _inspect(self, out: bytes) -> bytes:
         self.events += out.count(b"data:")
         dialect = self._dialect
-        if not self.done and dialect.terminal_marker in out and dialect.terminal.search(out):
-            self.done = True
+        if not self.done:
+            marker = out.find(dialect.terminal_marker)
+            # The terminal line starts at most a few bytes before its marker (`data: [DONE]`,
+            # `event: message_stop`); the anchored search starts there instead of at byte 0.
+            if marker >= 0 and dialect.terminal.search(out, max(0, marker - 16)):
+                self.done = True
         at = out.find(_USAGE)
         if at < 0:
             return out

@@ -97,3 +97,17 @@ def test_a_messages_stream_in_one_read_merges_its_usage_events():
     meter = StreamMeter(strip_usage_event=True, dialect=ANTHROPIC)
     assert meter.feed(b"".join(parts)) == b"".join(parts)
     assert meter.usage == (11, 42) and meter.done and meter.events == 4
+
+
+def test_the_end_is_found_after_text_that_mentions_it_in_the_same_read():
+    mention = delta('reply with "data: [DONE]" when you are finished')
+    meter = StreamMeter(strip_usage_event=False)
+    assert meter.feed(mention + mention) == mention + mention and meter.done is False
+    assert meter.feed(mention + b"data: [DONE]\n\n") and meter.done is True
+    anthropic = StreamMeter(strip_usage_event=False, dialect=ANTHROPIC)
+    text = named("content_block_delta", {"type": "content_block_delta",
+                                         "delta": {"type": "text_delta", "text": "event: message_stop"}})
+    anthropic.feed(text)
+    assert anthropic.done is False
+    anthropic.feed(text + named("message_stop", {"type": "message_stop"}))
+    assert anthropic.done is True
