@@ -177,6 +177,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="how long each stream lasts")
     parser.add_argument("--ramp", type=float, default=10.0, help="open the streams over this many seconds")
     parser.add_argument("--clients", type=int, default=2, help="load processes")
+    parser.add_argument("--log", type=Path, help="append the gateway's output to this file")
     opts = parser.parse_args()
     chunks = max(1, int(opts.rate * opts.seconds))
     with tempfile.TemporaryDirectory(prefix="agw-hold-") as tmp:
@@ -186,14 +187,14 @@ def main() -> int:
         up_url = f"http://127.0.0.1:{up_port}"
         (work / "pools.toml").write_text(POOLS.format(upstream=up_url, seats=opts.streams))
         env = {"AGW_DATABASE_URL": f"sqlite:///{work / 'bench.db'}", "AGW_POOLS_FILE": str(work / "pools.toml"),
-               "AGW_LOG_LEVEL": "WARNING",
+               "AGW_LOG_LEVEL": "WARNING" if opts.log is None else "INFO",
                # One upstream connection per held stream; the client side's bound is 20,000.
                "AGW_UPSTREAM_MAX_CONNECTIONS": str(max(opts.streams, 1000)),
                "AGW_UPSTREAM_TOTAL_TIMEOUT_S": str(int(opts.seconds * 3 + 60))}
         processes = [upstream]
         try:
             proxy_bench.wait_http(up_url + "/v1/models", upstream)
-            gateway, gateway_url = start_gateway(env, port=gw_port)
+            gateway, gateway_url = start_gateway(env, port=gw_port, log=opts.log)
             processes.append(gateway)
             keys = proxy_bench.provision_keys(gateway_url, env, opts.streams)
             direct = run_holds(up_url + "/v1/chat/completions", [f"direct-{i}" for i in range(opts.streams)],
