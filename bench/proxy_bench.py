@@ -1,11 +1,13 @@
 """Proxy benchmark: the test upstream called directly vs through one gateway process, same run.
 
-    .venv/bin/python bench/proxy_bench.py [--quick] [--client aiohttp|httpx] [--redis URL] [--messages]
+    .venv/bin/python bench/proxy_bench.py [--quick] [--client aiohttp|httpx] [--redis URL]
+        [--only stream|non-stream] [--messages]
 
 Starts the test upstream and a gateway (SQLite; leases in process, or in Redis with --redis) as
 separate processes, provisions one API key per connection, then runs bench/load.py at concurrency 1 / 16 / 64,
 non-streaming and streaming (100 chunks), first direct, then through the gateway. Also holds
-1,000 concurrent streams through the gateway and reads its peak RSS. Prints a Markdown report.
+1,000 concurrent streams through the gateway and reads its peak RSS (not with --only). Prints a
+Markdown report, with the streaming gateway / direct requests per second at concurrency 64.
 
 With --messages it runs the Anthropic Messages rows instead: streaming 100 chunks at concurrency
 1 / 16 / 64 (5 s per cell, 1.5 s with --quick), through a pool with `upstream_api = "anthropic"`
