@@ -51,13 +51,16 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: other machines may resolve it to us
 
 
-def raise_fd_limit(max_connections: int) -> int:
+def raise_fd_limit(max_connections: int, upstream_connections: int = 0) -> int:
     """Raise the soft RLIMIT_NOFILE to the hard limit so thousands of streams fit; return the
-    connection bound that the limit allows (max_connections, or less when descriptors are short)."""
+    connection bound that the limit allows (max_connections, or less when descriptors are short).
+
+    Every relayed stream holds two descriptors, its client's and its upstream's, so the pooled
+    upstream connections are set aside before the client connections are counted."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = max_connections + FD_RESERVE
+    wanted = max_connections + upstream_connections + FD_RESERVE
     target = hard if hard != resource.RLIM_INFINITY else max(soft, wanted)
     if target > soft:
         try:
@@ -65,7 +68,7 @@ def raise_fd_limit(max_connections: int) -> int:
             soft = target
         except (ValueError, OSError) as exc:
             log.warning("could not raise the open-file limit from %d to %d: %s", soft, target, exc)
-    bound = min(max_connections, max(16, soft - FD_RESERVE))
+    bound = min(max_connections, max(16, soft - FD_RESERVE - upstream_connections))
     if bound < max_connections:
         log.warning("open-file limit %d (hard %s) allows %d client connections, under AGW_MAX_CONNECTIONS=%d; "
                     "raise the hard limit (ulimit -Hn, LimitNOFILE=) to reach it",
@@ -180,7 +183,7 @@ def build_config(app: Any, settings: Settings, max_connections: int) -> uvicorn.
 
 def serve(app: Any, settings: Settings) -> None:
     """Run the app until stopped (the settings were checked by check_serving_settings)."""
-    bound = raise_fd_limit(settings.max_connections)
+    bound = raise_fd_limit(settings.max_connections, settings.upstream_max_connections)
     uvicorn.Server(build_config(app, settings, bound)).run()
 
 

@@ -101,7 +101,7 @@ class Settings(BaseSettings):
     upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
     upstream_first_byte_timeout_s: float = Field(default=120.0, gt=0)
     upstream_total_timeout_s: float = Field(default=900.0, gt=0)
-    upstream_max_connections: int = Field(default=1000, ge=1)
+    upstream_max_connections: int = Field(default=10_000, ge=1)
     upstream_client: Literal["aiohttp", "httpx"] = "aiohttp"
     key_cache_ttl_s: float = Field(default=60.0, ge=0)
     # Redis leases expire this long after their last renewal (renewed every third of it while a

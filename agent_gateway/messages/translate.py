@@ -10,6 +10,8 @@ import json
 import secrets
 from typing import Any
 
+import orjson
+
 from agent_gateway.errors import InvalidRequest, UpstreamError
 
 Event = tuple[str, dict[str, Any]]
@@ -498,6 +500,21 @@ class StreamTranslator:
         return events
 
 
+_EVENT_PREFIX: dict[str, bytes] = {}
+
+
 def sse_frame(event: str, data: dict[str, Any]) -> bytes:
-    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"event: {event}\ndata: {payload}\n\n".encode()
+    prefix = _EVENT_PREFIX.get(event)
+    if prefix is None:
+        prefix = _EVENT_PREFIX[event] = f"event: {event}\ndata: ".encode()
+    # orjson writes compact JSON, UTF-8 as it is (like json.dumps with ensure_ascii=False), and
+    # refuses what is not JSON (a lone surrogate) instead of failing later on encoding.
+    return prefix + orjson.dumps(data) + b"\n\n"
+
+
+def frames_of(events: list[Event]) -> bytes:
+    """The SSE bytes of a list of events, in order."""
+    if len(events) == 1:
+        name, data = events[0]
+        return sse_frame(name, data)
+    return b"".join([sse_frame(name, data) for name, data in events])

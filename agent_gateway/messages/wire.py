@@ -10,8 +10,10 @@ import json
 import re
 from typing import Any
 
+import orjson
+
 from agent_gateway.errors import UpstreamError
-from agent_gateway.messages.translate import StreamTranslator, from_chat_response, new_message_id, sse_frame
+from agent_gateway.messages.translate import StreamTranslator, frames_of, from_chat_response, new_message_id
 
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
 
@@ -38,7 +40,10 @@ class Translation:
 
 
 class TranslatedStream:
-    """Upstream SSE bytes in, Messages SSE frames out; the finish frames come at `data: [DONE]`."""
+    """Upstream SSE bytes in, Messages SSE frames out; the finish frames come at `data: [DONE]`.
+
+    Event boundaries are found with byte scans and each event's JSON is parsed once (orjson):
+    this runs once per upstream event, so it is most of what translation costs per chunk."""
 
     def __init__(self, translator: StreamTranslator) -> None:
         self._translator = translator
@@ -48,7 +53,26 @@ class TranslatedStream:
         self.done = False
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._pending + chunk
+        data = self._pending + chunk if self._pending else chunk
+        if b"\r" in data:
+            return self._feed_crlf(data)
+        out: list[bytes] = []
+        start, find = 0, data.find
+        while (end := find(b"\n\n", start)) >= 0:
+            raw = data[start:end]
+            start = end + 2
+            # The common shape, one `data: ...` line, skips the general line parsing.
+            if raw[:6] == b"data: " and b"\n" not in raw and raw[6:7] == b"{":
+                frames = self._json(raw[6:])
+            else:
+                frames = self._event(raw)
+            if frames:
+                out.append(frames)
+        self._pending = data[start:]
+        return b"".join(out)
+
+    def _feed_crlf(self, data: bytes) -> bytes:
+        # Rare: an upstream that ends its lines with CR LF; split on any blank line.
         out: list[bytes] = []
         start = 0
         for end in _EVENT_END.finditer(data):
@@ -66,23 +90,31 @@ class TranslatedStream:
 
     def _event(self, raw: bytes) -> bytes:
         lines = [line[5:].lstrip() for line in raw.splitlines() if line.startswith(b"data:")]
-        if not lines or self.done:
+        if not lines:
             return b""
         data = b"\n".join(lines)
-        self.events += 1
-        translator = self._translator
         if data.strip() == b"[DONE]":
+            if self.done:
+                return b""
+            self.events += 1
             self.done = True
-            return b"".join(sse_frame(name, event) for name, event in translator.finish())
+            return frames_of(self._translator.finish())
+        return self._json(data)
+
+    def _json(self, data: bytes) -> bytes:
+        if self.done:
+            return b""
+        self.events += 1
         try:
-            chunk: Any = json.loads(data)
-        except ValueError as exc:
+            chunk: Any = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
             raise UpstreamError("The upstream sent a stream event that is not JSON.", code="upstream_error") from exc
         if not isinstance(chunk, dict):
             raise UpstreamError("The upstream sent a stream event that is not a JSON object.", code="upstream_error")
         if chunk.get("error") is not None:
             raise UpstreamError("The upstream failed while streaming.", code="upstream_error")
+        translator = self._translator
         frames = translator.feed(chunk)
         if chunk.get("usage"):
             self.usage = (translator.input_tokens, translator.output_tokens)
-        return b"".join(sse_frame(name, event) for name, event in frames)
+        return frames_of(frames)

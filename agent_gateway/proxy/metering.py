@@ -85,10 +85,43 @@ class StreamMeter:
     def _inspect(self, out: bytes) -> bytes:
         self.events += out.count(b"data:")
         dialect = self._dialect
-        if not self.done and dialect.terminal_marker in out and dialect.terminal.search(out):
-            self.done = True
-        if _USAGE not in out:
+        if not self.done:
+            marker = out.find(dialect.terminal_marker)
+            # The terminal line starts at most a few bytes before its marker (`data: [DONE]`,
+            # `event: message_stop`); the anchored search starts there instead of at byte 0.
+            if marker >= 0 and dialect.terminal.search(out, max(0, marker - 16)):
+                self.done = True
+        at = out.find(_USAGE)
+        if at < 0:
             return out
+        if b"\r" in out:
+            return self._inspect_crlf(out)
+        # Byte scans: only the events that name a usage are cut out and read. OpenAI streams
+        # with include_usage carry `"usage":null` on every chunk; those are skipped here.
+        kept: list[bytes] = []
+        copied = 0
+        find, rfind = out.find, out.rfind
+        while at >= 0:
+            if out.startswith(b":null", at + 7) or out.startswith(b": null", at + 7):
+                at = find(_USAGE, at + 7)
+                continue
+            start = rfind(b"\n\n", 0, at)
+            start = 0 if start < 0 else start + 2
+            end = find(b"\n\n", at)
+            end = len(out) if end < 0 else end + 2
+            event = out[start:end]
+            self._take_usage(event)
+            if self._strip and _EMPTY_CHOICES.search(event):
+                self.events -= 1
+                kept.append(out[copied:start])
+                copied = end
+            at = find(_USAGE, end)
+        if not copied:
+            return out
+        kept.append(out[copied:])
+        return b"".join(kept)
+
+    def _inspect_crlf(self, out: bytes) -> bytes:
         kept = []
         for event in _EVENT_BOUNDARY.split(out):
             if _USAGE in event:

@@ -45,12 +45,19 @@ class UpstreamResponse:
         except _BODY_ERRORS as exc:
             raise UpstreamError(f"The upstream broke off its response: {exc!r}", code="upstream_interrupted") from exc
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def read_some(self) -> bytes:
+        """Everything of the body that has arrived (waiting for at least one byte); b"" at its end.
+
+        One call per read, not an iterator: the relay calls it once per upstream read, and each
+        layer of async generator would cost as much again."""
         try:
-            async for chunk in self._backend.chunks():
-                yield chunk
+            return await self._backend.read_some()
         except _BODY_ERRORS as exc:
             raise UpstreamError(f"The upstream broke off the stream: {exc!r}", code="upstream_interrupted") from exc
+
+    def at_eof(self) -> bool:
+        """True when the whole body has been read (False when the client cannot tell)."""
+        return self._backend.at_eof()
 
     def close(self) -> None:
         # Drop, do not drain: an abandoned upstream request must stop generating for a client
@@ -63,7 +70,8 @@ class UpstreamResponse:
 
 class _Body(Protocol):
     async def read(self) -> bytes: ...
-    def chunks(self) -> AsyncIterator[bytes]: ...
+    async def read_some(self) -> bytes: ...
+    def at_eof(self) -> bool: ...
     def close(self) -> None: ...
     def release(self) -> None: ...
 
@@ -75,9 +83,11 @@ class _AiohttpBody:
     async def read(self) -> bytes:
         return await self._response.read()
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        async for chunk in self._response.content.iter_any():
-            yield chunk
+    async def read_some(self) -> bytes:
+        return await self._response.content.readany()
+
+    def at_eof(self) -> bool:
+        return self._response.content.at_eof()
 
     def close(self) -> None:
         self._response.close()
@@ -89,13 +99,18 @@ class _AiohttpBody:
 class _HttpxBody:
     def __init__(self, response: httpx.Response) -> None:
         self._response = response
+        self._raw: AsyncIterator[bytes] | None = None
 
     async def read(self) -> bytes:
         return await self._response.aread()
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        async for chunk in self._response.aiter_raw():
-            yield chunk
+    async def read_some(self) -> bytes:
+        if self._raw is None:
+            self._raw = self._response.aiter_raw()
+        return await anext(self._raw, b"")
+
+    def at_eof(self) -> bool:
+        return False
 
     def close(self) -> None:
         # aclose() is a coroutine; schedule it so close() can be called from a finally block.

@@ -238,19 +238,26 @@ class RelayResponse(Response):
         await send({"type": "http.response.start", "status": 200,
                     "headers": [*_SSE_HEADERS, (b"x-request-id", self.call.request_id.encode())]})
         exchange.headers_sent = True
+        # One send per upstream read: a read carries whatever has arrived, often many events,
+        # and the meter passes on every whole event in it.
+        read, feed, last = response.read_some, meter.feed, b""
         try:
-            async for chunk in response.chunks():
-                out = meter.feed(chunk)
-                if out:
-                    if meter.done:
-                        # The upstream has finished generating; free the slot before the client
-                        # reads the end of the stream (see _relay_whole).
-                        await self._release(exchange)
-                    await send({"type": "http.response.body", "body": out, "more_body": True})
+            while chunk := await read():
+                out = feed(chunk)
+                if not out:
+                    continue
+                if meter.done:
+                    # The upstream has finished generating; free the slot before the client
+                    # reads the end of the stream (see _relay_whole).
+                    await self._release(exchange)
+                    if response.at_eof():
+                        last = out  # the upstream's body is complete: sent with the end of ours
+                        break
+                await send({"type": "http.response.body", "body": out, "more_body": True})
             exchange.upstream_done = time.perf_counter()
             tail = meter.finish()
             await self._release(exchange)
-            await send({"type": "http.response.body", "body": tail, "more_body": False})
+            await send({"type": "http.response.body", "body": last + tail if tail else last, "more_body": False})
         finally:
             exchange.usage, exchange.events = meter.usage, meter.events
 

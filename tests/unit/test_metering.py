@@ -63,3 +63,51 @@ def test_a_whole_message_body_gives_its_input_and_output_tokens():
     body = json.dumps({"content": [{"type": "text", "text": '"usage": {"input_tokens": 999}'}],
                        "usage": {"input_tokens": 7, "output_tokens": 9}}).encode()
     assert find_usage(body, ANTHROPIC) == (7, 9)
+
+
+def openai_stream_with_usage() -> tuple[bytes, bytes]:
+    """An OpenAI stream as an upstream sends it when include_usage is set (`"usage":null` on every
+    chunk, then one usage-only event), and the same stream without that event."""
+    chunks = [event({"choices": [{"index": 0, "delta": {"content": text}}], "usage": None})
+              for text in ['say "usage": {"prompt_tokens": 999}', "\n\n", "ok"]]
+    usage = event({"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 3}})
+    done = b"data: [DONE]\n\n"
+    return b"".join(chunks) + usage + done, b"".join(chunks) + done
+
+
+def test_usage_is_found_and_stripped_the_same_whether_the_stream_comes_in_one_read_or_byte_by_byte():
+    upstream, stripped = openai_stream_with_usage()
+    for reads in ([upstream], [upstream[i:i + 1] for i in range(len(upstream))],
+                  [upstream[i:i + 7] for i in range(0, len(upstream), 7)]):
+        meter = StreamMeter(strip_usage_event=True)
+        out = b"".join(meter.feed(read) for read in reads) + meter.finish()
+        assert out == stripped
+        assert meter.usage == (4, 3) and meter.events == 4 and meter.done
+        kept = StreamMeter(strip_usage_event=False)
+        assert b"".join(kept.feed(read) for read in reads) + kept.finish() == upstream
+        assert kept.usage == (4, 3) and kept.events == 5
+
+
+def test_a_messages_stream_in_one_read_merges_its_usage_events():
+    parts = [named("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 11, "output_tokens": 1}}}),
+             named("content_block_delta", {"type": "content_block_delta",
+                                           "delta": {"type": "text_delta", "text": '"usage": {"output_tokens": 5}'}}),
+             named("message_delta", {"type": "message_delta", "usage": {"output_tokens": 42}}),
+             named("message_stop", {"type": "message_stop"})]
+    meter = StreamMeter(strip_usage_event=True, dialect=ANTHROPIC)
+    assert meter.feed(b"".join(parts)) == b"".join(parts)
+    assert meter.usage == (11, 42) and meter.done and meter.events == 4
+
+
+def test_the_end_is_found_after_text_that_mentions_it_in_the_same_read():
+    mention = delta('reply with "data: [DONE]" when you are finished')
+    meter = StreamMeter(strip_usage_event=False)
+    assert meter.feed(mention + mention) == mention + mention and meter.done is False
+    assert meter.feed(mention + b"data: [DONE]\n\n") and meter.done is True
+    anthropic = StreamMeter(strip_usage_event=False, dialect=ANTHROPIC)
+    text = named("content_block_delta", {"type": "content_block_delta",
+                                         "delta": {"type": "text_delta", "text": "event: message_stop"}})
+    anthropic.feed(text)
+    assert anthropic.done is False
+    anthropic.feed(text + named("message_stop", {"type": "message_stop"}))
+    assert anthropic.done is True
