@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -169,9 +170,17 @@ def main() -> int:
     parser.add_argument("--redis", metavar="URL", help="keep leases in this Redis (AGW_REDIS_URL)")
     parser.add_argument("--messages", action="store_true",
                         help="run the Anthropic Messages rows (passthrough vs translated) instead")
+    parser.add_argument("--throughput", action="store_true",
+                        help="run only non-streaming at one concurrency, --runs times, and report the spread")
+    parser.add_argument("--runs", type=int, default=3, help="with --throughput: direct + gateway pairs")
+    parser.add_argument("--concurrency", type=int, default=64, help="with --throughput")
+    parser.add_argument("--seconds", type=float, default=5.0, help="with --throughput: per cell")
     opts = parser.parse_args()
     if opts.messages:
         print(messages_report(run_messages(opts)))
+        return 0
+    if opts.throughput:
+        print(throughput_report(run_throughput(opts), opts))
         return 0
     scale = 0.2 if opts.quick else 1.0
     with tempfile.TemporaryDirectory(prefix="agw-bench-") as tmp:
@@ -269,6 +278,60 @@ def run_messages(opts: argparse.Namespace) -> list[tuple]:
         finally:
             stop(processes)
     return rows
+
+
+def run_throughput(opts: argparse.Namespace) -> list[tuple[int, dict, dict, float]]:
+    """Non-streaming requests (16 tokens) at one concurrency, `--runs` times: each run is the
+    direct baseline, then the same load through the gateway, so every pair shares the machine's
+    state. Returns (run, direct, via, gateway CPU seconds over the gateway cell)."""
+    with tempfile.TemporaryDirectory(prefix="agw-bench-") as tmp:
+        work = Path(tmp)
+        up_port, gw_port = free_port(), free_port()
+        upstream = start(["test-upstream", "--port", str(up_port)])
+        up_url = f"http://127.0.0.1:{up_port}"
+        (work / "pools.toml").write_text(POOLS.format(upstream=up_url))
+        env = {"AGW_DATABASE_URL": f"sqlite:///{work / 'bench.db'}", "AGW_POOLS_FILE": str(work / "pools.toml"),
+               "AGW_LOG_LEVEL": "WARNING", "AGW_UPSTREAM_CLIENT": opts.client}
+        if opts.redis:
+            env["AGW_REDIS_URL"] = opts.redis
+        processes = [upstream]
+        try:
+            wait_http(up_url + "/v1/models", upstream)
+            gateway, gateway_url = start_gateway(env, port=gw_port)
+            processes.append(gateway)
+            (work / "keys.txt").write_text("\n".join(provision_keys(gateway_url, env, opts.concurrency)))
+            (work / "direct.txt").write_text("\n".join(f"direct-{i}" for i in range(opts.concurrency)))
+            rows = []
+            warmup = max(200, 8 * opts.concurrency)
+            for run in range(1, opts.runs + 1):
+                direct = load(up_url + "/v1", work / "direct.txt", opts.concurrency, 0, False, 16,
+                              seconds=opts.seconds, warmup=warmup)
+                cpu0 = cpu_seconds(gateway.pid)
+                via = load(gateway_url + "/v1", work / "keys.txt", opts.concurrency, 0, False, 16,
+                           seconds=opts.seconds, warmup=warmup)
+                rows.append((run, direct, via, cpu_seconds(gateway.pid) - cpu0))
+        finally:
+            stop(processes)
+    return rows
+
+
+def throughput_report(rows: list[tuple[int, dict, dict, float]], opts: argparse.Namespace) -> str:
+    leases = "Redis" if opts.redis else "in-process"
+    lines = [f"Non-streaming, concurrency {opts.concurrency}, {leases} leases, {opts.seconds:g} s per cell.", "",
+             "| run | direct rps | gateway rps | direct p50 / p99 ms | gateway p50 / p99 ms | "
+             "gateway CPU per request | errors |", "|---|---|---|---|---|---|---|"]
+    per_request, rps = [], []
+    for run, direct, via, cpu in rows:
+        served = via["requests"] + via["warmup_requests"]
+        per_request.append(cpu / max(1, served) * 1e6)
+        rps.append(via["rps"])
+        lines.append(f"| {run} | {direct['rps']:.0f} | {via['rps']:.0f} | {direct['p50_ms']:.2f} / {direct['p99_ms']:.2f} | "
+                     f"{via['p50_ms']:.2f} / {via['p99_ms']:.2f} | {per_request[-1]:.0f} µs | "
+                     f"{via['errors'] + direct['errors']} |")
+    lines += ["", f"Gateway rps {min(rps):.0f}–{max(rps):.0f} (median {statistics.median(rps):.0f}); "
+                  f"CPU per request {min(per_request):.0f}–{max(per_request):.0f} µs "
+                  f"(median {statistics.median(per_request):.0f} µs)."]
+    return "\n".join(lines)
 
 
 def messages_report(rows: list[tuple]) -> str:

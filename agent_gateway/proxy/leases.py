@@ -36,6 +36,10 @@ class AcquireResult(enum.Enum):
 
 
 class Leases(Protocol):
+    # True when release() completes without waiting on anything (the leases live in this
+    # process): the relay then calls it in place, with no shield (a task) around it.
+    in_process: bool
+
     @property
     def renew_interval_s(self) -> float | None:
         """How often a running request renews its lease; None for leases that never expire."""
@@ -79,6 +83,7 @@ class MemoryLeases:
     otherwise multiply by the number of workers)."""
 
     renew_interval_s = None  # they never expire
+    in_process = True
 
     def __init__(self, tombstone_ttl_s: float = 120.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.tombstone_ttl_s = tombstone_ttl_s
@@ -162,6 +167,8 @@ class RedisLeases:
     A lease expires after `lease_ttl_ms` unless renewed, so a crashed process frees its slots
     by itself; the relay renews well inside that TTL while a stream runs.
     """
+
+    in_process = False
 
     def __init__(
         self,

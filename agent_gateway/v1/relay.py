@@ -26,7 +26,7 @@ from agent_gateway.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from agent_gateway.metrics import PROXY_IN_FLIGHT, PROXY_OVERHEAD, PROXY_REQUESTS, STREAMS_REVOKED
+from agent_gateway.metrics import PROXY_IN_FLIGHT, PROXY_OVERHEAD, STREAMS_REVOKED, proxy_requests
 from agent_gateway.messages.wire import TranslatedStream, Translation
 from agent_gateway.proxy.directory import KeyRecord
 from agent_gateway.proxy.leases import Lease, Leases
@@ -118,7 +118,7 @@ class RelayResponse(Response):
                 await self._fail(send, exchange, _revoked_error(call.registration.reason))
             finally:
                 call.unregister()
-                await asyncio.shield(self._settle(exchange))
+                await self._settle_shielded(exchange)
             return
         pump = asyncio.create_task(self._pump(send, exchange))
         call.registration.bind(lambda reason: _stop(pump, exchange, f"revoked:{reason}"))
@@ -133,7 +133,7 @@ class RelayResponse(Response):
         finally:
             watcher.cancel()
             call.unregister()
-            await asyncio.shield(self._settle(exchange))
+            await self._settle_shielded(exchange)
 
     async def _watch(self, receive: Receive, pump: asyncio.Task[None], exchange: _Exchange) -> None:
         interval = self.deps.leases.renew_interval_s
@@ -285,18 +285,35 @@ class RelayResponse(Response):
         if exchange.released:
             return
         exchange.released = True
+        leases = self.deps.leases
         try:
-            await asyncio.shield(self.deps.leases.release(self.call.lease))
+            if leases.in_process:
+                # Completes without suspending, so no cancellation can come between: no shield
+                # (which costs a task per request).
+                await leases.release(self.call.lease)
+            else:
+                await asyncio.shield(leases.release(self.call.lease))
         except Exception:
             log.exception("lease release failed key=%s; it expires on its own", self.call.key.key_id)
 
+    async def _settle_shielded(self, exchange: _Exchange) -> None:
+        """Run `_settle` shielded from cancellation; once the slot is freed (every answer that
+        reached its end) nothing in it waits, so it runs in place instead of in a task of its own."""
+        if exchange.released:
+            self._record(exchange)
+        else:
+            await asyncio.shield(self._settle(exchange))
+
     async def _settle(self, exchange: _Exchange) -> None:
         """Release the lease once and record what happened; runs shielded from cancellation."""
-        call = self.call
         await self._release(exchange)
+        self._record(exchange)
+
+    def _record(self, exchange: _Exchange) -> None:
+        call = self.call
         PROXY_IN_FLIGHT.dec()
         outcome = exchange.end_reason.split(":")[0] if exchange.end_reason else exchange.outcome
-        PROXY_REQUESTS.labels(call.endpoint, outcome).inc()
+        proxy_requests(call.endpoint, outcome).inc()
         done = time.perf_counter()
         if exchange.upstream_started:
             tail = done - exchange.upstream_done if exchange.upstream_done else 0.0
