@@ -137,34 +137,39 @@ class RelayResponse(Response):
 
     async def _watch(self, receive: Receive, pump: asyncio.Task[None], exchange: _Exchange) -> None:
         interval = self.deps.leases.renew_interval_s
-        while True:
-            if interval is None:
+        # Renewals run from a timer beside the wait for a disconnect (a wait_for around each
+        # receive cost a task and a timer per request, though most end long before a renewal).
+        renewals = None if interval is None else _Renewals(self, pump, exchange, interval)
+        try:
+            while True:
                 message = await receive()
-            else:
-                try:
-                    message = await asyncio.wait_for(receive(), timeout=interval)
-                except TimeoutError:
-                    if exchange.released:
-                        return  # the upstream is done and the slot already given back
-                    try:
-                        held = await self.deps.leases.renew(self.call.lease)
-                    except GatewayError:
-                        # A blip in the lease store: the TTL leaves room for the next attempt.
-                        log.warning("lease renewal failed key=%s; retrying", self.call.key.key_id)
-                        continue
-                    if exchange.released:
-                        # The pump released the slot while this renewal was on its way, so the
-                        # lease is gone by our own hand: the response goes on to its end.
-                        return
-                    if not held:
-                        # Someone else may hold the slot now; going on would make two in flight.
-                        log.warning("lease lost while relaying key=%s; ending the request", self.call.key.key_id)
-                        _stop(pump, exchange, "lease_lost")
-                        return
-                    continue
-            if message["type"] == "http.disconnect":
-                _stop(pump, exchange, "client_disconnected")
-                return
+                if message["type"] == "http.disconnect":
+                    _stop(pump, exchange, "client_disconnected")
+                    return
+        finally:
+            if renewals is not None:
+                renewals.stop()
+
+    async def _renew(self, pump: asyncio.Task[None], exchange: _Exchange) -> bool:
+        """Renew the lease once; False when the watch is over (released, or lost and stopped)."""
+        if exchange.released:
+            return False  # the upstream is done and the slot already given back
+        try:
+            held = await self.deps.leases.renew(self.call.lease)
+        except GatewayError:
+            # A blip in the lease store: the TTL leaves room for the next attempt.
+            log.warning("lease renewal failed key=%s; retrying", self.call.key.key_id)
+            return True
+        if exchange.released:
+            # The pump released the slot while this renewal was on its way, so the lease is
+            # gone by our own hand: the response goes on to its end.
+            return False
+        if not held:
+            # Someone else may hold the slot now; going on would make two in flight.
+            log.warning("lease lost while relaying key=%s; ending the request", self.call.key.key_id)
+            _stop(pump, exchange, "lease_lost")
+            return False
+        return True
 
     async def _pump(self, send: Send, exchange: _Exchange) -> None:
         call, upstream_client = self.call, self.deps.upstream
@@ -333,6 +338,34 @@ class RelayResponse(Response):
         if outcome != "ok":
             log.info("request %s key=%s endpoint=%s ended: %s", call.request_id, call.key.key_id,
                      call.endpoint, outcome)
+
+
+class _Renewals:
+    """Renews a running request's lease every `interval` seconds until stopped: one timer at a
+    time, and a task only while a renewal is on its way."""
+
+    def __init__(self, relay: RelayResponse, pump: asyncio.Task[None], exchange: _Exchange, interval: float) -> None:
+        self._relay, self._pump, self._exchange, self._interval = relay, pump, exchange, interval
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(interval, self._due)
+        self._running: asyncio.Task[None] | None = None
+
+    def _due(self) -> None:
+        self._timer = None
+        self._running = self._loop.create_task(self._renew())
+
+    async def _renew(self) -> None:
+        if await self._relay._renew(self._pump, self._exchange) and self._running is not None:
+            self._timer = self._loop.call_later(self._interval, self._due)
+        self._running = None
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        running, self._running = self._running, None
+        if running is not None:
+            running.cancel()
 
 
 def _revoked_error(reason: str) -> PermissionDenied:
