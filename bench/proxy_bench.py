@@ -184,7 +184,8 @@ def main() -> int:
     parser.add_argument("--servers", default="uvicorn",
                         help="with --throughput: comma-separated ASGI servers, each its own gateway process "
                              "measured in turn within every run (uvicorn: `agent-gateway serve`; granian: "
-                             "granian, if installed, serving the same app, one worker)")
+                             "granian, if installed, serving the same app, one worker; NAME@DIR: the gateway's "
+                             "code from the checkout in DIR, e.g. the commit before a change)")
     opts = parser.parse_args()
     if opts.messages:
         print(messages_report(run_messages(opts)))
@@ -304,7 +305,12 @@ def granian_app() -> object:
 
 
 def start_server(server: str, env: dict[str, str], port: int) -> tuple[subprocess.Popen, str, int]:
-    """A gateway process under `server`; returns it, its URL and the pid whose CPU is counted."""
+    """A gateway process under `server`; returns it, its URL and the pid whose CPU is counted.
+    `NAME@DIR` runs the gateway's code from another checkout (DIR first on PYTHONPATH): the code
+    before a change, measured in the same runs as the code after it."""
+    server, _, checkout = server.partition("@")
+    if checkout:
+        env = {**env, "PYTHONPATH": os.pathsep.join([str(Path(checkout).resolve()), os.environ.get("PYTHONPATH", "")])}
     if server == "uvicorn":
         process, url = start_gateway(env, port=port)
         return process, url, process.pid
