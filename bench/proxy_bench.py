@@ -309,10 +309,13 @@ def start_server(server: str, env: dict[str, str], port: int) -> tuple[subproces
     `NAME@DIR` runs the gateway's code from another checkout (DIR first on PYTHONPATH): the code
     before a change, measured in the same runs as the code after it."""
     server, _, checkout = server.partition("@")
+    cwd = None
     if checkout:
-        env = {**env, "PYTHONPATH": os.pathsep.join([str(Path(checkout).resolve()), os.environ.get("PYTHONPATH", "")])}
+        # Run from the checkout too: `python -m` puts the working directory ahead of PYTHONPATH.
+        cwd = Path(checkout).resolve()
+        env = {**env, "PYTHONPATH": os.pathsep.join([str(cwd), os.environ.get("PYTHONPATH", "")])}
     if server == "uvicorn":
-        process, url = start_gateway(env, port=port)
+        process, url = start_gateway(env, port=port, cwd=cwd)
         return process, url, process.pid
     if server != "granian":
         raise SystemExit(f"unknown server {server!r}")
