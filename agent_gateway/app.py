@@ -12,7 +12,7 @@ from starlette.middleware import Middleware
 from starlette.routing import Mount, Route
 
 from agent_gateway.api import admin, agents, discovery, management, public
-from agent_gateway.web.edge import BodyDeadline, TrustForwardedHeaders
+from agent_gateway.web.edge import BodyDeadline, DirectRoutes, TrustForwardedHeaders
 from agent_gateway.web.rendering import RefuseNul, handle_gateway_error, handle_http_exception, handle_unexpected
 from agent_gateway.clock import Clock
 from agent_gateway.dashboard import create_dashboard
@@ -68,7 +68,9 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None,
             Exception: handle_unexpected,
         },
         middleware=[*edge, Middleware(BodyDeadline, timeout_s=settings.body_read_timeout_s),
-                    Middleware(RefuseNul)],
+                    Middleware(RefuseNul),
+                    # Innermost: the inference routes without the router (same endpoints as above).
+                    Middleware(DirectRoutes, routes={**v1_routes.direct_routes, **v1_messages.direct_routes})],
         lifespan=lifespan,
     )
     app.state.services = services

@@ -21,6 +21,18 @@ PROXY_REQUESTS = Counter(
     "Inference requests by endpoint and outcome (ok, refused_*, upstream_error, client_disconnected, revoked).",
     ["endpoint", "outcome"],
 )
+_PROXY_REQUEST_CHILDREN: dict[tuple[str, str], Counter] = {}
+
+
+def proxy_requests(endpoint: str, outcome: str) -> Counter:
+    """PROXY_REQUESTS for one endpoint and outcome; `labels()` takes a lock and builds a key on
+    every call, which is paid twice per request (a few endpoints × outcomes, so cached)."""
+    child = _PROXY_REQUEST_CHILDREN.get((endpoint, outcome))
+    if child is None:
+        child = _PROXY_REQUEST_CHILDREN[endpoint, outcome] = PROXY_REQUESTS.labels(endpoint, outcome)
+    return child
+
+
 PROXY_IN_FLIGHT = Gauge("agw_proxy_in_flight", "Inference requests holding a lease right now.",
                         multiprocess_mode="livesum")  # several workers: the sum over the live ones
 PROXY_OVERHEAD = Histogram(

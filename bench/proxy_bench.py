@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/proxy_bench.py [--quick] [--client aiohttp|httpx] [--redis URL]
         [--only stream|non-stream] [--messages]
+    .venv/bin/python bench/proxy_bench.py --throughput [--runs 3] [--concurrency 64] [--seconds 5]
+        [--servers uvicorn,granian] [--redis URL]
 
 Starts the test upstream and a gateway (SQLite; leases in process, or in Redis with --redis) as
 separate processes, provisions one API key per connection, then runs bench/load.py at concurrency 1 / 16 / 64,
@@ -14,7 +16,11 @@ With --messages it runs the Anthropic Messages rows instead: streaming 100 chunk
 (passthrough to the upstream's /v1/messages; baseline: Messages sent to the upstream directly) and
 through a pool with the default `upstream_api = "openai"` (translated to /v1/chat/completions;
 baseline: chat completions sent to the upstream directly), on one gateway process, and reports
-the gateway's CPU per chunk in each mode and their ratio."""
+the gateway's CPU per chunk in each mode and their ratio.
+
+With --throughput it runs only non-streaming requests at one concurrency (64 by default), --runs
+times, each run the direct baseline first and then the gateway under every server in --servers,
+and reports the gateway's CPU per request and requests per second with their spread."""
 
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -173,9 +180,22 @@ def main() -> int:
                         help="run only these rows (and, for stream, skip the 1,000 held streams too)")
     parser.add_argument("--messages", action="store_true",
                         help="run the Anthropic Messages rows (passthrough vs translated) instead")
+    parser.add_argument("--throughput", action="store_true",
+                        help="run only non-streaming at one concurrency, --runs times, and report the spread")
+    parser.add_argument("--runs", type=int, default=3, help="with --throughput: direct + gateway pairs")
+    parser.add_argument("--concurrency", type=int, default=64, help="with --throughput")
+    parser.add_argument("--seconds", type=float, default=5.0, help="with --throughput: per cell")
+    parser.add_argument("--servers", default="uvicorn",
+                        help="with --throughput: comma-separated ASGI servers, each its own gateway process "
+                             "measured in turn within every run (uvicorn: `agent-gateway serve`; granian: "
+                             "granian, if installed, serving the same app, one worker; NAME@DIR: the gateway's "
+                             "code from the checkout in DIR, e.g. the commit before a change)")
     opts = parser.parse_args()
     if opts.messages:
         print(messages_report(run_messages(opts)))
+        return 0
+    if opts.throughput:
+        print(throughput_report(run_throughput(opts), opts))
         return 0
     scale = 0.2 if opts.quick else 1.0
     with tempfile.TemporaryDirectory(prefix="agw-bench-") as tmp:
@@ -277,6 +297,112 @@ def run_messages(opts: argparse.Namespace) -> list[tuple]:
         finally:
             stop(processes)
     return rows
+
+
+def granian_app() -> object:
+    """The app as `agent-gateway serve` builds it, for granian's `--factory` (bench only)."""
+    from agent_gateway.app import create_app
+    from agent_gateway.cli import _tune_garbage_collector, configure_logging
+    from agent_gateway.settings import Settings
+
+    settings = Settings()
+    configure_logging(settings.log_level, serving=True)
+    app = create_app(settings)
+    _tune_garbage_collector()
+    return app
+
+
+def start_server(server: str, env: dict[str, str], port: int) -> tuple[subprocess.Popen, str, int]:
+    """A gateway process under `server`; returns it, its URL and the pid whose CPU is counted.
+    `NAME@DIR` runs the gateway's code from another checkout (DIR first on PYTHONPATH): the code
+    before a change, measured in the same runs as the code after it."""
+    server, _, checkout = server.partition("@")
+    cwd = None
+    if checkout:
+        # Run from the checkout too: `python -m` puts the working directory ahead of PYTHONPATH.
+        cwd = Path(checkout).resolve()
+        env = {**env, "PYTHONPATH": os.pathsep.join([str(cwd), os.environ.get("PYTHONPATH", "")])}
+    if server == "uvicorn":
+        process, url = start_gateway(env, port=port, cwd=cwd)
+        return process, url, process.pid
+    if server != "granian":
+        raise SystemExit(f"unknown server {server!r}")
+    granian = Path(PYTHON).with_name("granian")
+    process = subprocess.Popen(
+        [str(granian), "--interface", "asgi", "--factory", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--loop", "uvloop", "--no-ws", "--log-level", "warning",
+         "--working-dir", str(ROOT / "bench"), "proxy_bench:granian_app"],
+        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/healthz", process)
+    # granian serves from a worker process of its own: that is the one whose CPU counts.
+    workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    return process, url, int(workers[0]) if workers else process.pid
+
+
+def run_throughput(opts: argparse.Namespace) -> list[tuple[int, str, dict, dict, float]]:
+    """Non-streaming requests (16 tokens) at one concurrency, `--runs` times: each run is the
+    direct baseline, then the same load through the gateway under each server in turn, so they
+    share the machine's state. Returns (run, server, direct, via, gateway CPU seconds over the cell)."""
+    servers = [name.strip() for name in opts.servers.split(",") if name.strip()]
+    with tempfile.TemporaryDirectory(prefix="agw-bench-") as tmp:
+        work = Path(tmp)
+        up_port = free_port()
+        upstream = start(["test-upstream", "--port", str(up_port)])
+        up_url = f"http://127.0.0.1:{up_port}"
+        (work / "pools.toml").write_text(POOLS.format(upstream=up_url))
+        env = {"AGW_DATABASE_URL": f"sqlite:///{work / 'bench.db'}", "AGW_POOLS_FILE": str(work / "pools.toml"),
+               "AGW_LOG_LEVEL": "WARNING", "AGW_UPSTREAM_CLIENT": opts.client}
+        if opts.redis:
+            env["AGW_REDIS_URL"] = opts.redis
+        processes = [upstream]
+        try:
+            wait_http(up_url + "/v1/models", upstream)
+            gateways = {}
+            for server in servers:
+                process, url, pid = start_server(server, env, free_port())
+                processes.append(process)
+                gateways[server] = (url, pid)
+            first_url = gateways[servers[0]][0]
+            (work / "keys.txt").write_text("\n".join(provision_keys(first_url, env, opts.concurrency)))
+            (work / "direct.txt").write_text("\n".join(f"direct-{i}" for i in range(opts.concurrency)))
+            warmup = max(200, 8 * opts.concurrency)
+            for url, _ in gateways.values():  # first contact: keys into the cache, connections opened
+                load(url + "/v1", work / "keys.txt", opts.concurrency, warmup, False, 16, warmup=0)
+            rows = []
+            for run in range(1, opts.runs + 1):
+                direct = load(up_url + "/v1", work / "direct.txt", opts.concurrency, 0, False, 16,
+                              seconds=opts.seconds, warmup=warmup)
+                for server, (url, pid) in gateways.items():
+                    cpu0 = cpu_seconds(pid)
+                    via = load(url + "/v1", work / "keys.txt", opts.concurrency, 0, False, 16,
+                               seconds=opts.seconds, warmup=warmup)
+                    rows.append((run, server, direct, via, cpu_seconds(pid) - cpu0))
+        finally:
+            stop(processes)
+    return rows
+
+
+def throughput_report(rows: list[tuple[int, str, dict, dict, float]], opts: argparse.Namespace) -> str:
+    leases = "Redis" if opts.redis else "in-process"
+    lines = [f"Non-streaming, concurrency {opts.concurrency}, {leases} leases, {opts.seconds:g} s per cell.", "",
+             "| run | server | direct rps | gateway rps | direct p50 / p99 ms | gateway p50 / p99 ms | "
+             "gateway CPU per request | errors |", "|---|---|---|---|---|---|---|---|"]
+    per_request: dict[str, list[float]] = {}
+    rps: dict[str, list[float]] = {}
+    for run, server, direct, via, cpu in rows:
+        served = via["requests"] + via["warmup_requests"]
+        per_request.setdefault(server, []).append(cpu / max(1, served) * 1e6)
+        rps.setdefault(server, []).append(via["rps"])
+        lines.append(f"| {run} | {server} | {direct['rps']:.0f} | {via['rps']:.0f} | "
+                     f"{direct['p50_ms']:.2f} / {direct['p99_ms']:.2f} | {via['p50_ms']:.2f} / {via['p99_ms']:.2f} | "
+                     f"{per_request[server][-1]:.0f} µs | {via['errors'] + direct['errors']} |")
+    lines.append("")
+    for server in per_request:
+        cpu, served = per_request[server], rps[server]
+        lines.append(f"{server}: gateway rps {min(served):.0f}–{max(served):.0f} (median {statistics.median(served):.0f}); "
+                     f"CPU per request {min(cpu):.0f}–{max(cpu):.0f} µs (median {statistics.median(cpu):.0f} µs).")
+    return "\n".join(lines)
 
 
 def messages_report(rows: list[tuple]) -> str:

@@ -16,10 +16,10 @@ from typing import Protocol
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from agent_gateway.errors import ServiceUnavailable
+from agent_gateway.proxy.redis_link import LinkError, RedisLink, ReplyError, script_sha
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,10 @@ class AcquireResult(enum.Enum):
 
 
 class Leases(Protocol):
+    # True when release() completes without waiting on anything (the leases live in this
+    # process): the relay then calls it in place, with no shield (a task) around it.
+    in_process: bool
+
     @property
     def renew_interval_s(self) -> float | None:
         """How often a running request renews its lease; None for leases that never expire."""
@@ -94,6 +98,7 @@ class MemoryLeases:
     otherwise multiply by the number of workers)."""
 
     renew_interval_s = None  # they never expire
+    in_process = True
 
     def __init__(self, tombstone_ttl_s: float = 120.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.tombstone_ttl_s = tombstone_ttl_s
@@ -169,6 +174,7 @@ if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
+_SHAS = {source: script_sha(source) for source in (_ACQUIRE, _RELEASE, _RENEW)}
 _VERDICTS = (AcquireResult.BUSY, AcquireResult.ACQUIRED, AcquireResult.REVOKED)
 # AGW_LEASE_TTL_S's default (settings.py): a crashed process's keys are free again within 9 s.
 _DEFAULT_LEASE_TTL_MS = 9_000
@@ -180,6 +186,8 @@ class RedisLeases:
     A lease expires after `lease_ttl_ms` unless renewed, so a crashed process frees its slots
     by itself; the relay renews well inside that TTL while a stream runs.
     """
+
+    in_process = False
 
     def __init__(
         self,
@@ -212,11 +220,10 @@ class RedisLeases:
             socket_timeout=command_timeout_s,
             retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1),
         )
-        self._redis = aioredis.Redis.from_pool(pool)
-        # Registered once; each call is an EVALSHA that reloads the script if Redis lost it.
-        self._acquire = self._redis.register_script(_ACQUIRE)
-        self._release = self._redis.register_script(_RELEASE)
-        self._renew = self._redis.register_script(_RENEW)
+        self._redis = aioredis.Redis.from_pool(pool)  # tombstones (revoke, restore): rare
+        # The scripts, on every request's path, go over one pipelined connection (redis_link.py).
+        # Each call is an EVALSHA, sent again as EVAL if Redis lost the script.
+        self._link = RedisLink(redis_url, connect_timeout_s=connect_timeout_s, command_timeout_s=command_timeout_s)
         self._undoing: set[asyncio.Task[bool]] = set()
 
     def _lease_key(self, key_id: str) -> str:
@@ -228,7 +235,7 @@ class RedisLeases:
     async def acquire(self, key_id: str) -> tuple[AcquireResult, Lease | None]:
         lease = new_lease(key_id)
         call = asyncio.ensure_future(self._guarded(
-            "acquire", self._acquire,
+            "acquire", _ACQUIRE,
             [self._tombstone_key(key_id), self._lease_key(key_id)], [lease.lease_id, self.lease_ttl_ms],
         ))
         try:
@@ -248,12 +255,12 @@ class RedisLeases:
         return verdict, (lease if verdict is AcquireResult.ACQUIRED else None)
 
     async def release(self, lease: Lease) -> bool:
-        freed = await self._guarded("release", self._release, [self._lease_key(lease.key_id)], [lease.lease_id])
+        freed = await self._guarded("release", _RELEASE, [self._lease_key(lease.key_id)], [lease.lease_id])
         return freed == 1
 
     async def renew(self, lease: Lease) -> bool:
         kept = await self._guarded(
-            "renew", self._renew, [self._lease_key(lease.key_id), self._tombstone_key(lease.key_id)],
+            "renew", _RENEW, [self._lease_key(lease.key_id), self._tombstone_key(lease.key_id)],
             [lease.lease_id, self.lease_ttl_ms],
         )
         return kept == 1
@@ -282,13 +289,23 @@ class RedisLeases:
     async def close(self) -> None:
         if self._undoing:
             await asyncio.gather(*self._undoing, return_exceptions=True)
+        await self._link.close()
         await self._redis.aclose()
 
-    async def _guarded(self, op: str, script: AsyncScript, keys: list[str], args: list[str | int | float]) -> int:
-        try:
-            return int(await script(keys=keys, args=args))
-        except (RedisError, OSError) as exc:
-            raise _unavailable(op, exc) from exc
+    async def _guarded(self, op: str, script: str, keys: list[str], args: list[str | int | float]) -> int:
+        # One quick retry when the connection failed (it may have been stale after a Redis
+        # restart): every script is safe to run twice (acquire recognises its own lease id;
+        # release and renew compare it). An error Redis answered is not retried.
+        for attempt in (1, 2):
+            try:
+                return int(await self._link.script(_SHAS[script], script, keys, args))
+            except ReplyError as exc:
+                raise _unavailable(op, exc) from exc
+            except LinkError as exc:
+                if attempt == 2:
+                    raise _unavailable(op, exc) from exc
+                log.info("lease store connection failed during %s (%s); retrying once", op, exc)
+        raise AssertionError("unreachable")
 
     def _undo(self, call: asyncio.Future[int], lease: Lease) -> None:
         if call.cancelled():

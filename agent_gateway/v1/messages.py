@@ -42,3 +42,4 @@ routes = [
     for prefix in ("", "/anthropic")
     for path, endpoint in (("/v1/messages", messages), ("/v1/messages/count_tokens", count_tokens))
 ]
+direct_routes = {route.path: route.endpoint for route in routes}

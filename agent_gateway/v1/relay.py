@@ -26,7 +26,7 @@ from agent_gateway.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from agent_gateway.metrics import PROXY_IN_FLIGHT, PROXY_OVERHEAD, PROXY_REQUESTS, STREAMS_REVOKED
+from agent_gateway.metrics import PROXY_IN_FLIGHT, PROXY_OVERHEAD, STREAMS_REVOKED, proxy_requests
 from agent_gateway.messages.wire import TranslatedStream, Translation
 from agent_gateway.proxy.directory import KeyRecord
 from agent_gateway.proxy.leases import Lease, Leases
@@ -118,7 +118,7 @@ class RelayResponse(Response):
                 await self._fail(send, exchange, _revoked_error(call.registration.reason))
             finally:
                 call.unregister()
-                await asyncio.shield(self._settle(exchange))
+                await self._settle_shielded(exchange)
             return
         pump = asyncio.create_task(self._pump(send, exchange))
         call.registration.bind(lambda reason: _stop(pump, exchange, f"revoked:{reason}"))
@@ -133,38 +133,43 @@ class RelayResponse(Response):
         finally:
             watcher.cancel()
             call.unregister()
-            await asyncio.shield(self._settle(exchange))
+            await self._settle_shielded(exchange)
 
     async def _watch(self, receive: Receive, pump: asyncio.Task[None], exchange: _Exchange) -> None:
         interval = self.deps.leases.renew_interval_s
-        while True:
-            if interval is None:
+        # Renewals run from a timer beside the wait for a disconnect (a wait_for around each
+        # receive cost a task and a timer per request, though most end long before a renewal).
+        renewals = None if interval is None else _Renewals(self, pump, exchange, interval)
+        try:
+            while True:
                 message = await receive()
-            else:
-                try:
-                    message = await asyncio.wait_for(receive(), timeout=interval)
-                except TimeoutError:
-                    if exchange.released:
-                        return  # the upstream is done and the slot already given back
-                    try:
-                        held = await self.deps.leases.renew(self.call.lease)
-                    except GatewayError:
-                        # A blip in the lease store: the TTL leaves room for the next attempt.
-                        log.warning("lease renewal failed key=%s; retrying", self.call.key.key_id)
-                        continue
-                    if exchange.released:
-                        # The pump released the slot while this renewal was on its way, so the
-                        # lease is gone by our own hand: the response goes on to its end.
-                        return
-                    if not held:
-                        # Someone else may hold the slot now; going on would make two in flight.
-                        log.warning("lease lost while relaying key=%s; ending the request", self.call.key.key_id)
-                        _stop(pump, exchange, "lease_lost")
-                        return
-                    continue
-            if message["type"] == "http.disconnect":
-                _stop(pump, exchange, "client_disconnected")
-                return
+                if message["type"] == "http.disconnect":
+                    _stop(pump, exchange, "client_disconnected")
+                    return
+        finally:
+            if renewals is not None:
+                renewals.stop()
+
+    async def _renew(self, pump: asyncio.Task[None], exchange: _Exchange) -> bool:
+        """Renew the lease once; False when the watch is over (released, or lost and stopped)."""
+        if exchange.released:
+            return False  # the upstream is done and the slot already given back
+        try:
+            held = await self.deps.leases.renew(self.call.lease)
+        except GatewayError:
+            # A blip in the lease store: the TTL leaves room for the next attempt.
+            log.warning("lease renewal failed key=%s; retrying", self.call.key.key_id)
+            return True
+        if exchange.released:
+            # The pump released the slot while this renewal was on its way, so the lease is
+            # gone by our own hand: the response goes on to its end.
+            return False
+        if not held:
+            # Someone else may hold the slot now; going on would make two in flight.
+            log.warning("lease lost while relaying key=%s; ending the request", self.call.key.key_id)
+            _stop(pump, exchange, "lease_lost")
+            return False
+        return True
 
     async def _pump(self, send: Send, exchange: _Exchange) -> None:
         call, upstream_client = self.call, self.deps.upstream
@@ -292,18 +297,35 @@ class RelayResponse(Response):
         if exchange.released:
             return
         exchange.released = True
+        leases = self.deps.leases
         try:
-            await asyncio.shield(self.deps.leases.release(self.call.lease))
+            if leases.in_process:
+                # Completes without suspending, so no cancellation can come between: no shield
+                # (which costs a task per request).
+                await leases.release(self.call.lease)
+            else:
+                await asyncio.shield(leases.release(self.call.lease))
         except Exception:
             log.exception("lease release failed key=%s; it expires on its own", self.call.key.key_id)
 
+    async def _settle_shielded(self, exchange: _Exchange) -> None:
+        """Run `_settle` shielded from cancellation; once the slot is freed (every answer that
+        reached its end) nothing in it waits, so it runs in place instead of in a task of its own."""
+        if exchange.released:
+            self._record(exchange)
+        else:
+            await asyncio.shield(self._settle(exchange))
+
     async def _settle(self, exchange: _Exchange) -> None:
         """Release the lease once and record what happened; runs shielded from cancellation."""
-        call = self.call
         await self._release(exchange)
+        self._record(exchange)
+
+    def _record(self, exchange: _Exchange) -> None:
+        call = self.call
         PROXY_IN_FLIGHT.dec()
         outcome = exchange.end_reason.split(":")[0] if exchange.end_reason else exchange.outcome
-        PROXY_REQUESTS.labels(call.endpoint, outcome).inc()
+        proxy_requests(call.endpoint, outcome).inc()
         done = time.perf_counter()
         if exchange.upstream_started:
             tail = done - exchange.upstream_done if exchange.upstream_done else 0.0
@@ -323,6 +345,34 @@ class RelayResponse(Response):
         if outcome != "ok":
             log.info("request %s key=%s endpoint=%s ended: %s", call.request_id, call.key.key_id,
                      call.endpoint, outcome)
+
+
+class _Renewals:
+    """Renews a running request's lease every `interval` seconds until stopped: one timer at a
+    time, and a task only while a renewal is on its way."""
+
+    def __init__(self, relay: RelayResponse, pump: asyncio.Task[None], exchange: _Exchange, interval: float) -> None:
+        self._relay, self._pump, self._exchange, self._interval = relay, pump, exchange, interval
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(interval, self._due)
+        self._running: asyncio.Task[None] | None = None
+
+    def _due(self) -> None:
+        self._timer = None
+        self._running = self._loop.create_task(self._renew())
+
+    async def _renew(self) -> None:
+        if await self._relay._renew(self._pump, self._exchange) and self._running is not None:
+            self._timer = self._loop.call_later(self._interval, self._due)
+        self._running = None
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        running, self._running = self._running, None
+        if running is not None:
+            running.cancel()
 
 
 def _revoked_error(reason: str) -> PermissionDenied:

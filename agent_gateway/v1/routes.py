@@ -27,7 +27,7 @@ from agent_gateway.errors import (
 from agent_gateway.messages.translate import to_chat_request
 from agent_gateway.messages.wire import Translation
 from agent_gateway.services import Services
-from agent_gateway.metrics import PROXY_REQUESTS
+from agent_gateway.metrics import proxy_requests
 from agent_gateway.proxy.directory import KeyRecord
 from agent_gateway.proxy.leases import AcquireResult
 from agent_gateway.v1.relay import ProxyCall, RelayDeps, RelayResponse
@@ -188,13 +188,16 @@ async def proxy_request(request: Request, path: str, endpoint: str, *, api: str 
             )
     except Exception as exc:
         code = getattr(exc, "code", "error")
-        PROXY_REQUESTS.labels(endpoint, f"refused_{code}").inc()
+        proxy_requests(endpoint, f"refused_{code}").inc()
         raise
+    # One pass over the raw headers (the first of a repeated name wins, as in Starlette's Headers):
+    # the relay and the upstream client look up half a dozen names, each a scan of the list otherwise.
+    headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in reversed(request.scope["headers"])}
     call = ProxyCall(
         key=key, lease=lease, pool=pool, path=path, endpoint=endpoint, model=model, body=body,
-        headers=request.headers, stream=stream, strip_usage=strip_usage,
+        headers=headers, stream=stream, strip_usage=strip_usage,
         # Lease ids are already unique (a process tag and a counter): no system call per request.
-        request_id=request.headers.get("x-request-id") or f"req_{lease.lease_id}",
+        request_id=headers.get("x-request-id") or f"req_{lease.lease_id}",
         started=started, created_at=services.clock.now(), registration=registration, unregister=unregister,
         api=api, translation=translation,
     )
@@ -248,3 +251,6 @@ routes = [
     Route("/v1/models", models, methods=["GET"]),
     Route("/v1/usage", key_usage, methods=["GET"]),
 ]
+
+# The inference routes, also answered by web.edge.DirectRoutes ahead of the router (same endpoints).
+direct_routes = {route.path: route.endpoint for route in routes if route.methods == {"POST"}}

@@ -1,5 +1,5 @@
 """ASGI middleware at the edge of the app: who the client is (forwarded headers, only from trusted
-proxies) and how long its request body may take to arrive."""
+proxies), how long its request body may take to arrive, and the short way to the /v1 routes."""
 
 from __future__ import annotations
 
@@ -7,9 +7,14 @@ import asyncio
 import functools
 import ipaddress
 import math
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from agent_gateway.errors import RequestTimeout
+from starlette.requests import Request
+from starlette.responses import Response
+
+from agent_gateway.errors import GatewayError, RequestTimeout
+from agent_gateway.web.rendering import render_error
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -168,3 +173,33 @@ class _Deadlines:
         for task in self._buckets.pop(second, ()):
             if task is not None and not task.done():
                 task.cancel(_BODY_LATE)
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+class DirectRoutes:
+    """Exact-path POST routes answered without Starlette's router and exception middleware: the
+    /v1 inference routes, on every request's path. Each one walked the route table (a regular
+    expression per route), and two exception wrappers (each its own `send` closure) stood around
+    every message the relay sends. Here a dictionary finds the endpoint and one `try` renders a
+    GatewayError exactly as the app's handler does; anything else propagates to Starlette's
+    ServerErrorMiddleware, which stands outside this middleware (the 500 handler, logged).
+
+    Other methods and paths, and apps mounted under a root path, go to the router as before."""
+
+    def __init__(self, app: Any, routes: Mapping[str, Endpoint]) -> None:
+        self.app = app
+        self.routes = dict(routes)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        endpoint = self.routes.get(scope["path"]) if scope["type"] == "http" else None
+        if endpoint is None or scope["method"] != "POST" or scope.get("root_path"):
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope, receive, send)
+        try:
+            response = await endpoint(request)
+        except GatewayError as exc:
+            response = render_error(exc)
+        await response(scope, receive, send)

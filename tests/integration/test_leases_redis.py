@@ -253,6 +253,45 @@ async def test_an_acquire_whose_reply_was_lost_gives_the_lease_back(
         assert (await make_leases().acquire("k1"))[0] is ACQUIRED
 
 
+async def test_concurrent_lease_commands_share_one_pipelined_connection(make_leases: MakeLeases) -> None:
+    # redis-py took a pooled connection per command in flight (up to 64, each its own write and
+    # read); the lease scripts now go out together on one connection, replies matched in order.
+    async with ReplyHoldingProxy(REDIS_URL) as proxy:
+        leases = make_leases(proxy.url)
+        acquired = await asyncio.gather(*(leases.acquire(f"k{i % 100}") for i in range(300)))
+        verdicts = [result for result, _ in acquired]
+        assert verdicts.count(ACQUIRED) == 100 and verdicts.count(BUSY) == 200
+        assert await asyncio.gather(*(leases.release(lease) for _, lease in acquired if lease)) == [True] * 100
+        assert proxy.connections == 1
+
+
+async def test_a_caller_cancelled_mid_command_does_not_shift_the_replies(make_leases: MakeLeases) -> None:
+    async with ReplyHoldingProxy(REDIS_URL) as proxy:
+        leases = make_leases(proxy.url)
+        _, held = await leases.acquire("k1")
+        assert held is not None
+        proxy.replies.clear()
+        stale = asyncio.create_task(leases.release(Lease("k1", "not-the-holder")))  # Redis answers 0
+        renewal = asyncio.create_task(leases.renew(held))  # Redis answers 1
+        await asyncio.sleep(0.05)  # both sent; their replies are held back
+        stale.cancel()
+        proxy.replies.set()
+        # Had the cancelled command's reply been handed to the next caller, the renewal would read 0.
+        assert await renewal is True
+        assert (await leases.acquire("k1"))[0] is BUSY
+
+
+async def test_scripts_flushed_from_redis_are_loaded_again(
+    make_leases: MakeLeases, redis_admin: aioredis.Redis
+) -> None:
+    leases = make_leases()
+    _, lease = await leases.acquire("k1")
+    assert lease is not None and await leases.release(lease)
+    await redis_admin.script_flush()  # as after a Redis restart: EVALSHA answers NOSCRIPT
+    result, lease = await leases.acquire("k1")
+    assert result is ACQUIRED and lease is not None and await leases.release(lease)
+
+
 async def test_redis_down_fails_closed_quickly(make_leases: MakeLeases) -> None:
     leases = make_leases(CLOSED_PORT_URL, connect_timeout_s=1.0)
     lease = Lease("k1", "0" * 32)
@@ -457,6 +496,7 @@ class ReplyHoldingProxy:
         self.replies = asyncio.Event()
         self.replies.set()
         self._writers: list[asyncio.StreamWriter] = []
+        self.connections = 0
 
     async def __aenter__(self) -> ReplyHoldingProxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -467,6 +507,7 @@ class ReplyHoldingProxy:
         return self
 
     async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         upstream_reader, upstream_writer = await asyncio.open_connection(
             self._target.hostname or "127.0.0.1", self._target.port or 6379
         )
