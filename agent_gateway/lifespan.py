@@ -97,6 +97,7 @@ async def run_services(services: Services) -> AsyncIterator[Services]:
 
         await anyio.to_thread.run_sync(upgrade_database, settings.database_url)
     await ensure_inventory(services.db, services.catalog)
+    await services.db.warm_up()
 
     def on_revocation(key_id: str, reason: str) -> None:
         services.directory.forget(key_id)
