@@ -55,7 +55,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="2 s cells, one run")
     parser.add_argument("--database", help="AGW_DATABASE_URL (default: a fresh SQLite file)")
     parser.add_argument("--redis", metavar="URL", help="keep leases in this Redis (AGW_REDIS_URL)")
-    parser.add_argument("--only", choices=["closed", "open"], help="run only these cells")
+    parser.add_argument("--only", choices=["closed", "non-stream", "open"],
+                        help="run only the closed-loop cells, only the closed-loop non-streaming ones, or only open loop")
     opts = parser.parse_args()
     if opts.quick:
         opts.seconds, opts.runs = 2.0, 1
@@ -86,8 +87,8 @@ def main() -> int:
                 if opts.only != "open":
                     plan += [(f"{'stream 100 chunks' if stream else 'non-stream'} | c={concurrency}",
                               closed(stream, chunks, concurrency, opts.seconds))
-                             for stream, chunks, concurrency in CLOSED]
-                if opts.only != "closed":
+                             for stream, chunks, concurrency in CLOSED if not (stream and opts.only == "non-stream")]
+                if opts.only is None or opts.only == "open":
                     plan.append((f"open loop, non-stream | {opts.rate:g} req/s", opened(opts.rate, opts.seconds)))
                 for name, args in plan:
                     direct = load(up_url + "/v1", work / "direct.txt", args)
