@@ -119,9 +119,12 @@ class Database:
             yield session
 
     async def warm_up(self) -> None:
-        """Open the pools' connections now, so the first requests after start do not pay for them."""
-        engines = [self.engine] if self._read_engine is None else [self.engine, self._read_engine]
-        for engine in engines:
+        """On SQLite, open the pools' connections (a thread each) now, so the first requests after
+        start do not pay for them. A PostgreSQL pool opens its connections as load asks for them:
+        they count against the server's limit, which every process shares."""
+        if self._read_engine is None:
+            return
+        for engine in (self.engine, self._read_engine):
             size = engine.pool.size()  # type: ignore[attr-defined]  # a QueuePool; every pool we create is one
             connections = [await engine.connect() for _ in range(size)]
             for connection in connections:
