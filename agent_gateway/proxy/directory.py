@@ -87,6 +87,11 @@ class KeyDirectory:
                 for key_hash in batch:
                     self._reading.pop(key_hash).set_exception(exc)
                 continue
+            except BaseException:  # cancelled (shutdown): nobody may be left waiting on a read that won't come
+                for key_hash in batch + self._queue:
+                    self._reading.pop(key_hash).cancel()
+                self._queue = []
+                raise
             # A revocation during the read may predate the snapshot: answer from it, but keep nothing.
             keep = forgets == self._forgets
             now = time.monotonic()

@@ -137,3 +137,26 @@ async def test_a_record_read_while_its_key_is_disabled_is_not_cached(gateway, mo
     answer = await gateway.client.post("/v1/chat/completions", headers=auth(key["apiKey"]),
                                        json={"model": "alpha-model", "messages": []})
     assert answer.status_code == 403 and answer.json()["error"]["code"] == "key_disabled"
+
+
+async def test_a_read_cancelled_at_shutdown_leaves_nobody_waiting(gateway, monkeypatch):
+    _, [key] = await new_keys(gateway, 1)
+    directory = gateway.services.directory
+    entered = asyncio.Event()
+
+    async def never(hashes):
+        entered.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(directory, "_load", never)
+    first = asyncio.create_task(directory.lookup(key["apiKey"]))
+    await entered.wait()
+    queued = asyncio.create_task(directory.lookup("sk_" + "1" * 43))  # waits for the next read
+    await asyncio.sleep(0)  # let it join the queue
+    directory._reader.cancel()
+    for waiter in (first, queued):
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(waiter, timeout=10)
+    monkeypatch.setattr(directory, "_load", type(directory)._load.__get__(directory))
+    record = await directory.lookup(key["apiKey"])  # a later lookup reads afresh
+    assert record is not None and record.key_id == key["id"]
