@@ -134,6 +134,7 @@ async def run_services(services: Services) -> AsyncIterator[Services]:
         await anyio.to_thread.run_sync(upgrade_database, settings.database_url)
     # The pools file under the reload rules: new pools seeded, stored states applied, a bad file refused.
     await services.admin.pools.start()
+    await services.db.warm_up()
     # Before any traffic: a facilitator that cannot settle on our network stops the start.
     try:
         await services.payments.check_facilitator()

@@ -38,29 +38,38 @@ def count_stream(body: bytes, api: str) -> tuple[int, int]:
     return body.count(b"\n\n"), body.count(marker)
 
 
+async def send(session: aiohttp.ClientSession, url: str, headers: dict[str, str], body: bytes, stream: bool,
+               api: str, errors: list[str], counts: list[tuple[int, int]]) -> bool:
+    """One request to its last byte; False (and the error recorded) unless it was a 200."""
+    try:
+        async with session.post(url, data=body, headers=headers) as response:
+            if stream:
+                parts = [part async for part in response.content.iter_any()]
+            else:
+                await response.read()
+            if response.status != 200:
+                errors.append(str(response.status))
+                return False
+    except aiohttp.ClientError as exc:
+        errors.append(type(exc).__name__)
+        return False
+    if stream:
+        counts.append(count_stream(b"".join(parts), api))
+    return True
+
+
 async def worker(url: str, headers: dict[str, str], body: bytes, stream: bool, api: str, quota: list[int],
                  deadline: float, latencies: list[float], errors: list[str],
-                 counts: list[tuple[int, int]]) -> None:
+                 counts: list[tuple[int, int]], starts: list[float] | None = None) -> None:
     connector = aiohttp.TCPConnector(limit=1, force_close=False)
     async with aiohttp.ClientSession(connector=connector) as session:
         while quota[0] > 0 and time.perf_counter() < deadline:
             quota[0] -= 1
             started = time.perf_counter()
-            try:
-                async with session.post(url, data=body, headers=headers) as response:
-                    if stream:
-                        parts = [part async for part in response.content.iter_any()]
-                    else:
-                        await response.read()
-                    if response.status != 200:
-                        errors.append(str(response.status))
-                        continue
-            except aiohttp.ClientError as exc:
-                errors.append(type(exc).__name__)
-                continue
-            latencies.append(time.perf_counter() - started)
-            if stream:
-                counts.append(count_stream(b"".join(parts), api))
+            if await send(session, url, headers, body, stream, api, errors, counts):
+                latencies.append(time.perf_counter() - started)
+                if starts is not None:
+                    starts.append(started)
 
 
 def request_of(api: str, auth: str, key: str, model: str, chunks: int, stream: bool) -> tuple[str, dict[str, str], bytes]:
@@ -93,25 +102,100 @@ async def run(base_url: str, keys: list[str], concurrency: int, requests: int, s
                                       warm_latencies, [], []) for _, headers, body in calls))
     quota = [requests if seconds is None else 1 << 62]
     latencies: list[float] = []
+    starts: list[float] = []
     errors: list[str] = []
     counts: list[tuple[int, int]] = []
     started = time.perf_counter()
     deadline = forever if seconds is None else started + seconds
-    await asyncio.gather(*(worker(url, headers, body, stream, api, quota, deadline, latencies, errors, counts)
-                           for _, headers, body in calls))
+    await asyncio.gather(*(worker(url, headers, body, stream, api, quota, deadline, latencies, errors, counts,
+                                  starts) for _, headers, body in calls))
     elapsed = time.perf_counter() - started
-    ms = [x * 1000 for x in latencies]
-    result = {
-        "api": api, "concurrency": concurrency, "stream": stream, "requests": len(latencies),
-        "warmup_requests": len(warm_latencies), "errors": len(errors),
-        "error_kinds": sorted(set(errors))[:5], "seconds": round(elapsed, 3),
-        "rps": round(len(latencies) / elapsed, 1),
-        "p50_ms": round(percentile(ms, 0.50), 3), "p90_ms": round(percentile(ms, 0.90), 3),
-        "p99_ms": round(percentile(ms, 0.99), 3), "mean_ms": round(statistics.fmean(ms), 3) if ms else None,
-    }
+    result = {"api": api, "concurrency": concurrency, "stream": stream, **summary(
+        latencies, [at - started for at in starts], errors, elapsed), "warmup_requests": len(warm_latencies)}
     if counts:
         result["events_per_response"] = [min(e for e, _ in counts), max(e for e, _ in counts)]
         result["chunks_per_response"] = [min(c for _, c in counts), max(c for _, c in counts)]
+    return result
+
+
+def summary(latencies: list[float], offsets: list[float], errors: list[str], elapsed: float) -> dict:
+    """Requests, rate and latency (ms): p50/p90/p99, max, how many took over 100 ms, and the
+    slowest five as [seconds into the run when sent, ms] so a stall can be placed in time."""
+    ms = [x * 1000 for x in latencies]
+    slowest = sorted(zip(ms, offsets), reverse=True)[:5]
+    return {
+        "requests": len(latencies), "errors": len(errors), "error_kinds": sorted(set(errors))[:5],
+        "seconds": round(elapsed, 3), "rps": round(len(latencies) / elapsed, 1) if elapsed else 0.0,
+        "p50_ms": round(percentile(ms, 0.50), 3), "p90_ms": round(percentile(ms, 0.90), 3),
+        "p99_ms": round(percentile(ms, 0.99), 3), "max_ms": round(max(ms), 3) if ms else None,
+        "over_100ms": sum(x > 100 for x in ms), "mean_ms": round(statistics.fmean(ms), 3) if ms else None,
+        "slowest": [[round(at, 3), round(x, 1)] for x, at in slowest],
+    }
+
+
+async def open_loop(base_url: str, keys: list[str], rate: float, seconds: float, stream: bool, chunks: int,
+                    model: str, warmup_s: float, api: str = "chat", auth: str = "bearer") -> dict:
+    """A fixed arrival rate spread over the keys: arrival i is due at start + i / rate, whatever
+    happened to the ones before it. It goes out on a key with nothing in flight (one connection
+    per key); when every key is busy it is not sent and counts as late ("no free key"). Latency
+    runs from the arrival's due time, so a send the load tool itself delayed is counted too."""
+    calls = [request_of(api, auth, key, model, chunks, stream) for key in keys]
+    url = base_url.rstrip("/") + calls[0][0]
+    sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1, force_close=False))
+                for _ in calls]
+    free = list(range(len(calls)))  # a stack: the key freed last goes next, its connection is warm
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(index: int, due: float, measured: bool, sink: tuple[list[float], list[float], list[str]]) -> None:
+        latencies, offsets, errors = sink
+        _, headers, body = calls[index]
+        try:
+            if await send(sessions[index], url, headers, body, stream, api, errors, counts) and measured:
+                latencies.append(time.perf_counter() - due)
+                offsets.append(due - measured_from)
+        finally:
+            free.append(index)
+
+    async def phase(length: float, measured: bool) -> tuple[list[float], list[float], list[str], int, int, float]:
+        sink: tuple[list[float], list[float], list[str]] = ([], [], [])
+        late = sent = 0
+        lag: list[float] = []
+        begin = time.perf_counter()
+        total = int(length * rate)
+        i = 0
+        while i < total:
+            now = time.perf_counter()
+            while i < total and begin + i / rate <= now:
+                due = begin + i / rate
+                i += 1
+                if not free:
+                    late += 1
+                    continue
+                sent += 1
+                lag.append(now - due)
+                task = asyncio.create_task(one(free.pop(), due, measured, sink))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if i < total:
+                await asyncio.sleep(max(0.0, begin + i / rate - time.perf_counter()))
+        return (*sink, late, sent, max(lag) if lag else 0.0)
+
+    counts: list[tuple[int, int]] = []
+    measured_from = time.perf_counter()
+    try:
+        if warmup_s > 0:
+            await phase(warmup_s, False)
+        measured_from = time.perf_counter()
+        latencies, offsets, errors, late, sent, max_lag = await phase(seconds, True)
+        offered_s = time.perf_counter() - measured_from
+        if tasks:
+            await asyncio.gather(*tasks)
+    finally:
+        for session in sessions:
+            await session.close()
+    result = {"api": api, "mode": "open-loop", "offered_rps": rate, "keys": len(calls), "stream": stream,
+              **summary(latencies, offsets, errors, offered_s), "sent": sent, "late_no_free_key": late,
+              "max_send_lag_ms": round(max_lag * 1000, 3)}
     return result
 
 
@@ -130,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="chat: POST {base}/chat/completions; messages: POST {base}/messages (Anthropic)")
     parser.add_argument("--auth", choices=["bearer", "x-api-key"],
                         help="how the key is sent (default: bearer for chat, x-api-key for messages)")
+    parser.add_argument("--rate", type=float,
+                        help="open loop: send this many requests per second over --keys-used keys for "
+                             "--seconds (default 10), after --warmup-seconds at the same rate")
+    parser.add_argument("--keys-used", type=int, default=64, help="open loop: how many keys to spread over")
+    parser.add_argument("--warmup-seconds", type=float, default=1.0, help="open loop: unmeasured lead-in")
     args = parser.parse_args(argv)
     keys = [line.strip() for line in Path(args.keys).read_text().splitlines() if line.strip()]
     try:
@@ -138,9 +227,15 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:
         pass
-    result = asyncio.run(run(args.base_url, keys, args.concurrency, args.requests, args.stream,
-                             args.chunks, args.model, args.warmup, args.api,
-                             args.auth or ("x-api-key" if args.api == "messages" else "bearer"), args.seconds))
+    auth = args.auth or ("x-api-key" if args.api == "messages" else "bearer")
+    if args.rate:
+        if len(keys) < args.keys_used:
+            raise SystemExit(f"need {args.keys_used} keys, got {len(keys)}")
+        result = asyncio.run(open_loop(args.base_url, keys[:args.keys_used], args.rate, args.seconds or 10.0,
+                                       args.stream, args.chunks, args.model, args.warmup_seconds, args.api, auth))
+    else:
+        result = asyncio.run(run(args.base_url, keys, args.concurrency, args.requests, args.stream,
+                                 args.chunks, args.model, args.warmup, args.api, auth, args.seconds))
     print(json.dumps(result))
     return 0
 

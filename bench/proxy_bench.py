@@ -407,8 +407,9 @@ def throughput_report(rows: list[tuple[int, str, dict, dict, float]], opts: argp
 
 def messages_report(rows: list[tuple]) -> str:
     lines = ["| mode | conc. | direct rps | gateway rps | direct p50 / p99 ms | gateway p50 / p99 ms | "
-             "added p50 / p99 ms | gateway CPU per chunk | chunks / events per reply | errors |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "added p50 / p99 ms | max ms direct / gateway | gateway > 100 ms | gateway CPU per chunk | "
+             "chunks / events per reply | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     per_chunk: dict[tuple[str, int], float] = {}
     totals: dict[str, list[float]] = {"passthrough": [0.0, 0], "translated": [0.0, 0]}
     for mode, direct_api, concurrency, direct, via, cpu in sorted(rows, key=lambda row: row[0]):
@@ -421,7 +422,7 @@ def messages_report(rows: list[tuple]) -> str:
         lines.append(
             f"| {mode} (direct: {'Messages' if direct_api == 'messages' else 'chat'}) | {concurrency} | {direct['rps']:.0f} | {via['rps']:.0f} | "
             f"{direct['p50_ms']:.2f} / {direct['p99_ms']:.2f} | {via['p50_ms']:.2f} / {via['p99_ms']:.2f} | "
-            f"{via['p50_ms'] - direct['p50_ms']:.2f} / {via['p99_ms'] - direct['p99_ms']:.2f} | "
+            f"{via['p50_ms'] - direct['p50_ms']:.2f} / {via['p99_ms'] - direct['p99_ms']:.2f} | {tail(direct, via)} | "
             f"{per_chunk[mode, concurrency] * 1e6:.1f} µs | {counted} / {events} | "
             f"{via['errors'] + direct['errors']} |")
     lines.append("")
@@ -438,10 +439,15 @@ def messages_report(rows: list[tuple]) -> str:
     return "\n".join(lines)
 
 
+def tail(direct: dict, via: dict) -> str:
+    """The slowest request direct and through the gateway, and the gateway's count over 100 ms."""
+    return f"{direct['max_ms']:.1f} / {via['max_ms']:.1f} | {via['over_100ms']}"
+
+
 def report(rows: list, held: dict | None) -> str:
     lines = ["| mode | conc. | direct rps | gateway rps | direct p50 / p99 ms | gateway p50 / p99 ms | "
-             "added p50 / p99 ms | gateway CPU per request | errors |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "added p50 / p99 ms | max ms direct / gateway | gateway > 100 ms | gateway CPU per request | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for stream, chunks, concurrency, direct, via, cpu in rows:
         mode = f"stream {chunks} chunks" if stream else "non-stream"
         per_request = cpu / max(1, via["requests"] + min(via["requests"] // 4, 400))
@@ -451,7 +457,8 @@ def report(rows: list, held: dict | None) -> str:
         lines.append(
             f"| {mode} | {concurrency} | {direct['rps']:.0f} | {via['rps']:.0f} | "
             f"{direct['p50_ms']:.2f} / {direct['p99_ms']:.2f} | {via['p50_ms']:.2f} / {via['p99_ms']:.2f} | "
-            f"{via['p50_ms'] - direct['p50_ms']:.2f} / {via['p99_ms'] - direct['p99_ms']:.2f} | {extra} | "
+            f"{via['p50_ms'] - direct['p50_ms']:.2f} / {via['p99_ms'] - direct['p99_ms']:.2f} | {tail(direct, via)} | "
+            f"{extra} | "
             f"{via['errors']} |")
     lines.append("")
     for stream, chunks, concurrency, direct, via, cpu in rows:

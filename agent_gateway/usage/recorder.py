@@ -68,11 +68,16 @@ class UsageRecorder:
         return len(self._buffer)
 
     async def flush(self) -> int:
-        """Write everything buffered now; returns how many events were written."""
+        """Write the events buffered when it is called; returns how many were written.
+
+        Events recorded meanwhile wait for the next flush. Chasing them instead kept the writer
+        busy without pause under steady traffic (a batch of a few events every few milliseconds,
+        each its own transaction), holding SQLite's write lock nearly all the time."""
         written = 0
         async with self._lock:
-            while self._buffer:
-                batch = list(itertools.islice(self._buffer, self._batch_size))
+            due = len(self._buffer)
+            while written < due:
+                batch = list(itertools.islice(self._buffer, min(self._batch_size, due - written)))
                 await self._write(batch)
                 for _ in batch:
                     self._buffer.popleft()
@@ -84,7 +89,8 @@ class UsageRecorder:
         self._wake.set()
         if self._task is not None:
             await self._task
-        await self.flush()
+        while self._buffer:
+            await self.flush()
 
     async def _loop(self) -> None:
         while not self._closing:

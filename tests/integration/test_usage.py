@@ -1,5 +1,6 @@
 """Usage: the record the proxy writes, aggregated per key over 1h / 24h / 7d / 30d."""
 
+import asyncio
 from datetime import timedelta
 
 import pytest
@@ -96,3 +97,27 @@ async def test_a_full_buffer_drops_new_events_and_writes_each_kept_one_once(gate
     assert (await snapshot(gateway.services.db))["counts"]["usage_records"] == 3
     usage = (await gateway.client.get("/api/usage", headers=auth(mk))).json()["data"]
     assert usage[0]["usage"]["24h"]["promptTokens"] == 0 + 1 + 2
+
+
+async def test_a_flush_writes_what_was_buffered_when_it_began_not_what_arrives_meanwhile(gateway, clock, monkeypatch):
+    # Under steady traffic events keep arriving while a batch is written. A flush that chased
+    # them never ended: one small transaction after another, holding SQLite's write lock.
+    account, mk = await gateway.new_account(credit="100")
+    key = await gateway.mint(mk, (await gateway.buy(mk))[0]["id"])
+    recorder = UsageRecorder(gateway.services.db, batch_size=2)
+    plain_write = recorder._write
+
+    async def write_while_traffic_arrives(batch):
+        recorder.record(event(key, account, clock.now(), prompt=99))  # a request finishing meanwhile
+        await plain_write(batch)
+
+    monkeypatch.setattr(recorder, "_write", write_while_traffic_arrives)
+    for i in range(5):
+        recorder.record(event(key, account, clock.now(), prompt=i))
+    assert await asyncio.wait_for(recorder.flush(), timeout=30) == 5  # three batches: 2, 2, 1
+    assert recorder.pending == 3
+    monkeypatch.setattr(recorder, "_write", plain_write)
+    await recorder.close()  # shutdown still writes everything
+    assert recorder.pending == 0
+    usage = (await gateway.client.get("/api/usage", headers=auth(mk))).json()["data"]
+    assert usage[0]["usage"]["24h"]["requests"] == 8
