@@ -13,7 +13,14 @@ from starlette.routing import Mount, Route
 
 from agent_gateway.api import admin, agents, discovery, management, public
 from agent_gateway.web.edge import BodyDeadline, DirectRoutes, TrustForwardedHeaders
-from agent_gateway.web.rendering import RefuseNul, handle_gateway_error, handle_http_exception, handle_unexpected
+from agent_gateway.web.rendering import (
+    INFRASTRUCTURE_ERRORS,
+    RefuseNul,
+    handle_gateway_error,
+    handle_http_exception,
+    handle_infrastructure_error,
+    handle_unexpected,
+)
 from agent_gateway.clock import Clock
 from agent_gateway.dashboard import create_dashboard
 from agent_gateway.errors import GatewayError
@@ -65,6 +72,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None,
         exception_handlers={
             GatewayError: handle_gateway_error,
             HTTPException: handle_http_exception,
+            **{kind: handle_infrastructure_error for kind in INFRASTRUCTURE_ERRORS},
             Exception: handle_unexpected,
         },
         middleware=[*edge, Middleware(BodyDeadline, timeout_s=settings.body_read_timeout_s),

@@ -16,7 +16,7 @@ from starlette.routing import Route
 from agent_gateway.errors import GatewayError
 from agent_gateway.v1.routes import proxy_request
 from agent_gateway.web.auth import api_key_token
-from agent_gateway.web.rendering import render_error
+from agent_gateway.web.rendering import as_gateway_error, render_error
 
 
 async def _messages_call(request: Request, call: Callable[[], Awaitable[Response]]) -> Response:
@@ -24,6 +24,11 @@ async def _messages_call(request: Request, call: Callable[[], Awaitable[Response
         return await call()
     except GatewayError as exc:
         return render_error(exc, envelope="anthropic")
+    except Exception as exc:
+        known = as_gateway_error(exc)
+        if known is None:
+            raise
+        return render_error(known, envelope="anthropic")
 
 
 async def messages(request: Request) -> Response:

@@ -6,12 +6,13 @@ import logging
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from agent_gateway.clock import as_utc
-from agent_gateway.errors import GatewayError
+from agent_gateway.errors import GatewayError, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,29 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
         exc.status_code, ("invalid_request_error", "http_error", str(exc.detail))
     )
     return JSONResponse(error_body(type_, code, message), status_code=exc.status_code, headers=exc.headers)
+
+
+def as_gateway_error(exc: BaseException) -> GatewayError | None:
+    """What an infrastructure failure means to a client, when it means something: no database
+    connection came free within the pool's wait (the process is overloaded) is a 503 to retry,
+    not a 500. None for anything else, which stays an internal error."""
+    if isinstance(exc, PoolTimeout):
+        return ServiceUnavailable("The gateway's database is busy; retry in a moment.", code="database_busy",
+                                  headers={"Retry-After": "1"})
+    return None
+
+
+async def handle_infrastructure_error(request: Request, exc: Exception) -> Response:
+    """The exceptions `as_gateway_error` knows (registered for their classes, so they are answered
+    and not re-raised as a server error)."""
+    known = as_gateway_error(exc)
+    if known is None:
+        return await handle_unexpected(request, exc)
+    log.warning("%s %s: %s (%s)", request.method, request.url.path, known.code, exc)
+    return render_error(known)
+
+
+INFRASTRUCTURE_ERRORS: tuple[type[Exception], ...] = (PoolTimeout,)
 
 
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
