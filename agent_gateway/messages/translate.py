@@ -507,9 +507,12 @@ def sse_frame(event: str, data: dict[str, Any]) -> bytes:
     prefix = _EVENT_PREFIX.get(event)
     if prefix is None:
         prefix = _EVENT_PREFIX[event] = f"event: {event}\ndata: ".encode()
-    # orjson writes compact JSON, UTF-8 as it is (like json.dumps with ensure_ascii=False), and
-    # refuses what is not JSON (a lone surrogate) instead of failing later on encoding.
-    return prefix + orjson.dumps(data) + b"\n\n"
+    # orjson writes compact JSON, UTF-8 as it is (like json.dumps with ensure_ascii=False). Text
+    # it cannot encode (a lone surrogate the upstream escaped) goes out \u-escaped instead.
+    try:
+        return prefix + orjson.dumps(data) + b"\n\n"
+    except TypeError:
+        return prefix + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
 
 
 def frames_of(events: list[Event]) -> bytes:

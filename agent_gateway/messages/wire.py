@@ -107,8 +107,13 @@ class TranslatedStream:
         self.events += 1
         try:
             chunk: Any = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise UpstreamError("The upstream sent a stream event that is not JSON.", code="upstream_error") from exc
+        except orjson.JSONDecodeError:
+            # orjson refuses some JSON the standard library reads (a lone surrogate escape in
+            # model text): only then is the slower parser asked, and only its refusal is a 502.
+            try:
+                chunk = json.loads(data)
+            except ValueError as exc:
+                raise UpstreamError("The upstream sent a stream event that is not JSON.", code="upstream_error") from exc
         if not isinstance(chunk, dict):
             raise UpstreamError("The upstream sent a stream event that is not a JSON object.", code="upstream_error")
         if chunk.get("error") is not None:

@@ -74,3 +74,15 @@ def test_a_whole_answer_that_is_not_a_json_object_is_an_upstream_error():
         "choices": [{"index": 0, "message": {"content": "hi"}, "finish_reason": "length"}],
         "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()))
     assert body["content"] == [{"type": "text", "text": "hi"}] and body["stop_reason"] == "max_tokens"
+
+
+def test_model_text_with_a_lone_surrogate_escape_is_translated_not_a_502():
+    # Valid JSON that orjson refuses ("\ud800" alone); the standard library reads it, and the
+    # frame carries it escaped, so the SDK's JSON parser reads the same text back.
+    lone = b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"a\\ud800b"},"finish_reason":null}]}\n\n'
+    stream = Translation(model="m").stream()
+    out = stream.feed(chunk({"role": "assistant", "content": ""}) + lone + chunk({}, "stop") + b"data: [DONE]\n\n")
+    out += stream.finish()
+    texts = [d["delta"]["text"] for e, d in frames(out) if e == "content_block_delta"]
+    assert texts == ["a\ud800b"]
+    assert stream.done
