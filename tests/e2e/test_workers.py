@@ -40,6 +40,14 @@ MESSAGES = [{"role": "user", "content": "which worker are you"}]
 PROCESS_TAG_CHARS = 16  # proxy.leases: a lease id is the process tag (16 hex) and a counter
 
 
+def wait_ready(log: Path, workers: int, timeout_s: float = 60) -> None:
+    """Until `workers` worker processes have logged that they are ready (bounded)."""
+    deadline = time.monotonic() + timeout_s
+    while log.read_text().count("agent_gateway ready") < workers:
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)  # polling the log, bounded by the deadline
+
+
 @pytest.fixture
 def workers_gateway(tmp_path: Path, database_url: str, redis_url: str, upstream) -> Iterator[tuple[subprocess.Popen,
                                                                                                     str]]:
@@ -51,6 +59,9 @@ def workers_gateway(tmp_path: Path, database_url: str, redis_url: str, upstream)
            "AGW_SESSION_SECRET": "a-fixed-secret-for-every-worker", "AGW_WORKERS": "2", "AGW_LOG_LEVEL": "INFO",
            "AGW_HEADER_READ_TIMEOUT_S": "1", "PROMETHEUS_MULTIPROC_DIR": str(metrics)}
     process, url = start_gateway(env, log=tmp_path / "gateway.log")
+    # /healthz answered from one worker; the other may still be starting (it accepts nothing until
+    # then, so every connection would go to the first): wait until both said they are ready.
+    wait_ready(tmp_path / "gateway.log", 2)
     try:
         yield process, url
     finally:
@@ -112,16 +123,34 @@ async def pin_connections(url: str, redis_url: str, mk: str, count: int) -> list
 
 
 async def two_workers(url: str, redis_url: str, mk: str, per_round: int = 10) -> list[Pinned]:
-    """Connections pinned to both workers, all opened in one round: uvicorn closes a connection
-    idle for 5 s, so connections kept from an earlier round could be gone by the time they are used."""
-    seen = []
-    for _ in range(5):  # the kernel chooses; rounds until one round reaches both workers
-        pinned = await pin_connections(url, redis_url, mk, per_round)
-        if len({p.worker for p in pinned}) == 2:
-            return pinned
-        seen += [p.worker for p in pinned]
-        await close_all(pinned)
-    raise AssertionError(f"every connection of every round went to one worker: {seen}")
+    """Connections pinned to both workers. Connections opened at once tend to be accepted by one
+    worker in one batch, so rounds are kept until both workers have been seen; uvicorn closes a
+    connection idle for 5 s, so every kept connection is touched (GET /healthz on it) before each
+    round and once more at the end, and one the server closed meanwhile is dropped."""
+    kept: list[Pinned] = []
+    seen: list[str] = []
+    for _ in range(10):  # the kernel chooses; bounded rounds
+        kept = await still_open(url, kept)
+        kept += await pin_connections(url, redis_url, mk, per_round)
+        seen = [p.worker for p in kept]
+        if len(set(seen)) == 2:
+            kept = await still_open(url, kept)
+            if len({p.worker for p in kept}) == 2:
+                return kept
+    await close_all(kept)
+    raise AssertionError(f"every connection went to one worker: {seen}")
+
+
+async def still_open(url: str, pinned: list[Pinned]) -> list[Pinned]:
+    """The connections that still reach their worker (a request on each resets its idle timer)."""
+    alive = []
+    for p in pinned:
+        r = await p.http.get(url + "/healthz")
+        if r.status_code == 200 and local_port(r) == p.local_port:
+            alive.append(p)
+        else:
+            await p.http.aclose()
+    return alive
 
 
 async def close_all(pinned: list[Pinned]) -> None:
@@ -171,8 +200,10 @@ async def test_a_key_revoked_through_one_worker_is_refused_by_the_next_request_o
         await close_all(pinned)
 
 
-async def test_a_worker_that_dies_is_replaced_and_the_port_keeps_answering(workers_gateway, database_url, redis_url):
+async def test_a_worker_that_dies_is_replaced_and_the_port_keeps_answering(workers_gateway, database_url, redis_url,
+                                                                          tmp_path):
     process, url = workers_gateway
+    log = tmp_path / "gateway.log"
     before = children_of(process.pid)
     assert len(before) == 2
     victim = min(before)
@@ -184,6 +215,7 @@ async def test_a_worker_that_dies_is_replaced_and_the_port_keeps_answering(worke
             break
         assert time.monotonic() < deadline, f"worker {victim} was not replaced: children {now}"
         await asyncio.sleep(0.1)  # polling the supervisor's children, bounded by the deadline
+    wait_ready(log, 3)  # the two first workers, then the replacement
     async with httpx.AsyncClient(timeout=30) as http:
         for _ in range(6):
             assert (await http.get(url + "/healthz", headers={"Connection": "close"})).status_code == 200
