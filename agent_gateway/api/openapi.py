@@ -77,11 +77,16 @@ _QUOTE = _obj({"pool": _STR, "blocks": {"type": "array", "items": _STR}, "quanti
               ["pool", "blocks", "quantity", "total", "totalAtomic"])
 _POOL = _obj({
     "id": _STR, "slug": _STR, "name": _STR, "description": _STR, "models": {"type": "array", "items": _STR},
-    "status": {"enum": ["funding", "active", "paused"]}, "seatsPerBlock": {"type": "integer"},
+    "status": {"enum": ["funding", "activating", "active", "paused", "closed"]}, "seatsPerBlock": {"type": "integer"},
     "annualDiscount": _STR, "minPricePerMonth": _USDC,
     "blocks": {"type": "array", "items": _obj({
         "block": _STR, "hoursUtc": _STR, "pricePerMonth": _USDC, "seats": {"type": "integer"},
         "availableSeats": {"type": "integer"}, "status": {"enum": ["available", "limited", "sold-out"]}})},
+    "funding": {"anyOf": [{"type": "null"}, _obj({
+        "pledgedSeats": {"type": "integer"}, "goalSeats": {"type": "integer"}, "progress": _STR, "deadline": _DATE},
+        ["pledgedSeats", "goalSeats", "progress", "deadline"])],
+        "description": "The funding round (null once past it): a seat bought now is a pledge, whose period starts "
+                       "when the pool goes active."},
 }, ["slug", "name", "status", "blocks"])
 _DELIVERY = _obj({
     "paymentId": _STR, "txHash": _NULLABLE_STR, "payer": _NULLABLE_STR, "amount": _STR, "accountId": _STR,

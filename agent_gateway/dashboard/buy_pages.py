@@ -72,6 +72,7 @@ async def buy(visit: Visit) -> Response:
         bought = await subscribe_with_balance(services.db, services.clock, services.catalog, account.id, order)
     except PaymentRequired:
         return visit.redirect("/buy", flash=("error", _short_balance_message(visit, order, account.balance_atomic)))
+    await services.admin.funding.pledged(order.pool.slug)  # a pledge may have reached the pool's goal
     seats = f"{len(bought)} seat{'s' if len(bought) != 1 else ''}"
     return visit.redirect(
         "/subscriptions?bought=" + ",".join(s.id for s in bought),
