@@ -106,13 +106,6 @@ class _PoolEntry(BaseModel):
             return None
         return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
-    @model_validator(mode="after")
-    def _goal_fits(self) -> _PoolEntry:
-        if self.funding_goal is not None and self.funding_goal > self.seats * len(self.prices):
-            raise ValueError(f"funding_goal: {self.funding_goal} seats is more than the pool offers "
-                             f"({self.seats} seats in each of {len(self.prices)} block(s))")
-        return self
-
     @field_validator("models")
     @classmethod
     def _distinct_models(cls, models: list[str]) -> list[str]:
@@ -171,6 +164,9 @@ class _PoolsFile(BaseModel):
         for slug, pool in self.pools.items():
             if not _SLUG.match(slug):
                 raise ValueError(f"pools.{slug}: slugs are lowercase letters, digits, - and _")
+            if pool.funding_goal is not None and pool.funding_goal > pool.seats * len(pool.prices):
+                raise ValueError(f"pools.{slug}.funding_goal: {pool.funding_goal} seats is more than the pool "
+                                 f"offers ({pool.seats} seats in each of {len(pool.prices)} block(s))")
             for block in pool.prices:
                 if block not in self.blocks:
                     raise ValueError(
