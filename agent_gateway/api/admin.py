@@ -14,7 +14,6 @@ from agent_gateway.admin.accounts import parse_adjustment
 from agent_gateway.admin.audit import list_records, validate_reason
 from agent_gateway.admin.money import MoneySummary
 from agent_gateway.admin.pools import PoolReport
-from agent_gateway.catalog.pools import PoolStatus
 from agent_gateway.db.models import Account, AuditRecord, Payment
 from agent_gateway.errors import InvalidRequest
 from agent_gateway.money import format_usdc
