@@ -120,6 +120,19 @@ async def test_pool_funding_comes_after_the_key_checks(funding):
     assert "still funding" in r.json()["error"]["message"]
 
 
+async def test_enabling_an_account_again_restores_its_pledges_keys(funding):
+    account_id, mk = await funding.new_account(credit="1000")
+    [sub] = await pledge(funding, mk)
+    key = await funding.mint(mk, sub["id"])
+    r = await funding.client.post(f"/api/admin/accounts/{account_id}/disable", json={"reason": "check"},
+                                  headers=ADMIN)
+    assert r.status_code == 200 and r.json()["data"]["keysRevoked"] == [key["id"]], r.text
+    r = await funding.client.post(f"/api/admin/accounts/{account_id}/enable", json={"reason": "ok"}, headers=ADMIN)
+    assert r.status_code == 200, r.text
+    r = await funding.client.post("/v1/chat/completions", json=CHAT, headers=auth(key["apiKey"]))
+    assert r.status_code == 403 and r.json()["error"]["code"] == "pool_funding"
+
+
 async def test_reaching_the_goal_moves_the_pool_to_activating_and_tells_the_operator(funding, caplog):
     _, mk = await funding.new_account(credit="1000")
     await pledge(funding, mk, quantity=2)
