@@ -216,3 +216,23 @@ async def test_the_catalog_and_plans_show_the_round(funding):
     assert pools["round"]["funding"]["progress"] == "1/3" and pools["alpha"]["funding"] is None
     page = (await funding.client.get("/dashboard/pools")).text
     assert "Funding: 1/3 seats pledged" in page and "2026-12-31T00:00:00Z" in page
+
+
+async def test_the_dashboard_sells_a_pledge_and_offers_its_key(funding):
+    import html
+
+    from tests.integration.test_dashboard_buy import ORIGIN, hidden_fields, review, signed_in
+
+    _, mk = await funding.new_account(credit="100")
+    client = await signed_in(funding, mk)
+    page = await review(client, pool="round", blocks=["europe"])
+    r = await client.post("/dashboard/buy", data=hidden_fields(page.text), headers=ORIGIN)
+    assert r.status_code == 303, r.text
+    subscriptions = html.unescape((await client.get(r.headers["location"])).text)
+    assert "Pledged 1 seat on Seed round (europe)" in subscriptions
+    assert "pledge: starts when the pool goes active" in subscriptions
+    [sub] = (await funding.client.get("/api/subscriptions", headers=auth(mk))).json()["data"]
+    assert sub["status"] == "pending"
+    assert f'href="/dashboard/keys?subscription={sub["id"]}" data-action="mint"' in subscriptions
+    keys = await client.get(f"/dashboard/keys?subscription={sub['id']}")
+    assert f'<option value="{sub["id"]}" selected>' in keys.text
