@@ -149,6 +149,10 @@ def _text(command: str, data: Any) -> list[str]:
         for pool in data:
             blocks = ", ".join(f"{b['block']} {b['sold']}/{b['seats']} sold" for b in pool["blocks"])
             lines.append(f"{pool['slug']:<16} {pool['status']:<10} in flight {pool['inFlight'] if pool['inFlight'] is not None else '?':<4} {blocks}")
+            if pool.get("funding"):
+                round_ = pool["funding"]
+                lines[-1] += f"; pledged {round_['progress']} of the goal" + (
+                    f" by {round_['deadline']}" if round_["deadline"] else "")
         return lines
     if command == "pool-state":
         return [f"pool {data['slug']}: {data['status']}"]

@@ -10,9 +10,11 @@ from starlette.applications import Starlette
 
 from agent_gateway.admin.accounts import AccountAdmin
 from agent_gateway.admin.console import AdminConsole
+from agent_gateway.admin.funding import FundingWatch
 from agent_gateway.admin.money import MoneyReport
 from agent_gateway.admin.pools import PoolAdmin
 from agent_gateway.catalog.pools import parse_catalog, read_pools_file
+from agent_gateway.subscriptions.funding import start_pledges
 from agent_gateway.clock import Clock
 from agent_gateway.db.engine import Database
 from agent_gateway.db.migrate import upgrade_database
@@ -67,11 +69,14 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     # each process re-reads the database), and by polling should a message be missed.
     notifier = (RedisRevocationBus(settings.redis_url, channel="agw:catalog", client_name="agw-catalog")
                 if settings.redis_url else None)
+    pools = PoolAdmin(db, clock, catalog, settings.pools_file, pools_text, leases, notifier, settings.catalog_poll_s)
+    # A pool marked active starts every pledge's period in the transition's own transaction.
+    pools.transition_hooks.append(start_pledges)
     admin = AdminConsole(
-        db=db,
-        pools=PoolAdmin(db, clock, catalog, settings.pools_file, pools_text, leases, notifier, settings.catalog_poll_s),
+        db=db, pools=pools,
         accounts=AccountAdmin(db, clock, keys),
         money=MoneyReport(db, clock, settings, payments.chain),
+        funding=FundingWatch(db, pools),
     )
 
     async def expiry_pass() -> None:
@@ -85,7 +90,8 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         for revocation in await reorgs.recheck_settled():
             await keys.end_revoked_keys(revocation.key_ids, "payment_revoked")
 
-    passes: dict[str, Pass] = {"expiry": expiry_pass, "payments": payments.reconcile, "reorgs": reorg_pass}
+    passes: dict[str, Pass] = {"expiry": expiry_pass, "payments": payments.reconcile, "reorgs": reorg_pass,
+                               "funding": admin.funding.check}
     if payments.chain is not None and payments.facilitator is None:  # own settlement: the relayer's gas, into /metrics
         passes["relayer_gas"] = RelayerGasWatch(payments.chain, settings.relayer_warn_settlements)
     return Services(

@@ -41,6 +41,8 @@ PROXY_OVERHEAD = Histogram(
     buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
 STREAMS_REVOKED = Counter("agw_streams_revoked_total", "Running streams ended because their key was revoked.")
+POOLS_FUNDED = Counter("agw_pools_funded_total",
+                       "Funding pools moved to activating because their pledges reached the goal, by pool.", ["pool"])
 SUBSCRIPTIONS_EXPIRED = Counter("agw_subscriptions_expired_total", "Subscriptions expired by the background job.")
 PAYMENTS_REVOKED = Counter(
     "agw_payments_revoked_total",

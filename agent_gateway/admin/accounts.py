@@ -181,7 +181,7 @@ class AccountAdmin:
 
     async def enable(self, account_id: str, *, actor: str, reason: str) -> list[str]:
         """Enable the account again, and with it the keys its disabling switched off (those still
-        disabled and on an active subscription). Returns their ids."""
+        disabled and on an active subscription or a pledge). Returns their ids."""
         now = self.clock.now()
         async with self.db.transaction() as session:
             account = await session.get(Account, account_id, with_for_update=True)
@@ -197,7 +197,9 @@ class AccountAdmin:
             key_ids = list((await session.execute(
                 select(ApiKey.id).join(Subscription, col(Subscription.id) == col(ApiKey.subscription_id))
                 .where(col(ApiKey.id).in_(switched_off), col(ApiKey.status) == KeyStatus.DISABLED,
-                       col(ApiKey.deleted_at).is_(None), col(Subscription.status) == SubscriptionStatus.ACTIVE)
+                       col(ApiKey.deleted_at).is_(None),
+                       # A pledge's key is live too (its pool is still funding).
+                       col(Subscription.status).in_((SubscriptionStatus.ACTIVE, SubscriptionStatus.PENDING)))
                 .order_by(col(ApiKey.id)).with_for_update(of=ApiKey)
             )).scalars()) if switched_off else []
             if key_ids:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agent_gateway.admin.accounts import AccountAdmin
+from agent_gateway.admin.funding import FundingWatch
 from agent_gateway.admin.money import MoneyReport
 from agent_gateway.admin.pools import PoolAdmin
 from agent_gateway.db.engine import Database
@@ -16,3 +17,4 @@ class AdminConsole:
     pools: PoolAdmin
     accounts: AccountAdmin
     money: MoneyReport
+    funding: FundingWatch

@@ -80,6 +80,7 @@ class PoolReport:
     blocks: list[BlockReport]
     in_flight: int | None  # None: the lease store (Redis) did not answer
     live_subscriptions: int
+    pledged: int = 0  # seats pledged (pending subscriptions): the funding round's progress
 
 
 @dataclass(frozen=True)
@@ -308,6 +309,11 @@ class PoolAdmin:
                 select(Subscription.pool_slug, func.count()).where(col(Subscription.status).in_(_LIVE))
                 .group_by(col(Subscription.pool_slug))
             )).all())
+            pledged = dict((await session.execute(
+                select(Subscription.pool_slug, func.count())
+                .where(col(Subscription.status) == SubscriptionStatus.PENDING)
+                .group_by(col(Subscription.pool_slug))
+            )).all())
         by_pool: dict[str, list[str]] = defaultdict(list)
         for slug, key_id in keys:
             by_pool[slug].append(key_id)
@@ -321,5 +327,6 @@ class PoolAdmin:
             except ServiceUnavailable:  # the rest of the view is still worth showing
                 in_flight = None
             reports.append(PoolReport(pool=pool, file_status=file_pool.status if file_pool else pool.status,
-                                      blocks=blocks, in_flight=in_flight, live_subscriptions=counts.get(slug, 0)))
+                                      blocks=blocks, in_flight=in_flight, live_subscriptions=counts.get(slug, 0),
+                                      pledged=pledged.get(slug, 0)))
         return reports

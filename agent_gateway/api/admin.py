@@ -14,13 +14,13 @@ from agent_gateway.admin.accounts import parse_adjustment
 from agent_gateway.admin.audit import list_records, validate_reason
 from agent_gateway.admin.money import MoneySummary
 from agent_gateway.admin.pools import PoolReport
-from agent_gateway.catalog.pools import PoolStatus
 from agent_gateway.db.models import Account, AuditRecord, Payment
 from agent_gateway.errors import InvalidRequest
 from agent_gateway.money import format_usdc
 from agent_gateway.services import Services
 from agent_gateway.web.auth import admin
 from agent_gateway.web.bodies import CamelBody, read_json, read_optional_json
+from agent_gateway.web.catalog import render_funding
 from agent_gateway.web.rendering import iso, ok
 from agent_gateway.web.views import render_key, render_management_key, render_subscription
 
@@ -44,17 +44,14 @@ class BalanceBody(CamelBody):
 
 def render_pool_report(report: PoolReport) -> dict[str, Any]:
     pool = report.pool
-    sold = sum(b.sold for b in report.blocks)
-    offered = sum(b.seats for b in report.blocks)
     return {
         "slug": pool.slug, "name": pool.name, "status": pool.status, "fileStatus": report.file_status,
         "models": list(pool.models), "seatsPerBlock": pool.seats,
         "blocks": [{"block": b.name, "hoursUtc": b.hours_utc, "seats": b.seats, "sold": b.sold, "left": b.left,
                     "price": format_usdc(pool.prices_atomic[b.name])} for b in report.blocks],
         "inFlight": report.in_flight, "liveSubscriptions": report.live_subscriptions,
-        "funding": ({"seatsPledged": sold, "seatsOffered": offered,
-                     "progress": round(sold / offered, 4) if offered else 0.0}
-                    if pool.status in (PoolStatus.FUNDING, PoolStatus.ACTIVATING) else None),
+        # Seats pledged (one per subscription, whatever its blocks) against the goal from the pools file.
+        "funding": render_funding(pool, report.pledged),
     }
 
 

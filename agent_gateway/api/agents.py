@@ -53,6 +53,8 @@ async def subscribe_pool(request: Request) -> Response:
         signer = recover_personal_signer(services.payments.tx_claim_message(body.tx_hash), body.signature)
         await ensure_buyer_enabled(services.db, wallet=signer)
         settled = await services.payments.claim_tx_hash(order, body.tx_hash, body.signature, key_name=body.name)
+        if settled.delivery is not None:
+            await services.admin.funding.pledged(order.pool.slug)  # a pledge may have reached the pool's goal
         return render_settled(settled)
     settled = await pay_for(request, services, order, call=order_call(order), account_id=None, key_name=body.name)
     return render_settled(settled)

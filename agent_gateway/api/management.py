@@ -65,6 +65,7 @@ async def subscribe(request: Request, services: Services, account: Account) -> R
         raise challenge(
             services, order, resource_url(request, services), call=call, message=f"{exc.message} Or pay with x402: retry with PAYMENT-SIGNATURE.",
             code=exc.code) from None
+    await services.admin.funding.pledged(slug)  # a pledge may have reached the pool's goal
     return ok(
         {"quote": order.quote(), "subscriptions": [render_subscription(s) for s in subscriptions]},
         status=201,

@@ -77,11 +77,16 @@ _QUOTE = _obj({"pool": _STR, "blocks": {"type": "array", "items": _STR}, "quanti
               ["pool", "blocks", "quantity", "total", "totalAtomic"])
 _POOL = _obj({
     "id": _STR, "slug": _STR, "name": _STR, "description": _STR, "models": {"type": "array", "items": _STR},
-    "status": {"enum": ["funding", "active", "paused"]}, "seatsPerBlock": {"type": "integer"},
+    "status": {"enum": ["funding", "activating", "active", "paused", "closed"]}, "seatsPerBlock": {"type": "integer"},
     "annualDiscount": _STR, "minPricePerMonth": _USDC,
     "blocks": {"type": "array", "items": _obj({
         "block": _STR, "hoursUtc": _STR, "pricePerMonth": _USDC, "seats": {"type": "integer"},
         "availableSeats": {"type": "integer"}, "status": {"enum": ["available", "limited", "sold-out"]}})},
+    "funding": {"anyOf": [{"type": "null"}, _obj({
+        "pledgedSeats": {"type": "integer"}, "goalSeats": {"type": "integer"}, "progress": _STR, "deadline": _DATE},
+        ["pledgedSeats", "goalSeats", "progress", "deadline"])],
+        "description": "The funding round (null once past it): a seat bought now is a pledge, whose period starts "
+                       "when the pool goes active."},
 }, ["slug", "name", "status", "blocks"])
 _DELIVERY = _obj({
     "paymentId": _STR, "txHash": _NULLABLE_STR, "payer": _NULLABLE_STR, "amount": _STR, "accountId": _STR,
@@ -353,7 +358,8 @@ _INFERENCE_NOTE = ("Usable in the key's blocks (hours UTC) only; each key holds 
 def _key_refusals() -> dict[str, Any]:
     return {"401": _error("Unknown API key."),
             "402": _json("No API key: where to buy one (not an x402 challenge).", {"type": "object"}),
-            "403": _error("The key is disabled, revoked, or its subscription has ended."),
+            "403": _error("The key is disabled, revoked, or its subscription has ended; or it is a pledge on a pool "
+                          "still funding (pool_funding, with the round's progress; not to be retried)."),
             "429": _error("The key's block is closed now, or it already has a request in flight.")}
 
 
@@ -371,7 +377,8 @@ def _messages_responses() -> dict[str, Any]:
             "400": error("invalid_request_error: the request body is invalid."),
             "401": error("authentication_error: unknown API key."),
             "402": error("billing_error: no API key; the body also says where to buy one."),
-            "403": error("permission_error: the key is disabled, revoked, or its subscription has ended."),
+            "403": error("permission_error: the key is disabled, revoked, or its subscription has ended, or it is "
+                         "a pledge on a pool still funding."),
             "404": error("not_found_error: the model is not in the key's pool, or the pool serves no Messages."),
             "413": error("request_too_large: the body is too large."),
             "429": error("rate_limit_error: the key's block is closed now, or it has a request in flight."),

@@ -8,7 +8,7 @@ from starlette.routing import Route
 
 from agent_gateway.api.discovery import discovery_links
 from agent_gateway.web.auth import services_of
-from agent_gateway.web.catalog import plans_catalog, pools_now, render_pool
+from agent_gateway.web.catalog import funding_now, plans_catalog, pools_now, render_pool
 from agent_gateway.web.rendering import ok
 from agent_gateway.errors import NotFound
 from agent_gateway.subscriptions.inventory import seats_available
@@ -25,7 +25,7 @@ async def get_pool(request: Request) -> Response:
     if pool is None:
         raise NotFound(f"No pool {request.path_params['slug']!r}. See GET /api/pools.", code="pool_not_found")
     available = await seats_available(services.db, services.catalog)
-    return ok(render_pool(pool, services.catalog, available))
+    return ok(render_pool(pool, services.catalog, available, await funding_now(services)))
 
 
 async def agent_plans(request: Request) -> Response:

@@ -6,6 +6,7 @@ import dataclasses
 import re
 import tomllib
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from enum import StrEnum
@@ -52,6 +53,11 @@ class Pool:
     # What the upstream speaks for Anthropic Messages requests: "anthropic" relays /v1/messages
     # as it is; "openai" (the default) translates to chat completions. OpenAI routes ignore it.
     upstream_api: str = "openai"
+    # The funding round (docs/decisions.md "Funding pools"): seats to pledge in total (a seat is one
+    # subscription, whatever its blocks) before the pool goes to `activating`; the pools file's
+    # `funding_goal`, or `seats` when it gives none. `funding_deadline` is shown, not yet enforced.
+    funding_goal: int = 1
+    funding_deadline: datetime | None = None
 
 
 @dataclass
@@ -89,6 +95,16 @@ class _PoolEntry(BaseModel):
     annual_discount: str = "0"
     prices: dict[str, str] = Field(min_length=1)
     upstream_api: Literal["openai", "anthropic"] = "openai"
+    funding_goal: int | None = Field(default=None, ge=1, le=1_000_000)
+    # A TOML offset date-time (`2027-01-31T00:00:00Z`); one without an offset is read as UTC.
+    funding_deadline: datetime | None = None
+
+    @field_validator("funding_deadline")
+    @classmethod
+    def _utc(cls, when: datetime | None) -> datetime | None:
+        if when is None:
+            return None
+        return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
     @field_validator("models")
     @classmethod
@@ -148,6 +164,9 @@ class _PoolsFile(BaseModel):
         for slug, pool in self.pools.items():
             if not _SLUG.match(slug):
                 raise ValueError(f"pools.{slug}: slugs are lowercase letters, digits, - and _")
+            if pool.funding_goal is not None and pool.funding_goal > pool.seats * len(pool.prices):
+                raise ValueError(f"pools.{slug}.funding_goal: {pool.funding_goal} seats is more than the pool "
+                                 f"offers ({pool.seats} seats in each of {len(pool.prices)} block(s))")
             for block in pool.prices:
                 if block not in self.blocks:
                     raise ValueError(
@@ -195,6 +214,8 @@ def parse_catalog(text: str, source: str) -> Catalog:
             # Keep the blocks' file order so quotes and listings are stable.
             prices_atomic={b: parse_usdc(entry.prices[b]) for b in blocks if b in entry.prices},
             upstream_api=entry.upstream_api,
+            funding_goal=entry.funding_goal if entry.funding_goal is not None else entry.seats,
+            funding_deadline=entry.funding_deadline,
         )
         for slug, entry in parsed.pools.items()
     }

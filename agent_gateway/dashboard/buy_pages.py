@@ -17,6 +17,7 @@ from agent_gateway.dashboard.guard import Visit, page
 from agent_gateway.errors import GatewayError, InvalidRequest, PaymentRequired
 from agent_gateway.money import format_usdc
 from agent_gateway.subscriptions.inventory import seats_available
+from agent_gateway.db.models import SubscriptionStatus
 from agent_gateway.subscriptions.service import subscribe_with_balance
 
 
@@ -72,12 +73,16 @@ async def buy(visit: Visit) -> Response:
         bought = await subscribe_with_balance(services.db, services.clock, services.catalog, account.id, order)
     except PaymentRequired:
         return visit.redirect("/buy", flash=("error", _short_balance_message(visit, order, account.balance_atomic)))
+    await services.admin.funding.pledged(order.pool.slug)  # a pledge may have reached the pool's goal
     seats = f"{len(bought)} seat{'s' if len(bought) != 1 else ''}"
+    pledged = any(s.status == SubscriptionStatus.PENDING for s in bought)
     return visit.redirect(
         "/subscriptions?bought=" + ",".join(s.id for s in bought),
-        flash=("success", f"Bought {seats} on {order.pool.name} ({', '.join(order.blocks)}) for "
-                          f"{format_usdc(order.total_atomic)} USDC from the prepaid balance. "
-                          "Create each seat's API key to use it."),
+        flash=("success", f"{'Pledged' if pledged else 'Bought'} {seats} on {order.pool.name} "
+                          f"({', '.join(order.blocks)}) for {format_usdc(order.total_atomic)} USDC from the prepaid "
+                          "balance. " + ("The pool is still funding: each seat's period starts when it goes active; "
+                                         "its key can be created now." if pledged
+                                         else "Create each seat's API key to use it.")),
     )
 
 

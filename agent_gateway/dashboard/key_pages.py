@@ -103,7 +103,9 @@ async def _keys_page(visit: Visit, created: KeyView | None = None, plaintext: st
     assert account is not None
     views = await api_keys.list_keys(services.db, account.id)
     subscriptions = await list_subscriptions(services.db, account.id)
-    keyless = [s.subscription for s in subscriptions if s.subscription.status == SubscriptionStatus.ACTIVE and s.key is None]
+    # A pledge's key can be made before its pool is live (inference is refused until then).
+    keyless = [s.subscription for s in subscriptions
+               if s.subscription.status in (SubscriptionStatus.ACTIVE, SubscriptionStatus.PENDING) and s.key is None]
     return visit.render(
         "keys.html", title="API keys", nav="keys", views=views, keyless=keyless,
         has_subscriptions=bool(subscriptions), created=created, plaintext=plaintext,

@@ -6,7 +6,7 @@ import hmac
 
 from starlette.responses import Response
 
-from agent_gateway.web.catalog import render_pool
+from agent_gateway.web.catalog import funding_now, render_pool
 from agent_gateway.dashboard.guard import Visit, page
 from agent_gateway.dashboard.sessions import SESSION_TTL, Session
 from agent_gateway.errors import AuthenticationError, PermissionDenied
@@ -64,5 +64,6 @@ async def signout(visit: Visit) -> Response:
 async def pools(visit: Visit) -> Response:
     services = visit.services
     available = await seats_available(services.db, services.catalog)
-    catalog = [render_pool(pool, services.catalog, available) for pool in services.catalog.pools.values()]
+    pledged = await funding_now(services)
+    catalog = [render_pool(pool, services.catalog, available, pledged) for pool in services.catalog.pools.values()]
     return visit.render("pools.html", title="Pools", nav="pools", pools=catalog, blocks=services.catalog.blocks)

@@ -51,6 +51,11 @@ def new_api_key(account_id: str, subscription_id: str, name: str, now: datetime)
     return key, token
 
 
+# A pledge's key can be minted (and disabled, enabled) before its pool is live; inference on it is
+# refused with 403 pool_funding until the pool's activation starts its period.
+_KEYED = (SubscriptionStatus.ACTIVE, SubscriptionStatus.PENDING)
+
+
 async def mint_key(
     db: Database, clock: Clock, account_id: str, subscription_id: str, name: str
 ) -> tuple[KeyView, IssuedToken]:
@@ -60,9 +65,10 @@ async def mint_key(
             subscription = await session.get(Subscription, subscription_id, with_for_update=True)
             if subscription is None or subscription.account_id != account_id:
                 raise NotFound(f"No subscription {subscription_id!r}.", code="subscription_not_found")
-            if subscription.status != SubscriptionStatus.ACTIVE:
+            if subscription.status not in _KEYED:
                 raise Conflict(
-                    f"Subscription {subscription_id} is {subscription.status}; keys are minted for active subscriptions.",
+                    f"Subscription {subscription_id} is {subscription.status}; keys are minted for active subscriptions "
+                    "and pledges.",
                     code="subscription_not_active",
                 )
             existing = await session.execute(
@@ -106,7 +112,7 @@ async def disable_key(db: Database, account_id: str, key_id: str) -> KeyView:
 async def enable_key(db: Database, account_id: str, key_id: str) -> KeyView:
     async with db.transaction() as session:
         key, subscription = await _owned_key(session, account_id, key_id)
-        if key.status == KeyStatus.REVOKED or subscription.status != SubscriptionStatus.ACTIVE:
+        if key.status == KeyStatus.REVOKED or subscription.status not in _KEYED:
             raise Conflict(
                 f"This key cannot be enabled: its subscription is {subscription.status}.",
                 code="subscription_not_active",

@@ -29,6 +29,14 @@ USDC = {"type": "string", "description": "An amount of USDC as a decimal string,
 ATOMIC = {"type": "string", "pattern": "^[0-9]+$", "description": "The same amount in atomic units (6 decimals)."}
 NULLABLE_STRING = {"type": ["string", "null"]}
 
+# A pool's funding round (null once it is past it): a seat bought now is a pledge whose period
+# starts when the pool goes active.
+FUNDING = {"type": "object", "description": "The funding round: seats pledged of the goal, and the deadline.",
+           "properties": {"pledgedSeats": {"type": "integer"}, "goalSeats": {"type": "integer"},
+                          "progress": {"type": "string", "description": "pledged/goal, e.g. \"37/50\""},
+                          "deadline": NULLABLE_STRING},
+           "required": ["pledgedSeats", "goalSeats", "progress", "deadline"]}
+
 _BLOCK = {"type": "object", "properties": {
     "block": {"type": "string"}, "hoursUtc": {"type": "string"}, "pricePerMonth": USDC, "seats": {"type": "integer"},
     "availableSeats": {"type": "integer"}, "status": {"type": "string", "enum": ["available", "limited", "sold-out"]},
@@ -39,6 +47,7 @@ _POOL = {"type": "object", "properties": {
     "models": {"type": "array", "items": {"type": "string"}}, "status": {"type": "string"},
     "seatsPerBlock": {"type": "integer"}, "annualDiscount": {"type": "string"}, "minPricePerMonth": USDC,
     "blocks": {"type": "array", "items": _BLOCK},
+    "funding": {"anyOf": [FUNDING, {"type": "null"}]},
 }, "required": ["slug", "name", "models", "status", "blocks"]}
 
 # The x402 v2 PaymentRequired, as in the HTTP 402's PAYMENT-REQUIRED header.

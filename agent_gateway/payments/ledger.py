@@ -53,6 +53,7 @@ from agent_gateway.keys.api_keys import new_api_key, revoke_subscription_keys
 from agent_gateway.keys.management import new_management_key
 from agent_gateway.keys.tokens import IssuedToken
 from agent_gateway.subscriptions.inventory import release_seats, release_subscription_seats, reserve_seats
+from agent_gateway.subscriptions.funding import is_pledge
 from agent_gateway.subscriptions.service import new_subscriptions
 
 log = logging.getLogger(__name__)
@@ -262,7 +263,8 @@ async def _deliver(db: Database, clock: Clock, payment_id: str, *, mint_keys: bo
         else:
             subscriptions = new_subscriptions(account.id, payment.pool_slug, payment.blocks, payment.billing_cycle,
                                               payment.unit_price_atomic, payment.quantity, now,
-                                              payment_id=payment.id)
+                                              payment_id=payment.id,
+                                              pledge=await is_pledge(session, payment.pool_slug))
             session.add_all(subscriptions)
             await session.flush()
             if mint_keys:

@@ -17,6 +17,7 @@ from agent_gateway.db.engine import Database, rows_changed
 from agent_gateway.db.models import Account, ApiKey, BalanceEntry, Subscription, SubscriptionStatus, new_id
 from agent_gateway.errors import PaymentRequired
 from agent_gateway.money import format_usdc
+from agent_gateway.subscriptions.funding import is_pledge
 from agent_gateway.subscriptions.inventory import reserve_seats
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ async def subscribe_with_balance(
     """Reserve the seats and charge the prepaid balance in one transaction: all or nothing."""
     now = clock.now()
     async with db.transaction() as session:
+        # The pool's state row first (locked), then the seats: the order a pools-file reload locks in.
+        pledge = await is_pledge(session, order.pool.slug)
         await reserve_seats(session, catalog, order.pool.slug, order.blocks, order.quantity)
         charged = await session.execute(
             update(Account)
@@ -64,10 +67,11 @@ async def subscribe_with_balance(
         session.add(charge)
         await session.flush()
         subscriptions = new_subscriptions(account_id, order.pool.slug, order.blocks, order.billing_cycle,
-                                          order.unit_price_atomic, order.quantity, now, charge_id=charge.id)
+                                          order.unit_price_atomic, order.quantity, now, charge_id=charge.id,
+                                          pledge=pledge)
         session.add_all(subscriptions)
     log.info(
-        "seats bought account=%s pool=%s blocks=%s quantity=%d total_atomic=%d",
+        "seats %s account=%s pool=%s blocks=%s quantity=%d total_atomic=%d", "pledged" if pledge else "bought",
         account_id, order.pool.slug, ",".join(order.blocks), order.quantity, order.total_atomic,
     )
     return subscriptions
@@ -75,13 +79,15 @@ async def subscribe_with_balance(
 
 def new_subscriptions(account_id: str, pool_slug: str, blocks: Sequence[str], billing_cycle: str,
                       unit_price_atomic: int, quantity: int, now: datetime, *, charge_id: str | None = None,
-                      payment_id: str | None = None) -> list[Subscription]:
-    """`quantity` independent active seats from now, paid by a balance charge or a payment."""
+                      payment_id: str | None = None, pledge: bool = False) -> list[Subscription]:
+    """`quantity` independent seats paid by a balance charge or a payment: active from now, or, as a
+    `pledge`, pending with no period yet (start = end = now until the pool's activation starts it)."""
     period = BILLING_CYCLES[billing_cycle][1]
+    status, end = (SubscriptionStatus.PENDING, now) if pledge else (SubscriptionStatus.ACTIVE, now + period)
     return [
         Subscription(id=new_id("sub"), account_id=account_id, pool_slug=pool_slug, blocks=list(blocks),
-                     billing_cycle=billing_cycle, status=SubscriptionStatus.ACTIVE, price_atomic=unit_price_atomic,
-                     period_start=now, period_end=now + period, charge_id=charge_id, payment_id=payment_id,
+                     billing_cycle=billing_cycle, status=status, price_atomic=unit_price_atomic,
+                     period_start=now, period_end=end, charge_id=charge_id, payment_id=payment_id,
                      created_at=now)
         for _ in range(quantity)
     ]

@@ -57,6 +57,10 @@ async def renewal_order(services: Services, body: RenewBody) -> tuple[Subscripti
         sub = await session.get(Subscription, body.subscription_id)
     if sub is None:
         raise NotFound(f"No subscription {body.subscription_id!r}.", code="subscription_not_found")
+    if sub.status == SubscriptionStatus.PENDING:
+        raise Conflict(f"Subscription {sub.id} is a pledge on pool {sub.pool_slug}, which is still funding; its "
+                       "period starts when the pool goes active, and it can be renewed from then on.",
+                       code="subscription_not_active")
     if sub.status != SubscriptionStatus.ACTIVE:
         raise Conflict(f"Subscription {sub.id} is {sub.status}; buy a new seat instead.",
                        code="subscription_not_active")

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from agent_gateway.web.rendering import iso
-from agent_gateway.db.models import ApiKey, KeyStatus, ManagementKey, Subscription
+from agent_gateway.db.models import ApiKey, KeyStatus, ManagementKey, Subscription, SubscriptionStatus
 from agent_gateway.keys.tokens import masked
 from agent_gateway.money import format_usdc
+
+
+def _started(sub: Subscription) -> bool:
+    """A pledge (pending) has no period yet: it starts when its pool goes active."""
+    return sub.status != SubscriptionStatus.PENDING
 
 
 def render_subscription(sub: Subscription, key: ApiKey | None = None) -> dict:
@@ -16,8 +21,9 @@ def render_subscription(sub: Subscription, key: ApiKey | None = None) -> dict:
         "billingCycle": sub.billing_cycle,
         "status": sub.status,
         "price": format_usdc(sub.price_atomic),
-        "currentPeriodStart": iso(sub.period_start),
-        "currentPeriodEnd": iso(sub.period_end),
+        "currentPeriodStart": iso(sub.period_start) if _started(sub) else None,
+        "currentPeriodEnd": iso(sub.period_end) if _started(sub) else None,
+        "pledge": sub.status == SubscriptionStatus.PENDING,
         "paymentId": sub.payment_id,
         "hasKey": key is not None,
         "keyId": key.id if key else None,
@@ -37,7 +43,7 @@ def render_key(key: ApiKey, sub: Subscription) -> dict:
         "keyType": "subscription",
         "subscriptionId": sub.id,
         "subscriptionStatus": sub.status,
-        "subscriptionExpiresAt": iso(sub.period_end),
+        "subscriptionExpiresAt": iso(sub.period_end) if _started(sub) else None,
         "pool": sub.pool_slug,
         "blocks": list(sub.blocks),
         "createdAt": iso(key.created_at),

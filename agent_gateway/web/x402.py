@@ -215,10 +215,13 @@ async def settle_for(services: Services, order: Order, resource: str, decode: Ca
     # The wallet's account, when it has one, must not be disabled: refused before any settlement.
     await ensure_buyer_enabled(services.db, wallet=payment.payer)
     try:
-        return await payments.settle_exact(order, payment, resource, account_id=account_id,
-                                           key_name=key_name, renew_subscription_id=renew_subscription_id)
+        settled = await payments.settle_exact(order, payment, resource, account_id=account_id,
+                                              key_name=key_name, renew_subscription_id=renew_subscription_id)
     except PaymentRefused as exc:
         raise challenge(services, order, resource, call=call, message=exc.message, code=exc.code) from None
+    if settled.delivery is not None and renew_subscription_id is None:
+        await services.admin.funding.pledged(order.pool.slug)  # a pledge may have reached the pool's goal
+    return settled
 
 
 def render_settled(settled: Settled, status_if_done: int = 201) -> Response:

@@ -150,3 +150,38 @@ async def test_disabling_an_account_through_one_process_cuts_its_stream_in_the_o
         r = await http.get(url_b + "/api/keys", headers={"Authorization": f"Bearer {mk}"})
         assert r.status_code == 403 and r.json()["error"]["code"] == "account_disabled"
     await upstream.recorder.wait_for(lambda r: r.in_flight == 0)
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_an_activation_through_one_process_starts_the_pledges_in_the_other(two_gateways, database_url, upstream):
+    url_a, url_b, file_a = two_gateways
+    file_a.write_text(file_a.read_text() + BETA.format(upstream=upstream.url))
+    mk = provision_account(database_url)
+    body = {"model": "beta-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    async with httpx.AsyncClient(timeout=30) as http:
+        r = await http.post(url_a + "/api/admin/pools/reload", headers=ADMIN)
+        assert r.status_code == 200, r.text
+
+        async def b_sells_beta() -> bool:
+            return (await http.get(url_b + "/api/pools/beta")).status_code == 200
+
+        await eventually(b_sells_beta)
+        sk, _ = buy_key(url_b, mk, "beta", ["day"])  # a pledge, bought through B
+        headers = {"Authorization": f"Bearer {sk}"}
+        r = await http.post(url_b + "/v1/chat/completions", json=body, headers=headers)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "pool_funding", r.text
+        assert r.json()["funding"]["progress"] == "1/5"
+        # The operator starts the round early, through A.
+        for status in ("activating", "active"):
+            r = await http.post(url_a + "/api/admin/pools/beta/state", json={"status": status}, headers=ADMIN)
+            assert r.status_code == 200, r.text
+
+        async def b_serves() -> bool:
+            r = await http.post(url_b + "/v1/chat/completions", json=body, headers=headers)
+            return r.status_code == 200
+
+        await eventually(b_serves)  # the Redis notice (polling is off here), in milliseconds
+        [sub] = (await http.get(url_b + "/api/subscriptions", headers={"Authorization": f"Bearer {mk}"})).json()["data"]
+        [record] = (await http.get(url_b + "/api/admin/audit?target=pool:beta&action=pool.state",
+                                   headers=ADMIN)).json()["data"][:1]
+        assert sub["status"] == "active" and sub["currentPeriodStart"] == record["createdAt"]

@@ -1,5 +1,6 @@
 """The pools file: defaults, and a bad file refused with a message that names the field."""
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,18 @@ def test_a_pool_may_pass_messages_through_to_an_anthropic_upstream(tmp_path):
     assert catalog.pools["p"].upstream_api == "anthropic"
 
 
+def test_a_funding_round_has_a_goal_in_seats_and_an_optional_deadline(tmp_path):
+    catalog = load_catalog(write(tmp_path, GOOD_POOL + 'status = "funding"\n'))
+    assert catalog.pools["p"].funding_goal == 10 and catalog.pools["p"].funding_deadline is None  # default: `seats`
+    text = GOOD_POOL.replace('europe = "49.00"', 'europe = "49.00", asia = "39.00"') + (
+        'status = "funding"\nfunding_goal = 15\nfunding_deadline = 2027-01-31T12:00:00+02:00\n')
+    pool = load_catalog(write(tmp_path, text)).pools["p"]
+    assert pool.funding_goal == 15  # seats in total: up to 10 in each of two blocks
+    assert pool.funding_deadline == datetime(2027, 1, 31, 10, 0, tzinfo=UTC)
+    local = load_catalog(write(tmp_path, GOOD_POOL + "funding_deadline = 2027-01-31T00:00:00\n")).pools["p"]
+    assert local.funding_deadline == datetime(2027, 1, 31, 0, 0, tzinfo=UTC)  # no offset: read as UTC
+
+
 @pytest.mark.parametrize(
     "text,field",
     [
@@ -62,6 +75,10 @@ def test_a_pool_may_pass_messages_through_to_an_anthropic_upstream(tmp_path):
         (GOOD_POOL + 'upstream_api = true\n', "pools.p.upstream_api"),
         ('[blocks]\neurope = "08:00-17:60"\n' + GOOD_POOL, "blocks.europe"),
         ('[pools.BAD]\nname="x"\n', "pools.BAD"),
+        (GOOD_POOL + 'funding_goal = 0\n', "pools.p.funding_goal"),
+        (GOOD_POOL + 'funding_goal = 11\n', "pools.p.funding_goal"),  # more than 10 seats in its one block
+        (GOOD_POOL + 'funding_deadline = "2027-01-31"\n', "pools.p.funding_deadline"),
+        (GOOD_POOL + 'funding_deadline = 2027-01-31\n', "pools.p.funding_deadline"),  # a date, not a moment
     ],
 )
 def test_a_bad_file_names_the_field(tmp_path, text, field):
