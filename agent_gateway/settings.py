@@ -215,13 +215,7 @@ class Settings(BaseSettings):
     @field_validator("facilitator_url")
     @classmethod
     def _facilitator_base_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-            raise ValueError("must be an http:// or https:// URL without query or fragment, e.g. "
-                             "https://facilitator.example.com (its /verify, /settle and /supported are called)")
-        return value.rstrip("/")
+        return _base_url(value, "https://facilitator.example.com (its /verify, /settle and /supported are called)")
 
     @field_validator("facilitator_auth_header")
     @classmethod
@@ -237,13 +231,7 @@ class Settings(BaseSettings):
     @field_validator("public_url")
     @classmethod
     def _absolute_base_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-            raise ValueError("must be an absolute http:// or https:// URL without query or fragment, "
-                             "e.g. https://gateway.example.com")
-        return value.rstrip("/")
+        return _base_url(value, "https://gateway.example.com")
 
     @field_validator("admin_token")
     @classmethod
@@ -304,3 +292,13 @@ def _auth_header(line: str | None) -> tuple[str, str] | None:
         raise ValueError("AGW_FACILITATOR_AUTH_HEADER must be one header line \"Name: value\", "
                          "e.g. \"Authorization: Bearer <token>\"")
     return name, value
+
+
+def _base_url(value: str | None, example: str) -> str | None:
+    """An absolute http(s) base URL without query or fragment, its trailing slash dropped."""
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError(f"must be an absolute http:// or https:// URL without query or fragment, e.g. {example}")
+    return value.rstrip("/")
