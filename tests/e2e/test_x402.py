@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import threading
 
 import httpx
 import openai
@@ -26,6 +27,26 @@ ORDER = {"pool": "alpha", "blocks": ["day"], "quantity": 1}
 
 def official_client(devchain, wallet: Wallet):
     return devchain.x402_client(wallet.key)
+
+
+def buy_in_background(devchain, wallet: Wallet, url: str) -> tuple[threading.Thread, dict]:
+    """The official client buys ORDER from `url` on a thread of its own, for tests that kill the
+    gateway under the request: the thread's outcome is {"response": …} or {"error": …}."""
+    outcome: dict = {}
+
+    async def run() -> None:
+        async with x402HttpxClient(official_client(devchain, wallet), base_url=url, timeout=120) as http:
+            outcome["response"] = await http.post("/api/agent/subscribe-pool", json=ORDER)
+
+    def buy() -> None:
+        try:
+            asyncio.run(run())
+        except Exception as exc:  # the gateway dies under this request
+            outcome["error"] = exc
+
+    buyer = threading.Thread(target=buy)
+    buyer.start()
+    return buyer, outcome
 
 
 async def seats(live: LiveGateway, pool: str = "alpha") -> int:

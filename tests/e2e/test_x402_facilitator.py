@@ -9,7 +9,6 @@ import json
 import shutil
 import signal
 import sqlite3
-import threading
 import time
 from contextlib import closing
 from pathlib import Path
@@ -26,7 +25,7 @@ from agent_gateway.settings import Settings
 from agent_gateway.testing.facilitator import TestFacilitator
 from agent_gateway.testing.processes import free_port, start_gateway
 from tests.attacks.conftest import wait_for_pending
-from tests.e2e.test_x402 import ORDER, PRICE, official_client
+from tests.e2e.test_x402 import ORDER, PRICE, buy_in_background, official_client
 from tests.e2e.test_x402_recovery import _payment_state, sign_in
 from tests.fixtures.facilitator import AUTH_HEADER, facilitator_env, facilitator_settings
 from tests.fixtures.x402 import X402_POOLS
@@ -119,21 +118,7 @@ async def test_a_gateway_killed_while_settle_is_in_flight_delivers_after_restart
     gateway, _ = start_gateway(env, port=port, log=log)
     w3.provider.make_request("evm_setAutomine", [False])
     try:
-        outcome: dict = {}
-
-        def buy() -> None:
-            import asyncio
-
-            async def run() -> None:
-                async with x402HttpxClient(official_client(devchain, wallet), base_url=url, timeout=120) as http:
-                    outcome["response"] = await http.post("/api/agent/subscribe-pool", json=ORDER)
-            try:
-                asyncio.run(run())
-            except Exception as exc:  # the gateway dies under this request
-                outcome["error"] = exc
-
-        buyer = threading.Thread(target=buy)
-        buyer.start()
+        buyer, outcome = buy_in_background(devchain, wallet, url)
         # The facilitator's transaction waits in the pool: /settle is in flight, no hash in the ledger.
         wait_for_pending(devchain, facilitator.address)
         payment_id, state = _payment_state(db) or (None, None)

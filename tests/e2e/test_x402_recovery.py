@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 import sqlite3
-import threading
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from eth_account.messages import encode_defunct
 from x402.http.clients import x402HttpxClient
 
 from agent_gateway.testing.processes import free_port, start_gateway
-from tests.e2e.test_x402 import ORDER, PRICE, official_client
+from tests.e2e.test_x402 import ORDER, PRICE, buy_in_background, official_client
 from tests.fixtures.x402 import X402_POOLS, Wallet
 
 pytestmark = pytest.mark.anyio
@@ -103,21 +102,7 @@ async def test_a_gateway_killed_after_broadcast_completes_the_purchase_after_res
     gateway, _ = start_gateway(env, port=port, log=log)
     w3.provider.make_request("evm_setAutomine", [False])
     try:
-        outcome: dict = {}
-
-        def buy() -> None:
-            import asyncio
-
-            async def run() -> None:
-                async with x402HttpxClient(official_client(devchain, wallet), base_url=url, timeout=120) as http:
-                    outcome["response"] = await http.post("/api/agent/subscribe-pool", json=ORDER)
-            try:
-                asyncio.run(run())
-            except Exception as exc:  # the gateway dies under this request
-                outcome["error"] = exc
-
-        buyer = threading.Thread(target=buy)
-        buyer.start()
+        buyer, outcome = buy_in_background(devchain, wallet, url)
         deadline = time.monotonic() + 30
         while (_payment_state(db) or (None, None))[1] != "broadcast":
             assert time.monotonic() < deadline, log.read_text()
