@@ -330,3 +330,19 @@ async def test_a_refund_the_wallet_cannot_pay_is_refused_and_a_payment_not_yet_f
         assert payment_state(live, payment_id) == "refunded" and key_refused(live, sk)
         account = httpx.get(f"{live.url}/api/admin/accounts/{refund['accountId']}", headers=ADMIN).json()["data"]
         assert account["balance"] == "10.00"
+
+
+def test_chain_check_reports_the_refund_wallet(devchain, chain_view):
+    from tests.e2e.test_chain_checks import chain_env, cli
+
+    empty, funded = chain_view.new_wallet(usdc_atomic=0, eth_wei=0), chain_view.new_wallet(usdc_atomic=5 * 10**6)
+    result = cli(chain_env(devchain, AGW_REFUND_PRIVATE_KEY=empty.key), "chain", "check")
+    assert result.returncode == 0, result.stdout + result.stderr  # a warning: refunds wait, the gateway serves
+    [line] = [x for x in result.stdout.splitlines() if "refund wallet" in x]
+    assert line.startswith("warn  refund wallet: " + empty.address) and "0.00 USDC" in line, line
+    result = cli(chain_env(devchain, AGW_REFUND_PRIVATE_KEY=funded.key), "chain", "check")
+    [line] = [x for x in result.stdout.splitlines() if "refund wallet" in x]
+    assert line.startswith(f"ok    refund wallet: {funded.address} holds 5.00 USDC"), line
+    # The relayer's key is refused as the refund key (they would take each other's nonces).
+    result = cli(chain_env(devchain, AGW_REFUND_PRIVATE_KEY=devchain.relayer_key), "chain", "check")
+    assert result.returncode != 0 and "must not be AGW_RELAYER_KEY" in result.stderr, result.stderr
