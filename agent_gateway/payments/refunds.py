@@ -110,7 +110,8 @@ class RefundWallet:
 
 @dataclass
 class Outcome:
-    """What one step did; `key_ids` were revoked in its transaction (ended everywhere by the caller)."""
+    """What one step did; `key_ids` were revoked in its transaction (`carry_out` ends them everywhere
+    itself; after `plan_payment`, the caller does, once its transaction committed)."""
 
     refund: Refund | None
     key_ids: list[str] = field(default_factory=list)
@@ -489,13 +490,16 @@ class Refunds:
         return Outcome(await self.get(refund.id))
 
     async def _wait(self, refund: Refund, why: str) -> None:
-        """A planned refund that cannot go on now: say why (shown in the console), once."""
-        if refund.state != R.PLANNED or refund.waiting == why:
+        """A planned refund that cannot go on now: say why (shown in the console; logged when it
+        changes). Its `updated_at` moves too, so the pass, which takes the longest untouched first,
+        gets to every refund however many wait."""
+        if refund.state != R.PLANNED:
             return
         async with self.db.transaction() as session:
             await session.execute(update(Refund).where(col(Refund.id) == refund.id, col(Refund.state) == R.PLANNED)
                                   .values(waiting=why, updated_at=self.clock.now()))
-        log.info("refund %s waits: %s", refund.id, why)
+        if refund.waiting != why:
+            log.info("refund %s waits: %s", refund.id, why)
 
     async def _next_stored_nonce(self) -> int | None:
         """One past the highest nonce a refund of this wallet holds (a stored transfer the node may
