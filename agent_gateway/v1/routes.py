@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 from starlette.requests import Request
@@ -27,6 +26,7 @@ from agent_gateway.errors import (
 from agent_gateway.messages.translate import to_chat_request
 from agent_gateway.messages.wire import Translation
 from agent_gateway.services import Services
+from agent_gateway.strict_json import passed_on
 from agent_gateway.metrics import proxy_requests
 from agent_gateway.proxy.directory import KeyRecord
 from agent_gateway.proxy.leases import AcquireResult
@@ -95,6 +95,12 @@ def _json_type(value: object) -> str:
     return "an array" if isinstance(value, list) else "an object"
 
 
+def _with_usage(payload: dict) -> dict:
+    """The body with `stream_options.include_usage` set, the rest as it was."""
+    options = payload.get("stream_options")
+    return {**payload, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
+
+
 def _pool_of(services: Services, key: KeyRecord) -> Pool:
     pool = services.catalog.pool(key.pool_slug)
     if pool is None or pool.status != PoolStatus.ACTIVE:
@@ -155,7 +161,7 @@ async def proxy_request(request: Request, path: str, endpoint: str, *, api: str 
         translation = None
         if translate:
             # A Messages request for a chat-completions upstream (usage is always asked for).
-            body, path = json.dumps(to_chat_request(payload)).encode(), "/chat/completions"
+            body, path = passed_on(payload, body, to_chat_request), "/chat/completions"
             stops = payload.get("stop_sequences")
             translation = Translation(model=model, stop_sequences=stops if isinstance(stops, list) else None)
         stream = payload.get("stream") is True and endpoint in _STREAMABLE
@@ -164,8 +170,7 @@ async def proxy_request(request: Request, path: str, endpoint: str, *, api: str 
             options = payload.get("stream_options")
             if not (isinstance(options, dict) and options.get("include_usage") is True):
                 # Ask upstream for usage so every stream is metered; the relay removes that event again.
-                payload["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-                body = json.dumps(payload).encode()
+                body = passed_on(payload, body, _with_usage)
                 strip_usage = True
         # Registered before the lease is taken, so a revocation arriving from here on is seen.
         registration = Registration()
