@@ -8,7 +8,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from agent_gateway.web.auth import bearer_token, services_of
+from agent_gateway.web.auth import bearer_token, bearer_token_of, services_of
 from agent_gateway.web.bodies import parse_json_object, read_body
 from agent_gateway.web.catalog import plans_catalog
 from agent_gateway.web.keys import admitted_key, key_plan
@@ -138,10 +138,16 @@ async def proxy_request(request: Request, path: str, endpoint: str, *, api: str 
     `message_stop`); any other pool gets it translated to a chat completion and back."""
     started = time.perf_counter()
     services = services_of(request)
+    # One pass over the raw headers (the first of a repeated name wins, as in Starlette's Headers):
+    # admission, the relay and the upstream client look up half a dozen names, each a scan of the
+    # list otherwise.
+    headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in reversed(request.scope["headers"])}
     try:
+        if token is None:
+            token = bearer_token_of(headers.get("authorization"))
         key = await admit_key(request, services, token, key_header=(
             "x-api-key: sk_… or Authorization: Bearer sk_…" if api == "anthropic" else "Authorization: Bearer sk_…"))
-        body = await read_body(request, services.settings.max_proxy_body_bytes)
+        body = await read_body(request, services.settings.max_proxy_body_bytes, headers)
         payload = parse_json_object(body, services.settings.max_json_depth, watched_keys=READ_KEYS)
         model = payload.get("model")
         if not isinstance(model, str) or not model:
@@ -195,9 +201,6 @@ async def proxy_request(request: Request, path: str, endpoint: str, *, api: str 
         code = getattr(exc, "code", "error")
         proxy_requests(endpoint, f"refused_{code}").inc()
         raise
-    # One pass over the raw headers (the first of a repeated name wins, as in Starlette's Headers):
-    # the relay and the upstream client look up half a dozen names, each a scan of the list otherwise.
-    headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in reversed(request.scope["headers"])}
     call = ProxyCall(
         key=key, lease=lease, pool=pool, path=path, endpoint=endpoint, model=model, body=body,
         headers=headers, stream=stream, strip_usage=strip_usage,
