@@ -12,7 +12,7 @@ import functools
 import json
 import re
 from array import array
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from itertools import accumulate
 from typing import Any
 
@@ -31,11 +31,11 @@ _STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 _LETTER_ESCAPE = re.compile(rb"\\u00(?:[67][0-9a-fA-F]|5[fF])")
 _NUL_OR_SURROGATE = re.compile("[\x00\ud800-\udfff]")
 _NUL_OR_SURROGATE_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
-# Numbers orjson does not read or write as json does: integers past 64 bits (orjson reads floats)
-# and exponents of three digits (json reads 1e400 as infinity, which orjson refuses to read and
-# json.dumps writes as `Infinity`, orjson.dumps as null). Found with one translate (every digit becomes "0", "E"
-# becomes "e") and substring searches, ~100× faster than a regex; a match anywhere (strings
-# included) only sends the text to the json path.
+# Numbers orjson does not read or write as json does: integers past 64 bits (orjson reads them as
+# floats, and refuses to write them) and numbers past a double's range (json reads 1e400 as
+# infinity and writes `Infinity`; orjson refuses to read it and writes infinity as null). Found
+# with one translate (every digit becomes "0", "E" becomes "e") and substring searches, many
+# times faster than a regular expression; a match anywhere (strings included) takes the json way.
 _DIGITS_AS_ZERO = bytes.maketrans(b"123456789E", b"000000000e")
 _LONG_INTEGER, _BIG_EXPONENTS = b"0" * 19, (b"e000", b"e+000")
 
@@ -151,13 +151,13 @@ def loads_watching(raw: bytes, max_depth: int, watched: frozenset[str]) -> Any:
     (a key written as `"mod\\u0065l"` is "model"); escapes are the only way to spell a key
     other than its plain quoted name.
 
-    Otherwise orjson reads it (4× faster than json on a chat body of a few kB). What it refuses
-    (a lone surrogate escape, a BOM, invalid text) goes to json, which answers as it always did.
-    One difference is kept: orjson reads an integer past 64 bits as a float. Only a body that is
-    re-encoded can carry that on, so `passed_on` re-reads such a text with json first."""
+    Otherwise orjson reads it (4× faster than json on a chat body of a few kB) unless the text
+    may hold an integer past 64 bits; what orjson refuses (a lone surrogate escape, a BOM, a
+    number past a double's range, invalid text) goes to json, which answers as it always did.
+    Either way the value is the one json reads."""
     if (b"\\u00" in raw and _LETTER_ESCAPE.search(raw)) or _may_repeat(raw, watched):
         return _parse(_watching(watched), _decode_utf8(raw, max_depth))
-    if not exceeds_depth(raw, max_depth):
+    if not exceeds_depth(raw, max_depth) and _LONG_INTEGER not in raw.translate(_DIGITS_AS_ZERO):
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -165,26 +165,18 @@ def loads_watching(raw: bytes, max_depth: int, watched: frozenset[str]) -> Any:
     return _parse(_PLAIN, _decode_utf8(raw, max_depth))
 
 
-def passed_on(data: Any, source: bytes, change: Callable[[Any], Any]) -> bytes:
-    """The JSON bytes of `change(data)`, where `data` came from `source` by `loads_watching` and
-    `change` returns the body to send on (a new value; `data` is not modified).
-
-    orjson writes it (compact, UTF-8) unless json's exact reading matters: when `source` may hold
-    an integer past 64 bits or a three-digit exponent, the text is read again by json and written
-    by json (big integers exact, 1e400's infinity as `Infinity`, as before; orjson would write
-    null); a value orjson refuses to write (a lone surrogate) is written by json too."""
-    if _orjson_reads_differently(source):
-        return json.dumps(change(_parse(_PLAIN, source.decode("utf-8")))).encode()
-    changed = change(data)
-    try:
-        return orjson.dumps(changed)
-    except orjson.JSONEncodeError:
-        return json.dumps(changed).encode()
-
-
-def _orjson_reads_differently(raw: bytes) -> bool:
-    marked = raw.translate(_DIGITS_AS_ZERO)
-    return _LONG_INTEGER in marked or any(exponent in marked for exponent in _BIG_EXPONENTS)
+def dumps_passed_on(data: Any, source: bytes) -> bytes:
+    """The JSON bytes of a body changed on its way upstream: `data`, made from what
+    `loads_watching` read in `source`. orjson writes it (compact, UTF-8) unless only json writes
+    it as it was read: infinity (from a huge number in `source`) as `Infinity`, where orjson
+    would write null; integers past 64 bits and lone surrogates, which orjson refuses."""
+    marked = source.translate(_DIGITS_AS_ZERO)
+    if not any(exponent in marked for exponent in _BIG_EXPONENTS):
+        try:
+            return orjson.dumps(data)
+        except orjson.JSONEncodeError:
+            pass
+    return json.dumps(data).encode()
 
 
 def _may_repeat(raw: bytes, watched: frozenset[str]) -> bool:

@@ -26,7 +26,7 @@ from agent_gateway.errors import (
 from agent_gateway.messages.translate import to_chat_request
 from agent_gateway.messages.wire import Translation
 from agent_gateway.services import Services
-from agent_gateway.strict_json import passed_on
+from agent_gateway.strict_json import dumps_passed_on
 from agent_gateway.metrics import proxy_requests
 from agent_gateway.proxy.directory import KeyRecord
 from agent_gateway.proxy.leases import AcquireResult
@@ -167,7 +167,7 @@ async def proxy_request(request: Request, path: str, endpoint: str, *, api: str 
         translation = None
         if translate:
             # A Messages request for a chat-completions upstream (usage is always asked for).
-            body, path = passed_on(payload, body, to_chat_request), "/chat/completions"
+            body, path = dumps_passed_on(to_chat_request(payload), body), "/chat/completions"
             stops = payload.get("stop_sequences")
             translation = Translation(model=model, stop_sequences=stops if isinstance(stops, list) else None)
         stream = payload.get("stream") is True and endpoint in _STREAMABLE
@@ -176,7 +176,7 @@ async def proxy_request(request: Request, path: str, endpoint: str, *, api: str 
             options = payload.get("stream_options")
             if not (isinstance(options, dict) and options.get("include_usage") is True):
                 # Ask upstream for usage so every stream is metered; the relay removes that event again.
-                body = passed_on(payload, body, _with_usage)
+                body = dumps_passed_on(_with_usage(payload), body)
                 strip_usage = True
         # Registered before the lease is taken, so a revocation arriving from here on is seen.
         registration = Registration()

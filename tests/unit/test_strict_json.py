@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent_gateway.strict_json import JsonRefused, exceeds_depth, loads_strict, loads_watching, passed_on
+from agent_gateway.strict_json import JsonRefused, dumps_passed_on, exceeds_depth, loads_strict, loads_watching
 
 # Text full of what can fool a scanner: quotes, backslashes, brackets, escapes, non-ASCII.
 TRICKY = st.text(alphabet=st.sampled_from(list('ab"\\[]{}/\n\tu0é😀')), max_size=8)
@@ -99,7 +99,7 @@ def test_the_fast_path_reads_what_json_reads(value):
     lone surrogates included) decodes to the same value, and is re-encoded to the same value."""
     raw = json.dumps({"model": "m", "x": value}).encode()
     assert loads_watching(raw, 64, WATCHED) == json.loads(raw)
-    again = passed_on(loads_watching(raw, 64, WATCHED), raw, lambda data: {**data, "stream": True})
+    again = dumps_passed_on({**loads_watching(raw, 64, WATCHED), "stream": True}, raw)
     assert json.loads(again) == {**json.loads(raw), "stream": True}
 
 
@@ -111,10 +111,10 @@ def test_the_fast_path_reads_what_json_reads(value):
 ])
 def test_what_orjson_reads_differently_is_passed_on_as_json_reads_it(raw):
     """Re-encoded bodies keep json's reading: integers exact, infinity as before, surrogates kept."""
-    sent = passed_on(loads_watching(raw, 64, WATCHED), raw, lambda data: {**data, "stream": True})
+    sent = dumps_passed_on({**loads_watching(raw, 64, WATCHED), "stream": True}, raw)
     assert sent == json.dumps({**json.loads(raw), "stream": True}).encode()
 
 
 def test_a_changed_body_is_written_compact_and_in_utf8():
     raw = '{"model": "m", "messages": [{"content": "héllo"}]}'.encode()
-    assert passed_on(loads_watching(raw, 64, WATCHED), raw, dict) == '{"model":"m","messages":[{"content":"héllo"}]}'.encode()
+    assert dumps_passed_on(loads_watching(raw, 64, WATCHED), raw) == '{"model":"m","messages":[{"content":"héllo"}]}'.encode()
