@@ -3,7 +3,7 @@
     .venv/bin/python bench/proxy_bench.py [--quick] [--client aiohttp|httpx] [--redis URL]
         [--only stream|non-stream] [--messages]
     .venv/bin/python bench/proxy_bench.py --throughput [--runs 3] [--concurrency 64] [--seconds 5]
-        [--servers uvicorn,granian] [--redis URL]
+        [--servers uvicorn,granian,uvicorn:2,uvicorn@DIR] [--redis URL] [--database URL]
 
 Starts the test upstream and a gateway (SQLite; leases in process, or in Redis with --redis) as
 separate processes, provisions one API key per connection, then runs bench/load.py at concurrency 1 / 16 / 64,
@@ -185,10 +185,13 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="with --throughput: direct + gateway pairs")
     parser.add_argument("--concurrency", type=int, default=64, help="with --throughput")
     parser.add_argument("--seconds", type=float, default=5.0, help="with --throughput: per cell")
+    parser.add_argument("--database", help="with --throughput: AGW_DATABASE_URL (default: a fresh SQLite file; "
+                                           "`uvicorn:N` needs PostgreSQL)")
     parser.add_argument("--servers", default="uvicorn",
                         help="with --throughput: comma-separated ASGI servers, each its own gateway process "
                              "measured in turn within every run (uvicorn: `agent-gateway serve`; granian: "
-                             "granian, if installed, serving the same app, one worker; NAME@DIR: the gateway's "
+                             "granian, if importable, serving the same app, one worker; uvicorn:N: `serve "
+                             "--workers N`, its CPU summed over the workers; NAME@DIR: the gateway's "
                              "code from the checkout in DIR, e.g. the commit before a change)")
     opts = parser.parse_args()
     if opts.messages:
@@ -268,8 +271,8 @@ def run_messages(opts: argparse.Namespace) -> list[tuple]:
         upstream = start(["test-upstream", "--port", str(up_port), "--chunks", str(MESSAGES_CHUNKS)])
         up_url = f"http://127.0.0.1:{up_port}"
         (work / "pools.toml").write_text(MESSAGES_POOLS.format(upstream=up_url))
-        env = {"AGW_DATABASE_URL": f"sqlite:///{work / 'bench.db'}", "AGW_POOLS_FILE": str(work / "pools.toml"),
-               "AGW_LOG_LEVEL": "WARNING", "AGW_UPSTREAM_CLIENT": opts.client}
+        env = {"AGW_DATABASE_URL": opts.database or f"sqlite:///{work / 'bench.db'}",
+               "AGW_POOLS_FILE": str(work / "pools.toml"), "AGW_LOG_LEVEL": "WARNING", "AGW_UPSTREAM_CLIENT": opts.client}
         if opts.redis:
             env["AGW_REDIS_URL"] = opts.redis
         processes = [upstream]
@@ -312,11 +315,16 @@ def granian_app() -> object:
     return app
 
 
-def start_server(server: str, env: dict[str, str], port: int) -> tuple[subprocess.Popen, str, int]:
-    """A gateway process under `server`; returns it, its URL and the pid whose CPU is counted.
+def start_server(server: str, env: dict[str, str], port: int) -> tuple[subprocess.Popen, str, list[int]]:
+    """A gateway process under `server`; returns it, its URL and the pids whose CPU is counted.
     `NAME@DIR` runs the gateway's code from another checkout (DIR first on PYTHONPATH): the code
-    before a change, measured in the same runs as the code after it."""
+    before a change, measured in the same runs as the code after it. `uvicorn:N` is
+    `serve --workers N` (PostgreSQL, Redis and a session secret needed): its CPU is the parent's
+    plus every worker's."""
     server, _, checkout = server.partition("@")
+    server, _, workers = server.partition(":")
+    if workers:
+        env = {**env, "AGW_WORKERS": workers, "AGW_SESSION_SECRET": "bench-secret-shared-by-the-workers"}
     cwd = None
     if checkout:
         # Run from the checkout too: `python -m` puts the working directory ahead of PYTHONPATH.
@@ -324,20 +332,24 @@ def start_server(server: str, env: dict[str, str], port: int) -> tuple[subproces
         env = {**env, "PYTHONPATH": os.pathsep.join([str(cwd), os.environ.get("PYTHONPATH", "")])}
     if server == "uvicorn":
         process, url = start_gateway(env, port=port, cwd=cwd)
-        return process, url, process.pid
+        return process, url, [process.pid, *children(process.pid)]
     if server != "granian":
         raise SystemExit(f"unknown server {server!r}")
-    granian = Path(PYTHON).with_name("granian")
+    # `python -m granian`: granian installed in the venv, or anywhere on PYTHONPATH.
     process = subprocess.Popen(
-        [str(granian), "--interface", "asgi", "--factory", "--host", "127.0.0.1", "--port", str(port),
+        [PYTHON, "-m", "granian", "--interface", "asgi", "--factory", "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1", "--loop", "uvloop", "--no-ws", "--log-level", "warning",
          "--working-dir", str(ROOT / "bench"), "proxy_bench:granian_app"],
         env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/healthz", process)
     # granian serves from a worker process of its own: that is the one whose CPU counts.
-    workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
-    return process, url, int(workers[0]) if workers else process.pid
+    return process, url, children(process.pid) or [process.pid]
+
+
+def children(pid: int) -> list[int]:
+    return [int(child) for child in
+            subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
 
 
 def run_throughput(opts: argparse.Namespace) -> list[tuple[int, str, dict, dict, float]]:
@@ -351,8 +363,8 @@ def run_throughput(opts: argparse.Namespace) -> list[tuple[int, str, dict, dict,
         upstream = start(["test-upstream", "--port", str(up_port)])
         up_url = f"http://127.0.0.1:{up_port}"
         (work / "pools.toml").write_text(POOLS.format(upstream=up_url))
-        env = {"AGW_DATABASE_URL": f"sqlite:///{work / 'bench.db'}", "AGW_POOLS_FILE": str(work / "pools.toml"),
-               "AGW_LOG_LEVEL": "WARNING", "AGW_UPSTREAM_CLIENT": opts.client}
+        env = {"AGW_DATABASE_URL": opts.database or f"sqlite:///{work / 'bench.db'}",
+               "AGW_POOLS_FILE": str(work / "pools.toml"), "AGW_LOG_LEVEL": "WARNING", "AGW_UPSTREAM_CLIENT": opts.client}
         if opts.redis:
             env["AGW_REDIS_URL"] = opts.redis
         processes = [upstream]
@@ -360,9 +372,9 @@ def run_throughput(opts: argparse.Namespace) -> list[tuple[int, str, dict, dict,
             wait_http(up_url + "/v1/models", upstream)
             gateways = {}
             for server in servers:
-                process, url, pid = start_server(server, env, free_port())
+                process, url, pids = start_server(server, env, free_port())
                 processes.append(process)
-                gateways[server] = (url, pid)
+                gateways[server] = (url, pids)
             first_url = gateways[servers[0]][0]
             (work / "keys.txt").write_text("\n".join(provision_keys(first_url, env, opts.concurrency)))
             (work / "direct.txt").write_text("\n".join(f"direct-{i}" for i in range(opts.concurrency)))
@@ -373,11 +385,11 @@ def run_throughput(opts: argparse.Namespace) -> list[tuple[int, str, dict, dict,
             for run in range(1, opts.runs + 1):
                 direct = load(up_url + "/v1", work / "direct.txt", opts.concurrency, 0, False, 16,
                               seconds=opts.seconds, warmup=warmup)
-                for server, (url, pid) in gateways.items():
-                    cpu0 = cpu_seconds(pid)
+                for server, (url, pids) in gateways.items():
+                    cpu0 = sum(map(cpu_seconds, pids))
                     via = load(url + "/v1", work / "keys.txt", opts.concurrency, 0, False, 16,
                                seconds=opts.seconds, warmup=warmup)
-                    rows.append((run, server, direct, via, cpu_seconds(pid) - cpu0))
+                    rows.append((run, server, direct, via, sum(map(cpu_seconds, pids)) - cpu0))
         finally:
             stop(processes)
     return rows

@@ -15,6 +15,7 @@ from agent_gateway.db.engine import Database
 from agent_gateway.db.models import ApiKey, UsageRecord
 
 log = logging.getLogger(__name__)
+_USAGE_TABLE = UsageRecord.__table__  # type: ignore[attr-defined]  # SQLModel sets it on table models
 
 
 @dataclass(frozen=True)
@@ -110,10 +111,9 @@ class UsageRecorder:
             if event.api_key_id not in last_used or event.created_at > last_used[event.api_key_id]:
                 last_used[event.api_key_id] = event.created_at
         async with self._db.transaction() as session:
-            await session.execute(
-                insert(UsageRecord),
-                [event.__dict__ for event in batch],
-            )
+            # A Core insert into the table, not the ORM's bulk insert of the model (which maps
+            # every row's attributes again): one executemany over plain dicts.
+            await session.execute(insert(_USAGE_TABLE), [event.__dict__ for event in batch])
             # One executemany for every key's "last used", not one statement per key, in key id
             # order: every process then takes these row locks in the same global order, so two
             # processes flushing overlapping keys queue instead of deadlocking (as

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from agent_gateway.web.auth import bearer_token, services_of
+from agent_gateway.web.auth import bearer_token, bearer_token_of, services_of
 from agent_gateway.web.bodies import parse_json_object, read_body
 from agent_gateway.web.catalog import plans_catalog
 from agent_gateway.web.keys import admitted_key, key_plan
@@ -27,6 +26,7 @@ from agent_gateway.errors import (
 from agent_gateway.messages.translate import to_chat_request
 from agent_gateway.messages.wire import Translation
 from agent_gateway.services import Services
+from agent_gateway.strict_json import dumps_passed_on
 from agent_gateway.metrics import proxy_requests
 from agent_gateway.proxy.directory import KeyRecord
 from agent_gateway.proxy.leases import AcquireResult
@@ -95,6 +95,12 @@ def _json_type(value: object) -> str:
     return "an array" if isinstance(value, list) else "an object"
 
 
+def _with_usage(payload: dict) -> dict:
+    """The body with `stream_options.include_usage` set, the rest as it was."""
+    options = payload.get("stream_options")
+    return {**payload, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
+
+
 def _pool_of(services: Services, key: KeyRecord) -> Pool:
     pool = services.catalog.pool(key.pool_slug)
     if pool is None or pool.status != PoolStatus.ACTIVE:
@@ -132,10 +138,16 @@ async def proxy_request(request: Request, path: str, endpoint: str, *, api: str 
     `message_stop`); any other pool gets it translated to a chat completion and back."""
     started = time.perf_counter()
     services = services_of(request)
+    # One pass over the raw headers (the first of a repeated name wins, as in Starlette's Headers):
+    # admission, the relay and the upstream client look up half a dozen names, each a scan of the
+    # list otherwise.
+    headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in reversed(request.scope["headers"])}
     try:
+        if token is None:
+            token = bearer_token_of(headers.get("authorization"))
         key = await admit_key(request, services, token, key_header=(
             "x-api-key: sk_… or Authorization: Bearer sk_…" if api == "anthropic" else "Authorization: Bearer sk_…"))
-        body = await read_body(request, services.settings.max_proxy_body_bytes)
+        body = await read_body(request, services.settings.max_proxy_body_bytes, headers)
         payload = parse_json_object(body, services.settings.max_json_depth, watched_keys=READ_KEYS)
         model = payload.get("model")
         if not isinstance(model, str) or not model:
@@ -155,7 +167,7 @@ async def proxy_request(request: Request, path: str, endpoint: str, *, api: str 
         translation = None
         if translate:
             # A Messages request for a chat-completions upstream (usage is always asked for).
-            body, path = json.dumps(to_chat_request(payload)).encode(), "/chat/completions"
+            body, path = dumps_passed_on(to_chat_request(payload), body), "/chat/completions"
             stops = payload.get("stop_sequences")
             translation = Translation(model=model, stop_sequences=stops if isinstance(stops, list) else None)
         stream = payload.get("stream") is True and endpoint in _STREAMABLE
@@ -164,8 +176,7 @@ async def proxy_request(request: Request, path: str, endpoint: str, *, api: str 
             options = payload.get("stream_options")
             if not (isinstance(options, dict) and options.get("include_usage") is True):
                 # Ask upstream for usage so every stream is metered; the relay removes that event again.
-                payload["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-                body = json.dumps(payload).encode()
+                body = dumps_passed_on(_with_usage(payload), body)
                 strip_usage = True
         # Registered before the lease is taken, so a revocation arriving from here on is seen.
         registration = Registration()
@@ -190,9 +201,6 @@ async def proxy_request(request: Request, path: str, endpoint: str, *, api: str 
         code = getattr(exc, "code", "error")
         proxy_requests(endpoint, f"refused_{code}").inc()
         raise
-    # One pass over the raw headers (the first of a repeated name wins, as in Starlette's Headers):
-    # the relay and the upstream client look up half a dozen names, each a scan of the list otherwise.
-    headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in reversed(request.scope["headers"])}
     call = ProxyCall(
         key=key, lease=lease, pool=pool, path=path, endpoint=endpoint, model=model, body=body,
         headers=headers, stream=stream, strip_usage=strip_usage,

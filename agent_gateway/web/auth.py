@@ -23,7 +23,11 @@ ACTOR_HEADER = "x-admin-actor"
 
 def bearer_token(request: Request) -> str | None:
     """The token of `Authorization: Bearer …`, None when there is no header, 401 when it is garbled."""
-    header = request.headers.get("authorization")
+    return bearer_token_of(request.headers.get("authorization"))
+
+
+def bearer_token_of(header: str | None) -> str | None:
+    """`bearer_token` for the Authorization header's value, already read."""
     if header is None:
         return None
     scheme, _, token = header.strip().partition(" ")

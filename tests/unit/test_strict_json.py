@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent_gateway.strict_json import JsonRefused, exceeds_depth, loads_strict, loads_watching
+from agent_gateway.strict_json import JsonRefused, dumps_passed_on, exceeds_depth, loads_strict, loads_watching
 
 # Text full of what can fool a scanner: quotes, backslashes, brackets, escapes, non-ASCII.
 TRICKY = st.text(alphabet=st.sampled_from(list('ab"\\[]{}/\n\tu0é😀')), max_size=8)
@@ -83,3 +83,38 @@ def test_what_cannot_be_stored_or_is_not_json_is_refused(raw):
 
 def test_a_surrogate_pair_is_a_character_not_a_lone_surrogate():
     assert loads_strict(b'{"a":"\\ud83d\\ude00"}', 64) == {"a": "😀"}
+
+
+WATCHED = frozenset({"model", "stream", "stream_options"})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+))
+def test_the_fast_path_reads_what_json_reads(value):
+    """orjson is used where it reads exactly as json: any document json writes (big integers and
+    lone surrogates included) decodes to the same value, and is re-encoded to the same value."""
+    raw = json.dumps({"model": "m", "x": value}).encode()
+    assert loads_watching(raw, 64, WATCHED) == json.loads(raw)
+    again = dumps_passed_on({**loads_watching(raw, 64, WATCHED), "stream": True}, raw)
+    assert json.loads(again) == {**json.loads(raw), "stream": True}
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"model":"m","n":18446744073709551616}',   # past 64 bits: orjson would read a float
+    b'{"model":"m","n":-9223372036854775809}',
+    b'{"model":"m","n":1e400}',                  # json reads infinity; orjson refuses it
+    b'{"model":"m","t":"\\ud800"}',              # a lone surrogate: orjson refuses it
+])
+def test_what_orjson_reads_differently_is_passed_on_as_json_reads_it(raw):
+    """Re-encoded bodies keep json's reading: integers exact, infinity as before, surrogates kept."""
+    sent = dumps_passed_on({**loads_watching(raw, 64, WATCHED), "stream": True}, raw)
+    assert sent == json.dumps({**json.loads(raw), "stream": True}).encode()
+
+
+def test_a_changed_body_is_written_compact_and_in_utf8():
+    raw = '{"model": "m", "messages": [{"content": "héllo"}]}'.encode()
+    assert dumps_passed_on(loads_watching(raw, 64, WATCHED), raw) == '{"model":"m","messages":[{"content":"héllo"}]}'.encode()
