@@ -131,13 +131,17 @@ class Refunds:
     ChainAdapter holding AGW_REFUND_PRIVATE_KEY; None: on-chain refunds are off)."""
 
     def __init__(self, db: Database, clock: Clock, keys: KeyLifecycle, wallet: ChainAdapter | None, *,
-                 default_destination: RefundDestination, confirmations: int, batch_size: int = 100) -> None:
+                 default_destination: RefundDestination, confirmations: int, horizon_blocks: int | None = None,
+                 batch_size: int = 100) -> None:
         self.db = db
         self.clock = clock
         self.keys = keys
         self.wallet = wallet
         self.default_destination = default_destination
         self.confirmations = confirmations
+        # The depth past which a block is not reorganised (the payments' reorg horizon): a refund's
+        # transfer is given up (signed again) only for what that deep a block says.
+        self.horizon_blocks = max(confirmations, horizon_blocks or confirmations)
         self.batch_size = batch_size
         # Keys revoked by a pool transition's hook, ended everywhere once it committed (by slug).
         self._unannounced: dict[str, list[str]] = {}
@@ -444,11 +448,24 @@ class Refunds:
             except GatewayError as exc:
                 if exc.code != "relayer_nonce_conflict":
                     raise
-                # Another transaction of the refund wallet took the nonce: these bytes can never
-                # be mined, so the refund is signed again (the payment stays refunded).
+                # Another transaction of the refund wallet took the nonce. Only once that is past
+                # the reorg horizon can these bytes never be mined: before, a reorg may free the
+                # nonce again, and anyone may resend them (they are public), so a second transfer
+                # signed now could be paid as well.
+                if not await self._nonce_taken_for_good(wallet, refund):
+                    log.warning("refund %s: nonce %s of its transfer %s is taken by another transaction not yet "
+                                "past the reorg horizon; waiting", refund.id, refund.nonce, tx_hash)
+                    return Outcome(await self.get(refund.id))
+                # The payment stays refunded; the refund is signed again.
                 await self._back_to_planned(refund, NONCE_TAKEN, now)
                 log.error("refund %s: its transfer %s lost nonce %s to another transaction of the refund "
                           "wallet; signed again", refund.id, tx_hash, refund.nonce)
+            return Outcome(await self.get(refund.id))
+        if not receipt.ok and receipt.confirmations < self.horizon_blocks:
+            # A reverted transfer in a block a reorg may drop can be mined again, and succeed then:
+            # it is given up (signed again) only once its block is past the horizon.
+            log.warning("refund %s: transfer %s reverted in block %d; planned again once that block is past the "
+                        "reorg horizon", refund.id, tx_hash, receipt.block_number)
             return Outcome(await self.get(refund.id))
         if not receipt.ok:
             await self._back_to_planned(refund, TRANSFER_REVERTED, now)
@@ -469,6 +486,16 @@ class Refunds:
             log.warning("refund %s broadcast -> refunded: %s USDC to %s in tx %s (block %d)", refund.id,
                         format_usdc(refund.amount_atomic), refund.to_address, tx_hash, receipt.block_number)
         return Outcome(await self.get(refund.id))
+
+    async def _nonce_taken_for_good(self, wallet: ChainAdapter, refund: Refund) -> bool:
+        """The refund's nonce is used, in a block past the reorg horizon, by a transaction that is
+        not its stored transfer: those bytes can never be mined."""
+        if refund.nonce is None or refund.tx_hash is None:
+            return False
+        final_block = await wallet.block_number() - self.horizon_blocks + 1
+        if final_block < 0 or await wallet.sender_nonce(wallet.relayer_address, final_block) <= refund.nonce:
+            return False
+        return await wallet.receipt(refund.tx_hash) is None  # asked last: not ours after all
 
     async def _back_to_planned(self, refund: Refund, why: str, now: datetime) -> None:
         async with self.db.transaction() as session:

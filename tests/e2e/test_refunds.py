@@ -380,3 +380,51 @@ async def test_a_refund_whose_nonce_another_transaction_took_is_signed_again_and
         assert chain_view.usdc(payer.address) == payer_before + PRICE  # once
         assert nonce(devchain, refund_wallet.address) == nonce_before + 2  # the intruder and the refund
         assert payment_state(live, payment_id) == "refunded"
+
+
+async def test_a_nonce_taken_in_a_block_not_yet_final_is_not_signed_again(
+        tmp_path, sqlite_url, upstream, devchain, chain_view, refund_wallet, clock):
+    """The transaction that took the refund's nonce sits in a block a reorg can still drop. Signing the
+    refund again then would pay twice: after the reorg the first transfer's bytes (public since they
+    were sent; anyone may resend them) are mined at the freed nonce, and the second transfer at the
+    next. The refund waits until the nonce is taken past the reorg horizon, or its own bytes mine."""
+    from eth_account import Account
+
+    horizon = 3
+    with gateway(tmp_path, sqlite_url, upstream, devchain, clock, refund_private_key=refund_wallet.key,
+                 reorg_horizon_blocks=horizon) as live:
+        payer = chain_view.new_wallet()
+        payment_id = (await x402_buy(live, devchain, payer, SHOP))["subscriptions"][0]["paymentId"]
+        w3 = devchain.web3()
+        w3.provider.make_request("anvil_mine", [hex(horizon)])
+        await run_jobs(live)  # the payment past the horizon
+        payer_before, nonce_before = chain_view.usdc(payer.address), nonce(devchain, refund_wallet.address)
+        w3.provider.make_request("evm_setAutomine", [False])
+        try:
+            r = httpx.post(f"{live.url}/api/admin/payments/{payment_id}/refund", json={"to": "chain"}, headers=ADMIN)
+            assert r.status_code == 200 and r.json()["data"]["state"] == "broadcast", r.text
+            first = r.json()["data"]
+            first_raw = bytes(w3.eth.get_raw_transaction(first["txHash"]))  # public: in the node's pool
+            w3.provider.make_request("anvil_dropAllTransactions", [])
+            snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
+            block = w3.eth.get_block("latest")
+            other = Account.from_key(refund_wallet.key).sign_transaction({
+                "type": 2, "chainId": devchain.chain_id, "nonce": first["nonce"], "to": refund_wallet.address,
+                "value": 0, "gas": 21_000, "maxPriorityFeePerGas": 1, "maxFeePerGas": 2 * block["baseFeePerGas"] + 1})
+            w3.eth.send_raw_transaction(other.raw_transaction)
+            w3.provider.make_request("evm_mine", [])
+        finally:
+            w3.provider.make_request("evm_setAutomine", [True])
+        await run_jobs(live, times=2)  # the intruder's block is one deep: the refund is not signed again
+        [refund] = refunds(live)
+        assert refund["state"] == "broadcast" and refund["txHash"] == first["txHash"], refund
+        assert chain_view.usdc(payer.address) == payer_before
+        # The reorg drops the intruder; a real node puts the dropped block's transactions back in its
+        # pool, and anyone resends the refund's first bytes: they take the freed nonce.
+        assert w3.provider.make_request("evm_revert", [snapshot])["result"] is True
+        w3.eth.send_raw_transaction(first_raw)
+        await run_jobs(live, times=2)
+        [refund] = refunds(live)
+        assert refund["state"] == "refunded" and refund["txHash"] == first["txHash"], refund
+        assert chain_view.usdc(payer.address) == payer_before + PRICE  # once
+        assert nonce(devchain, refund_wallet.address) == nonce_before + 1
