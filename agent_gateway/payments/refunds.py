@@ -21,9 +21,12 @@ refund wallet lacks USDC or gas; the background pass carries it out once it can.
   stored with `planned → broadcast` (and the payment's `→ refunded`) in one transaction *before*
   anything is sent, so a restart resends the same bytes and never a second transaction. The
   refund wallet's nonces are held under a unique index, so two processes never sign one nonce for
-  two refunds. The refund is `refunded` once its receipt has the confirmations; a transfer that
-  reverted, or whose nonce another transaction of the refund wallet took (these bytes can then
-  never be mined), goes back to `planned` and is signed again.
+  two refunds. The refund is `refunded` once its transfer is past the reorg horizon (until then a
+  reorg that drops it is followed by the same bytes sent again). A transfer that reverted, or whose
+  nonce another transaction of the refund wallet took, goes back to `planned` and is signed again,
+  but only once that is past the reorg horizon: before, a reorg can free the nonce (or re-run the
+  reverted transfer) and the first bytes, public since they were sent, could be mined beside the
+  second transfer: paid twice.
 
 Only payments past the reorg horizon are refunded, so a refunded payment is never revoked later:
 a payment revoked while its refund waits has nothing to give back (`canceled`)."""
@@ -441,6 +444,8 @@ class Refunds:
         receipt = await wallet.receipt(tx_hash)
         now = self.clock.now()
         if receipt is None:
+            if refund.block_number is not None:  # it was mined: a reorg dropped its block
+                await self._unmined(refund, now)
             try:
                 await wallet.broadcast(raw_tx)  # the same stored bytes: the node has them, or has them again
                 log.debug("refund %s: transfer %s (nonce %s) sent again, not mined yet", refund.id, tx_hash,
@@ -473,7 +478,9 @@ class Refunds:
             log.error("refund %s: transfer %s reverted in block %d; planned again", refund.id, tx_hash,
                       receipt.block_number)
             return Outcome(await self.get(refund.id))
-        done = receipt.confirmations >= self.confirmations
+        # Refunded once past the reorg horizon, as a payment is final then: until that depth a reorg
+        # may drop the transfer, and these bytes are followed (sent again) until then.
+        done = receipt.confirmations >= self.horizon_blocks
         async with self.db.transaction() as session:
             values: dict[str, object] = {"block_number": receipt.block_number, "updated_at": now}
             if done:
@@ -496,6 +503,17 @@ class Refunds:
         if final_block < 0 or await wallet.sender_nonce(wallet.relayer_address, final_block) <= refund.nonce:
             return False
         return await wallet.receipt(refund.tx_hash) is None  # asked last: not ours after all
+
+    async def _unmined(self, refund: Refund, now: datetime) -> None:
+        """A mined transfer a reorg dropped: it is being sent again (counted as still to leave the
+        wallet)."""
+        async with self.db.transaction() as session:
+            await session.execute(
+                update(Refund).where(col(Refund.id) == refund.id, col(Refund.state) == R.BROADCAST,
+                                     col(Refund.tx_hash) == refund.tx_hash)
+                .values(block_number=None, updated_at=now))
+        log.error("refund %s: its transfer %s, mined in block %s, is gone (a reorg); sent again", refund.id,
+                  refund.tx_hash, refund.block_number)
 
     async def _back_to_planned(self, refund: Refund, why: str, now: datetime) -> None:
         async with self.db.transaction() as session:

@@ -423,8 +423,48 @@ async def test_a_nonce_taken_in_a_block_not_yet_final_is_not_signed_again(
         # pool, and anyone resends the refund's first bytes: they take the freed nonce.
         assert w3.provider.make_request("evm_revert", [snapshot])["result"] is True
         w3.eth.send_raw_transaction(first_raw)
+        w3.provider.make_request("anvil_mine", [hex(horizon)])
         await run_jobs(live, times=2)
         [refund] = refunds(live)
         assert refund["state"] == "refunded" and refund["txHash"] == first["txHash"], refund
         assert chain_view.usdc(payer.address) == payer_before + PRICE  # once
+        assert nonce(devchain, refund_wallet.address) == nonce_before + 1
+
+
+async def test_a_refund_transfer_a_reorg_drops_is_sent_again_until_past_the_horizon(
+        tmp_path, sqlite_url, upstream, devchain, chain_view, refund_wallet, clock):
+    """A refund is `refunded` once its transfer is past the reorg horizon, like a payment is final: a
+    reorg that drops the mined transfer before then (and the node that forgets it) is followed by the
+    same bytes sent again, never by a refund that says refunded while the payer got nothing."""
+    horizon = 3
+    with gateway(tmp_path, sqlite_url, upstream, devchain, clock, refund_private_key=refund_wallet.key,
+                 reorg_horizon_blocks=horizon) as live:
+        payer = chain_view.new_wallet()
+        payment_id = (await x402_buy(live, devchain, payer, SHOP))["subscriptions"][0]["paymentId"]
+        w3 = devchain.web3()
+        w3.provider.make_request("anvil_mine", [hex(horizon)])
+        await run_jobs(live)  # the payment past the horizon
+        payer_before, nonce_before = chain_view.usdc(payer.address), nonce(devchain, refund_wallet.address)
+        w3.provider.make_request("evm_setAutomine", [False])
+        try:
+            r = httpx.post(f"{live.url}/api/admin/payments/{payment_id}/refund", json={"to": "chain"}, headers=ADMIN)
+            assert r.status_code == 200 and r.json()["data"]["state"] == "broadcast", r.text
+            first = r.json()["data"]
+            snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
+            w3.provider.make_request("evm_mine", [])  # mined, one confirmation
+            await run_jobs(live)
+            [refund] = refunds(live)
+            assert refund["state"] == "broadcast" and refund["blockNumber"] is not None, refund
+            # The reorg drops the block, and the node forgets the transfer.
+            assert w3.provider.make_request("evm_revert", [snapshot])["result"] is True
+            w3.provider.make_request("anvil_dropAllTransactions", [])
+            assert chain_view.usdc(payer.address) == payer_before
+        finally:
+            w3.provider.make_request("evm_setAutomine", [True])
+        await run_jobs(live)  # no receipt: the same bytes sent again (mined at once)
+        w3.provider.make_request("anvil_mine", [hex(horizon)])
+        await run_jobs(live)
+        [refund] = refunds(live)
+        assert refund["state"] == "refunded" and refund["txHash"] == first["txHash"], refund
+        assert chain_view.usdc(payer.address) == payer_before + PRICE
         assert nonce(devchain, refund_wallet.address) == nonce_before + 1
