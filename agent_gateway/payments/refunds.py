@@ -500,7 +500,8 @@ class Refunds:
         if refund.nonce is None or refund.tx_hash is None:
             return False
         final_block = await wallet.block_number() - self.horizon_blocks + 1
-        if final_block < 0 or await wallet.sender_nonce(wallet.relayer_address, final_block) <= refund.nonce:
+        sender = refund.from_address or wallet.relayer_address  # the key that signed it (it may have changed)
+        if final_block < 0 or await wallet.sender_nonce(sender, final_block) <= refund.nonce:
             return False
         return await wallet.receipt(refund.tx_hash) is None  # asked last: not ours after all
 
