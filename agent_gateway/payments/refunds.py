@@ -444,8 +444,7 @@ class Refunds:
         receipt = await wallet.receipt(tx_hash)
         now = self.clock.now()
         if receipt is None:
-            if refund.block_number is not None:  # it was mined: a reorg dropped its block
-                await self._unmined(refund, now)
+            await self._unmined(refund, now)
             try:
                 await wallet.broadcast(raw_tx)  # the same stored bytes: the node has them, or has them again
                 log.debug("refund %s: transfer %s (nonce %s) sent again, not mined yet", refund.id, tx_hash,
@@ -466,21 +465,21 @@ class Refunds:
                 log.error("refund %s: its transfer %s lost nonce %s to another transaction of the refund "
                           "wallet; signed again", refund.id, tx_hash, refund.nonce)
             return Outcome(await self.get(refund.id))
-        if not receipt.ok and receipt.confirmations < self.horizon_blocks:
-            # A reverted transfer in a block a reorg may drop can be mined again, and succeed then:
-            # it is given up (signed again) only once its block is past the horizon.
-            log.warning("refund %s: transfer %s reverted in block %d; planned again once that block is past the "
-                        "reorg horizon", refund.id, tx_hash, receipt.block_number)
-            return Outcome(await self.get(refund.id))
-        if not receipt.ok:
+        final = receipt.confirmations >= self.horizon_blocks
+        if not receipt.ok and final:
             await self._back_to_planned(refund, TRANSFER_REVERTED, now)
             REFUNDS.labels(destination=D.CHAIN, outcome="reverted").inc()
             log.error("refund %s: transfer %s reverted in block %d; planned again", refund.id, tx_hash,
                       receipt.block_number)
             return Outcome(await self.get(refund.id))
+        if not receipt.ok:
+            # A reverted transfer in a block a reorg may drop can be mined again, and succeed then:
+            # it is given up (signed again) only once its block is past the horizon.
+            log.warning("refund %s: transfer %s reverted in block %d; planned again once that block is past the "
+                        "reorg horizon", refund.id, tx_hash, receipt.block_number)
         # Refunded once past the reorg horizon, as a payment is final then: until that depth a reorg
         # may drop the transfer, and these bytes are followed (sent again) until then.
-        done = receipt.confirmations >= self.horizon_blocks
+        done = receipt.ok and final
         async with self.db.transaction() as session:
             values: dict[str, object] = {"block_number": receipt.block_number, "updated_at": now}
             if done:
@@ -506,15 +505,16 @@ class Refunds:
         return await wallet.receipt(refund.tx_hash) is None  # asked last: not ours after all
 
     async def _unmined(self, refund: Refund, now: datetime) -> None:
-        """A mined transfer a reorg dropped: it is being sent again (counted as still to leave the
-        wallet)."""
+        """A transfer with no receipt: not mined, or mined and dropped by a reorg (it counts as still
+        to leave the wallet again). Touched, so the pass, longest untouched first, reaches every one."""
         async with self.db.transaction() as session:
             await session.execute(
                 update(Refund).where(col(Refund.id) == refund.id, col(Refund.state) == R.BROADCAST,
                                      col(Refund.tx_hash) == refund.tx_hash)
                 .values(block_number=None, updated_at=now))
-        log.error("refund %s: its transfer %s, mined in block %s, is gone (a reorg); sent again", refund.id,
-                  refund.tx_hash, refund.block_number)
+        if refund.block_number is not None:
+            log.error("refund %s: its transfer %s, mined in block %s, is gone (a reorg); sent again", refund.id,
+                      refund.tx_hash, refund.block_number)
 
     async def _back_to_planned(self, refund: Refund, why: str, now: datetime) -> None:
         async with self.db.transaction() as session:
