@@ -75,7 +75,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     pools = PoolAdmin(db, clock, catalog, settings.pools_file, pools_text, leases, notifier, settings.catalog_poll_s)
     refunds = Refunds(db, clock, keys, refund_wallet_for(settings),
                       default_destination=RefundDestination(settings.refund_to),
-                      confirmations=payments.confirmations)
+                      confirmations=payments.confirmations, horizon_blocks=payments.reorg_horizon_blocks)
     # A pool marked active starts every pledge's period in the transition's own transaction; a
     # closed one cancels every pledge and plans its refund there (keys ended once it committed).
     pools.transition_hooks.append(start_pledges)

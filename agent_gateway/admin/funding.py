@@ -6,7 +6,8 @@ the operator's (the transition hook `subscriptions.funding.start_pledges` then s
 A pledge triggers the check at once in the process that took it; the background jobs also check on
 every pass (`AGW_JOB_INTERVAL_S`), which covers pledges delivered by the payment reconciler.
 
-Deadlines (`close_overdue`, a background pass): a pool still `funding` at its `funding_deadline` is
+Deadlines (`close_overdue`, a background pass): a pool still `funding` at its `funding_deadline`, its
+goal not reached (a funded one is the goal check's, or the operator's after calling it off), is
 closed by the actor `funding-deadline`; one left `activating` for its pools file's
 `activation_days` (counted from the transition into `activating`, the pool state row's
 `updated_at`) is closed by `activation-deadline`. Closing plans every pledge's refund in the
@@ -112,11 +113,17 @@ class FundingWatch:
         async with self._lock:
             now = self._pools.clock.now()
             due: list[tuple[str, PoolStatus, str, str, str]] = []
-            for pool in self._pools.catalog.pools.values():
-                if (pool.status == PoolStatus.FUNDING and pool.funding_deadline is not None
-                        and pool.funding_deadline <= now):
+            overdue = [(pool, pool.funding_deadline) for pool in self._pools.catalog.pools.values()
+                       if pool.status == PoolStatus.FUNDING and pool.funding_deadline is not None
+                       and pool.funding_deadline <= now]
+            # A round that reached its goal is never closed by the deadline: the goal check moves it
+            # (a pledge may reach it after this pass's check ran), or the operator called its
+            # activation off and chose to wait (the gateway leaves that pool to them).
+            pledged = await pledged_seats(self._db, [p.slug for p, _ in overdue]) if overdue else {}
+            for pool, funding_deadline in overdue:
+                if pledged.get(pool.slug, 0) < pool.funding_goal:
                     due.append((pool.slug, PoolStatus.FUNDING, FUNDING_DEADLINE_ACTOR, "funding",
-                                f"funding deadline {pool.funding_deadline.isoformat()} passed before the goal "
+                                f"funding deadline {funding_deadline.isoformat()} passed before the goal "
                                 f"({pool.funding_goal} seats)"))
             for slug, deadline in (await self.activation_deadlines()).items():
                 if deadline <= now:

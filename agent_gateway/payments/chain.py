@@ -304,10 +304,11 @@ class ChainAdapter:
     async def block_timestamp(self, number: int) -> int:
         return int((await self._rpc("a block", self._w3.eth.get_block(number)))["timestamp"])
 
-    async def sender_nonce(self, address: str) -> int:
-        """How many transactions `address` has in mined blocks (its next nonce at the latest block)."""
-        return int(await self._rpc("an account nonce",
-                                   self._w3.eth.get_transaction_count(to_checksum_address(address), "latest")))
+    async def sender_nonce(self, address: str, block: int | None = None) -> int:
+        """How many transactions `address` has in mined blocks up to `block` (None: the latest): its
+        next nonce there."""
+        return int(await self._rpc("an account nonce", self._w3.eth.get_transaction_count(
+            to_checksum_address(address), "latest" if block is None else block)))
 
     async def authorization_event(self, authorizer: str, nonce_hex: str, from_block: int) -> AuthorizationEvent | None:
         """Which mined transaction, in blocks from `from_block` on, used or canceled the authorization

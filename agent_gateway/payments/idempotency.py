@@ -68,7 +68,7 @@ async def purchase_shown_again(db: Database, payment: ExactPayment, fingerprint:
     log.info("payment %s: retried with its payment identifier; shown as %s", held.id, held.state)
     if held.state == PaymentState.DELIVERED:
         return held, await delivered_purchase(db, held)
-    if held.state in (PaymentState.CREDITED, PaymentState.REVOKED):
+    if held.state in (PaymentState.CREDITED, PaymentState.REVOKED, PaymentState.REFUNDED):
         raise ended(held)
     return held, None
 
@@ -95,6 +95,10 @@ def ended(held: Payment) -> Conflict:
         return Conflict(f"This purchase (payment {held.id}) could not be delivered ({held.failure_reason}); the "
                         f"amount was credited to account {held.account_id}'s prepaid balance. Sign in with the "
                         "paying wallet (POST /api/agent/auth/challenge) to use it.", code="payment_credited")
+    if held.state == PaymentState.REFUNDED:
+        return Conflict(f"This purchase (payment {held.id}) was refunded ({held.failure_reason}): "
+                        "its subscriptions were canceled, and the amount given back to the account's prepaid "
+                        "balance or to the paying wallet.", code="payment_refunded")
     return Conflict(f"This purchase (payment {held.id}) was revoked ({held.failure_reason}): its transfer did not "
                     "stay on-chain, so its subscriptions were canceled.", code="payment_revoked")
 

@@ -21,9 +21,12 @@ refund wallet lacks USDC or gas; the background pass carries it out once it can.
   stored with `planned → broadcast` (and the payment's `→ refunded`) in one transaction *before*
   anything is sent, so a restart resends the same bytes and never a second transaction. The
   refund wallet's nonces are held under a unique index, so two processes never sign one nonce for
-  two refunds. The refund is `refunded` once its receipt has the confirmations; a transfer that
-  reverted, or whose nonce another transaction of the refund wallet took (these bytes can then
-  never be mined), goes back to `planned` and is signed again.
+  two refunds. The refund is `refunded` once its transfer is past the reorg horizon (until then a
+  reorg that drops it is followed by the same bytes sent again). A transfer that reverted, or whose
+  nonce another transaction of the refund wallet took, goes back to `planned` and is signed again,
+  but only once that is past the reorg horizon: before, a reorg can free the nonce (or re-run the
+  reverted transfer) and the first bytes, public since they were sent, could be mined beside the
+  second transfer: paid twice.
 
 Only payments past the reorg horizon are refunded, so a refunded payment is never revoked later:
 a payment revoked while its refund waits has nothing to give back (`canceled`)."""
@@ -131,13 +134,17 @@ class Refunds:
     ChainAdapter holding AGW_REFUND_PRIVATE_KEY; None: on-chain refunds are off)."""
 
     def __init__(self, db: Database, clock: Clock, keys: KeyLifecycle, wallet: ChainAdapter | None, *,
-                 default_destination: RefundDestination, confirmations: int, batch_size: int = 100) -> None:
+                 default_destination: RefundDestination, confirmations: int, horizon_blocks: int | None = None,
+                 batch_size: int = 100) -> None:
         self.db = db
         self.clock = clock
         self.keys = keys
         self.wallet = wallet
         self.default_destination = default_destination
         self.confirmations = confirmations
+        # The depth past which a block is not reorganised (the payments' reorg horizon): a refund's
+        # transfer is given up (signed again) only for what that deep a block says.
+        self.horizon_blocks = max(confirmations, horizon_blocks or confirmations)
         self.batch_size = batch_size
         # Keys revoked by a pool transition's hook, ended everywhere once it committed (by slug).
         self._unannounced: dict[str, list[str]] = {}
@@ -437,6 +444,7 @@ class Refunds:
         receipt = await wallet.receipt(tx_hash)
         now = self.clock.now()
         if receipt is None:
+            await self._unmined(refund, now)
             try:
                 await wallet.broadcast(raw_tx)  # the same stored bytes: the node has them, or has them again
                 log.debug("refund %s: transfer %s (nonce %s) sent again, not mined yet", refund.id, tx_hash,
@@ -444,19 +452,34 @@ class Refunds:
             except GatewayError as exc:
                 if exc.code != "relayer_nonce_conflict":
                     raise
-                # Another transaction of the refund wallet took the nonce: these bytes can never
-                # be mined, so the refund is signed again (the payment stays refunded).
+                # Another transaction of the refund wallet took the nonce. Only once that is past
+                # the reorg horizon can these bytes never be mined: before, a reorg may free the
+                # nonce again, and anyone may resend them (they are public), so a second transfer
+                # signed now could be paid as well.
+                if not await self._nonce_taken_for_good(wallet, refund):
+                    log.warning("refund %s: nonce %s of its transfer %s is taken by another transaction not yet "
+                                "past the reorg horizon; waiting", refund.id, refund.nonce, tx_hash)
+                    return Outcome(await self.get(refund.id))
+                # The payment stays refunded; the refund is signed again.
                 await self._back_to_planned(refund, NONCE_TAKEN, now)
                 log.error("refund %s: its transfer %s lost nonce %s to another transaction of the refund "
                           "wallet; signed again", refund.id, tx_hash, refund.nonce)
             return Outcome(await self.get(refund.id))
-        if not receipt.ok:
+        final = receipt.confirmations >= self.horizon_blocks
+        if not receipt.ok and final:
             await self._back_to_planned(refund, TRANSFER_REVERTED, now)
             REFUNDS.labels(destination=D.CHAIN, outcome="reverted").inc()
             log.error("refund %s: transfer %s reverted in block %d; planned again", refund.id, tx_hash,
                       receipt.block_number)
             return Outcome(await self.get(refund.id))
-        done = receipt.confirmations >= self.confirmations
+        if not receipt.ok:
+            # A reverted transfer in a block a reorg may drop can be mined again, and succeed then:
+            # it is given up (signed again) only once its block is past the horizon.
+            log.warning("refund %s: transfer %s reverted in block %d; planned again once that block is past the "
+                        "reorg horizon", refund.id, tx_hash, receipt.block_number)
+        # Refunded once past the reorg horizon, as a payment is final then: until that depth a reorg
+        # may drop the transfer, and these bytes are followed (sent again) until then.
+        done = receipt.ok and final
         async with self.db.transaction() as session:
             values: dict[str, object] = {"block_number": receipt.block_number, "updated_at": now}
             if done:
@@ -469,6 +492,29 @@ class Refunds:
             log.warning("refund %s broadcast -> refunded: %s USDC to %s in tx %s (block %d)", refund.id,
                         format_usdc(refund.amount_atomic), refund.to_address, tx_hash, receipt.block_number)
         return Outcome(await self.get(refund.id))
+
+    async def _nonce_taken_for_good(self, wallet: ChainAdapter, refund: Refund) -> bool:
+        """The refund's nonce is used, in a block past the reorg horizon, by a transaction that is
+        not its stored transfer: those bytes can never be mined."""
+        if refund.nonce is None or refund.tx_hash is None:
+            return False
+        final_block = await wallet.block_number() - self.horizon_blocks + 1
+        sender = refund.from_address or wallet.relayer_address  # the key that signed it (it may have changed)
+        if final_block < 0 or await wallet.sender_nonce(sender, final_block) <= refund.nonce:
+            return False
+        return await wallet.receipt(refund.tx_hash) is None  # asked last: not ours after all
+
+    async def _unmined(self, refund: Refund, now: datetime) -> None:
+        """A transfer with no receipt: not mined, or mined and dropped by a reorg (it counts as still
+        to leave the wallet again). Touched, so the pass, longest untouched first, reaches every one."""
+        async with self.db.transaction() as session:
+            await session.execute(
+                update(Refund).where(col(Refund.id) == refund.id, col(Refund.state) == R.BROADCAST,
+                                     col(Refund.tx_hash) == refund.tx_hash)
+                .values(block_number=None, updated_at=now))
+        if refund.block_number is not None:
+            log.error("refund %s: its transfer %s, mined in block %s, is gone (a reorg); sent again", refund.id,
+                      refund.tx_hash, refund.block_number)
 
     async def _back_to_planned(self, refund: Refund, why: str, now: datetime) -> None:
         async with self.db.transaction() as session:

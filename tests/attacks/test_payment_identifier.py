@@ -313,3 +313,24 @@ async def test_renewals_and_account_purchases_are_shown_again_too(paid_gateway, 
         assert shown["subscriptions"][0]["id"] == first.json()["data"]["subscriptions"][0]["id"]
         assert "with its management key" in shown["message"] and "sk_" not in again.text
     assert chain_view.usdc(wallet.address) == 100 * 10**6 - 3 * PRICE
+
+
+async def test_a_retry_of_a_refunded_purchase_is_told_it_was_refunded(tmp_path, database_url, upstream, devchain,
+                                                                       chain_view: ChainView):
+    """A purchase the operator refunded has ended: its retry is a 409 saying so, never a 202 "still
+    confirming" that an agent would poll for ever."""
+    with live_gateway(tmp_path, database_url, upstream, pools=X402_POOLS,
+                      **chain_settings(devchain, reorg_horizon_blocks=1)) as live:
+        buyer = Buyer(live, devchain, chain_view.new_wallet())
+        payment = buyer.payment(generate_payment_id())
+        async with httpx.AsyncClient(timeout=60) as http:
+            r = await buyer.post(http, payment)
+            assert r.status_code == 201, r.text
+            payment_id = r.json()["data"]["subscriptions"][0]["paymentId"]
+            await live.on_server(live.services.jobs.run_once())  # past the reorg horizon
+            refunded = await live.on_server(live.services.admin.refunds.refund_payment(
+                payment_id, "balance", actor="ops", reason="goodwill"))
+            assert refunded.refund.state == "refunded"
+            r = await buyer.post(http, payment)
+            assert r.status_code == 409 and code(r) == "payment_refunded", r.text
+            assert "refunded" in r.json()["error"]["message"]

@@ -380,3 +380,158 @@ async def test_a_refund_whose_nonce_another_transaction_took_is_signed_again_and
         assert chain_view.usdc(payer.address) == payer_before + PRICE  # once
         assert nonce(devchain, refund_wallet.address) == nonce_before + 2  # the intruder and the refund
         assert payment_state(live, payment_id) == "refunded"
+
+
+async def test_a_nonce_taken_in_a_block_not_yet_final_is_not_signed_again(
+        tmp_path, sqlite_url, upstream, devchain, chain_view, refund_wallet, clock):
+    """The transaction that took the refund's nonce sits in a block a reorg can still drop. Signing the
+    refund again then would pay twice: after the reorg the first transfer's bytes (public since they
+    were sent; anyone may resend them) are mined at the freed nonce, and the second transfer at the
+    next. The refund waits until the nonce is taken past the reorg horizon, or its own bytes mine."""
+    from eth_account import Account
+
+    horizon = 3
+    with gateway(tmp_path, sqlite_url, upstream, devchain, clock, refund_private_key=refund_wallet.key,
+                 reorg_horizon_blocks=horizon) as live:
+        payer = chain_view.new_wallet()
+        payment_id = (await x402_buy(live, devchain, payer, SHOP))["subscriptions"][0]["paymentId"]
+        w3 = devchain.web3()
+        w3.provider.make_request("anvil_mine", [hex(horizon)])
+        await run_jobs(live)  # the payment past the horizon
+        payer_before, nonce_before = chain_view.usdc(payer.address), nonce(devchain, refund_wallet.address)
+        w3.provider.make_request("evm_setAutomine", [False])
+        try:
+            r = httpx.post(f"{live.url}/api/admin/payments/{payment_id}/refund", json={"to": "chain"}, headers=ADMIN)
+            assert r.status_code == 200 and r.json()["data"]["state"] == "broadcast", r.text
+            first = r.json()["data"]
+            first_raw = bytes(w3.eth.get_raw_transaction(first["txHash"]))  # public: in the node's pool
+            w3.provider.make_request("anvil_dropAllTransactions", [])
+            snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
+            block = w3.eth.get_block("latest")
+            other = Account.from_key(refund_wallet.key).sign_transaction({
+                "type": 2, "chainId": devchain.chain_id, "nonce": first["nonce"], "to": refund_wallet.address,
+                "value": 0, "gas": 21_000, "maxPriorityFeePerGas": 1, "maxFeePerGas": 2 * block["baseFeePerGas"] + 1})
+            w3.eth.send_raw_transaction(other.raw_transaction)
+            w3.provider.make_request("evm_mine", [])
+        finally:
+            w3.provider.make_request("evm_setAutomine", [True])
+        await run_jobs(live, times=2)  # the intruder's block is one deep: the refund is not signed again
+        [refund] = refunds(live)
+        assert refund["state"] == "broadcast" and refund["txHash"] == first["txHash"], refund
+        assert chain_view.usdc(payer.address) == payer_before
+        signed = [first_raw] + ([bytes(w3.eth.get_raw_transaction(refund["txHash"]))]
+                                if refund["txHash"] != first["txHash"] else [])
+        # The reorg drops the intruder; a real node puts the dropped block's transactions back in its
+        # pool, and anyone resends the refund's first bytes: they take the freed nonce.
+        assert w3.provider.make_request("evm_revert", [snapshot])["result"] is True
+        for raw in signed:
+            w3.eth.send_raw_transaction(raw)
+        w3.provider.make_request("anvil_mine", [hex(horizon)])
+        await run_jobs(live, times=2)
+        [refund] = refunds(live)
+        assert refund["state"] == "refunded" and refund["txHash"] == first["txHash"], refund
+        assert chain_view.usdc(payer.address) == payer_before + PRICE  # once
+        assert nonce(devchain, refund_wallet.address) == nonce_before + 1
+
+
+async def test_a_refund_transfer_a_reorg_drops_is_sent_again_until_past_the_horizon(
+        tmp_path, sqlite_url, upstream, devchain, chain_view, refund_wallet, clock):
+    """A refund is `refunded` once its transfer is past the reorg horizon, like a payment is final: a
+    reorg that drops the mined transfer before then (and the node that forgets it) is followed by the
+    same bytes sent again, never by a refund that says refunded while the payer got nothing."""
+    horizon = 3
+    with gateway(tmp_path, sqlite_url, upstream, devchain, clock, refund_private_key=refund_wallet.key,
+                 reorg_horizon_blocks=horizon) as live:
+        payer = chain_view.new_wallet()
+        payment_id = (await x402_buy(live, devchain, payer, SHOP))["subscriptions"][0]["paymentId"]
+        w3 = devchain.web3()
+        w3.provider.make_request("anvil_mine", [hex(horizon)])
+        await run_jobs(live)  # the payment past the horizon
+        payer_before, nonce_before = chain_view.usdc(payer.address), nonce(devchain, refund_wallet.address)
+        w3.provider.make_request("evm_setAutomine", [False])
+        try:
+            r = httpx.post(f"{live.url}/api/admin/payments/{payment_id}/refund", json={"to": "chain"}, headers=ADMIN)
+            assert r.status_code == 200 and r.json()["data"]["state"] == "broadcast", r.text
+            first = r.json()["data"]
+            snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
+            w3.provider.make_request("evm_mine", [])  # mined, one confirmation
+            await run_jobs(live)
+            [refund] = refunds(live)
+            assert refund["state"] == "broadcast" and refund["blockNumber"] is not None, refund
+            # The reorg drops the block, and the node forgets the transfer.
+            assert w3.provider.make_request("evm_revert", [snapshot])["result"] is True
+            w3.provider.make_request("anvil_dropAllTransactions", [])
+            assert chain_view.usdc(payer.address) == payer_before
+        finally:
+            w3.provider.make_request("evm_setAutomine", [True])
+        await run_jobs(live)  # no receipt: the same bytes sent again (mined at once)
+        w3.provider.make_request("anvil_mine", [hex(horizon)])
+        await run_jobs(live)
+        [refund] = refunds(live)
+        assert refund["state"] == "refunded" and refund["txHash"] == first["txHash"], refund
+        assert chain_view.usdc(payer.address) == payer_before + PRICE
+        assert nonce(devchain, refund_wallet.address) == nonce_before + 1
+
+
+async def test_a_reverted_refund_in_a_block_not_yet_final_is_not_signed_again(
+        tmp_path, sqlite_url, upstream, devchain, chain_view, refund_wallet, clock):
+    """The refund's transfer reverted (the wallet was emptied just before it in the same block). A
+    reorg can drop that block and re-run the transfer where it succeeds: a second transfer signed
+    meanwhile would be paid too. It is signed again only once the revert is past the horizon."""
+    from eth_account import Account
+
+    from agent_gateway.testing.devchain import token_contract
+    from tests.fixtures.x402 import sign_authorization
+
+    horizon = 3
+    with gateway(tmp_path, sqlite_url, upstream, devchain, clock, refund_private_key=refund_wallet.key,
+                 reorg_horizon_blocks=horizon) as live:
+        payer = chain_view.new_wallet()
+        payment_id = (await x402_buy(live, devchain, payer, SHOP))["subscriptions"][0]["paymentId"]
+        w3 = devchain.web3()
+        w3.provider.make_request("anvil_mine", [hex(horizon)])
+        await run_jobs(live)  # the payment past the horizon
+        payer_before = chain_view.usdc(payer.address)
+        signed: dict[str, bytes] = {}  # every transfer the gateway signed (public once sent)
+        drainer = chain_view.new_wallet(usdc_atomic=0)
+        w3.provider.make_request("evm_setAutomine", [False])
+        try:
+            r = httpx.post(f"{live.url}/api/admin/payments/{payment_id}/refund", json={"to": "chain"}, headers=ADMIN)
+            assert r.status_code == 200 and r.json()["data"]["state"] == "broadcast", r.text
+            first = r.json()["data"]
+            signed[first["txHash"]] = bytes(w3.eth.get_raw_transaction(first["txHash"]))
+            snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
+            # The refund wallet's USDC leaves by an authorization (no account nonce), ahead of the refund.
+            held = chain_view.usdc(refund_wallet.address)
+            authorization, signature = sign_authorization(devchain, refund_wallet.key, payer=refund_wallet.address,
+                                                          to=drainer.address, value=held)
+            call = token_contract(w3, devchain.token).get_function_by_signature(
+                "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,bytes)")(
+                refund_wallet.address, drainer.address, held, int(authorization["validAfter"]),
+                int(authorization["validBefore"]), bytes.fromhex(authorization["nonce"][2:]),
+                bytes.fromhex(signature.removeprefix("0x")))
+            base = w3.eth.get_block("latest")["baseFeePerGas"]
+            tx = call.build_transaction({"from": drainer.address, "nonce": w3.eth.get_transaction_count(drainer.address),
+                                         "gas": 200_000, "maxPriorityFeePerGas": 10**10,
+                                         "maxFeePerGas": 2 * base + 10**10, "chainId": devchain.chain_id})
+            w3.eth.send_raw_transaction(Account.from_key(drainer.key).sign_transaction(tx).raw_transaction)
+            w3.provider.make_request("evm_mine", [])
+        finally:
+            w3.provider.make_request("evm_setAutomine", [True])
+        assert w3.eth.get_transaction_receipt(first["txHash"])["status"] == 0  # reverted
+        await run_jobs(live)
+        devchain.fund(refund_wallet.address, 100 * 10**6)  # the operator tops the wallet up
+        await run_jobs(live, times=2)
+        [refund] = refunds(live)
+        assert refund["state"] == "broadcast" and refund["txHash"] == first["txHash"], refund
+        if refund["txHash"] not in signed:
+            signed[refund["txHash"]] = bytes(w3.eth.get_raw_transaction(refund["txHash"]))
+        # The reorg drops the drain (and all after it); the dropped transactions come back to the pool.
+        assert w3.provider.make_request("evm_revert", [snapshot])["result"] is True
+        for raw in signed.values():
+            w3.eth.send_raw_transaction(raw)
+        w3.provider.make_request("anvil_mine", [hex(horizon)])
+        await run_jobs(live, times=2)
+        [refund] = refunds(live)
+        assert refund["state"] == "refunded" and refund["txHash"] == first["txHash"], refund
+        assert chain_view.usdc(payer.address) == payer_before + PRICE  # once

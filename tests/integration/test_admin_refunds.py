@@ -166,3 +166,20 @@ async def test_a_pledge_delivered_after_its_round_closed_is_refunded_by_the_next
     assert [p["state"] for p in view["payments"]] == ["refunded"]
     await services.admin.refunds.refunds.run()  # once
     assert (await account(console, account_id))["balance"] == "20.00"
+
+
+@pytest.mark.parametrize("goal", [1])
+async def test_the_funding_deadline_never_closes_a_round_that_reached_its_goal(console, clock: FixedClock):
+    """The operator called the activation off (`activating → funding`): the gateway leaves that pool
+    to them (phase 1), so the funding deadline, long past by then, must not close it and refund every
+    pledge of a funded round. Likewise a round whose goal a pledge reached just before the deadline
+    while the goal check has not run yet."""
+    account_id, mk = await console.new_account(credit="100")
+    await pledge(console, mk)
+    assert await status(console) == "activating"
+    r = await console.client.post("/api/admin/pools/round/state", json={"status": "funding", "reason": "wait"},
+                                  headers=ADMIN)
+    assert r.status_code == 200, r.text
+    clock.set(clock.now().replace(day=30))  # past the funding deadline
+    assert await console.services.admin.funding.close_overdue() == []
+    assert await status(console) == "funding" and (await account(console, account_id))["balance"] == "80.00"
