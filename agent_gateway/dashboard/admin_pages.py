@@ -116,6 +116,13 @@ async def money(visit: Visit) -> Response:
 
 
 @page(admin=True)
+async def payment(visit: Visit) -> Response:
+    detail = await visit.services.admin.money.payment(visit.request.path_params["payment_id"])
+    return visit.render("admin_payment.html", title=f"Operator · payment {detail.payment.id}", nav="admin-money",
+                        detail=detail)
+
+
+@page(admin=True)
 async def audit(visit: Visit) -> Response:
     rows = await list_records(visit.services.db, limit=200)
     return visit.render("admin_audit.html", title="Operator · audit log", nav="admin-audit", rows=rows)

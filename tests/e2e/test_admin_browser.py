@@ -1,0 +1,356 @@
+"""The operator's pages in a real headless Chromium against one real gateway on the anvil chain:
+pools (state, seats, in flight, funding; a state change and a reload, good and bad), payments
+needing attention (made through the real payment paths and the ledger), and an account (search,
+view, credit and debit, disable). One gateway and one signed-in browser serve the whole module:
+each test uses pools and accounts of its own, so they do not disturb each other."""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from x402.http.clients import x402HttpxClient
+
+from agent_gateway.catalog.pricing import make_order
+from agent_gateway.payments import ledger
+from agent_gateway.payments.ledger import Claim
+from agent_gateway.testing.devchain import DevChain
+from tests.e2e.test_x402 import claim_signature, official_client, transfer
+from tests.fixtures.browser import Browser, start_chromium
+from tests.fixtures.live import LiveGateway, live_gateway, provision_account
+from tests.fixtures.x402 import ChainView, Wallet, chain_settings
+
+pytestmark = pytest.mark.anyio
+ADMIN_TOKEN = "adm-" + "b7" * 20
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}", "X-Admin-Actor": "ops"}
+OPERATOR = "olga"
+POOLS = """
+[blocks]
+day = "00:00-24:00"
+night = "00:00-08:00"
+
+[pools.alpha]
+name = "Alpha"
+models = ["test-model"]
+upstreams = ["{upstream}"]
+seats = 50
+prices = {{ day = "10.00" }}
+
+[pools.beta]
+name = "Beta"
+models = ["beta-model"]
+upstreams = ["{upstream}"]
+seats = 7
+prices = {{ day = "4.00", night = "2.00" }}
+
+[pools.one]
+name = "One seat"
+models = ["one-model"]
+upstreams = ["{upstream}"]
+seats = 1
+prices = {{ day = "3.00" }}
+
+[pools.round]
+name = "Seed round"
+models = ["round-model"]
+upstreams = ["{upstream}"]
+seats = 10
+status = "funding"
+funding_goal = 5
+funding_deadline = 2031-01-31T00:00:00Z
+prices = {{ day = "6.00" }}
+"""
+
+
+@pytest.fixture(scope="module")
+def console(tmp_path_factory: pytest.TempPathFactory, sqlite_template: Path, upstream_session,
+            devchain: DevChain) -> Iterator[LiveGateway]:
+    directory = tmp_path_factory.mktemp("admin-browser")
+    shutil.copyfile(sqlite_template, directory / "live.db")
+    with live_gateway(directory, f"sqlite:///{directory / 'live.db'}", upstream_session, pools=POOLS,
+                      admin_token=ADMIN_TOKEN, session_secret="s" * 40, **chain_settings(devchain)) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def operator(tmp_path_factory: pytest.TempPathFactory, console: LiveGateway) -> Iterator[Browser]:
+    """One Chromium signed in to the operator's pages for the whole module."""
+    driver = start_chromium(tmp_path_factory.mktemp("chromium") / "profile")
+    try:
+        browser = Browser(driver, console.url)
+        browser.open("/dashboard/admin")
+        browser.wait_for_path("/dashboard/admin/signin")
+        browser.type("#admin_token", ADMIN_TOKEN)
+        browser.type("#actor", OPERATOR)
+        browser.submit_and_wait("#admin-signin-submit", "#admin-actor")
+        browser.wait_for_path("/dashboard/admin")
+        yield browser
+    finally:
+        driver.quit()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def subscribe(live: LiveGateway, mk: str, pool: str, blocks: list[str], quantity: int = 1) -> list[dict]:
+    with live.admin() as http:
+        r = http.post(f"/api/pools/{pool}/subscribe", json={"blocks": blocks, "quantity": quantity}, headers=bearer(mk))
+    assert r.status_code == 201, r.text
+    return r.json()["data"]["subscriptions"]
+
+
+def mint(live: LiveGateway, mk: str, subscription_id: str) -> dict:
+    with live.admin() as http:
+        r = http.post("/api/keys/subscription", json={"name": "browser", "subscriptionId": subscription_id},
+                      headers=bearer(mk))
+    assert r.status_code == 201, r.text
+    return r.json()["data"]
+
+
+def v1_call(live: LiveGateway, sk: str, model: str) -> tuple[int, str | None]:
+    """One chat completion on the key: (status, error code or None)."""
+    with live.admin() as http:
+        r = http.post("/v1/chat/completions", headers=bearer(sk),
+                      json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+    return r.status_code, None if r.status_code == 200 else r.json()["error"]["code"]
+
+
+def block_row(browser: Browser, pool: str, block: str) -> tuple[str, str]:
+    row = f'#admin-pool-{pool} tr[data-block="{block}"]'
+    return browser.text(f"{row} .sold"), browser.text(f"{row} .left")
+
+
+def submit_form(browser: Browser, button_css: str, **fields: str) -> str:
+    """Fill the fields of the form holding `button_css`, submit it, and return the flash shown."""
+    form = browser.find(button_css).find_element("xpath", "./ancestor::form")
+    for name, value in fields.items():
+        field = form.find_element("css selector", f'[name="{name}"]')
+        if field.tag_name == "select":
+            from selenium.webdriver.support.ui import Select
+            Select(field).select_by_value(value)
+        else:
+            field.clear()
+            field.send_keys(value)
+    return browser.submit_and_wait(button_css, ".flash").text
+
+
+def audit_rows(browser: Browser) -> list[str]:
+    browser.open("/dashboard/admin/audit")
+    browser.wait_for("#audit")
+    return [row.text for row in browser.find_all("#audit tbody tr")]
+
+
+# --- pools -----------------------------------------------------------------------------------
+
+async def test_the_pools_page_shows_seats_in_flight_and_funding_and_changes_a_state(console, operator):
+    mk = console.new_account()
+    bought = subscribe(console, mk, "beta", ["day", "night"], quantity=2)
+    key = mint(console, mk, bought[0]["id"])
+    subscribe(console, mk, "round", ["day"], quantity=2)  # two pledges towards a goal of five
+    result, lease = await console.on_server(console.services.leases.acquire(key["id"]))
+    assert lease is not None, result
+    try:
+        operator.open("/dashboard/admin")
+        operator.wait_for("#admin-pool-beta")
+        assert block_row(operator, "beta", "day") == ("2", "5")
+        assert block_row(operator, "beta", "night") == ("2", "5")
+        assert operator.text("#admin-pool-beta .in-flight") == "1"
+        assert operator.text("#admin-pool-alpha .in-flight") == "0"
+        assert "Funding: 2/5 seats pledged" in operator.text("#admin-pool-round .funding")
+        assert "funding" in operator.text("#admin-pool-round .pool-actions").lower()
+        operator.screenshot("admin-01-pools")
+    finally:
+        await console.on_server(console.services.leases.release(lease))
+    operator.driver.refresh()
+    operator.wait_for_text("#admin-pool-beta .in-flight", "0")
+
+    assert v1_call(console, key["apiKey"], "beta-model") == (200, None)
+    flash = submit_form(operator, '#admin-pool-beta [data-action="set-state"]', status="paused",
+                        reason="upstream maintenance")
+    assert "Pool beta is now paused" in flash
+    assert "paused" in operator.text("#admin-pool-beta .pool-actions").lower()
+    # Neither served nor sold, at once, and the public catalog says so.
+    assert v1_call(console, key["apiKey"], "beta-model") == (503, "pool_not_active")
+    with console.admin() as http:
+        assert http.get("/api/pools/beta").json()["data"]["status"] == "paused"
+    # A move the table does not allow is not offered: a paused pool goes back to active only.
+    options = [o.get_attribute("value") for o in operator.find_all('#admin-pool-beta select[name="status"] option')]
+    assert options == ["active"]
+    flash = submit_form(operator, '#admin-pool-beta [data-action="set-state"]', status="active", reason="done")
+    assert "Pool beta is now active" in flash
+    assert v1_call(console, key["apiKey"], "beta-model") == (200, None)
+    rows = audit_rows(operator)
+    assert any(OPERATOR in r and "pool.state" in r and "upstream maintenance" in r and "paused" in r for r in rows)
+
+
+async def test_reloading_the_pools_file_from_the_page_applies_a_good_file_and_a_bad_one_changes_nothing(
+        console, operator):
+    mk = console.new_account()
+    subscribe(console, mk, "beta", ["night"], quantity=1)
+    pools_file = console.settings.pools_file
+    original = pools_file.read_text()
+    operator.open("/dashboard/admin")
+    sold, left = block_row(operator, "beta", "night")
+    try:
+        # Seats below those sold: refused, saying why; nothing changes.
+        pools_file.write_text(original.replace("seats = 7", "seats = 0"))
+        flash = submit_form(operator, "#reload-pools", reason="shrink beta")
+        assert "flash-error" in operator.find(".flash").get_attribute("class")
+        assert "beta" in flash and "seats" in flash, flash
+        assert block_row(operator, "beta", "night") == (sold, left)
+        operator.screenshot("admin-02-reload-refused")
+        # Not TOML at all: refused too.
+        pools_file.write_text("[pools.beta\nseats = ")
+        flash = submit_form(operator, "#reload-pools")
+        assert "flash-error" in operator.find(".flash").get_attribute("class") and "TOML" in flash, flash
+        assert block_row(operator, "beta", "night") == (sold, left)
+        with console.admin() as http:
+            assert http.get("/api/pools/beta").json()["data"]["seatsPerBlock"] == 7
+
+        # Two more seats: applied without a restart.
+        pools_file.write_text(original.replace("seats = 7", "seats = 9"))
+        flash = submit_form(operator, "#reload-pools", reason="grow beta")
+        assert "Pools file applied" in flash
+        assert block_row(operator, "beta", "night") == (sold, str(int(left) + 2))
+        with console.admin() as http:
+            assert http.get("/api/pools/beta").json()["data"]["seatsPerBlock"] == 9
+    finally:
+        pools_file.write_text(original)
+        with console.admin() as http:
+            assert http.post("/api/admin/pools/reload", json={"reason": "test cleanup"}, headers=ADMIN).status_code == 200
+    rows = audit_rows(operator)
+    assert any("pools.reload" in r and "grow beta" in r and OPERATOR in r for r in rows)
+    assert not any("shrink beta" in r for r in rows)  # a refused reload changed nothing, so nothing is recorded
+
+
+# --- payments needing attention --------------------------------------------------------------
+
+async def ledger_payment(live: LiveGateway, payer: str, *, fail_reason: str | None) -> str:
+    """An x402 payment taken through the ledger to `broadcast` (its settlement sent), whose
+    authorization's window has passed: it is left pending, or failed with `fail_reason`."""
+    services = live.services
+    db, clock = services.db, services.clock
+    order = make_order(services.catalog, "alpha", ["day"], 1, "month")
+    claim = Claim(method="x402-exact", network=f"eip155:{live.settings.chain_id}",
+                  payer=payer, amount_atomic=order.total_atomic, auth_nonce="0x" + secrets.token_hex(32),
+                  valid_before=int(time.time()) - 60)
+    payment = await ledger.record_received(db, clock, claim, order, account_id=None, key_name="agent")
+    assert await ledger.advance(db, clock, payment.id, "received", "verified")
+    payment.state = "verified"
+    await ledger.reserve(db, clock, services.catalog, payment)
+    assert await ledger.advance(db, clock, payment.id, "reserved", "broadcast", tx_hash="0x" + secrets.token_hex(32))
+    if fail_reason is not None:
+        assert await ledger.fail(db, clock, payment.id, fail_reason, only_from=("broadcast",))
+    return payment.id
+
+
+async def credited_payment(live: LiveGateway, devchain: DevChain, view: ChainView) -> str:
+    """A tx-hash payment for the last seat of pool "one", bought by a rival between the transfer and
+    the claim: the money is credited to the payer's balance (the real path, on the chain)."""
+    wallet, rival = view.new_wallet(), view.new_wallet()
+    order = {"pool": "one", "blocks": ["day"], "quantity": 1}
+    paid = transfer(devchain, wallet, devchain.pay_to, 3_000_000)
+    async with x402HttpxClient(official_client(devchain, rival), base_url=live.url, timeout=60) as http:
+        assert (await http.post("/api/agent/subscribe-pool", json=order)).status_code == 201
+    r = httpx.post(live.url + "/api/agent/subscribe-pool", timeout=30,
+                   json={**order, "txHash": paid, "signature": claim_signature(wallet.key, paid, live)})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "sold_out_after_payment", r.text
+    with live.admin() as http:
+        found = http.get("/api/admin/accounts", params={"q": wallet.address}, headers=ADMIN).json()["data"]
+        detail = http.get(f"/api/admin/accounts/{found[0]['id']}", headers=ADMIN).json()["data"]
+    [payment] = [p for p in detail["payments"] if p["txHash"] == paid]
+    assert payment["state"] == "credited"
+    return payment["id"]
+
+
+async def test_the_money_page_lists_the_payments_needing_attention_first(console, operator, devchain):
+    view = ChainView(devchain)
+    buyer = view.new_wallet()
+    async with x402HttpxClient(official_client(devchain, buyer), base_url=console.url, timeout=60) as http:
+        fine = await http.post("/api/agent/subscribe-pool", json={"pool": "alpha", "blocks": ["day"], "quantity": 1})
+    assert fine.status_code == 201, fine.text
+    credited = await credited_payment(console, devchain, view)
+    payer = view.new_wallet().address
+    pending = await console.on_server(ledger_payment(console, payer, fail_reason=None))
+    failed = await console.on_server(ledger_payment(console, payer, fail_reason="settlement_reverted"))
+
+    operator.open("/dashboard/admin/money")
+    operator.wait_for("#attention")
+    rows = operator.find_all("#attention tbody tr")
+    listed = [(row.get_attribute("data-payment-id"), row.find_element("css selector", ".why").text) for row in rows]
+    ours = {pending: "pending past window", failed: "failed after broadcast", credited: "credited"}
+    assert {pid: why for pid, why in listed if pid in ours} == ours
+    # The ones that need a person most come first: the order of the reasons is fixed.
+    order = ["pending past window", "failed after broadcast", "reorganised", "credited"]
+    whys = [why for _, why in listed]
+    assert whys == sorted(whys, key=order.index)
+    # A payment delivered as it should is not there.
+    with console.admin() as http:
+        delivered = http.get("/api/admin/money", headers=ADMIN).json()["data"]
+    assert delivered["paymentsByState"]["delivered"]["count"] >= 1
+    assert not any("delivered" in row.text for row in rows)
+    failed_row = operator.text(f'#attention tr[data-payment-id="{failed}"]')
+    assert "settlement_reverted" in failed_row
+    assert "credited" in operator.text(f'#attention tr[data-payment-id="{credited}"]')
+    operator.screenshot("admin-03-money-attention")
+
+
+# --- an account ------------------------------------------------------------------------------
+
+async def test_an_account_is_found_shown_credited_debited_and_disabled_from_the_pages(console, operator, devchain):
+    wallet = ChainView(devchain).new_wallet()
+    async with x402HttpxClient(official_client(devchain, wallet), base_url=console.url, timeout=60) as http:
+        r = await http.post("/api/agent/subscribe-pool", json={"pool": "alpha", "blocks": ["day"], "quantity": 1})
+    assert r.status_code == 201, r.text
+    bought = r.json()["data"]
+    account_id, sk = bought["accountId"], bought["subscriptions"][0]["apiKey"]
+    subscription_id = bought["subscriptions"][0]["id"]
+    assert v1_call(console, sk, "test-model") == (200, None)
+
+    # Found by id, by wallet (any case) and by the key as it is shown.
+    for query in (account_id, wallet.address.upper().replace("0X", "0x"), sk[:7], f"{sk[:7]}…{sk[-4:]}"):
+        operator.open("/dashboard/admin/accounts")
+        operator.type("#account-search", query)
+        operator.submit_and_wait("#account-search-submit", "#account-results")
+        links = [a.get_attribute("href") for a in operator.find_all("#account-results a")]
+        assert any(link.endswith(f"/admin/accounts/{account_id}") for link in links), (query, links)
+    operator.find(f'#account-results a[href$="/admin/accounts/{account_id}"]').click()
+    operator.wait_for_path(f"/dashboard/admin/accounts/{account_id}")
+    page = operator.wait_for("#account-subscriptions").text
+    assert subscription_id in page and f"{sk[:7]}…{sk[-4:]}" in page and "active" in page.lower()
+    payments = operator.text("#account-payments")
+    assert bought.get("paymentId", "") in payments and "delivered" in payments.lower() and "10.00" in payments
+    assert operator.text("#balance") == "0.00 USDC"
+    operator.screenshot("admin-04-account")
+
+    flash = submit_form(operator, '[data-action="credit"]', amount="5.25", reason="goodwill for the outage")
+    assert "Done: credit" in flash and operator.text("#balance") == "5.25 USDC"
+    flash = submit_form(operator, '[data-action="debit"]', amount="2.00", reason="duplicate goodwill")
+    assert "Done: debit" in flash and operator.text("#balance") == "3.25 USDC"
+    # A debit below zero is refused, saying why, and changes nothing.
+    flash = submit_form(operator, '[data-action="debit"]', amount="100", reason="too much")
+    assert "below zero" in flash and operator.text("#balance") == "3.25 USDC"
+    journal = operator.text("#account-journal")
+    assert "credited by olga: goodwill for the outage" in journal and "debited by olga: duplicate goodwill" in journal
+
+    flash = submit_form(operator, '[data-action="disable"]', reason="chargeback")
+    assert "Done: disable" in flash and operator.has("#account-disabled")
+    # Its key is refused on /v1 at once, and the page shows it.
+    assert v1_call(console, sk, "test-model") == (403, "key_disabled")
+    assert "disabled" in operator.text("#account-subscriptions").lower()
+    operator.screenshot("admin-05-account-disabled")
+
+    rows = audit_rows(operator)
+    target = f"account:{account_id}"
+    mine = [r for r in rows if target in r]
+    assert len(mine) == 3 and all(OPERATOR in r for r in mine)
+    assert "account.disable" in mine[0] and "chargeback" in mine[0]
+    assert "account.balance" in mine[1] and "duplicate goodwill" in mine[1] and '"3.25"' in mine[1]
+    assert "account.balance" in mine[2] and "goodwill for the outage" in mine[2] and '"0.00"' in mine[2]
+    operator.screenshot("admin-06-audit")
