@@ -9,18 +9,21 @@ from __future__ import annotations
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from eth_account import Account as EthAccount
 from x402.http.clients import x402HttpxClient
 
 from agent_gateway.catalog.pricing import make_order
 from agent_gateway.payments import ledger
 from agent_gateway.payments.ledger import Claim
 from agent_gateway.testing.devchain import DevChain
-from tests.e2e.test_x402 import claim_signature, official_client, transfer
+from tests.e2e.test_x402 import PRICE, buy_in_background, claim_signature, official_client, transfer
 from tests.fixtures.browser import Browser, start_chromium
 from tests.fixtures.live import LiveGateway, live_gateway, provision_account
 from tests.fixtures.x402 import ChainView, Wallet, chain_settings
@@ -231,9 +234,11 @@ async def test_reloading_the_pools_file_from_the_page_applies_a_good_file_and_a_
 
 # --- payments needing attention --------------------------------------------------------------
 
-async def ledger_payment(live: LiveGateway, payer: str, *, fail_reason: str | None) -> str:
-    """An x402 payment taken through the ledger to `broadcast` (its settlement sent), whose
-    authorization's window has passed: it is left pending, or failed with `fail_reason`."""
+async def pending_past_window(live: LiveGateway, payer: str) -> str:
+    """An x402 payment taken through the ledger to `broadcast` (its settlement stored as sent) whose
+    authorization's window has passed with no receipt: the reconciler's next pass decides it, and
+    until then it needs a look. (On the chain this takes the authorization's whole window, at
+    least AGW_PAYMENT_TIMEOUT_S; the ledger service makes the same rows at once.)"""
     services = live.services
     db, clock = services.db, services.clock
     order = make_order(services.catalog, "alpha", ["day"], 1, "month")
@@ -245,9 +250,56 @@ async def ledger_payment(live: LiveGateway, payer: str, *, fail_reason: str | No
     payment.state = "verified"
     await ledger.reserve(db, clock, services.catalog, payment)
     assert await ledger.advance(db, clock, payment.id, "reserved", "broadcast", tx_hash="0x" + secrets.token_hex(32))
-    if fail_reason is not None:
-        assert await ledger.fail(db, clock, payment.id, fail_reason, only_from=("broadcast",))
     return payment.id
+
+
+@contextmanager
+def blocks_mined_by_hand(devchain: DevChain) -> Iterator[Any]:
+    """Anvil stops mining each transaction as it arrives, so that several land in one block, in the
+    order of their tips; mining resumes after."""
+    w3 = devchain.web3()
+    w3.provider.make_request("evm_setAutomine", [False])
+    try:
+        yield w3
+    finally:
+        w3.provider.make_request("evm_setAutomine", [True])
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)  # polling the chain for the condition, bounded by the deadline
+
+
+def failed_after_broadcast(live: LiveGateway, devchain: DevChain, view: ChainView) -> str:
+    """A real x402 purchase whose settlement is broadcast and then reverts: the payer moves its
+    USDC away with a higher tip in the same block. The authorization stays unused, so the payment
+    fails (`settlement_reverted`) with its transaction on record."""
+    wallet, elsewhere = view.new_wallet(usdc_atomic=PRICE), view.new_wallet(usdc_atomic=0, eth_wei=0)
+    with blocks_mined_by_hand(devchain) as w3:
+        relayer_nonce = w3.eth.get_transaction_count(devchain.relayer_address)
+        buyer, outcome = buy_in_background(devchain, wallet, live.url)
+        wait_until(lambda: w3.eth.get_transaction_count(devchain.relayer_address, "pending") > relayer_nonce,
+                   "the gateway to broadcast its settlement")
+        abi = [{"name": "transfer", "type": "function", "stateMutability": "nonpayable",
+                "inputs": [{"name": "to", "type": "address"}, {"name": "value", "type": "uint256"}],
+                "outputs": [{"name": "", "type": "bool"}]}]
+        tx = w3.eth.contract(address=devchain.token, abi=abi).functions.transfer(elsewhere.address, PRICE).build_transaction(
+            {"from": wallet.address, "nonce": w3.eth.get_transaction_count(wallet.address), "chainId": devchain.chain_id,
+             "gas": 100_000, "maxPriorityFeePerGas": 200 * 10**9, "maxFeePerGas": 400 * 10**9})
+        w3.eth.send_raw_transaction(EthAccount.sign_transaction(tx, wallet.key).raw_transaction)
+        w3.provider.make_request("evm_mine", [])
+    buyer.join(60)
+    response = outcome.get("response")
+    assert response is not None and response.status_code == 402, outcome
+    assert response.json()["error"]["code"] == "settlement_reverted", response.text
+    assert view.usdc(elsewhere.address) == PRICE
+    with live.admin() as http:
+        money = http.get("/api/admin/money", headers=ADMIN).json()["data"]
+    [failed] = [a for a in money["needsAttention"] if a["payer"] == wallet.address.lower()]
+    assert failed["state"] == "failed" and failed["txHash"]
+    return failed["id"]
 
 
 async def credited_payment(live: LiveGateway, devchain: DevChain, view: ChainView) -> str:
@@ -276,9 +328,8 @@ async def test_the_money_page_lists_the_payments_needing_attention_first(console
         fine = await http.post("/api/agent/subscribe-pool", json={"pool": "alpha", "blocks": ["day"], "quantity": 1})
     assert fine.status_code == 201, fine.text
     credited = await credited_payment(console, devchain, view)
-    payer = view.new_wallet().address
-    pending = await console.on_server(ledger_payment(console, payer, fail_reason=None))
-    failed = await console.on_server(ledger_payment(console, payer, fail_reason="settlement_reverted"))
+    failed = failed_after_broadcast(console, devchain, view)
+    pending = await console.on_server(pending_past_window(console, view.new_wallet().address))
 
     operator.open("/dashboard/admin/money")
     operator.wait_for("#attention")
@@ -325,9 +376,16 @@ async def test_an_account_is_found_shown_credited_debited_and_disabled_from_the_
     page = operator.wait_for("#account-subscriptions").text
     assert subscription_id in page and f"{sk[:7]}…{sk[-4:]}" in page and "active" in page.lower()
     payments = operator.text("#account-payments")
-    assert bought.get("paymentId", "") in payments and "delivered" in payments.lower() and "10.00" in payments
+    assert bought["paymentId"] in payments and "delivered" in payments.lower() and "10.00" in payments
     assert operator.text("#balance") == "0.00 USDC"
     operator.screenshot("admin-04-account")
+    # The payment's own page: what it bought, and back to the account.
+    operator.find(f'#account-payments tr[data-payment-id="{bought["paymentId"]}"] a').click()
+    operator.wait_for_path(f"/dashboard/admin/payments/{bought['paymentId']}")
+    assert "delivered" in operator.wait_for("#payment-state").text.lower()
+    assert subscription_id in operator.text("#payment-subscriptions")
+    operator.find(f'#payment-facts a[href$="/admin/accounts/{account_id}"]').click()
+    operator.wait_for_path(f"/dashboard/admin/accounts/{account_id}")
 
     flash = submit_form(operator, '[data-action="credit"]', amount="5.25", reason="goodwill for the outage")
     assert "Done: credit" in flash and operator.text("#balance") == "5.25 USDC"
