@@ -1,0 +1,143 @@
+"""Attacks on the operator's dashboard pages: hostile text (account names, reasons, searches, path
+parameters) is shown as text on every page, every admin form refuses a forged post and changes
+nothing, and no redirect leaves the site."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from sqlalchemy import func, select
+
+from agent_gateway.db.models import AuditRecord
+from tests.fixtures.state import snapshot
+from tests.integration.test_admin_dashboard import ORIGIN, console, csrf, post, sign_in  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.anyio
+HOSTILE = "<script>alert(1)</script>\"'><img src=x onerror=alert(2)>"
+ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
+HOSTILE_ID = "\"><img src=x onerror=alert(2)>"  # no slash: it reaches the page as a path parameter
+
+
+def admin_forms(account_id: str) -> list[tuple[str, dict[str, str]]]:
+    """Every form the operator's pages post, with a valid body."""
+    return [
+        ("/dashboard/admin/pools/alpha/state", {"status": "paused", "reason": "r"}),
+        ("/dashboard/admin/pools/reload", {"reason": "r"}),
+        (f"/dashboard/admin/accounts/{account_id}/credit", {"amount": "5", "reason": "r"}),
+        (f"/dashboard/admin/accounts/{account_id}/debit", {"amount": "1", "reason": "r"}),
+        (f"/dashboard/admin/accounts/{account_id}/disable", {"reason": "r"}),
+    ]
+
+
+async def audit_count(console) -> int:  # noqa: F811
+    async with console.services.db.transaction() as session:
+        return int(await session.scalar(select(func.count()).select_from(AuditRecord)) or 0)
+
+
+def assert_inert(html: str, where: str) -> None:
+    """No tag from the hostile text made it into the page as markup."""
+    assert "<script>alert" not in html and "<img src=x" not in html, where
+
+
+async def test_hostile_text_is_shown_as_text_on_every_admin_page(console):  # noqa: F811
+    account_id, mk = await console.new_account(HOSTILE, credit="100")
+    await console.buy(mk)
+    assert (await sign_in(console.client)).status_code == 303
+    r = await post(console.client, f"/dashboard/admin/accounts/{account_id}/credit", amount="5", reason=HOSTILE)
+    assert r.status_code == 303
+    r = await post(console.client, "/dashboard/admin/pools/alpha/state", status="paused", reason=HOSTILE)
+    assert r.status_code == 303
+    pages = {
+        "account": f"/dashboard/admin/accounts/{account_id}",
+        "search": "/dashboard/admin/accounts?q=" + HOSTILE.replace("#", "%23"),
+        "search by name": "/dashboard/admin/accounts?q=script",
+        "audit": "/dashboard/admin/audit",
+        "pools": "/dashboard/admin",
+        "money": "/dashboard/admin/money",
+    }
+    for name, path in pages.items():
+        page = await console.client.get(path)
+        assert page.status_code == 200, (name, page.status_code)
+        assert_inert(page.text, name)
+    # The hostile text is there, shown as text: the name, the reason in the journal and the log.
+    account_page = (await console.client.get(pages["account"])).text
+    assert account_page.count(ESCAPED) >= 2
+    assert ESCAPED in (await console.client.get(pages["search by name"])).text
+    assert (await console.client.get(pages["audit"])).text.count(ESCAPED) >= 2
+    # A hostile id in a path or a form comes back in a message (a flash, an error page): as text.
+    for path, form in ((f"/dashboard/admin/pools/{HOSTILE_ID}/state", {"status": "active"}),
+                       (f"/dashboard/admin/accounts/{HOSTILE_ID}/credit", {"amount": "1", "reason": "x"}),
+                       (f"/dashboard/admin/accounts/{account_id}/{HOSTILE_ID}", {"reason": "x"}),
+                       ("/dashboard/admin/pools/resting/state", {"status": HOSTILE})):
+        r = await post(console.client, path, **form)
+        assert r.status_code == 303, (path, r.status_code)
+        landed = await console.client.get(r.headers["location"])
+        assert "flash-error" in landed.text, path
+        assert_inert(landed.text, path)
+    for path in (f"/dashboard/admin/accounts/{HOSTILE_ID}", f"/dashboard/admin/payments/{HOSTILE_ID}",
+                 f"/dashboard/admin/pools/{HOSTILE}/state"):
+        page = await console.client.get(path)
+        assert page.status_code in (404, 405), (path, page.status_code)
+        assert_inert(page.text, path)
+
+
+async def test_every_admin_form_refuses_a_forged_post_and_changes_nothing(console):  # noqa: F811
+    account_id, mk = await console.new_account("Target", credit="100")
+    await console.buy(mk)
+    assert (await sign_in(console.client)).status_code == 303
+    token = csrf((await console.client.get("/dashboard/admin")).text)
+    before, audited = await snapshot(console.services.db), await audit_count(console)
+    forgeries = {
+        "no token": ({}, ORIGIN),
+        "wrong token": ({"csrf_token": "x" * 43}, ORIGIN),
+        "another origin": ({"csrf_token": token}, {"origin": "http://evil.example"}),
+        "another referer": ({"csrf_token": token}, {"referer": "http://evil.example/admin"}),
+        "no origin": ({"csrf_token": token}, {}),
+        "null origin": ({"csrf_token": token}, {"origin": "null"}),
+    }
+    for path, form in admin_forms(account_id):
+        for name, (extra, headers) in forgeries.items():
+            r = await console.client.post(path, data={**form, **extra}, headers=headers)
+            assert r.status_code == 403, (path, name, r.status_code)
+            assert "Nothing was changed" in r.text
+        # JSON is no form: it carries no token, and is refused the same way.
+        r = await console.client.post(path, json={**form, "csrf_token": token}, headers=ORIGIN)
+        assert r.status_code == 403, path
+    assert await snapshot(console.services.db) == before and await audit_count(console) == audited
+    assert console.services.catalog.pools["alpha"].status == "active"
+
+
+async def test_a_customer_session_or_no_session_cannot_post_admin_forms(console):  # noqa: F811
+    account_id, mk = await console.new_account("Target", credit="100")
+    before, audited = await snapshot(console.services.db), await audit_count(console)
+    # A customer signed in to the dashboard, posting with its own valid token: not an operator.
+    page = await console.client.get("/dashboard/signin")
+    r = await console.client.post("/dashboard/signin", headers=ORIGIN,
+                                  data={"csrf_token": csrf(page.text), "management_key": mk})
+    assert r.status_code == 303
+    token = csrf((await console.client.get("/dashboard/keys")).text)
+    for path, form in admin_forms(account_id):
+        r = await console.client.post(path, data={**form, "csrf_token": token}, headers=ORIGIN)
+        assert r.status_code == 303 and r.headers["location"] == "/dashboard/admin/signin", path
+    # Signed out, with the anonymous session's own token: the same.
+    console.client.cookies.clear()
+    token = csrf((await console.client.get("/dashboard/admin/signin")).text)
+    for path, form in admin_forms(account_id):
+        r = await console.client.post(path, data={**form, "csrf_token": token}, headers=ORIGIN)
+        assert r.status_code == 303 and r.headers["location"] == "/dashboard/admin/signin", path
+    assert await snapshot(console.services.db) == before and await audit_count(console) == audited
+
+
+@pytest.mark.parametrize("account_id", ["%5C%5Cevil.example", "%5Cevil.example", "@evil.example",
+                                        "..%5C..%5Cevil.example", "%09%2F%2Fevil.example", "javascript:alert(1)"])
+async def test_no_admin_redirect_leaves_the_site(console, account_id):  # noqa: F811
+    assert (await sign_in(console.client)).status_code == 303
+    for action in ("credit", "disable"):
+        r = await post(console.client, f"/dashboard/admin/accounts/{account_id}/{action}", amount="1", reason="x")
+        if r.status_code == 303:
+            location = r.headers["location"]
+            assert location.startswith("/dashboard/admin/"), location
+            assert not re.match(r"^(/[/\\]|[a-z]+:)", location), location
+        else:
+            assert r.status_code in (403, 404), r.status_code
