@@ -23,7 +23,7 @@ The admin commands call the admin API of a running gateway:
 
 
 def add_admin_commands(commands: Any) -> None:
-    admin = commands.add_parser("admin", help="the operator's console: pools, accounts, money, audit (over HTTP)",
+    admin = commands.add_parser("admin", help="the operator's console: pools, accounts, money, refunds, audit (over HTTP)",
                                 description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     _connection_options(admin, None)
     # The same options after the action too (`admin reload --actor bob`); there they override.
@@ -55,6 +55,14 @@ def add_admin_commands(commands: Any) -> None:
            ("account", "the account id"), reason)
     money = action("money", "revenue per day and pool, payments by state (attention first), balances")
     money.add_argument("--days", type=int, default=30, help="how far back revenue goes (default 30)")
+    refund = action("refund", "refund one payment: to the account's prepaid balance or on-chain to the paying "
+                    "wallet (its subscriptions canceled, keys revoked)", ("payment", "the payment id"), reason)
+    refund.add_argument("--to", choices=["balance", "chain"], default=None,
+                        help="where the money goes (default: the gateway's AGW_REFUND_TO)")
+    refunds = action("refunds", "refunds, those in progress first, with what each waits for; the refund wallet")
+    refunds.add_argument("--state", choices=["planned", "broadcast", "refunded", "canceled"], default=None)
+    refunds.add_argument("--pool", default=None, help="only this pool's refunds")
+    refunds.add_argument("--limit", type=int, default=50)
     audit = action("audit", "the audit log, newest first")
     audit.add_argument("--limit", type=int, default=50)
     for name in ("--actor-name", "--target", "--action"):
@@ -107,6 +115,11 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         "disable": ("POST", f"/api/admin/accounts/{account}/disable", reason),
         "enable": ("POST", f"/api/admin/accounts/{account}/enable", reason),
         "money": ("GET", f"/api/admin/money?days={getattr(args, 'days', 30)}", None),
+        "refund": ("POST", f"/api/admin/payments/{quote(getattr(args, 'payment', '') or '', safe='')}/refund",
+                   {**({"to": args.to} if getattr(args, "to", None) else {}), **reason}),
+        "refunds": ("GET", "/api/admin/refunds?" + urlencode({k: v for k, v in {
+            "limit": getattr(args, "limit", 50), "state": getattr(args, "state", None),
+            "pool": getattr(args, "pool", None)}.items() if v is not None}), None),
         "audit": ("GET", "/api/admin/audit?" + urlencode({k: v for k, v in {
             "limit": getattr(args, "limit", 50), "actor": getattr(args, "actor_name", None),
             "target": getattr(args, "target", None), "action": getattr(args, "action", None)}.items()
@@ -189,7 +202,23 @@ def _text(command: str, data: Any) -> list[str]:
                        else "no relayer (a facilitator settles)")
             lines.append(f"{relayer}; payTo {b['payTo']}: {b['payToUsdc']} USDC"
                          + (f" ({b['error']})" if b["error"] else ""))
+        wallet = data.get("refundWallet")
+        if wallet:
+            lines.append(f"refund wallet {wallet['address']}: {wallet['usdc']} USDC, {wallet['nativeWei']} wei "
+                         f"(gas for {wallet['refundsLeftByGas']} refunds); {wallet['outstanding']} being sent"
+                         + (f" ({wallet['error']})" if wallet["error"] else ""))
         return lines
+    if command == "refund":
+        sent = f"; tx {data['txHash']}" if data["txHash"] else ""
+        waiting = f" (waiting: {data['waiting']})" if data["waiting"] else ""
+        return [f"refund {data['id']} of payment {data['paymentId']}: {data['amount']} USDC to {data['destination']}"
+                f"{' ' + data['to'] if data['destination'] == 'chain' else ''}, {data['state']}{waiting}{sent}",
+                f"keys revoked: {', '.join(data['keysRevoked']) or 'none'}"]
+    if command == "refunds":
+        return [f"{r['id']}  {r['state']:<9} {r['destination']:<7} {r['amount']:>10} USDC  {r['pool']:<12} "
+                f"{r['paymentId'] or r['subscriptionId'] or '-'}  {r['reason']}"
+                + (f"  waiting: {r['waiting']}" if r["waiting"] else "") + (f"  tx {r['txHash']}" if r["txHash"] else "")
+                for r in data] or ["no refunds"]
     if command == "audit":
         return [f"{a['createdAt']}  {a['actor']:<12} {a['action']:<16} {a['target']}  {a['reason']}" for a in data]
     return [json.dumps(data)]

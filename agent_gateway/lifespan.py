@@ -13,10 +13,12 @@ from agent_gateway.admin.console import AdminConsole
 from agent_gateway.admin.funding import FundingWatch
 from agent_gateway.admin.money import MoneyReport
 from agent_gateway.admin.pools import PoolAdmin
+from agent_gateway.admin.refunds import RefundAdmin
 from agent_gateway.catalog.pools import parse_catalog, read_pools_file
 from agent_gateway.subscriptions.funding import start_pledges
 from agent_gateway.clock import Clock
 from agent_gateway.db.engine import Database
+from agent_gateway.db.models import RefundDestination
 from agent_gateway.db.migrate import upgrade_database
 from agent_gateway.errors import GatewayError
 from agent_gateway.jobs.expiry import expire_subscriptions
@@ -27,6 +29,7 @@ from agent_gateway.metrics import SUBSCRIPTIONS_EXPIRED
 from agent_gateway.payments.chain import ChainAdapter
 from agent_gateway.payments.checks import RelayerGasWatch, verify_chain
 from agent_gateway.payments.facilitator import FacilitatorClient
+from agent_gateway.payments.refunds import Refunds
 from agent_gateway.payments.reorgs import ReorgWatch
 from agent_gateway.payments.service import FacilitatorMismatch, PaymentService
 from agent_gateway.proxy.directory import KeyDirectory
@@ -70,13 +73,20 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     notifier = (RedisRevocationBus(settings.redis_url, channel="agw:catalog", client_name="agw-catalog")
                 if settings.redis_url else None)
     pools = PoolAdmin(db, clock, catalog, settings.pools_file, pools_text, leases, notifier, settings.catalog_poll_s)
-    # A pool marked active starts every pledge's period in the transition's own transaction.
+    refunds = Refunds(db, clock, keys, refund_wallet_for(settings),
+                      default_destination=RefundDestination(settings.refund_to),
+                      confirmations=payments.confirmations)
+    # A pool marked active starts every pledge's period in the transition's own transaction; a
+    # closed one cancels every pledge and plans its refund there (keys ended once it committed).
     pools.transition_hooks.append(start_pledges)
+    pools.transition_hooks.append(refunds.on_pool_transition)
+    pools.committed_hooks.append(refunds.after_pool_transition)
     admin = AdminConsole(
         db=db, pools=pools,
         accounts=AccountAdmin(db, clock, keys),
-        money=MoneyReport(db, clock, settings, payments.chain),
+        money=MoneyReport(db, clock, settings, payments.chain, refunds),
         funding=FundingWatch(db, pools),
+        refunds=RefundAdmin(db, refunds),
     )
 
     async def expiry_pass() -> None:
@@ -91,7 +101,8 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
             await keys.end_revoked_keys(revocation.key_ids, "payment_revoked")
 
     passes: dict[str, Pass] = {"expiry": expiry_pass, "payments": payments.reconcile, "reorgs": reorg_pass,
-                               "funding": admin.funding.check}
+                               "funding": admin.funding.check, "funding_deadlines": admin.funding.close_overdue,
+                               "refunds": refunds.run}
     if payments.chain is not None and payments.facilitator is None:  # own settlement: the relayer's gas, into /metrics
         passes["relayer_gas"] = RelayerGasWatch(payments.chain, settings.relayer_warn_settlements)
     return Services(
@@ -112,6 +123,15 @@ def chain_adapter_for(settings: Settings) -> ChainAdapter | None:
     if chain is None:
         return None
     return ChainAdapter(chain.rpc_url, chain.chain_id, chain.usdc_address, chain.relayer_key)
+
+
+def refund_wallet_for(settings: Settings) -> ChainAdapter | None:
+    """The refund wallet (a chain adapter signing with AGW_REFUND_PRIVATE_KEY) when on-chain refunds
+    are configured; its nonces are its own (Settings refuses the relayer's key)."""
+    chain = settings.chain
+    if chain is None or settings.refund_private_key is None:
+        return None
+    return ChainAdapter(chain.rpc_url, chain.chain_id, chain.usdc_address, settings.refund_private_key)
 
 
 def facilitator_for(settings: Settings) -> FacilitatorClient | None:
@@ -177,6 +197,8 @@ async def run_services(services: Services) -> AsyncIterator[Services]:
         await services.attempts.close()
         if services.payments.chain is not None:
             await services.payments.chain.close()
+        if services.admin.refunds.refunds.wallet is not None:
+            await services.admin.refunds.refunds.wallet.close()
         if services.payments.facilitator is not None:
             await services.payments.facilitator.close()
         await services.db.dispose()

@@ -49,6 +49,15 @@ PAYMENTS_REVOKED = Counter(
     "Delivered or credited payments revoked because their transfer was reorganised away for good, by reason.",
     ["reason"],
 )
+REFUNDS = Counter(
+    "agw_refunds_total",
+    "Refunds by destination (balance, chain) and outcome (refunded; canceled: the payment was revoked first; "
+    "reverted: a refund transfer reverted and is signed again; refused: the refund wallet lacked USDC or gas).",
+    ["destination", "outcome"],
+)
+POOLS_CLOSED = Counter("agw_pools_closed_total",
+                       "Funding rounds closed by a missed deadline, by pool and deadline (funding, activation).",
+                       ["pool", "deadline"])
 FACILITATOR_REQUESTS = Counter(
     "agw_facilitator_requests_total",
     "Requests to the x402 facilitator by endpoint (verify, settle, supported) and outcome (ok, refused, "

@@ -145,13 +145,20 @@ class Settings(BaseSettings):
     reconcile_after_s: float = Field(default=60.0, ge=0)
     # Start-up check and /metrics: warn when the relayer's gas covers fewer settlements than this.
     relayer_warn_settlements: int = Field(default=100, ge=0)
+    # Refunds (a closed funding round's pledges; the operator's single-payment refunds): where the
+    # money goes by default, "balance" (the account's prepaid balance) or "chain" (a USDC transfer
+    # back to the paying wallet, sent from AGW_REFUND_PRIVATE_KEY's wallet, which needs USDC and gas).
+    # Pledges paid from the prepaid balance always go back to it. The refund key must not be the
+    # relayer's (they would share nonces); unset, on-chain refunds are off.
+    refund_to: Literal["balance", "chain"] = "balance"
+    refund_private_key: str | None = Field(default=None, repr=False)
     _chain: ChainSettings | None = PrivateAttr(default=None)
     _preset_overrides: tuple[str, ...] = PrivateAttr(default=())
 
     @field_validator("redis_url", "chain_rpc_url", "chain_id", "usdc_address", "pay_to", "relayer_key",
                      "facilitator_url", "facilitator_auth_header", "session_secret", "public_url",
                      "metrics_token", "admin_token", "confirmations", "reorg_horizon_blocks", "network",
-                     "usdc_name", "usdc_version", mode="before")
+                     "usdc_name", "usdc_version", "refund_private_key", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
@@ -202,6 +209,17 @@ class Settings(BaseSettings):
         if self.relayer_key is not None and self.facilitator_url is not None:
             raise ValueError("set either AGW_RELAYER_KEY (settle with the own relayer) or AGW_FACILITATOR_URL "
                              "(settle through an x402 facilitator), not both")
+        if self.refund_private_key is not None:
+            if missing:
+                raise ValueError("AGW_REFUND_PRIVATE_KEY is set but x402 payments are off (the chain settings)")
+            if not _PRIVATE_KEY.match(self.refund_private_key):
+                raise ValueError("AGW_REFUND_PRIVATE_KEY must be a private key: 0x and 64 hex digits")
+            if self.relayer_key is not None and \
+                    self.refund_private_key.lower().removeprefix("0x") == self.relayer_key.lower().removeprefix("0x"):
+                raise ValueError("AGW_REFUND_PRIVATE_KEY must not be AGW_RELAYER_KEY: refunds and settlements "
+                                 "would take each other's nonces; give refunds a wallet of their own")
+        if self.refund_to == "chain" and self.refund_private_key is None:
+            raise ValueError("AGW_REFUND_TO=chain needs AGW_REFUND_PRIVATE_KEY (the wallet refunds are sent from)")
         if (self.chain_rpc_url is not None and self.chain_id is not None and self.usdc_address is not None
                 and self.pay_to is not None):  # all set (checked above)
             self._chain = ChainSettings(rpc_url=self.chain_rpc_url, chain_id=self.chain_id,
@@ -278,6 +296,7 @@ class Settings(BaseSettings):
         return value
 
 
+_PRIVATE_KEY = re.compile(r"^(0x)?[0-9a-fA-F]{64}$")
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 

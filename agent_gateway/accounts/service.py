@@ -48,9 +48,10 @@ async def credit_account(
     return balance
 
 
-async def add_credit(session: AsyncSession, account_id: str, amount_atomic: int, note: str, now: datetime) -> int:
+async def add_credit(session: AsyncSession, account_id: str, amount_atomic: int, note: str, now: datetime,
+                     kind: str = "credit") -> int:
     """Within the caller's transaction: raise the balance atomically (no read-modify-write that a
-    concurrent credit or charge could overwrite) and journal it; returns the new balance."""
+    concurrent credit or charge could overwrite) and journal it under `kind`; returns the new balance."""
     result = await session.execute(
         update(Account).where(col(Account.id) == account_id)
         .values(balance_atomic=Account.balance_atomic + amount_atomic).returning(col(Account.balance_atomic))
@@ -58,7 +59,7 @@ async def add_credit(session: AsyncSession, account_id: str, amount_atomic: int,
     balance = result.scalar_one_or_none()
     if balance is None:
         raise NotFound(f"No account {account_id!r}.", code="account_not_found")
-    session.add(BalanceEntry(id=new_id("bal"), account_id=account_id, delta_atomic=amount_atomic, kind="credit",
+    session.add(BalanceEntry(id=new_id("bal"), account_id=account_id, delta_atomic=amount_atomic, kind=kind,
                              note=note, created_at=now))
     return balance
 

@@ -8,6 +8,7 @@ from agent_gateway.admin.accounts import AccountAdmin
 from agent_gateway.admin.funding import FundingWatch
 from agent_gateway.admin.money import MoneyReport
 from agent_gateway.admin.pools import PoolAdmin
+from agent_gateway.admin.refunds import RefundAdmin
 from agent_gateway.db.engine import Database
 
 
@@ -18,3 +19,4 @@ class AdminConsole:
     accounts: AccountAdmin
     money: MoneyReport
     funding: FundingWatch
+    refunds: RefundAdmin

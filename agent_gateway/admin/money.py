@@ -15,6 +15,7 @@ from agent_gateway.db.engine import Database
 from agent_gateway.db.models import Payment, PaymentState
 from agent_gateway.errors import GatewayError, NotFound
 from agent_gateway.payments.chain import ChainAdapter
+from agent_gateway.payments.refunds import Refunds, RefundWallet
 from agent_gateway.settings import Settings
 from agent_gateway.subscriptions.service import SubscriptionView, list_subscriptions
 
@@ -53,14 +54,17 @@ class MoneySummary:
     by_state: dict[str, tuple[int, int]] = field(default_factory=dict)  # state -> (count, atomic)
     attention: list[Attention] = field(default_factory=list)
     balances: Balances | None = None
+    refund_wallet: RefundWallet | None = None  # None: on-chain refunds are off
 
 
 class MoneyReport:
-    def __init__(self, db: Database, clock: Clock, settings: Settings, chain: ChainAdapter | None) -> None:
+    def __init__(self, db: Database, clock: Clock, settings: Settings, chain: ChainAdapter | None,
+                 refunds: Refunds | None = None) -> None:
         self.db = db
         self.clock = clock
         self.settings = settings
         self.chain = chain
+        self.refunds = refunds
 
     async def summary(self, days: int = 30) -> MoneySummary:
         now = self.clock.now()
@@ -96,6 +100,7 @@ class MoneyReport:
         out.by_state = {str(state): (int(n), int(total)) for state, n, total in states}
         out.attention = sorted((Attention(p, _why(p)) for p in needing), key=lambda a: _ORDER.index(a.why))
         out.balances = await self.balances()
+        out.refund_wallet = await self.refunds.wallet_balances() if self.refunds is not None else None
         return out
 
     async def payment(self, payment_id: str) -> PaymentDetail:

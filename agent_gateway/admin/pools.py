@@ -40,7 +40,7 @@ from agent_gateway.db.models import (
     Subscription,
     SubscriptionStatus,
 )
-from agent_gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
+from agent_gateway.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
 from agent_gateway.keys.revocation import RevocationBus
 from agent_gateway.money import format_usdc
 from agent_gateway.proxy.leases import Leases
@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 # hangs its work on a state change here (start pledges' periods on `active`, refunds on `closed`),
 # so the change and its consequences commit together.
 TransitionHook = Callable[[AsyncSession, str, PoolStatus, PoolStatus, datetime], Awaitable[None]]
+# Runs after the transition committed (slug, from, to): what must wait for the commit, such as
+# ending revoked keys in every process. A failure is logged, never raised: the change stands.
+CommittedHook = Callable[[str, PoolStatus, PoolStatus], Awaitable[None]]
 _LIVE = (SubscriptionStatus.ACTIVE, SubscriptionStatus.PENDING)
 _SETTLING = (PaymentState.RECEIVED, PaymentState.VERIFIED, PaymentState.RESERVED, PaymentState.BROADCAST,
              PaymentState.CONFIRMED)
@@ -131,6 +134,7 @@ class PoolAdmin:
         self._pending: set[asyncio.Task[Any]] = set()
         self._refresh_lock = asyncio.Lock()
         self.transition_hooks: list[TransitionHook] = []
+        self.committed_hooks: list[CommittedHook] = []
 
     # --- running -----------------------------------------------------------------------------
 
@@ -267,8 +271,11 @@ class PoolAdmin:
 
     # --- states ------------------------------------------------------------------------------
 
-    async def set_state(self, slug: str, target: str, actor: str, reason: str = "") -> PoolStatus:
-        """Move a pool to `target` along the allowed transitions (catalog.states), audited."""
+    async def set_state(self, slug: str, target: str, actor: str, reason: str = "",
+                        expected: PoolStatus | None = None) -> PoolStatus:
+        """Move a pool to `target` along the allowed transitions (catalog.states), audited; with
+        `expected`, only from that state (409 pool_state_changed otherwise: a background pass that
+        judged the pool in one state never moves it from another)."""
         try:
             wanted = PoolStatus(target)
         except ValueError:
@@ -280,6 +287,8 @@ class PoolAdmin:
             if row is None or slug not in self._file.pools:
                 raise NotFound(f"No pool {slug!r}.", code="pool_not_found")
             current = PoolStatus(row.status)
+            if expected is not None and current != expected:
+                raise Conflict(f"Pool {slug} is {current}, no longer {expected}.", code="pool_state_changed")
             check_transition(slug, current, wanted)
             row.status, row.updated_at = wanted, now
             session.add(row)
@@ -288,6 +297,11 @@ class PoolAdmin:
             audit.record(session, now, actor=actor, action="pool.state", target=f"pool:{slug}", reason=reason,
                          before={"status": str(current)}, after={"status": str(wanted)})
         log.info("pool %s: %s -> %s by %s", slug, current, wanted, actor)
+        for after in self.committed_hooks:
+            try:
+                await after(slug, current, wanted)
+            except Exception:
+                log.exception("pool %s: work after the transition %s -> %s failed", slug, current, wanted)
         await self.refresh()
         await self._announce("state")
         return wanted

@@ -1,5 +1,5 @@
 """The admin API (`/api/admin/…`, `Bearer <AGW_ADMIN_TOKEN>`): pools and their states, reloading
-the pools file, accounts, money and the audit log. Writes name their actor (X-Admin-Actor)."""
+the pools file, accounts, money, refunds and the audit log. Writes name their actor (X-Admin-Actor)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from agent_gateway.admin.accounts import parse_adjustment
 from agent_gateway.admin.audit import list_records, validate_reason
 from agent_gateway.admin.money import MoneySummary
 from agent_gateway.admin.pools import PoolReport
-from agent_gateway.db.models import Account, AuditRecord, Payment
+from agent_gateway.db.models import Account, AuditRecord, Payment, Refund, RefundState
+from agent_gateway.payments.refunds import RefundWallet
 from agent_gateway.errors import InvalidRequest
 from agent_gateway.money import format_usdc
 from agent_gateway.services import Services
@@ -31,6 +32,12 @@ class StateBody(CamelBody):
 
 
 class ReasonBody(CamelBody):
+    reason: str = Field(default="", max_length=500)
+
+
+class RefundBody(CamelBody):
+    # balance | chain; absent: AGW_REFUND_TO.
+    to: str | None = Field(default=None, max_length=10)
     reason: str = Field(default="", max_length=500)
 
 
@@ -162,6 +169,7 @@ def render_money(summary: MoneySummary) -> dict[str, Any]:
         "paymentsByState": {state: {"count": n, "amount": format_usdc(a)}
                             for state, (n, a) in sorted(summary.by_state.items())},
         "needsAttention": [{"why": item.why, **render_payment(item.payment)} for item in summary.attention],
+        "refundWallet": render_refund_wallet(summary.refund_wallet),
         "balances": None if balances is None else {
             "relayer": balances.relayer_address,
             "relayerNativeWei": None if balances.relayer_native_wei is None else str(balances.relayer_native_wei),
@@ -175,6 +183,64 @@ def render_money(summary: MoneySummary) -> dict[str, Any]:
 async def get_money(request: Request, services: Services, actor: str) -> Response:
     days = _int_param(request, "days", 30, 1, 366)
     return ok(render_money(await services.admin.money.summary(days)))
+
+
+# --- refunds ----------------------------------------------------------------------------------
+
+def render_refund(refund: Refund) -> dict[str, Any]:
+    return {"id": refund.id, "state": refund.state, "waiting": refund.waiting, "destination": refund.destination,
+            "amount": format_usdc(refund.amount_atomic), "amountAtomic": str(refund.amount_atomic),
+            "paymentId": refund.payment_id, "subscriptionId": refund.subscription_id,
+            "accountId": refund.account_id, "pool": refund.pool_slug, "to": refund.to_address,
+            "reason": refund.reason, "note": refund.note, "actor": refund.actor, "from": refund.from_address,
+            "nonce": refund.nonce, "txHash": refund.tx_hash, "blockNumber": refund.block_number,
+            "createdAt": iso(refund.created_at), "updatedAt": iso(refund.updated_at),
+            "finishedAt": iso(refund.finished_at)}
+
+
+def render_refund_wallet(wallet: RefundWallet | None) -> dict[str, Any] | None:
+    if wallet is None:
+        return None
+    return {"address": wallet.address,
+            "usdc": None if wallet.usdc_atomic is None else format_usdc(wallet.usdc_atomic),
+            "nativeWei": None if wallet.native_wei is None else str(wallet.native_wei),
+            "transferCostWei": None if wallet.transfer_cost_wei is None else str(wallet.transfer_cost_wei),
+            "refundsLeftByGas": wallet.refunds_left_by_gas, "outstanding": wallet.outstanding,
+            "outstandingAmount": format_usdc(wallet.outstanding_atomic), "error": wallet.error}
+
+
+@admin
+async def refund_payment(request: Request, services: Services, actor: str) -> Response:
+    body = await read_optional_json(request, RefundBody, services.settings)
+    result = await services.admin.refunds.refund_payment(
+        request.path_params["payment_id"], body.to if body else None, actor=actor,
+        reason=validate_reason(body.reason if body else ""))
+    return ok({**render_refund(result.refund), "payment": render_payment(result.payment),
+               "keysRevoked": result.key_ids})
+
+
+@admin
+async def list_refunds(request: Request, services: Services, actor: str) -> Response:
+    params = request.query_params
+    state = params.get("state")
+    if state is not None and state not in {s.value for s in RefundState}:
+        raise InvalidRequest(f"state must be one of {', '.join(s.value for s in RefundState)}.",
+                             code="invalid_state")
+    rows = await services.admin.refunds.list(state=state, payment_id=params.get("payment"), pool=params.get("pool"),
+                                             limit=_int_param(request, "limit", 100, 1, 500))
+    return ok([render_refund(r) for r in rows])
+
+
+@admin
+async def get_refund(request: Request, services: Services, actor: str) -> Response:
+    return ok(render_refund(await services.admin.refunds.get(request.path_params["refund_id"])))
+
+
+@admin
+async def get_refund_wallet(request: Request, services: Services, actor: str) -> Response:
+    return ok({"defaultDestination": services.admin.refunds.default_destination,
+               "chainRefunds": services.admin.refunds.chain_enabled,
+               "wallet": render_refund_wallet(await services.admin.refunds.wallet())})
 
 
 # --- the audit log ----------------------------------------------------------------------------
@@ -212,5 +278,9 @@ routes = [
     Route("/api/admin/accounts/{account_id}/disable", disable_account, methods=["POST"]),
     Route("/api/admin/accounts/{account_id}/enable", enable_account, methods=["POST"]),
     Route("/api/admin/money", get_money, methods=["GET"]),
+    Route("/api/admin/payments/{payment_id}/refund", refund_payment, methods=["POST"]),
+    Route("/api/admin/refunds", list_refunds, methods=["GET"]),
+    Route("/api/admin/refunds/wallet", get_refund_wallet, methods=["GET"]),
+    Route("/api/admin/refunds/{refund_id}", get_refund, methods=["GET"]),
     Route("/api/admin/audit", get_audit, methods=["GET"]),
 ]

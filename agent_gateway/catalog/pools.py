@@ -55,9 +55,12 @@ class Pool:
     upstream_api: str = "openai"
     # The funding round (docs/decisions.md "Funding pools"): seats to pledge in total (a seat is one
     # subscription, whatever its blocks) before the pool goes to `activating`; the pools file's
-    # `funding_goal`, or `seats` when it gives none. `funding_deadline` is shown, not yet enforced.
+    # `funding_goal`, or `seats` when it gives none. A pool still funding at `funding_deadline`
+    # is closed and its pledges refunded (payments.refunds); so is one left `activating` for
+    # `activation_days` (counted from when it entered activating; fractions allowed).
     funding_goal: int = 1
     funding_deadline: datetime | None = None
+    activation_days: float = 14.0
 
 
 @dataclass
@@ -98,6 +101,8 @@ class _PoolEntry(BaseModel):
     funding_goal: int | None = Field(default=None, ge=1, le=1_000_000)
     # A TOML offset date-time (`2027-01-31T00:00:00Z`); one without an offset is read as UTC.
     funding_deadline: datetime | None = None
+    # Days an `activating` pool waits for the operator's activation before the round closes.
+    activation_days: float = Field(default=14.0, gt=0, le=365)
 
     @field_validator("funding_deadline")
     @classmethod
@@ -216,6 +221,7 @@ def parse_catalog(text: str, source: str) -> Catalog:
             upstream_api=entry.upstream_api,
             funding_goal=entry.funding_goal if entry.funding_goal is not None else entry.seats,
             funding_deadline=entry.funding_deadline,
+            activation_days=float(entry.activation_days),
         )
         for slug, entry in parsed.pools.items()
     }

@@ -37,6 +37,21 @@ class PaymentState(StrEnum):
     FAILED = "failed"
     CREDITED = "credited"
     REVOKED = "revoked"
+    REFUNDED = "refunded"  # the money is being (or was) returned: a refund (payments.refunds) owns it
+
+
+class RefundState(StrEnum):
+    """The refund state machine (drawn in payments.refunds)."""
+
+    PLANNED = "planned"  # decided; waits for the payment's finality or the refund wallet, if it must
+    BROADCAST = "broadcast"  # on-chain: the signed transfer is stored (hash, bytes, nonce) before it is sent
+    REFUNDED = "refunded"  # final: the balance credited, or the transfer confirmed
+    CANCELED = "canceled"  # final: nothing to return (the payment was revoked: its money never stayed)
+
+
+class RefundDestination(StrEnum):
+    BALANCE = "balance"  # the account's prepaid balance
+    CHAIN = "chain"  # a USDC transfer back to the paying wallet, from the refund wallet
 
 
 def new_id(prefix: str) -> str:
@@ -68,7 +83,7 @@ class BalanceEntry(SQLModel, table=True):
     id: str = Field(primary_key=True, max_length=40)
     account_id: str = Field(foreign_key="accounts.id", index=True, max_length=40)
     delta_atomic: int = Field(sa_column=Column(BigInteger, nullable=False))
-    kind: str = Field(max_length=20)  # credit | charge | reversal | debit (by an operator)
+    kind: str = Field(max_length=20)  # credit | charge | reversal | debit (by an operator) | refund
     note: str = Field(default="", max_length=500)
     created_at: datetime = Field(sa_column=_ts())
 
@@ -312,3 +327,51 @@ class CatalogVersion(SQLModel, table=True):
     source: str = Field(max_length=500)
     actor: str = Field(max_length=64)
     created_at: datetime = Field(sa_column=_ts())
+
+
+# The rows of ux_refunds_nonce: on-chain refunds holding a nonce of the refund wallet.
+REFUND_NONCE_HELD = "nonce IS NOT NULL"
+
+
+class Refund(SQLModel, table=True):
+    """Money given back: a pledge of a closed pool, or one payment an operator refunds. Its `state`
+    is the refund state machine (payments.refunds); each transition is a conditional UPDATE.
+
+    One refund per payment and one per balance-paid pledge (partial unique indexes); an on-chain
+    refund's nonce is held under a unique index too, so two processes never sign one nonce twice."""
+
+    __tablename__ = "refunds"
+    __table_args__ = (
+        Index("ux_refunds_payment", "payment_id", unique=True,
+              sqlite_where=text("payment_id IS NOT NULL"), postgresql_where=text("payment_id IS NOT NULL")),
+        Index("ux_refunds_subscription", "subscription_id", unique=True,
+              sqlite_where=text("subscription_id IS NOT NULL"), postgresql_where=text("subscription_id IS NOT NULL")),
+        Index("ux_refunds_nonce", "from_address", "nonce", unique=True,
+              sqlite_where=text(REFUND_NONCE_HELD), postgresql_where=text(REFUND_NONCE_HELD)),
+        Index("ix_refunds_state_updated", "state", "updated_at"),
+    )
+
+    id: str = Field(primary_key=True, max_length=40)
+    # What is refunded: a payment (x402 or tx-hash), or a pledge paid from the prepaid balance.
+    payment_id: str | None = Field(default=None, max_length=40)
+    subscription_id: str | None = Field(default=None, max_length=40)
+    account_id: str | None = Field(default=None, max_length=40)
+    pool_slug: str = Field(max_length=64)
+    amount_atomic: int = Field(sa_column=Column(BigInteger, nullable=False))
+    destination: RefundDestination = Field(sa_type=String(10))
+    to_address: str | None = Field(default=None, max_length=42)  # on-chain: the paying wallet, lowercase
+    state: RefundState = Field(sa_type=String(12))
+    reason: str = Field(max_length=40)  # funding_deadline | activation_deadline | pool_closed | operator
+    note: str = Field(default="", max_length=500)  # the operator's reason
+    actor: str = Field(max_length=64)
+    # Why a planned refund waits (awaiting_finality, refund_wallet_short_usdc, ...); None when it does not.
+    waiting: str | None = Field(default=None, max_length=40)
+    # On-chain: the refund wallet, the nonce and the signed transfer, stored before it is sent.
+    from_address: str | None = Field(default=None, max_length=42)
+    nonce: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    tx_hash: str | None = Field(default=None, max_length=66)
+    raw_tx: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    block_number: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    created_at: datetime = Field(sa_column=_ts())
+    updated_at: datetime = Field(sa_column=_ts())
+    finished_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))

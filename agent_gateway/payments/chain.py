@@ -46,6 +46,9 @@ GAS_HEADROOM_PCT = 20
 # each one). Our TestUSDC estimates ~88,000 (measured on anvil), real USDC (FiatToken behind its
 # proxy) is of the same order; this is GAS_HEADROOM_PCT over 100,000.
 SETTLEMENT_GAS_BUDGET = 120_000
+# The gas limit one refund (an ERC-20 `transfer` from the refund wallet) may be signed with, to judge
+# the refund wallet's gas: a USDC transfer estimates ~35,000-60,000 (a new holder's slot costs more).
+TRANSFER_GAS_BUDGET = 80_000
 # Node messages for "I already have this exact transaction" (geth, anvil, erigon/nethermind).
 _ALREADY_KNOWN = ("already known", "already imported", "known transaction")
 _NONCE_CONFLICT = ("nonce too low", "replacement transaction underpriced", "nonce has already been used")
@@ -283,6 +286,12 @@ class ChainAdapter:
                                           self._rpc("the priority fee", self._w3.eth.max_priority_fee))
         return SETTLEMENT_GAS_BUDGET * _max_fee_per_gas(block, tip)
 
+    async def transfer_cost(self) -> int:
+        """The most one refund transfer can cost its sender at the current fees (wei)."""
+        block, tip = await asyncio.gather(self._rpc("the latest block", self._w3.eth.get_block("latest")),
+                                          self._rpc("the priority fee", self._w3.eth.max_priority_fee))
+        return TRANSFER_GAS_BUDGET * _max_fee_per_gas(block, tip)
+
     async def authorization_used(self, authorizer: str, nonce_hex: str) -> bool:
         call = self._token.functions.authorizationState(to_checksum_address(authorizer),
                                                          bytes.fromhex(nonce_hex.removeprefix("0x"))).call()
@@ -366,6 +375,26 @@ class ChainAdapter:
         signed = self._relayer.sign_transaction(tx)
         return SignedSettlement(tx_hash="0x" + bytes(signed.hash).hex(),
                                 raw_tx="0x" + bytes(signed.raw_transaction).hex(), nonce=nonce)
+
+    async def build_transfer(self, to: str, value: int, nonce: int) -> SignedSettlement:
+        """Sign (not send) a USDC `transfer(to, value)` from this adapter's key with the given
+        account nonce (refunds: the caller stores it before sending, and owns the nonce; the local
+        settlement counter is not used)."""
+        data = self._token.encode_abi("transfer", args=(to_checksum_address(to), int(value)))
+        call = {"from": self.relayer_address, "to": self.token_address, "data": data, "value": 0}
+        gas, block, tip = await asyncio.gather(
+            self._estimate_gas(call), self._rpc("the latest block", self._w3.eth.get_block("latest")),
+            self._rpc("the priority fee", self._w3.eth.max_priority_fee))
+        tx = {"type": 2, "chainId": self.chain_id, "nonce": nonce, "to": self.token_address, "value": 0,
+              "data": data, "gas": gas, "maxPriorityFeePerGas": int(tip),
+              "maxFeePerGas": _max_fee_per_gas(block, tip)}
+        signed = self._relayer.sign_transaction(tx)
+        return SignedSettlement(tx_hash="0x" + bytes(signed.hash).hex(),
+                                raw_tx="0x" + bytes(signed.raw_transaction).hex(), nonce=nonce)
+
+    async def pending_nonce(self) -> int:
+        """This adapter's key's next nonce, counting transactions in the node's pool."""
+        return await self._pending_nonce()
 
     async def _estimate_gas(self, call: dict[str, Any]) -> int:
         try:

@@ -6,6 +6,7 @@ processes (a request and the reconciler) reach it together.
                                └─► submitted ─┘   (through an x402 facilitator; may fail too)
         └──────────┴───────────┴────────────┴─────────────┴──► failed (reason)       ▲
                                                                └──► credited (reason) ┘
+                                          delivered | credited (past the horizon) ─► refunded
 
 `failed` means no money moved, so the claim is released and the authorization or tx hash may be
 redeemed again. `credited` means the money arrived but the seats could not be delivered (sold out
@@ -28,7 +29,12 @@ and their keys in the same transaction that moves the state.
 our relayer's settlement, or a front-runner's copy of it. Until that block is past the reorg
 horizon (`chain_final`), a delivered or credited payment is checked again; if its transfer is
 gone for good it becomes `revoked`: subscriptions canceled and their seats released, keys
-revoked, a renewal's added period and any credit taken back, all in one transaction."""
+revoked, a renewal's added period and any credit taken back, all in one transaction.
+
+`refunded` means the money is being given back (payments.refunds owns the refund's own progress:
+balance credited, or a transfer from the refund wallet signed, sent and confirmed). Only a payment
+past the reorg horizon is refunded, so a refunded payment is never re-checked nor revoked later; it
+takes back what the payment bought, like `revoked`, in the refund's transaction."""
 
 from __future__ import annotations
 
@@ -59,7 +65,8 @@ from agent_gateway.subscriptions.service import new_subscriptions
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-FINAL_STATES = (PaymentState.DELIVERED, PaymentState.FAILED, PaymentState.CREDITED, PaymentState.REVOKED)
+FINAL_STATES = (PaymentState.DELIVERED, PaymentState.FAILED, PaymentState.CREDITED, PaymentState.REVOKED,
+                PaymentState.REFUNDED)
 # Money arrived: re-checked for reorgs until past the horizon.
 SETTLED_STATES = (PaymentState.DELIVERED, PaymentState.CREDITED)
 # Before the settlement was stored: nothing can have been sent for these x402 payments. (A tx-hash
@@ -325,24 +332,7 @@ async def revoke(db: Database, clock: Clock, payment_id: str, reason: str) -> Re
         payment = await session.get(Payment, payment_id, with_for_update=True)
         if payment is None or payment.state not in SETTLED_STATES:
             return None
-        canceled: list[Subscription] = []
-        if payment.state == PaymentState.DELIVERED and payment.renew_subscription_id is not None:
-            sub = await _renewed_subscription(session, payment.renew_subscription_id)
-            # The renewal's period goes; if nothing paid is left, the seat goes too.
-            sub.period_end = as_utc(sub.period_end) - BILLING_CYCLES[payment.billing_cycle][1]
-            session.add(sub)
-            if sub.status == SubscriptionStatus.ACTIVE and sub.period_end <= now:
-                canceled.append(sub)
-        elif payment.state == PaymentState.DELIVERED:
-            canceled = list(await session.scalars(
-                select(Subscription).where(col(Subscription.payment_id) == payment.id,
-                                           col(Subscription.status).in_((SubscriptionStatus.ACTIVE, SubscriptionStatus.PENDING)))
-                .with_for_update()))
-        for sub in canceled:
-            sub.status = SubscriptionStatus.CANCELED
-            session.add(sub)
-        await release_subscription_seats(session, [(sub.pool_slug, sub.blocks) for sub in canceled])
-        key_ids = await revoke_subscription_keys(session, [s.id for s in canceled])
+        canceled, key_ids = await _take_back_purchase(session, payment, now)
         taken_back = payment.credit_atomic if payment.state == PaymentState.DELIVERED else payment.amount_atomic
         if taken_back and payment.account_id is not None:
             await take_back_credit(session, payment.account_id, taken_back,
@@ -353,7 +343,63 @@ async def revoke(db: Database, clock: Clock, payment_id: str, reason: str) -> Re
     log.warning("payment %s %s -> revoked (%s): %d subscription(s) canceled, %d key(s) revoked, %d atomic "
                 "taken back from account %s", payment_id, previous, reason, len(canceled), len(key_ids), taken_back,
                 payment.account_id)
-    return Revocation(payment, [s.id for s in canceled], key_ids, taken_back)
+    return Revocation(payment, canceled, key_ids, taken_back)
+
+
+def refundable_atomic(payment: Payment) -> int:
+    """What a refund of `payment` gives back: the price it paid. A delivered tx-hash claim's overpaid
+    part is already on the prepaid balance (`credit_atomic`) and stays there; a credited payment's
+    whole amount is on the balance."""
+    if payment.state == PaymentState.CREDITED:
+        return payment.amount_atomic
+    return payment.amount_atomic - payment.credit_atomic
+
+
+async def refund(session: AsyncSession, payment_id: str, now: datetime, reason: str, *,
+                 take_back_credit_atomic: int = 0) -> Revocation | None:
+    """Within the caller's transaction (the refund's own transition): delivered | credited ->
+    refunded, for a payment past the reorg horizon only. What it bought is taken back (subscriptions
+    canceled, seats released, keys revoked: the caller ends them everywhere after commit), and
+    `take_back_credit_atomic` is taken off the account's balance (a credited payment refunded to its
+    wallet). None if the payment is not settled and final."""
+    payment = await session.get(Payment, payment_id, with_for_update=True)
+    if payment is None or payment.state not in SETTLED_STATES or not payment.chain_final:
+        return None
+    canceled, key_ids = await _take_back_purchase(session, payment, now)
+    if take_back_credit_atomic and payment.account_id is not None:
+        await take_back_credit(session, payment.account_id, take_back_credit_atomic,
+                               f"payment {payment.id} refunded to its wallet: {reason}", now, kind="refund")
+    previous = payment.state
+    payment.state, payment.failure_reason, payment.updated_at = PaymentState.REFUNDED, reason[:60], now
+    session.add(payment)
+    log.warning("payment %s %s -> refunded (%s): %d subscription(s) canceled, %d key(s) revoked", payment_id,
+                previous, reason, len(canceled), len(key_ids))
+    return Revocation(payment, canceled, key_ids, take_back_credit_atomic)
+
+
+async def _take_back_purchase(session: AsyncSession, payment: Payment, now: datetime) -> tuple[list[str], list[str]]:
+    """What a delivered payment bought, taken back in the caller's transaction: its subscriptions
+    canceled (a renewal: its added period, and the seat if nothing paid is left), their seats
+    released, their keys revoked. The ids canceled and the key ids revoked."""
+    canceled: list[Subscription] = []
+    if payment.state == PaymentState.DELIVERED and payment.renew_subscription_id is not None:
+        sub = await _renewed_subscription(session, payment.renew_subscription_id)
+        # The renewal's period goes; if nothing paid is left, the seat goes too.
+        sub.period_end = as_utc(sub.period_end) - BILLING_CYCLES[payment.billing_cycle][1]
+        session.add(sub)
+        if sub.status == SubscriptionStatus.ACTIVE and sub.period_end <= now:
+            canceled.append(sub)
+    elif payment.state == PaymentState.DELIVERED:
+        canceled = list(await session.scalars(
+            select(Subscription).where(col(Subscription.payment_id) == payment.id,
+                                       col(Subscription.status).in_((SubscriptionStatus.ACTIVE, SubscriptionStatus.PENDING)))
+            .with_for_update()))
+    for sub in canceled:
+        sub.status = SubscriptionStatus.CANCELED
+        session.add(sub)
+    await release_subscription_seats(session, [(sub.pool_slug, sub.blocks) for sub in canceled])
+    key_ids = await revoke_subscription_keys(session, [s.id for s in canceled])
+    return [s.id for s in canceled], key_ids
 
 
 async def record_carrier(db: Database, clock: Clock, payment_id: str, tx_hash: str, block_number: int) -> bool:
