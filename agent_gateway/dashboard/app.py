@@ -48,6 +48,8 @@ def create_dashboard(services: Services) -> Starlette:
             Route("/admin/accounts/{account_id}/{action}", admin_pages.account_action, methods=["POST"]),
             Route("/admin/money", admin_pages.money, methods=["GET"]),
             Route("/admin/payments/{payment_id}", admin_pages.payment, methods=["GET"]),
+            Route("/admin/payments/{payment_id}/refund", admin_pages.confirm_refund, methods=["GET"]),
+            Route("/admin/payments/{payment_id}/refund", admin_pages.refund, methods=["POST"]),
             Route("/admin/audit", admin_pages.audit, methods=["GET"]),
             Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
         ],

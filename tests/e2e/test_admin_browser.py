@@ -32,6 +32,7 @@ pytestmark = pytest.mark.anyio
 ADMIN_TOKEN = "adm-" + "b7" * 20
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}", "X-Admin-Actor": "ops"}
 OPERATOR = "olga"
+REFUND_WALLET_USDC = 50 * 10**6
 POOLS = """
 [blocks]
 day = "00:00-24:00"
@@ -75,8 +76,10 @@ def console(tmp_path_factory: pytest.TempPathFactory, sqlite_template: Path, ups
             devchain: DevChain) -> Iterator[LiveGateway]:
     directory = tmp_path_factory.mktemp("admin-browser")
     shutil.copyfile(sqlite_template, directory / "live.db")
+    refund_wallet = ChainView(devchain).new_wallet(usdc_atomic=REFUND_WALLET_USDC, eth_wei=10**18)
     with live_gateway(directory, f"sqlite:///{directory / 'live.db'}", upstream_session, pools=POOLS,
-                      admin_token=ADMIN_TOKEN, session_secret="s" * 40, **chain_settings(devchain)) as live:
+                      admin_token=ADMIN_TOKEN, session_secret="s" * 40,
+                      **chain_settings(devchain, reorg_horizon_blocks=1, refund_private_key=refund_wallet.key)) as live:
         yield live
 
 
@@ -412,3 +415,82 @@ async def test_an_account_is_found_shown_credited_debited_and_disabled_from_the_
     assert "account.balance" in mine[1] and "duplicate goodwill" in mine[1] and '"3.25"' in mine[1]
     assert "account.balance" in mine[2] and "goodwill for the outage" in mine[2] and '"0.00"' in mine[2]
     operator.screenshot("admin-06-audit")
+
+
+# --- a refund --------------------------------------------------------------------------------
+
+async def run_pass(live: LiveGateway, name: str) -> None:
+    """One pass of a background job on the gateway's own loop (the module's gateway runs them hourly)."""
+    await live.on_server(live.services.jobs.passes[name]())
+
+
+def refund_from_the_page(browser: Browser, payment_id: str, to: str, reason: str) -> str:
+    """The operator refunds a payment from its page: the form, then the confirmation. The flash."""
+    browser.open(f"/dashboard/admin/payments/{payment_id}")
+    browser.select("#refund-to", to)
+    browser.type("#refund-reason", reason)
+    browser.submit_and_wait("#refund-submit", "#confirm-submit")
+    assert "10.00 USDC" in browser.text("#confirm") and "canceled" in browser.text("#confirm")
+    browser.screenshot(f"admin-07-confirm-refund-{to}")
+    return browser.submit_and_wait("#confirm-submit", ".flash").text
+
+
+async def test_a_payment_is_refunded_from_the_console_to_the_balance_and_on_chain(console, operator, devchain):
+    view = ChainView(devchain)
+    wallets = [view.new_wallet(), view.new_wallet()]
+    bought = []
+    for wallet in wallets:
+        async with x402HttpxClient(official_client(devchain, wallet), base_url=console.url, timeout=60) as http:
+            r = await http.post("/api/agent/subscribe-pool", json={"pool": "alpha", "blocks": ["day"], "quantity": 1})
+        assert r.status_code == 201, r.text
+        bought.append(r.json()["data"])
+    keys = [b["subscriptions"][0]["apiKey"] for b in bought]
+    payments = [b["paymentId"] for b in bought]
+    assert all(v1_call(console, sk, "test-model") == (200, None) for sk in keys)
+    await run_pass(console, "reorgs")  # past the reorg horizon (one block here): refundable
+
+    # To the prepaid balance: done at once, the subscription canceled, its key refused at once.
+    flash = refund_from_the_page(operator, payments[0], "balance", "customer asked within a day")
+    assert "10.00 USDC to the balance, refunded" in flash and "1 key(s) revoked" in flash, flash
+    assert v1_call(console, keys[0], "test-model")[0] in (401, 403)
+    assert v1_call(console, keys[1], "test-model") == (200, None)
+    assert "refunded" in operator.text("#payment-state").lower()
+    assert "canceled" in operator.text("#payment-subscriptions").lower()
+    assert "revoked" in operator.text("#payment-subscriptions").lower()
+    [row] = operator.find_all("#payment-refunds tbody tr")
+    assert "refunded" in row.text.lower() and "customer asked within a day" in row.text and OPERATOR in row.text
+    assert not operator.has("#refund-form")  # refunded once: no second refund offered
+    operator.screenshot("admin-08-payment-refunded")
+    operator.find("#payment-facts a").click()  # the account: canceled, and the money on its balance
+    operator.wait_for("#account-subscriptions")
+    assert operator.text("#balance") == "10.00 USDC"
+    assert "canceled" in operator.text("#account-subscriptions").lower()
+
+    # On-chain: the transfer is sent at once from the refund wallet; the background pass confirms it.
+    payer_before = view.usdc(wallets[1].address)
+    flash = refund_from_the_page(operator, payments[1], "chain", "double charge")
+    assert "10.00 USDC to the chain" in flash, flash
+    assert v1_call(console, keys[1], "test-model")[0] in (401, 403)
+    tx_hash = operator.text("#payment-refunds .refund-tx")
+    assert tx_hash.startswith("0x") and len(tx_hash) == 66
+    await run_pass(console, "refunds")
+    operator.driver.refresh()
+    operator.wait(lambda d: "refunded" in operator.text("#payment-refunds .refund-state").lower(),
+                  "the refund never showed refunded")
+    assert operator.text("#payment-refunds .refund-tx") == tx_hash
+    assert view.usdc(wallets[1].address) == payer_before + 10_000_000
+
+    # The money page: the refund wallet's balances and both refunds with their state and hash.
+    operator.open("/dashboard/admin/money")
+    operator.wait_for("#refund-wallet")
+    assert operator.text("#refund-wallet-usdc") == f"{(REFUND_WALLET_USDC - 10_000_000) / 1e6:.2f} USDC"
+    assert operator.text("#refund-wallet-eth").endswith("ETH")
+    listed = {row.get_attribute("data-refund-id"): row.text for row in operator.find_all("#refunds tbody tr")}
+    assert len(listed) >= 2
+    assert any(payments[1] in text and tx_hash in text and "refunded" in text.lower() for text in listed.values())
+    assert any(payments[0] in text and "balance" in text for text in listed.values())
+    operator.screenshot("admin-09-money-refunds")
+
+    rows = [r for r in audit_rows(operator) if "payment.refund" in r]
+    assert any(payments[0] in r and "customer asked within a day" in r and OPERATOR in r for r in rows)
+    assert any(payments[1] in r and "double charge" in r and "chain" in r for r in rows)
