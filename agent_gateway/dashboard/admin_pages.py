@@ -7,6 +7,7 @@ from starlette.responses import Response
 
 from agent_gateway.admin.accounts import parse_adjustment
 from agent_gateway.admin.audit import list_records, validate_actor, validate_reason
+from agent_gateway.admin.sessions import start_admin_session
 from agent_gateway.catalog.pools import PoolStatus
 from agent_gateway.db.models import RefundDestination
 from agent_gateway.money import format_usdc
@@ -40,9 +41,10 @@ async def signin(visit: Visit) -> Response:
         actor = validate_actor(visit.form.get("actor"))
     except InvalidRequest as exc:
         return visit.render("admin_signin.html", status=400, title="Operator sign in", error=exc.message)
-    now = visit.services.clock.now()
+    started = await start_admin_session(visit.services.db, actor, visit.dashboard.codec.admin_mark(token),
+                                        visit.services.clock.now(), ADMIN_SESSION_TTL)
     # A fresh session: whoever was signed in on this browser before is signed out.
-    visit.session = Session.admin(actor, visit.dashboard.codec.admin_mark(token), now + ADMIN_SESSION_TTL)
+    visit.session = Session.admin(started.id, started.expires_at)
     return visit.redirect("/admin", flash=("success", f"Signed in as operator {actor}."))
 
 

@@ -1,15 +1,20 @@
 """Attacks on the operator's dashboard pages: hostile text (account names, reasons, searches, path
 parameters) is shown as text on every page, every admin form refuses a forged post and changes
-nothing, and no redirect leaves the site."""
+nothing, no redirect leaves the site, and a copied admin cookie is worthless once signed out."""
 
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 
+import httpx
 import pytest
 from sqlalchemy import func, select
 
+from agent_gateway.app import create_app
+from agent_gateway.dashboard.admin_pages import ADMIN_SESSION_TTL
 from agent_gateway.db.models import AuditRecord
+from agent_gateway.lifespan import build_services
 from tests.fixtures.state import snapshot
 from tests.integration.test_admin_dashboard import ORIGIN, console, csrf, post, sign_in  # noqa: F401  (fixture)
 
@@ -141,3 +146,60 @@ async def test_no_admin_redirect_leaves_the_site(console, account_id):  # noqa: 
             assert not re.match(r"^(/[/\\]|[a-z]+:)", location), location
         else:
             assert r.status_code in (403, 404), r.status_code
+
+
+# --- admin sessions are kept server-side -----------------------------------------------------
+
+COOKIE = "agw_dashboard"
+
+
+async def sign_out(client: httpx.AsyncClient) -> None:
+    token = csrf((await client.get("/dashboard/admin")).text)
+    r = await client.post("/dashboard/signout", data={"csrf_token": token}, headers=ORIGIN)
+    assert r.status_code == 303
+
+
+async def test_a_copied_admin_cookie_is_worthless_after_sign_out_in_every_process(console):  # noqa: F811
+    assert (await sign_in(console.client)).status_code == 303
+    stolen = console.client.cookies[COOKIE]
+    token = csrf((await console.client.get("/dashboard/admin")).text)
+    # Another gateway process on the same database and session key accepts the cookie too…
+    other = create_app(services=build_services(console.services.settings, console.services.clock))
+    async with other.router.lifespan_context(other):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=other), base_url="http://gateway.test",
+                                     cookies={COOKIE: stolen}) as thief:
+            assert (await thief.get("/dashboard/admin")).status_code == 200
+            # …until the operator signs out in the first one: then nowhere.
+            await sign_out(console.client)
+            before, audited = await snapshot(console.services.db), await audit_count(console)
+            thief.cookies.set(COOKIE, stolen)
+            r = await thief.get("/dashboard/admin")
+            assert r.status_code == 303 and r.headers["location"] == "/dashboard/admin/signin"
+            thief.cookies.set(COOKIE, stolen)
+            r = await thief.post("/dashboard/admin/pools/alpha/state", headers=ORIGIN,
+                                 data={"csrf_token": token, "status": "paused", "reason": "stolen"})
+            assert r.status_code == 303 and r.headers["location"] == "/dashboard/admin/signin"
+    assert console.services.catalog.pools["alpha"].status == "active"
+    assert await snapshot(console.services.db) == before and await audit_count(console) == audited
+
+
+async def test_signing_out_ends_only_that_operators_session(console):  # noqa: F811
+    assert (await sign_in(console.client, actor="olga")).status_code == 303
+    olga = console.client.cookies[COOKIE]
+    console.client.cookies.clear()
+    assert (await sign_in(console.client, actor="bob")).status_code == 303
+    bob = console.client.cookies[COOKIE]
+    await sign_out(console.client)
+    console.client.cookies.set(COOKIE, bob)
+    assert (await console.client.get("/dashboard/admin")).status_code == 303
+    console.client.cookies.set(COOKIE, olga)
+    page = await console.client.get("/dashboard/admin")
+    assert page.status_code == 200 and "operator olga" in page.text
+
+
+async def test_an_admin_session_ends_when_it_expires(console):  # noqa: F811
+    assert (await sign_in(console.client)).status_code == 303
+    cookie = console.client.cookies[COOKIE]
+    console.services.clock.advance(ADMIN_SESSION_TTL + timedelta(seconds=1))
+    console.client.cookies.set(COOKIE, cookie)
+    assert (await console.client.get("/dashboard/admin")).status_code == 303
