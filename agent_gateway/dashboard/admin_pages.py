@@ -14,6 +14,7 @@ from agent_gateway.money import format_usdc
 from agent_gateway.payments.refunds import REFUNDABLE_STATES, destination_of
 from agent_gateway.catalog.states import TRANSITIONS
 from agent_gateway.dashboard.guard import Visit, form_field, page
+from agent_gateway.dashboard.rendering import when
 from agent_gateway.dashboard.sessions import SESSION_TTL, Session
 from agent_gateway.errors import GatewayError, InvalidRequest
 from agent_gateway.web.auth import admin_token_matches
@@ -154,9 +155,12 @@ async def confirm_refund(visit: Visit) -> Response:
     return visit.render(
         "confirm.html", title="Refund this payment?", nav="admin-money", question="Refund this payment?",
         subject=f"{format_usdc(p.amount_atomic)} USDC to {where}",
-        details=[("Payment", p.id), ("Pool", p.pool_slug), ("Subscriptions canceled", str(len(live)))],
-        explanation="The subscriptions this payment bought are canceled and their keys refused at once, in "
-                    "every process. A refund cannot be undone. Reason recorded in the audit log: " + reason,
+        details=[("Pool", p.pool_slug), ("Paid", when(p.created_at)), ("Subscriptions canceled", str(len(live)))],
+        explanation=f"Payment {p.id}: the subscriptions it bought are canceled and their keys refused at once, in "
+                    "every process. A refund cannot be undone."
+                    + ("" if p.chain_final else " The payment is not past the reorg horizon yet: the refund waits "
+                                                "until it is, and is then made by the background pass.")
+                    + f" Reason recorded in the audit log: {reason}",
         verb="Refund", danger=True, cancel=f"/admin/payments/{payment_id}",
         hidden=[("to", str(to)), ("reason", reason)],
     )
