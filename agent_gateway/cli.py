@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     chain_commands = chain.add_subparsers(dest="chain_command", metavar="ACTION", required=True)
     chain_check = chain_commands.add_parser(
         "check", help="run serve's start-up chain checks (chain id, token domain and decimals, payTo, "
-                      "relayer gas); one line each, exit 1 on a FAIL")
+                      "relayer gas, the refund wallet's USDC and gas); one line each, exit 1 on a FAIL")
     chain_check.set_defaults(run=_chain_check)
     add_admin_commands(commands)
 
@@ -275,7 +275,7 @@ def _pools_check(args: argparse.Namespace, settings: Settings) -> int:
 def _chain_check(args: argparse.Namespace, settings: Settings) -> int:
     from urllib.parse import urlsplit
 
-    from agent_gateway.lifespan import chain_adapter_for, facilitator_for
+    from agent_gateway.lifespan import chain_adapter_for, facilitator_for, refund_wallet_for
     from agent_gateway.networks import chain_defaults
     from agent_gateway.payments.checks import CheckStatus, run_chain_checks
 
@@ -293,12 +293,15 @@ def _chain_check(args: argparse.Namespace, settings: Settings) -> int:
 
     async def run() -> int:
         facilitator = facilitator_for(settings)
+        refund_wallet = refund_wallet_for(settings)
         try:
             report = await run_chain_checks(chain, adapter, own_settlement=facilitator is None,
                                             warn_settlements=settings.relayer_warn_settlements,
-                                            facilitator=facilitator)
+                                            facilitator=facilitator, refund_wallet=refund_wallet)
         finally:
             await adapter.close()
+            if refund_wallet is not None:
+                await refund_wallet.close()
             if facilitator is not None:
                 await facilitator.close()
         for check in report.checks:

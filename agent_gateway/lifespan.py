@@ -152,7 +152,8 @@ async def run_services(services: Services) -> AsyncIterator[Services]:
             log.warning("%s", line)
         await verify_chain(settings.chain, services.payments.chain,
                            own_settlement=services.payments.facilitator is None,
-                           warn_settlements=settings.relayer_warn_settlements)
+                           warn_settlements=settings.relayer_warn_settlements,
+                           refund_wallet=services.admin.refunds.refunds.wallet)
     if settings.auto_migrate:
         # Alembic is synchronous; run it before the server takes traffic.
         import anyio.to_thread

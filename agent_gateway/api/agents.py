@@ -90,6 +90,8 @@ async def payment_status(request: Request) -> Response:
 
 _NEXT_STEP = {
     "delivered": "Sign in with the paying wallet (POST /api/agent/auth/challenge) to manage the seats.",
+    "refunded": "The payment was refunded (to the account's prepaid balance, or to the paying wallet on-chain); "
+                "what it bought is canceled.",
     "credited": "The amount is the account's prepaid balance: sign in with the paying wallet "
                 "(POST /api/agent/auth/challenge) and buy seats with it (POST /api/pools/{slug}/subscribe).",
 }

@@ -6,6 +6,13 @@ rules a new pools file must keep against what is sold (pure; the admin service a
        │  └──────────┤  (activation called off: back to funding)
        ▼             ▼
      closed ◄────────┘   (the funding round failed; final)
+
+Who moves a pool: `funding → activating` by the pledges reaching the goal (actor `funding-goal`);
+`funding → closed` at the `funding_deadline` (`funding-deadline`) and `activating → closed` at the
+activation deadline, `activation_days` after entering activating (`activation-deadline`); every
+other move, and any of these earlier, by the operator. Entering `active` starts every pledge's
+period; entering `closed` cancels every pledge and refunds it (payments.refunds), each in the
+transition's own transaction.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ settings say (chain id, the token's EIP-712 domain and decimals, payTo, the rela
 A check is a value (name, ok/warn/FAIL, what was expected and found), never an exception; a report
 with a FAIL stops the start (`verify_chain`). The relayer-gas check is the only one that depends on
 who settles: with a facilitator (it pays the gas) it is skipped, and the facilitator's `/supported`
-must list exact payments on our network instead."""
+must list exact payments on our network instead. With on-chain refunds configured
+(AGW_REFUND_PRIVATE_KEY), the refund wallet's USDC and gas are reported too: a warning, never a
+FAIL, when it cannot pay a refund (refunds then wait, and the operator's are refused with a 409)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from eth_utils import is_checksum_address, is_hex_address, keccak, to_checksum_a
 
 from agent_gateway.errors import GatewayError, ServiceUnavailable
 from agent_gateway.metrics import RELAYER_BALANCE, RELAYER_SETTLEMENTS_LEFT
-from agent_gateway.money import USDC_DECIMALS
+from agent_gateway.money import USDC_DECIMALS, format_usdc
 from agent_gateway.payments.chain import ChainAdapter
 from agent_gateway.payments.facilitator import FacilitatorClient
 from agent_gateway.settings import ChainSettings
@@ -122,6 +124,20 @@ async def check_relayer_gas(adapter: ChainAdapter, warn_settlements: int) -> Cha
     return _ok("relayer gas", enough)
 
 
+async def check_refund_wallet(wallet: ChainAdapter) -> ChainCheck:
+    """The refund wallet (AGW_REFUND_PRIVATE_KEY): its USDC and whether it has gas for a refund."""
+    address = wallet.relayer_address
+    usdc, native, cost = (await wallet.balance_of(address), await wallet.native_balance(address),
+                          await wallet.transfer_cost())
+    said = f"{address} holds {format_usdc(usdc)} USDC and {format_eth(native)}"
+    if usdc == 0 or (cost and native < cost):
+        return ChainCheck("refund wallet", CheckStatus.WARN,
+                          f"{said}: on-chain refunds wait (and the operator's are refused) until it holds USDC "
+                          f"and gas (one refund may cost up to {format_eth(cost)})")
+    left = f"gas for {native // cost} refunds" if cost else "fees are zero"
+    return _ok("refund wallet", f"{said}; {left}")
+
+
 async def _token_checks(chain: ChainSettings, adapter: ChainAdapter) -> list[ChainCheck]:
     facts = await adapter.token_facts()
     if not facts.has_code:
@@ -157,7 +173,8 @@ async def check_facilitator(chain: ChainSettings, facilitator: FacilitatorClient
 
 
 async def run_chain_checks(chain: ChainSettings, adapter: ChainAdapter, *, own_settlement: bool = True,
-                           warn_settlements: int = 100, facilitator: FacilitatorClient | None = None) -> ChainReport:
+                           warn_settlements: int = 100, facilitator: FacilitatorClient | None = None,
+                           refund_wallet: ChainAdapter | None = None) -> ChainReport:
     """Every check, in order; the chain ones stop at the first node failure (reported as a FAIL).
 
     own_settlement: the gateway signs and pays for its settlements with AGW_RELAYER_KEY. False when
@@ -173,15 +190,18 @@ async def run_chain_checks(chain: ChainSettings, adapter: ChainAdapter, *, own_s
             checks += await _token_checks(chain, adapter)
             if own_settlement:
                 checks.append(await check_relayer_gas(adapter, warn_settlements))
+            if refund_wallet is not None:
+                checks.append(await check_refund_wallet(refund_wallet))
     except ServiceUnavailable as exc:
         checks.append(_fail("RPC node", f"{exc.message} (AGW_CHAIN_RPC_URL)"))
     return ChainReport(tuple(checks))
 
 
 async def verify_chain(chain: ChainSettings, adapter: ChainAdapter, *, own_settlement: bool = True,
-                       warn_settlements: int = 100) -> ChainReport:
+                       warn_settlements: int = 100, refund_wallet: ChainAdapter | None = None) -> ChainReport:
     """Run the checks before serving: log each one, raise ChainMisconfigured if any failed."""
-    report = await run_chain_checks(chain, adapter, own_settlement=own_settlement, warn_settlements=warn_settlements)
+    report = await run_chain_checks(chain, adapter, own_settlement=own_settlement, warn_settlements=warn_settlements,
+                                    refund_wallet=refund_wallet)
     levels = {CheckStatus.OK: logging.INFO, CheckStatus.WARN: logging.WARNING, CheckStatus.FAIL: logging.ERROR}
     for check in report.checks:
         log.log(levels[check.status], "chain check %s", check.line())

@@ -403,7 +403,9 @@ class Refunds:
         now = self.clock.now()
         if receipt is None:
             try:
-                await wallet.broadcast(raw_tx)
+                await wallet.broadcast(raw_tx)  # the same stored bytes: the node has them, or has them again
+                log.debug("refund %s: transfer %s (nonce %s) sent again, not mined yet", refund.id, tx_hash,
+                          refund.nonce)
             except GatewayError as exc:
                 if exc.code != "relayer_nonce_conflict":
                     raise

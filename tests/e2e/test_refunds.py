@@ -1,0 +1,348 @@
+"""Refunds on a real gateway and a real anvil chain: a funding round that misses its deadline (or its
+activation deadline) is closed and every pledge refunded (the prepaid balance credited exactly; on-
+chain, exactly the paid amount back to the paying wallet); the operator refunds one payment (balance
+or chain), which cancels its subscriptions and revokes their keys at once; a refund the refund wallet
+cannot pay is refused with a 409; a payment not yet past the reorg horizon waits, then is refunded."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from x402.http.clients import x402HttpxClient
+
+from agent_gateway.clock import FixedClock
+from agent_gateway.testing.devchain import DevChain
+from tests.fixtures.live import LiveGateway, live_gateway
+from tests.fixtures.x402 import ChainView, Wallet, chain_settings
+
+pytestmark = pytest.mark.anyio
+ADMIN_TOKEN = "adm-" + "r7" * 20
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}", "X-Admin-Actor": "ops"}
+PRICE = 10 * 10**6
+ROUND = {"pool": "round", "blocks": ["day"], "quantity": 1}
+SHOP = {"pool": "shop", "blocks": ["day"], "quantity": 1}
+ASK = [{"role": "user", "content": "hi"}]
+START = datetime.now(UTC).replace(microsecond=0)
+POOLS = """
+[blocks]
+day = "00:00-24:00"
+
+[pools.round]
+name = "Seed round"
+models = ["test-model"]
+upstreams = ["{{upstream}}"]
+seats = 10
+status = "funding"
+funding_goal = {goal}
+funding_deadline = {deadline}
+activation_days = 2
+prices = {{{{ day = "10.00" }}}}
+
+[pools.shop]
+name = "Shop"
+models = ["test-model"]
+upstreams = ["{{upstream}}"]
+seats = 10
+prices = {{{{ day = "10.00" }}}}
+"""
+
+
+def pools(goal: int) -> str:
+    return POOLS.format(goal=goal, deadline=(START + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+
+@pytest.fixture
+def refund_wallet(chain_view: ChainView) -> Wallet:
+    return chain_view.new_wallet(usdc_atomic=100 * 10**6, eth_wei=10**18)
+
+
+@pytest.fixture
+def clock() -> FixedClock:
+    return FixedClock(START)
+
+
+def gateway(tmp_path: Path, sqlite_url: str, upstream, devchain: DevChain, clock: FixedClock, *, goal: int = 5,
+            **overrides) -> Iterator[LiveGateway]:
+    settings = {**chain_settings(devchain), "reorg_horizon_blocks": 1, **overrides}
+    return live_gateway(tmp_path, sqlite_url, upstream, pools=pools(goal), admin_token=ADMIN_TOKEN, clock=clock,
+                        **settings)
+
+
+async def run_jobs(live: LiveGateway, times: int = 1) -> None:
+    for _ in range(times):
+        await live.on_server(live.services.jobs.run_once())
+
+
+async def x402_buy(live: LiveGateway, devchain: DevChain, wallet: Wallet, order: dict) -> dict:
+    async with x402HttpxClient(devchain.x402_client(wallet.key), base_url=live.url, timeout=60) as http:
+        r = await http.post("/api/agent/subscribe-pool", json={**order, "name": "buyer"})
+    assert r.status_code == 201, r.text
+    return r.json()["data"]
+
+
+def balance_pledge(live: LiveGateway, mk: str) -> tuple[dict, str]:
+    with httpx.Client(base_url=live.url, headers={"Authorization": f"Bearer {mk}"}, timeout=30) as http:
+        r = http.post("/api/pools/round/subscribe", json={"blocks": ["day"], "quantity": 1})
+        assert r.status_code == 201, r.text
+        [sub] = r.json()["data"]["subscriptions"]
+        r = http.post("/api/keys/subscription", json={"name": "pledge", "subscriptionId": sub["id"]})
+        assert r.status_code == 201, r.text
+        return sub, r.json()["data"]["apiKey"]
+
+
+def balance(live: LiveGateway, mk: str) -> str:
+    return httpx.get(live.url + "/api/account", headers={"Authorization": f"Bearer {mk}"}).json()["data"]["balance"]
+
+
+def key_refused(live: LiveGateway, sk: str) -> bool:
+    """The key is refused for good: its subscription canceled (403 subscription_expired) or the key
+    revoked (403 key_revoked); a pledge's key on a funding pool is refused otherwise (pool_funding)."""
+    with openai.OpenAI(base_url=live.url + "/v1", api_key=sk, max_retries=0) as client:
+        try:
+            client.chat.completions.create(model="test-model", messages=ASK)
+        except openai.PermissionDeniedError as exc:
+            return exc.code in ("subscription_expired", "key_revoked")
+    return False
+
+
+def key_statuses(live: LiveGateway, account_id: str) -> list[str]:
+    account = httpx.get(f"{live.url}/api/admin/accounts/{account_id}", headers=ADMIN).json()["data"]
+    return [k["status"] for k in account["keys"]]
+
+
+def key_works(live: LiveGateway, sk: str) -> bool:
+    with openai.OpenAI(base_url=live.url + "/v1", api_key=sk, max_retries=0) as client:
+        return bool(client.chat.completions.create(model="test-model", messages=ASK).choices[0].message.content)
+
+
+def nonce(devchain: DevChain, address: str) -> int:
+    return devchain.web3().eth.get_transaction_count(address)
+
+
+def refunds(live: LiveGateway, **params: str) -> list[dict]:
+    r = httpx.get(live.url + "/api/admin/refunds", params=params, headers=ADMIN)
+    assert r.status_code == 200, r.text
+    return r.json()["data"]
+
+
+def payment_state(live: LiveGateway, payment_id: str) -> str:
+    return httpx.get(f"{live.url}/api/agent/payments/{payment_id}").json()["data"]["state"]
+
+
+async def test_a_missed_funding_deadline_closes_the_round_and_refunds_every_pledge(
+        tmp_path, sqlite_url, upstream, devchain, chain_view, refund_wallet, clock):
+    with gateway(tmp_path, sqlite_url, upstream, devchain, clock, refund_to="chain",
+                 refund_private_key=refund_wallet.key) as live:
+        mk = live.new_account(credit_usdc=100)
+        sub, sk_balance = balance_pledge(live, mk)
+        assert balance(live, mk) == "90.00"
+        payer = chain_view.new_wallet()
+        payer_before = chain_view.usdc(payer.address)
+        bought = await x402_buy(live, devchain, payer, ROUND)
+        [pledge] = bought["subscriptions"]
+        assert pledge["status"] == "pending" and chain_view.usdc(payer.address) == payer_before - PRICE
+        payment_id = pledge["paymentId"]
+        wallet_before, wallet_nonce = chain_view.usdc(refund_wallet.address), nonce(devchain, refund_wallet.address)
+
+        # Before the deadline the passes leave the round alone.
+        await run_jobs(live)
+        assert httpx.get(live.url + "/api/pools/round").json()["data"]["status"] == "funding"
+        assert refunds(live) == []
+
+        clock.advance(timedelta(days=1, seconds=1))
+        await run_jobs(live, times=2)  # closes and plans; sends; confirms
+        assert httpx.get(live.url + "/api/pools/round").json()["data"]["status"] == "closed"
+        audit = httpx.get(live.url + "/api/admin/audit?target=pool:round", headers=ADMIN).json()["data"]
+        assert [(a["actor"], a["before"]["status"], a["after"]["status"]) for a in audit] == [
+            ("funding-deadline", "funding", "closed")]
+
+        # The balance pledge: credited back exactly, at once (a pledge paid from the balance goes back to it).
+        assert balance(live, mk) == "100.00"
+        by_source = {r["paymentId"] or r["subscriptionId"]: r for r in refunds(live)}
+        assert by_source[sub["id"]]["state"] == "refunded" and by_source[sub["id"]]["destination"] == "balance"
+        # The x402 pledge: exactly the paid amount back to the payer, from the refund wallet, once.
+        chain_refund = by_source[payment_id]
+        assert chain_refund["state"] == "refunded" and chain_refund["destination"] == "chain", chain_refund
+        assert chain_refund["to"] == payer.address.lower() and chain_refund["amount"] == "10.00"
+        assert chain_view.usdc(payer.address) == payer_before
+        assert chain_view.usdc(refund_wallet.address) == wallet_before - PRICE
+        assert nonce(devchain, refund_wallet.address) == wallet_nonce + 1
+        receipt = devchain.web3().eth.get_transaction_receipt(chain_refund["txHash"])
+        assert receipt["status"] == 1 and receipt["blockNumber"] == chain_refund["blockNumber"]
+        assert payment_state(live, payment_id) == "refunded"
+        # Both pledges canceled, their keys revoked; seats back.
+        subs = httpx.get(live.url + "/api/subscriptions", headers={"Authorization": f"Bearer {mk}"}).json()["data"]
+        assert [s["status"] for s in subs] == ["canceled"]
+        assert key_refused(live, sk_balance) and key_refused(live, pledge["apiKey"])
+        assert key_statuses(live, by_source[sub["id"]]["accountId"]) == ["revoked"]
+        assert key_statuses(live, chain_refund["accountId"]) == ["revoked"]
+        assert httpx.get(live.url + "/api/pools/round").json()["data"]["blocks"][0]["availableSeats"] == 10
+        metrics = httpx.get(live.url + "/metrics").text
+        assert 'agw_refunds_total{destination="chain",outcome="refunded"} 1.0' in metrics
+        assert 'agw_pools_closed_total{deadline="funding",pool="round"} 1.0' in metrics
+
+        # More passes change nothing: refunded once.
+        await run_jobs(live, times=2)
+        assert chain_view.usdc(payer.address) == payer_before and balance(live, mk) == "100.00"
+        assert nonce(devchain, refund_wallet.address) == wallet_nonce + 1
+
+
+async def test_a_missed_activation_deadline_closes_the_round_and_refunds_to_the_balance(
+        tmp_path, sqlite_url, upstream, devchain, chain_view, clock):
+    with gateway(tmp_path, sqlite_url, upstream, devchain, clock, goal=2) as live:  # AGW_REFUND_TO=balance
+        mk = live.new_account(credit_usdc=50)
+        balance_pledge(live, mk)
+        payer = chain_view.new_wallet()
+        payer_before = chain_view.usdc(payer.address)
+        bought = await x402_buy(live, devchain, payer, ROUND)
+        payment_id = bought["subscriptions"][0]["paymentId"]
+        account_id = bought["accountId"] if "accountId" in bought else None
+        assert httpx.get(live.url + "/api/pools/round").json()["data"]["status"] == "activating"
+        # Past the funding deadline but activating: only the activation deadline counts now.
+        clock.advance(timedelta(days=1, hours=12))
+        await run_jobs(live)
+        assert httpx.get(live.url + "/api/pools/round").json()["data"]["status"] == "activating"
+        clock.advance(timedelta(days=1))  # two days after the goal was reached
+        await run_jobs(live)
+        assert httpx.get(live.url + "/api/pools/round").json()["data"]["status"] == "closed"
+        audit = httpx.get(live.url + "/api/admin/audit?target=pool:round", headers=ADMIN).json()["data"]
+        assert audit[0]["actor"] == "activation-deadline" and audit[0]["before"]["status"] == "activating"
+        assert balance(live, mk) == "50.00"
+        # The x402 pledge went to the paying wallet's account balance (the default), nothing on-chain.
+        assert chain_view.usdc(payer.address) == payer_before - PRICE
+        assert payment_state(live, payment_id) == "refunded"
+        [refund] = refunds(live, payment=payment_id)
+        assert refund["state"] == "refunded" and refund["destination"] == "balance" and refund["txHash"] is None
+        account = httpx.get(f"{live.url}/api/admin/accounts/{refund['accountId']}", headers=ADMIN).json()["data"]
+        assert account["balance"] == "10.00" and account_id in (None, account["id"])
+        assert [e["kind"] for e in account["balanceEntries"]] == ["refund"]
+
+
+async def test_the_operator_refunds_one_payment_to_the_balance_or_on_chain(
+        tmp_path, sqlite_url, upstream, devchain, chain_view, refund_wallet, clock):
+    with gateway(tmp_path, sqlite_url, upstream, devchain, clock, refund_private_key=refund_wallet.key) as live:
+        first, second = chain_view.new_wallet(), chain_view.new_wallet()
+        bought = [await x402_buy(live, devchain, w, SHOP) for w in (first, second)]
+        keys = [b["subscriptions"][0]["apiKey"] for b in bought]
+        payments = [b["subscriptions"][0]["paymentId"] for b in bought]
+        assert all(key_works(live, k) for k in keys)
+        await run_jobs(live)  # past the reorg horizon (1 block)
+
+        # To the balance (the default): credited at once, the subscription canceled, its key dead.
+        r = httpx.post(f"{live.url}/api/admin/payments/{payments[0]}/refund", json={"reason": "asked"}, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        data = r.json()["data"]
+        assert data["state"] == "refunded" and data["destination"] == "balance" and data["amount"] == "10.00"
+        assert data["payment"]["state"] == "refunded" and len(data["keysRevoked"]) == 1
+        assert key_refused(live, keys[0]) and key_works(live, keys[1])
+        account = httpx.get(f"{live.url}/api/admin/accounts/{data['accountId']}", headers=ADMIN).json()["data"]
+        assert account["balance"] == "10.00" and [s["status"] for s in account["subscriptions"]] == ["canceled"]
+        [entry] = httpx.get(live.url + f"/api/admin/audit?target=payment:{payments[0]}", headers=ADMIN).json()["data"]
+        assert entry["action"] == "payment.refund" and entry["actor"] == "ops" and entry["reason"] == "asked"
+        assert entry["before"]["state"] == "delivered" and entry["after"]["destination"] == "balance"
+
+        # Twice: refused, nothing more credited.
+        r = httpx.post(f"{live.url}/api/admin/payments/{payments[0]}/refund", json={"to": "chain"}, headers=ADMIN)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "already_refunded"
+
+        # On-chain: exactly the paid amount back to the paying wallet.
+        payer_before = chain_view.usdc(second.address)
+        r = httpx.post(f"{live.url}/api/admin/payments/{payments[1]}/refund", json={"to": "chain", "reason": "x"},
+                       headers=ADMIN)
+        assert r.status_code == 200, r.text
+        data = r.json()["data"]
+        assert data["state"] in ("broadcast", "refunded") and data["txHash"] and data["payment"]["state"] == "refunded"
+        assert key_refused(live, keys[1])
+        await run_jobs(live)
+        [refund] = refunds(live, payment=payments[1])
+        assert refund["state"] == "refunded" and refund["txHash"] == data["txHash"]
+        assert chain_view.usdc(second.address) == payer_before + PRICE
+
+        # The money view shows the refund wallet.
+        money = httpx.get(live.url + "/api/admin/money", headers=ADMIN).json()["data"]
+        assert money["refundWallet"]["address"] == refund_wallet.address
+        assert money["refundWallet"]["usdc"] == "90.00" and int(money["refundWallet"]["nativeWei"]) > 0
+        # Unknown payment: 404; a payment in no refundable state: 409.
+        r = httpx.post(f"{live.url}/api/admin/payments/pay_nope/refund", json={}, headers=ADMIN)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "payment_not_found"
+
+
+async def test_a_concurrent_double_refund_refunds_once(
+        tmp_path, sqlite_url, upstream, devchain, chain_view, clock):
+    with gateway(tmp_path, sqlite_url, upstream, devchain, clock) as live:
+        bought = await x402_buy(live, devchain, chain_view.new_wallet(), SHOP)
+        payment_id = bought["subscriptions"][0]["paymentId"]
+        await run_jobs(live)
+
+        def refund(_: int) -> httpx.Response:
+            return httpx.post(f"{live.url}/api/admin/payments/{payment_id}/refund", json={"to": "balance"},
+                              headers=ADMIN, timeout=30)
+
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(refund, range(6)))
+        assert sorted(r.status_code for r in answers) == [200] + [409] * 5, [r.text for r in answers]
+        assert all(r.json()["error"]["code"] == "already_refunded" for r in answers if r.status_code == 409)
+        [done] = refunds(live)
+        account = httpx.get(f"{live.url}/api/admin/accounts/{done['accountId']}", headers=ADMIN).json()["data"]
+        assert account["balance"] == "10.00" and len(account["balanceEntries"]) == 1
+
+
+async def test_a_refund_the_wallet_cannot_pay_is_refused_and_a_payment_not_yet_final_waits(
+        tmp_path, sqlite_url, upstream, devchain, chain_view, clock):
+    poor = chain_view.new_wallet(usdc_atomic=0, eth_wei=10**18)
+    with gateway(tmp_path, sqlite_url, upstream, devchain, clock, refund_private_key=poor.key,
+                 reorg_horizon_blocks=3) as live:
+        payer = chain_view.new_wallet()
+        bought = await x402_buy(live, devchain, payer, SHOP)
+        payment_id, sk = bought["subscriptions"][0]["paymentId"], bought["subscriptions"][0]["apiKey"]
+        w3 = devchain.web3()
+
+        # No USDC in the refund wallet: 409, nothing written.
+        r = httpx.post(f"{live.url}/api/admin/payments/{payment_id}/refund", json={"to": "chain"}, headers=ADMIN)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "refund_wallet_short_usdc", r.text
+        assert "0.00 USDC" in r.json()["error"]["message"]
+        # USDC but no gas: 409 too.
+        devchain.fund(poor.address, 50 * 10**6)
+        w3.provider.make_request("anvil_setBalance", [poor.address, "0x0"])
+        r = httpx.post(f"{live.url}/api/admin/payments/{payment_id}/refund", json={"to": "chain"}, headers=ADMIN)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "refund_wallet_short_gas", r.text
+        assert refunds(live) == [] and payment_state(live, payment_id) == "delivered" and key_works(live, sk)
+        money = httpx.get(live.url + "/api/admin/money", headers=ADMIN).json()["data"]
+        assert money["refundWallet"]["usdc"] == "50.00" and money["refundWallet"]["nativeWei"] == "0"
+
+        # A payment not yet past the reorg horizon (3 blocks): planned, waiting; the key still works.
+        r = httpx.post(f"{live.url}/api/admin/payments/{payment_id}/refund", json={"to": "balance"}, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        data = r.json()["data"]
+        assert data["state"] == "planned" and data["waiting"] == "awaiting_finality"
+        await run_jobs(live)
+        assert refunds(live)[0]["state"] == "planned" and key_works(live, sk)
+        w3.provider.make_request("anvil_mine", ["0x3"])
+        await run_jobs(live, times=2)  # the reorg pass marks it final; the refund pass makes it
+        [refund] = refunds(live)
+        assert refund["state"] == "refunded" and refund["waiting"] is None
+        assert payment_state(live, payment_id) == "refunded" and key_refused(live, sk)
+        account = httpx.get(f"{live.url}/api/admin/accounts/{refund['accountId']}", headers=ADMIN).json()["data"]
+        assert account["balance"] == "10.00"
+
+
+def test_chain_check_reports_the_refund_wallet(devchain, chain_view):
+    from tests.e2e.test_chain_checks import chain_env, cli
+
+    empty, funded = chain_view.new_wallet(usdc_atomic=0, eth_wei=0), chain_view.new_wallet(usdc_atomic=5 * 10**6)
+    result = cli(chain_env(devchain, AGW_REFUND_PRIVATE_KEY=empty.key), "chain", "check")
+    assert result.returncode == 0, result.stdout + result.stderr  # a warning: refunds wait, the gateway serves
+    [line] = [x for x in result.stdout.splitlines() if "refund wallet" in x]
+    assert line.startswith("warn  refund wallet: " + empty.address) and "0.00 USDC" in line, line
+    result = cli(chain_env(devchain, AGW_REFUND_PRIVATE_KEY=funded.key), "chain", "check")
+    [line] = [x for x in result.stdout.splitlines() if "refund wallet" in x]
+    assert line.startswith(f"ok    refund wallet: {funded.address} holds 5.00 USDC"), line
+    # The relayer's key is refused as the refund key (they would take each other's nonces).
+    result = cli(chain_env(devchain, AGW_REFUND_PRIVATE_KEY=devchain.relayer_key), "chain", "check")
+    assert result.returncode != 0 and "must not be AGW_RELAYER_KEY" in result.stderr, result.stderr
