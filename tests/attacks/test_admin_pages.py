@@ -4,6 +4,7 @@ nothing, no redirect leaves the site, and a copied admin cookie is worthless onc
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import timedelta
 
@@ -16,6 +17,7 @@ from agent_gateway.dashboard.admin_pages import ADMIN_SESSION_TTL
 from agent_gateway.db.models import AuditRecord
 from agent_gateway.lifespan import build_services
 from tests.fixtures.state import snapshot
+from tests.integration.test_admin import ADMIN_TOKEN
 from tests.integration.test_admin_dashboard import ORIGIN, console, csrf, post, sign_in  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.anyio
@@ -32,6 +34,7 @@ def admin_forms(account_id: str) -> list[tuple[str, dict[str, str]]]:
         (f"/dashboard/admin/accounts/{account_id}/credit", {"amount": "5", "reason": "r"}),
         (f"/dashboard/admin/accounts/{account_id}/debit", {"amount": "1", "reason": "r"}),
         (f"/dashboard/admin/accounts/{account_id}/disable", {"reason": "r"}),
+        ("/dashboard/admin/payments/pay_any/refund", {"to": "balance", "reason": "r"}),
     ]
 
 
@@ -45,7 +48,20 @@ def assert_inert(html: str, where: str) -> None:
     assert "<script>alert" not in html and "<img src=x" not in html, where
 
 
-async def test_hostile_text_is_shown_as_text_on_every_admin_page(console):  # noqa: F811
+async def test_hostile_text_is_shown_as_text_on_every_admin_page(console, pools_file):  # noqa: F811
+    # A pool whose name and description are markup (the pools file is the operator's, but still).
+    pools_file.write_text(pools_file.read_text() + f"""
+[pools.marked]
+name = {json.dumps(HOSTILE)}
+description = {json.dumps(HOSTILE)}
+models = ["marked-1"]
+upstreams = ["http://127.0.0.1:9/v1"]
+seats = 2
+prices = {{ europe = "5.00" }}
+""")
+    r = await console.client.post("/api/admin/pools/reload", headers={"Authorization": f"Bearer {ADMIN_TOKEN}",
+                                                                      "X-Admin-Actor": "olga"})
+    assert r.status_code == 200, r.text
     account_id, mk = await console.new_account(HOSTILE, credit="100")
     await console.buy(mk)
     assert (await sign_in(console.client)).status_code == 303
@@ -60,6 +76,7 @@ async def test_hostile_text_is_shown_as_text_on_every_admin_page(console):  # no
         "audit": "/dashboard/admin/audit",
         "pools": "/dashboard/admin",
         "money": "/dashboard/admin/money",
+        "public pools": "/dashboard/pools",
     }
     for name, path in pages.items():
         page = await console.client.get(path)
@@ -70,6 +87,7 @@ async def test_hostile_text_is_shown_as_text_on_every_admin_page(console):  # no
     assert account_page.count(ESCAPED) >= 2
     assert ESCAPED in (await console.client.get(pages["search by name"])).text
     assert (await console.client.get(pages["audit"])).text.count(ESCAPED) >= 2
+    assert ESCAPED in (await console.client.get(pages["pools"])).text
     # A hostile id in a path or a form comes back in a message (a flash, an error page): as text.
     for path, form in ((f"/dashboard/admin/pools/{HOSTILE_ID}/state", {"status": "active"}),
                        (f"/dashboard/admin/accounts/{HOSTILE_ID}/credit", {"amount": "1", "reason": "x"}),
@@ -134,18 +152,21 @@ async def test_a_customer_session_or_no_session_cannot_post_admin_forms(console)
     assert await snapshot(console.services.db) == before and await audit_count(console) == audited
 
 
-@pytest.mark.parametrize("account_id", ["%5C%5Cevil.example", "%5Cevil.example", "@evil.example",
-                                        "..%5C..%5Cevil.example", "%09%2F%2Fevil.example", "javascript:alert(1)"])
-async def test_no_admin_redirect_leaves_the_site(console, account_id):  # noqa: F811
+async def test_no_admin_redirect_leaves_the_site(console):  # noqa: F811
     assert (await sign_in(console.client)).status_code == 303
-    for action in ("credit", "disable"):
-        r = await post(console.client, f"/dashboard/admin/accounts/{account_id}/{action}", amount="1", reason="x")
-        if r.status_code == 303:
-            location = r.headers["location"]
-            assert location.startswith("/dashboard/admin/"), location
-            assert not re.match(r"^(/[/\\]|[a-z]+:)", location), location
-        else:
-            assert r.status_code in (403, 404), r.status_code
+    for hostile in ("%5C%5Cevil.example", "%5Cevil.example", "@evil.example", "..%5C..%5Cevil.example",
+                    "%09%2F%2Fevil.example", "javascript:alert(1)"):
+        for path in (f"/dashboard/admin/accounts/{hostile}/credit", f"/dashboard/admin/accounts/{hostile}/disable",
+                     f"/dashboard/admin/payments/{hostile}/refund", f"/dashboard/admin/pools/{hostile}/state"):
+            r = await post(console.client, path, amount="1", reason="x", status="active", to="balance")
+            if r.status_code == 303:
+                location = r.headers["location"]
+                assert location.startswith("/dashboard/admin"), location
+                assert not re.match(r"^(/[/\\]|[a-z]+:)", location), location
+            else:
+                assert r.status_code in (403, 404), (path, r.status_code)
+        r = await console.client.get(f"/dashboard/admin/payments/{hostile}/refund", params={"reason": "x"})
+        assert r.status_code in (303, 404) and not r.headers.get("location", "/dashboard/").startswith("//")
 
 
 # --- admin sessions are kept server-side -----------------------------------------------------
