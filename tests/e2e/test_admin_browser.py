@@ -22,11 +22,11 @@ from x402.http.clients import x402HttpxClient
 from agent_gateway.catalog.pricing import make_order
 from agent_gateway.payments import ledger
 from agent_gateway.payments.ledger import Claim
-from agent_gateway.testing.devchain import DevChain
+from agent_gateway.testing.devchain import DevChain, token_contract
 from tests.e2e.test_x402 import PRICE, buy_in_background, claim_signature, official_client, transfer
 from tests.fixtures.browser import Browser, start_chromium
-from tests.fixtures.live import LiveGateway, live_gateway, provision_account
-from tests.fixtures.x402 import ChainView, Wallet, chain_settings
+from tests.fixtures.live import LiveGateway, live_gateway
+from tests.fixtures.x402 import ChainView, chain_settings
 
 pytestmark = pytest.mark.anyio
 ADMIN_TOKEN = "adm-" + "b7" * 20
@@ -285,10 +285,7 @@ def failed_after_broadcast(live: LiveGateway, devchain: DevChain, view: ChainVie
         buyer, outcome = buy_in_background(devchain, wallet, live.url)
         wait_until(lambda: w3.eth.get_transaction_count(devchain.relayer_address, "pending") > relayer_nonce,
                    "the gateway to broadcast its settlement")
-        abi = [{"name": "transfer", "type": "function", "stateMutability": "nonpayable",
-                "inputs": [{"name": "to", "type": "address"}, {"name": "value", "type": "uint256"}],
-                "outputs": [{"name": "", "type": "bool"}]}]
-        tx = w3.eth.contract(address=devchain.token, abi=abi).functions.transfer(elsewhere.address, PRICE).build_transaction(
+        tx = token_contract(w3, devchain.token).functions.transfer(elsewhere.address, PRICE).build_transaction(
             {"from": wallet.address, "nonce": w3.eth.get_transaction_count(wallet.address), "chainId": devchain.chain_id,
              "gas": 100_000, "maxPriorityFeePerGas": 200 * 10**9, "maxFeePerGas": 400 * 10**9})
         w3.eth.send_raw_transaction(EthAccount.sign_transaction(tx, wallet.key).raw_transaction)
