@@ -491,3 +491,24 @@ async def test_a_payment_is_refunded_from_the_console_to_the_balance_and_on_chai
     rows = [r for r in audit_rows(operator) if "payment.refund" in r]
     assert any(payments[0] in r and "customer asked within a day" in r and OPERATOR in r for r in rows)
     assert any(payments[1] in r and "double charge" in r and "chain" in r for r in rows)
+
+
+# --- hostile text --------------------------------------------------------------------------------
+
+async def test_markup_in_names_and_reasons_is_shown_as_text_and_never_runs(console, operator):
+    from agent_gateway.accounts.service import create_account
+
+    name = "<img src=x onerror=\"document.title='pwned'\">Evil Co"
+    reason = "<script>document.title='pwned'</script>refund"
+    account, _ = await console.on_server(create_account(console.services.db, console.services.clock, name))
+    operator.open(f"/dashboard/admin/accounts/{account.id}")
+    submit_form(operator, '[data-action="credit"]', amount="1", reason=reason)
+    pages = {"search": "/dashboard/admin/accounts?q=Evil", "account": f"/dashboard/admin/accounts/{account.id}",
+             "audit": "/dashboard/admin/audit"}
+    for page, path in pages.items():
+        operator.open(path)
+        operator.wait_for("h1")
+        assert operator.driver.title != "pwned", page
+        assert not operator.driver.execute_script("return document.querySelectorAll('main img, main script').length")
+        shown = operator.text("main")
+        assert (name in shown) if page != "audit" else (reason in shown), page
