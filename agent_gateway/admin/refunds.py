@@ -12,7 +12,6 @@ from sqlalchemy.exc import IntegrityError
 from agent_gateway.admin import audit
 from agent_gateway.db.engine import Database
 from agent_gateway.db.models import Payment, Refund, RefundDestination
-from agent_gateway.errors import NotFound
 from agent_gateway.money import format_usdc
 from agent_gateway.payments import ledger
 from agent_gateway.payments.refunds import RefundRefused, Refunds, RefundWallet, destination_of
@@ -50,10 +49,9 @@ class RefundAdmin:
         404 payment_not_found; 409 already_refunded (also for a second, concurrent request: one
         refund per payment), payment_not_refundable, payment_already_credited, chain_refunds_off."""
         destination = destination_of(to, self.refunds.default_destination)
-        payment = await ledger.get_payment(self.db, payment_id)
-        if payment is None:
-            raise NotFound(f"No payment {payment_id!r}.", code="payment_not_found")
-        if destination == RefundDestination.CHAIN and self.refunds.chain_enabled:
+        await self.refunds.refusal(payment_id, destination)
+        payment = await ledger.load_payment(self.db, payment_id)
+        if destination == RefundDestination.CHAIN:
             # Refuse before anything is written: a refund that would fail for lack of funds.
             await self.refunds.check_wallet(ledger.refundable_atomic(payment))
         now = self.refunds.clock.now()

@@ -47,6 +47,7 @@ from agent_gateway.db.engine import Database, rows_changed
 from agent_gateway.db.models import (
     Payment,
     PaymentState,
+    PoolState,
     Refund,
     RefundDestination,
     RefundState,
@@ -109,7 +110,8 @@ class RefundWallet:
 
 @dataclass
 class Outcome:
-    """What one step did; `key_ids` were revoked in its transaction (ended everywhere by the caller)."""
+    """What one step did; `key_ids` were revoked in its transaction (`carry_out` ends them everywhere
+    itself; after `plan_payment`, the caller does, once its transaction committed)."""
 
     refund: Refund | None
     key_ids: list[str] = field(default_factory=list)
@@ -224,9 +226,34 @@ class Refunds:
         409 refund_refused when it is not refundable (its state, already refunded, on-chain refunds
         off, a credited payment to the balance it is already on)."""
         payment = await session.get(Payment, payment_id, with_for_update=True)
+        self.check_refundable(payment, await self._refund_of(session, payment_id), destination, payment_id)
+        assert payment is not None
+        amount = ledger.refundable_atomic(payment)
+        refund = self._new(now, payment_id=payment.id, account_id=payment.account_id, pool_slug=payment.pool_slug,
+                           amount_atomic=amount, destination=destination, to_address=payment.payer,
+                           reason=OPERATOR, note=note, actor=actor)
+        session.add(refund)
+        await session.flush()
+        outcome = Outcome(refund)
+        if destination == D.BALANCE and payment.chain_final:
+            outcome.key_ids = await self._to_balance(session, refund, now) or []
+        elif not payment.chain_final:
+            refund.waiting = AWAITING_FINALITY
+            session.add(refund)
+        return outcome
+
+    async def refusal(self, payment_id: str, destination: RefundDestination) -> None:
+        """The operator's refund checked before anything is written (the same checks `plan_payment`
+        makes again under the payment's lock): raises what it would raise."""
+        async with self.db.read() as session:
+            payment = await session.get(Payment, payment_id)
+            existing = await self._refund_of(session, payment_id)
+        self.check_refundable(payment, existing, destination, payment_id)
+
+    def check_refundable(self, payment: Payment | None, existing: Refund | None, destination: RefundDestination,
+                         payment_id: str) -> None:
         if payment is None:
             raise NotFound(f"No payment {payment_id!r}.", code="payment_not_found")
-        existing = await self._refund_of(session, payment_id)
         if existing is not None or payment.state == PaymentState.REFUNDED:
             raise RefundRefused(f"Payment {payment_id} is already refunded"
                                 + (f" (refund {existing.id}, {existing.state})." if existing else "."),
@@ -241,21 +268,8 @@ class Refunds:
                                 code="payment_already_credited")
         if destination == D.CHAIN:
             self._require_wallet()
-        amount = ledger.refundable_atomic(payment)
-        if amount <= 0:
+        if ledger.refundable_atomic(payment) <= 0:
             raise RefundRefused(f"Payment {payment_id} has nothing to refund.", code="payment_not_refundable")
-        refund = self._new(now, payment_id=payment.id, account_id=payment.account_id, pool_slug=payment.pool_slug,
-                           amount_atomic=amount, destination=destination, to_address=payment.payer,
-                           reason=OPERATOR, note=note, actor=actor)
-        session.add(refund)
-        await session.flush()
-        outcome = Outcome(refund)
-        if destination == D.BALANCE and payment.chain_final:
-            outcome.key_ids = await self._to_balance(session, refund, now) or []
-        elif not payment.chain_final:
-            refund.waiting = AWAITING_FINALITY
-            session.add(refund)
-        return outcome
 
     async def check_wallet(self, amount_atomic: int) -> RefundWallet:
         """409 unless the refund wallet holds `amount_atomic` more USDC than the on-chain refunds
@@ -289,6 +303,7 @@ class Refunds:
         """The background pass: follow the sent transfers first (their nonces come before any new
         one), then carry out the planned refunds. The number of refunds that moved."""
         moved = 0
+        await self._sweep_closed_pools()
         for state in (R.BROADCAST, R.PLANNED):
             async with self.db.read() as session:
                 rows = list(await session.scalars(
@@ -303,6 +318,26 @@ class Refunds:
                 if outcome.refund is not None and outcome.refund.state != refund.state:
                     moved += 1
         return moved
+
+    async def _sweep_closed_pools(self) -> None:
+        """A payment checked before its pool closed can deliver after it: a pledge on a closed pool
+        (subscriptions.funding). Each pass cancels and refunds such pledges like the close did, under
+        the pool state row's lock, which a delivery holds while it decides "pledge"."""
+        async with self.db.read() as session:
+            slugs = list((await session.execute(
+                select(Subscription.pool_slug).distinct()
+                .join(PoolState, col(PoolState.pool_slug) == col(Subscription.pool_slug))
+                .where(col(Subscription.status) == SubscriptionStatus.PENDING,
+                       col(PoolState.status) == PoolStatus.CLOSED))).scalars())
+        for slug in slugs:
+            async with self.db.transaction() as session:
+                row = await session.get(PoolState, slug, with_for_update=True)
+                if row is None or row.status != PoolStatus.CLOSED:
+                    continue
+                key_ids = await self.plan_pool(session, slug, self.clock.now(),
+                                               note=f"pledge delivered after pool {slug} closed")
+            if key_ids:
+                await self.keys.end_revoked_keys(key_ids, "pool_closed")
 
     async def _step(self, refund: Refund) -> Outcome:
         if refund.state == R.BROADCAST:
@@ -455,13 +490,16 @@ class Refunds:
         return Outcome(await self.get(refund.id))
 
     async def _wait(self, refund: Refund, why: str) -> None:
-        """A planned refund that cannot go on now: say why (shown in the console), once."""
-        if refund.state != R.PLANNED or refund.waiting == why:
+        """A planned refund that cannot go on now: say why (shown in the console; logged when it
+        changes). Its `updated_at` moves too, so the pass, which takes the longest untouched first,
+        gets to every refund however many wait."""
+        if refund.state != R.PLANNED:
             return
         async with self.db.transaction() as session:
             await session.execute(update(Refund).where(col(Refund.id) == refund.id, col(Refund.state) == R.PLANNED)
                                   .values(waiting=why, updated_at=self.clock.now()))
-        log.info("refund %s waits: %s", refund.id, why)
+        if refund.waiting != why:
+            log.info("refund %s waits: %s", refund.id, why)
 
     async def _next_stored_nonce(self) -> int | None:
         """One past the highest nonce a refund of this wallet holds (a stored transfer the node may

@@ -346,3 +346,37 @@ def test_chain_check_reports_the_refund_wallet(devchain, chain_view):
     # The relayer's key is refused as the refund key (they would take each other's nonces).
     result = cli(chain_env(devchain, AGW_REFUND_PRIVATE_KEY=devchain.relayer_key), "chain", "check")
     assert result.returncode != 0 and "must not be AGW_RELAYER_KEY" in result.stderr, result.stderr
+
+
+async def test_a_refund_whose_nonce_another_transaction_took_is_signed_again_and_paid_once(
+        tmp_path, sqlite_url, upstream, devchain, chain_view, refund_wallet, clock):
+    from eth_account import Account
+
+    with gateway(tmp_path, sqlite_url, upstream, devchain, clock, refund_private_key=refund_wallet.key) as live:
+        payer = chain_view.new_wallet()
+        payment_id = (await x402_buy(live, devchain, payer, SHOP))["subscriptions"][0]["paymentId"]
+        await run_jobs(live)
+        payer_before, nonce_before = chain_view.usdc(payer.address), nonce(devchain, refund_wallet.address)
+        w3 = devchain.web3()
+        w3.provider.make_request("evm_setAutomine", [False])
+        try:
+            r = httpx.post(f"{live.url}/api/admin/payments/{payment_id}/refund", json={"to": "chain"}, headers=ADMIN)
+            assert r.status_code == 200 and r.json()["data"]["state"] == "broadcast", r.text
+            first = r.json()["data"]
+            # The stored transfer is lost, and another transaction of the refund wallet takes its nonce.
+            w3.provider.make_request("anvil_dropAllTransactions", [])
+            block = w3.eth.get_block("latest")
+            other = Account.from_key(refund_wallet.key).sign_transaction({
+                "type": 2, "chainId": devchain.chain_id, "nonce": first["nonce"], "to": refund_wallet.address,
+                "value": 0, "gas": 21_000, "maxPriorityFeePerGas": 1, "maxFeePerGas": 2 * block["baseFeePerGas"] + 1})
+            w3.eth.send_raw_transaction(other.raw_transaction)
+            w3.provider.make_request("evm_mine", [])
+        finally:
+            w3.provider.make_request("evm_setAutomine", [True])
+        await run_jobs(live, times=2)  # nonce taken: planned again, signed again, sent; confirmed
+        [refund] = refunds(live)
+        assert refund["state"] == "refunded", refund
+        assert refund["txHash"] != first["txHash"] and refund["nonce"] == first["nonce"] + 1
+        assert chain_view.usdc(payer.address) == payer_before + PRICE  # once
+        assert nonce(devchain, refund_wallet.address) == nonce_before + 2  # the intruder and the refund
+        assert payment_state(live, payment_id) == "refunded"

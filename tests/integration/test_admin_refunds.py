@@ -141,3 +141,28 @@ async def test_an_activation_deadline_counts_from_the_move_to_activating(console
     audit = (await console.client.get("/api/admin/audit?target=pool:round", headers=ADMIN)).json()["data"]
     assert (audit[0]["actor"], audit[0]["before"]["status"]) == ("activation-deadline", "activating")
     assert (await account(console, account_id))["balance"] == "100.00"
+
+
+async def test_a_pledge_delivered_after_its_round_closed_is_refunded_by_the_next_pass(console):
+    from agent_gateway.db.models import Payment, PaymentState, new_id
+    from agent_gateway.subscriptions.service import new_subscriptions
+
+    account_id, _ = await console.new_account()
+    r = await console.client.post("/api/admin/pools/round/state", json={"status": "closed"}, headers=ADMIN)
+    assert r.status_code == 200, r.text
+    # A payment checked before the close delivers after it (the reconciler): a pledge on a closed pool.
+    services, now = console.services, console.services.clock.now()
+    payment = Payment(id=new_id("pay"), method="x402-exact", network="eip155:31337", payer="0x" + "ab" * 20,
+                      amount_atomic=20_000_000, auth_nonce="0x" + "01" * 32, state=PaymentState.DELIVERED,
+                      account_id=account_id, pool_slug="round", blocks=["europe"], quantity=1, billing_cycle="month",
+                      unit_price_atomic=20_000_000, block_number=3, chain_final=True, created_at=now, updated_at=now)
+    async with services.db.transaction() as session:
+        session.add(payment)
+        session.add_all(new_subscriptions(account_id, "round", ["europe"], "month", 20_000_000, 1, now,
+                                          payment_id=payment.id, pledge=True))
+    await services.admin.refunds.refunds.run()
+    view = await account(console, account_id)
+    assert view["balance"] == "20.00" and [s["status"] for s in view["subscriptions"]] == ["canceled"]
+    assert [p["state"] for p in view["payments"]] == ["refunded"]
+    await services.admin.refunds.refunds.run()  # once
+    assert (await account(console, account_id))["balance"] == "20.00"
