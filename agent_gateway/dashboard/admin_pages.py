@@ -1,5 +1,6 @@
 """The operator's pages (/dashboard/admin): sign in with the admin token and a name, then pools,
-accounts, money and the audit log, each change made through the same admin services as the API."""
+accounts, money, a page per payment (where it is refunded) and the audit log, each change made
+through the same admin services as the API."""
 
 from __future__ import annotations
 
@@ -9,14 +10,15 @@ from agent_gateway.admin.accounts import parse_adjustment
 from agent_gateway.admin.audit import list_records, validate_actor, validate_reason
 from agent_gateway.admin.sessions import start_admin_session
 from agent_gateway.catalog.pools import PoolStatus
-from agent_gateway.db.models import RefundDestination
-from agent_gateway.money import format_usdc
-from agent_gateway.payments.refunds import REFUNDABLE_STATES, destination_of
 from agent_gateway.catalog.states import TRANSITIONS
 from agent_gateway.dashboard.guard import Visit, form_field, page
 from agent_gateway.dashboard.rendering import when
 from agent_gateway.dashboard.sessions import SESSION_TTL, Session
+from agent_gateway.db.models import RefundDestination
 from agent_gateway.errors import GatewayError, InvalidRequest
+from agent_gateway.money import format_usdc
+from agent_gateway.payments.ledger import refundable_atomic
+from agent_gateway.payments.refunds import REFUNDABLE_STATES, destination_of
 from agent_gateway.web.auth import admin_token_matches
 
 ADMIN_SESSION_TTL = SESSION_TTL
@@ -154,7 +156,7 @@ async def confirm_refund(visit: Visit) -> Response:
              else f"account {p.account_id}'s prepaid balance")
     return visit.render(
         "confirm.html", title="Refund this payment?", nav="admin-money", question="Refund this payment?",
-        subject=f"{format_usdc(p.amount_atomic)} USDC to {where}",
+        subject=f"{format_usdc(refundable_atomic(p))} USDC to {where}",
         details=[("Pool", p.pool_slug), ("Paid", when(p.created_at)), ("Subscriptions canceled", str(len(live)))],
         explanation=f"Payment {p.id}: the subscriptions it bought are canceled and their keys refused at once, in "
                     "every process. A refund cannot be undone."
