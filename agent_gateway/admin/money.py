@@ -13,10 +13,11 @@ from sqlmodel import col, select
 from agent_gateway.clock import Clock, as_utc
 from agent_gateway.db.engine import Database
 from agent_gateway.db.models import Payment, PaymentState
-from agent_gateway.errors import GatewayError
+from agent_gateway.errors import GatewayError, NotFound
 from agent_gateway.payments.chain import ChainAdapter
 from agent_gateway.payments.refunds import Refunds, RefundWallet
 from agent_gateway.settings import Settings
+from agent_gateway.subscriptions.service import SubscriptionView, list_subscriptions
 
 P = PaymentState
 _PENDING = (P.RECEIVED, P.VERIFIED, P.RESERVED, P.BROADCAST, P.CONFIRMED)
@@ -37,6 +38,12 @@ class Balances:
     pay_to: str | None = None
     pay_to_usdc_atomic: int | None = None
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class PaymentDetail:
+    payment: Payment
+    subscriptions: list[SubscriptionView]  # what it bought (or renewed), with their keys
 
 
 @dataclass
@@ -95,6 +102,19 @@ class MoneyReport:
         out.balances = await self.balances()
         out.refund_wallet = await self.refunds.wallet_balances() if self.refunds is not None else None
         return out
+
+    async def payment(self, payment_id: str) -> PaymentDetail:
+        """One payment and the subscriptions it delivered or renewed."""
+        async with self.db.transaction() as session:
+            payment = await session.get(Payment, payment_id)
+        if payment is None:
+            raise NotFound(f"No payment {payment_id!r}.", code="payment_not_found")
+        subscriptions = []
+        if payment.account_id is not None:
+            subscriptions = [v for v in await list_subscriptions(self.db, payment.account_id)
+                             if v.subscription.payment_id == payment.id
+                             or v.subscription.id == payment.renew_subscription_id]
+        return PaymentDetail(payment, subscriptions)
 
     async def balances(self) -> Balances | None:
         terms = self.settings.chain

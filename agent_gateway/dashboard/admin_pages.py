@@ -1,5 +1,6 @@
 """The operator's pages (/dashboard/admin): sign in with the admin token and a name, then pools,
-accounts, money and the audit log, each change made through the same admin services as the API."""
+accounts, money, a page per payment (where it is refunded) and the audit log, each change made
+through the same admin services as the API."""
 
 from __future__ import annotations
 
@@ -7,14 +8,21 @@ from starlette.responses import Response
 
 from agent_gateway.admin.accounts import parse_adjustment
 from agent_gateway.admin.audit import list_records, validate_actor, validate_reason
+from agent_gateway.admin.sessions import start_admin_session
 from agent_gateway.catalog.pools import PoolStatus
 from agent_gateway.catalog.states import TRANSITIONS
 from agent_gateway.dashboard.guard import Visit, form_field, page
+from agent_gateway.dashboard.rendering import when
 from agent_gateway.dashboard.sessions import SESSION_TTL, Session
+from agent_gateway.db.models import RefundDestination
 from agent_gateway.errors import GatewayError, InvalidRequest
+from agent_gateway.money import format_usdc
+from agent_gateway.payments.ledger import refundable_atomic
+from agent_gateway.payments.refunds import REFUNDABLE_STATES, destination_of
 from agent_gateway.web.auth import admin_token_matches
 
 ADMIN_SESSION_TTL = SESSION_TTL
+REFUNDS_SHOWN = 50
 
 
 @page(sign_in=False)
@@ -36,9 +44,10 @@ async def signin(visit: Visit) -> Response:
         actor = validate_actor(visit.form.get("actor"))
     except InvalidRequest as exc:
         return visit.render("admin_signin.html", status=400, title="Operator sign in", error=exc.message)
-    now = visit.services.clock.now()
+    started = await start_admin_session(visit.services.db, actor, visit.dashboard.codec.admin_mark(token),
+                                        visit.services.clock.now(), ADMIN_SESSION_TTL)
     # A fresh session: whoever was signed in on this browser before is signed out.
-    visit.session = Session.admin(actor, visit.dashboard.codec.admin_mark(token), now + ADMIN_SESSION_TTL)
+    visit.session = Session.admin(started.id, started.expires_at)
     return visit.redirect("/admin", flash=("success", f"Signed in as operator {actor}."))
 
 
@@ -111,8 +120,71 @@ async def account_action(visit: Visit) -> Response:
 
 @page(admin=True)
 async def money(visit: Visit) -> Response:
-    summary = await visit.services.admin.money.summary(30)
-    return visit.render("admin_money.html", title="Operator · money", nav="admin-money", summary=summary)
+    admin = visit.services.admin
+    summary = await admin.money.summary(30)
+    refunds = await admin.refunds.list(limit=REFUNDS_SHOWN)
+    return visit.render("admin_money.html", title="Operator · money", nav="admin-money", summary=summary,
+                        refunds=refunds, chain_refunds=admin.refunds.chain_enabled)
+
+
+@page(admin=True)
+async def payment(visit: Visit) -> Response:
+    admin = visit.services.admin
+    detail = await admin.money.payment(visit.request.path_params["payment_id"])
+    refunds = await admin.refunds.list(payment_id=detail.payment.id)
+    refundable = detail.payment.state in REFUNDABLE_STATES and not refunds
+    return visit.render("admin_payment.html", title=f"Operator · payment {detail.payment.id}", nav="admin-money",
+                        detail=detail, refunds=refunds, refundable=refundable,
+                        chain_refunds=admin.refunds.chain_enabled, default_to=str(admin.refunds.default_destination))
+
+
+@page(admin=True, back="/admin/money")
+async def confirm_refund(visit: Visit) -> Response:
+    """The refund form asks here first: what goes back where, and what it cancels."""
+    admin = visit.services.admin
+    payment_id = visit.request.path_params["payment_id"]
+    params = visit.request.query_params
+    try:
+        to = destination_of(params.get("to"), admin.refunds.default_destination)
+        reason = validate_reason(params.get("reason"), required=True)
+    except GatewayError as exc:
+        return visit.redirect(f"/admin/payments/{payment_id}", flash=("error", exc.message))
+    detail = await admin.money.payment(payment_id)
+    p = detail.payment
+    live = [v for v in detail.subscriptions if v.subscription.status in ("active", "pending")]
+    where = (f"the paying wallet {p.payer}, on-chain from the refund wallet" if to == RefundDestination.CHAIN
+             else f"account {p.account_id}'s prepaid balance")
+    return visit.render(
+        "confirm.html", title="Refund this payment?", nav="admin-money", question="Refund this payment?",
+        subject=f"{format_usdc(refundable_atomic(p))} USDC to {where}",
+        details=[("Pool", p.pool_slug), ("Paid", when(p.created_at)), ("Subscriptions canceled", str(len(live)))],
+        explanation=f"Payment {p.id}: the subscriptions it bought are canceled and their keys refused at once, in "
+                    "every process. A refund cannot be undone."
+                    + ("" if p.chain_final else " The payment is not past the reorg horizon yet: the refund waits "
+                                                "until it is, and is then made by the background pass.")
+                    + f" Reason recorded in the audit log: {reason}",
+        verb="Refund", danger=True, cancel=f"/admin/payments/{payment_id}",
+        hidden=[("to", str(to)), ("reason", reason)],
+    )
+
+
+@page(admin=True, back="/admin/money")
+async def refund(visit: Visit) -> Response:
+    payment_id = visit.request.path_params["payment_id"]
+    back = f"/admin/payments/{payment_id}"
+    try:
+        result = await visit.services.admin.refunds.refund_payment(
+            payment_id, visit.form.get("to") or None, actor=_actor(visit),
+            reason=validate_reason(visit.form.get("reason"), required=True))
+    except GatewayError as exc:
+        return visit.redirect(back, flash=("error", exc.message))
+    r = result.refund
+    said = f"Refund {r.id}: {format_usdc(r.amount_atomic)} USDC to the {r.destination}, {r.state}"
+    if r.waiting:
+        said += f" (waiting: {r.waiting.replace('_', ' ')})"
+    if result.key_ids:
+        said += f"; {len(result.key_ids)} key(s) revoked"
+    return visit.redirect(back, flash=("success", said + "."))
 
 
 @page(admin=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -12,6 +11,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
+from agent_gateway.admin.sessions import find_live_admin_session
 from agent_gateway.web.bodies import read_form
 from agent_gateway.dashboard.rendering import PageRenderer
 from agent_gateway.dashboard.sessions import (
@@ -117,7 +117,7 @@ def page(*, sign_in: bool = True, back: str | None = None, admin: bool = False) 
                     return refused
             if session.is_signed_in:
                 await _identify(visit)
-            _identify_admin(visit)
+            await _identify_admin(visit)
             if admin and visit.admin_actor is None:
                 response = visit.redirect("/admin/signin")
             elif sign_in and not admin and visit.account is None:
@@ -148,17 +148,22 @@ async def _identify(visit: Visit) -> None:
                                  "was revoked. Sign in again.")
 
 
-def _identify_admin(visit: Visit) -> None:
-    """An admin session counts only while the admin token it was opened with is still the one set."""
-    session, token = visit.session, visit.services.settings.admin_token
-    if session.admin_actor is None:
+async def _identify_admin(visit: Visit) -> None:
+    """Look the operator's session up in the database: signed out (anywhere, a copied cookie too),
+    expired, or opened with an admin token that is no longer the one set all mean "not signed in"."""
+    session, services = visit.session, visit.services
+    if session.admin_session_id is None:
         return
-    if token is not None and session.admin_mark is not None and hmac.compare_digest(
-            session.admin_mark.encode(), visit.dashboard.codec.admin_mark(token).encode()):
-        visit.admin_actor = session.admin_actor
-        return
-    visit.session = Session.anonymous(visit.services.clock.now())
-    visit.session.flash("error", "Your admin session ended: the admin token changed. Sign in again.")
+    token = services.settings.admin_token
+    if token is not None:
+        actor = await find_live_admin_session(services.db, services.clock, session.admin_session_id,
+                                              visit.dashboard.codec.admin_mark(token))
+        if actor is not None:
+            visit.admin_actor = actor
+            return
+    visit.session = Session.anonymous(services.clock.now())
+    visit.session.flash("error", "Your admin session ended: it was signed out, it expired, or the admin token "
+                                 "changed. Sign in again.")
 
 
 async def _refuse_forgery(visit: Visit) -> Response | None:

@@ -6,6 +6,7 @@ import hmac
 
 from starlette.responses import Response
 
+from agent_gateway.admin.sessions import end_admin_session
 from agent_gateway.web.catalog import funding_now, render_pool
 from agent_gateway.dashboard.guard import Visit, page
 from agent_gateway.dashboard.sessions import SESSION_TTL, Session
@@ -56,6 +57,8 @@ async def signout(visit: Visit) -> Response:
     # Ended in the database, not just forgotten by this browser: a copy of the cookie is worthless.
     if visit.session.session_id is not None:
         await end_session(visit.services.db, visit.services.clock, visit.session.session_id)
+    if visit.session.admin_session_id is not None:
+        await end_admin_session(visit.services.db, visit.services.clock, visit.session.admin_session_id)
     visit.session = Session.anonymous(visit.services.clock.now())
     return visit.redirect("/signin", flash=("info", "You are signed out."))
 

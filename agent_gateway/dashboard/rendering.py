@@ -12,6 +12,7 @@ from starlette.responses import HTMLResponse
 
 from agent_gateway.clock import as_utc
 from agent_gateway.money import format_usdc
+from agent_gateway.payments.checks import format_eth
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 STATIC_DIR = Path(__file__).parent / "static"
@@ -77,8 +78,8 @@ class PageRenderer:
             trim_blocks=True,
             lstrip_blocks=True,
         )
-        self.env.filters.update(when=when, day=day, usdc=format_usdc, number=number, compact=compact,
-                                short_id=short_id)
+        self.env.filters.update(when=when, day=day, usdc=format_usdc, eth=format_eth, number=number,
+                                compact=compact, short_id=short_id)
         self.env.globals["asset_version"] = _asset_version()
 
     def render(self, template: str, context: dict[str, Any], status: int = 200) -> HTMLResponse:

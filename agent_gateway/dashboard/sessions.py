@@ -31,10 +31,9 @@ class Session:
     session_id: str | None = None
     flashes: list[tuple[str, str]] = field(default_factory=list)
     changed: bool = False
-    # An operator's session (admin pages): the name they signed in under, and a mark of the admin
-    # token it was opened with, so changing AGW_ADMIN_TOKEN ends every admin session.
-    admin_actor: str | None = None
-    admin_mark: str | None = None
+    # An operator's session (admin pages): the id of its server-side row (admin.sessions), which
+    # names the operator and is checked on every admin page, so sign-out ends it everywhere.
+    admin_session_id: str | None = None
 
     @classmethod
     def anonymous(cls, now: datetime) -> Session:
@@ -48,9 +47,9 @@ class Session:
                    session_id=session_id, changed=True)
 
     @classmethod
-    def admin(cls, actor: str, mark: str, expires_at: datetime) -> Session:
-        return cls(csrf=secrets.token_urlsafe(32), expires_at=int(expires_at.timestamp()), admin_actor=actor,
-                   admin_mark=mark, changed=True)
+    def admin(cls, admin_session_id: str, expires_at: datetime) -> Session:
+        return cls(csrf=secrets.token_urlsafe(32), expires_at=int(expires_at.timestamp()),
+                   admin_session_id=admin_session_id, changed=True)
 
     @property
     def is_signed_in(self) -> bool:
@@ -82,8 +81,8 @@ class SessionCodec:
 
     def encode(self, session: Session) -> str:
         payload = {"c": session.csrf, "e": session.expires_at, "s": session.session_id, "f": session.flashes}
-        if session.admin_actor is not None:
-            payload["a"] = [session.admin_actor, session.admin_mark]
+        if session.admin_session_id is not None:
+            payload["a"] = session.admin_session_id
         body = _b64(json.dumps(payload, separators=(",", ":")).encode())
         return f"{body}.{self._sign(body)}"
 
@@ -102,18 +101,20 @@ class SessionCodec:
             session_id = data["s"]
             if session_id is not None and not isinstance(session_id, str):
                 raise TypeError("session id")
-            actor, mark = data.get("a") or (None, None)
+            admin_session_id = data.get("a")
+            if admin_session_id is not None and not isinstance(admin_session_id, str):
+                raise TypeError("admin session id")
             session = Session(
                 csrf=str(data["c"]), expires_at=int(data["e"]), session_id=session_id,
-                flashes=[(str(kind), str(text)) for kind, text in data["f"]],
-                admin_actor=None if actor is None else str(actor), admin_mark=None if mark is None else str(mark),
+                flashes=[(str(kind), str(text)) for kind, text in data["f"]], admin_session_id=admin_session_id,
             )
         except (ValueError, KeyError, TypeError, OverflowError):
             return None
         return session if session.expires_at > now.timestamp() else None
 
     def admin_mark(self, admin_token: str) -> str:
-        """A fingerprint of the admin token under this deployment's key (never the token itself)."""
+        """A fingerprint of the admin token under this deployment's key (never the token itself),
+        kept with each admin session: a changed token ends them all."""
         return _b64(hmac.new(self._key, b"admin token:" + admin_token.encode(), hashlib.sha256).digest())[:32]
 
     def _sign(self, body: str) -> str:

@@ -285,6 +285,22 @@ class DashboardSession(SQLModel, table=True):
     ended_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
 
 
+class AdminSession(SQLModel, table=True):
+    """An operator's sign-in to the console pages. The cookie carries only this id; sign-out sets
+    `ended_at`, and every admin page checks the row, so a copy of the cookie is worthless once its
+    session ended, in every process. `token_mark` fingerprints the admin token it was opened with
+    (an HMAC under the session key, never the token): a changed AGW_ADMIN_TOKEN ends them all."""
+
+    __tablename__ = "admin_sessions"
+
+    id: str = Field(primary_key=True, max_length=40)
+    actor: str = Field(max_length=64)
+    token_mark: str = Field(max_length=64)
+    created_at: datetime = Field(sa_column=_ts())
+    expires_at: datetime = Field(sa_column=_ts())
+    ended_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
+
+
 class AuditRecord(SQLModel, table=True):
     """One admin action: who (the actor the operator named), when, what, on what, and the values
     before and after. Written in the same transaction as the change it records."""
