@@ -361,10 +361,19 @@ async def refund(session: AsyncSession, payment_id: str, now: datetime, reason: 
     refunded, for a payment past the reorg horizon only. What it bought is taken back (subscriptions
     canceled, seats released, keys revoked: the caller ends them everywhere after commit), and
     `take_back_credit_atomic` is taken off the account's balance (a credited payment refunded to its
-    wallet). None if the payment is not settled and final."""
+    wallet; 409 credit_spent if the balance no longer holds it). None if the payment is not settled
+    and final."""
     payment = await session.get(Payment, payment_id, with_for_update=True)
     if payment is None or payment.state not in SETTLED_STATES or not payment.chain_final:
         return None
+    if take_back_credit_atomic and payment.account_id is not None:
+        # The credit this payment left must still be there: refunding money the account already
+        # spent on seats would pay for them twice.
+        account = await session.get(Account, payment.account_id, with_for_update=True)
+        if account is not None and account.balance_atomic < take_back_credit_atomic:
+            raise Conflict(f"Payment {payment.id} was credited and the account {account.id} has spent that credit "
+                           f"(balance {account.balance_atomic} atomic, {take_back_credit_atomic} needed).",
+                           code="credit_spent")
     canceled, key_ids = await _take_back_purchase(session, payment, now)
     if take_back_credit_atomic and payment.account_id is not None:
         await take_back_credit(session, payment.account_id, take_back_credit_atomic,

@@ -48,6 +48,7 @@ from agent_gateway.catalog.pools import PoolStatus
 from agent_gateway.clock import Clock
 from agent_gateway.db.engine import Database, rows_changed
 from agent_gateway.db.models import (
+    Account,
     Payment,
     PaymentState,
     PoolState,
@@ -76,6 +77,7 @@ REFUNDABLE_STATES = (PaymentState.DELIVERED, PaymentState.CREDITED)
 AWAITING_FINALITY = "awaiting_finality"  # its payment is not past the reorg horizon yet
 SHORT_USDC = "refund_wallet_short_usdc"
 SHORT_GAS = "refund_wallet_short_gas"
+CREDIT_SPENT = "credit_spent"  # a credited payment whose credit the account spent since
 CHAIN_REFUNDS_OFF = "chain_refunds_off"  # planned on-chain, but no refund key is configured now
 CHAIN_UNAVAILABLE = "chain_unavailable"
 NONCE_TAKEN = "nonce_taken"  # its signed transfer can never be mined: signed again
@@ -255,10 +257,15 @@ class Refunds:
         async with self.db.read() as session:
             payment = await session.get(Payment, payment_id)
             existing = await self._refund_of(session, payment_id)
-        self.check_refundable(payment, existing, destination, payment_id)
+            account = (await session.get(Account, payment.account_id)
+                       if payment is not None and payment.account_id is not None else None)
+        self.check_refundable(payment, existing, destination, payment_id, account)
 
     def check_refundable(self, payment: Payment | None, existing: Refund | None, destination: RefundDestination,
-                         payment_id: str) -> None:
+                         payment_id: str, account: Account | None = None) -> None:
+        """Raise unless `payment` can be refunded to `destination`. With the buyer's `account`: a
+        credited payment whose credit was spent since is refused (409 credit_spent), since refunding it
+        would pay twice for what the credit bought (the signing transaction checks it again)."""
         if payment is None:
             raise NotFound(f"No payment {payment_id!r}.", code="payment_not_found")
         if existing is not None or payment.state == PaymentState.REFUNDED:
@@ -273,6 +280,12 @@ class Refunds:
             raise RefundRefused(f"Payment {payment_id} was credited: its amount is already on the account's "
                                 "prepaid balance. Refund it on-chain (--to chain), or debit the balance.",
                                 code="payment_already_credited")
+        if payment.state == PaymentState.CREDITED and account is not None \
+                and account.balance_atomic < payment.amount_atomic:
+            raise RefundRefused(f"Payment {payment_id} was credited, and account {account.id} has spent that credit "
+                                f"(balance {format_usdc(account.balance_atomic)} USDC, "
+                                f"{format_usdc(payment.amount_atomic)} needed): refunding it would pay twice for "
+                                "what the credit bought.", code=CREDIT_SPENT)
         if destination == D.CHAIN:
             self._require_wallet()
         if ledger.refundable_atomic(payment) <= 0:
@@ -337,12 +350,16 @@ class Refunds:
                 .where(col(Subscription.status) == SubscriptionStatus.PENDING,
                        col(PoolState.status) == PoolStatus.CLOSED))).scalars())
         for slug in slugs:
-            async with self.db.transaction() as session:
-                row = await session.get(PoolState, slug, with_for_update=True)
-                if row is None or row.status != PoolStatus.CLOSED:
-                    continue
-                key_ids = await self.plan_pool(session, slug, self.clock.now(),
-                                               note=f"pledge delivered after pool {slug} closed")
+            try:  # one pool that fails to sweep must not hold back the others, nor the refunds
+                async with self.db.transaction() as session:
+                    row = await session.get(PoolState, slug, with_for_update=True)
+                    if row is None or row.status != PoolStatus.CLOSED:
+                        continue
+                    key_ids = await self.plan_pool(session, slug, self.clock.now(),
+                                                   note=f"pledge delivered after pool {slug} closed")
+            except Exception:
+                log.exception("closed pool %s: late pledges not swept; retried next pass", slug)
+                continue
             if key_ids:
                 await self.keys.end_revoked_keys(key_ids, "pool_closed")
 
@@ -427,6 +444,8 @@ class Refunds:
             return Outcome(refund)
         except Conflict as exc:
             log.info("refund %s: not signed: %s", refund.id, exc.message)
+            if exc.code == CREDIT_SPENT:
+                await self._wait(refund, CREDIT_SPENT)
             return Outcome(await self.get(refund.id))
         log.warning("refund %s planned -> broadcast: %s USDC to %s, tx %s (nonce %d), stored before sending",
                     refund.id, format_usdc(refund.amount_atomic), to, signed.tx_hash, signed.nonce)

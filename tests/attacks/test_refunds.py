@@ -11,6 +11,8 @@ import pytest
 
 from agent_gateway.clock import FixedClock
 from agent_gateway.db.models import Payment, PaymentState, new_id
+from agent_gateway.errors import Conflict
+from agent_gateway.payments import ledger
 from agent_gateway.settings import Settings
 from agent_gateway.subscriptions.service import new_subscriptions
 from tests.attacks.test_admin_console import ADMIN_TOKEN, _console
@@ -138,3 +140,26 @@ async def test_a_burst_of_refunds_of_one_payment_refunds_it_once(console):
     assert [k["status"] for k in account["keys"]] == ["revoked"]
     r = await console.client.get(f"/api/admin/audit?target=payment:{payment_id}", headers=ADMIN)
     assert [a["action"] for a in r.json()["data"]] == ["payment.refund"]
+
+
+async def test_a_credited_payment_whose_credit_was_spent_is_never_refunded(console):
+    """A credited payment left its amount on the balance; once the account spent it on seats, a
+    refund to the wallet would pay twice for them: refused up front and again in the signing
+    transaction (the ledger's guard), with nothing changed."""
+    account_id, _ = await console.new_account(credit="4")  # 10.00 credited, 6.00 of it spent since
+    payment_id, _ = await delivered_payment(console, account_id, state=PaymentState.CREDITED)
+    before = await snapshot(console.services.db)
+    r = await console.client.post(f"/api/admin/payments/{payment_id}/refund", json={"to": "chain"}, headers=ADMIN)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "credit_spent", r.text
+    assert "4.00 USDC" in r.json()["error"]["message"]
+    now = console.services.clock.now()
+    with pytest.raises(Conflict) as refused:
+        async with console.services.db.transaction() as session:
+            await ledger.refund(session, payment_id, now, "operator", take_back_credit_atomic=10_000_000)
+    assert refused.value.code == "credit_spent"
+    assert await snapshot(console.services.db) == before
+    # With the credit still there, the only objection left is that on-chain refunds are off here.
+    other_id, _ = await console.new_account(credit="10")
+    other_payment, _ = await delivered_payment(console, other_id, state=PaymentState.CREDITED)
+    r = await console.client.post(f"/api/admin/payments/{other_payment}/refund", json={"to": "chain"}, headers=ADMIN)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "chain_refunds_off", r.text
