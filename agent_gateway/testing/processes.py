@@ -21,12 +21,14 @@ def free_port() -> int:
 
 
 def start_gateway(env: dict[str, str], *, port: int | None = None, log: Path | None = None,
-                  timeout_s: float = 30.0, command: Sequence[str] = (sys.executable, "-m", "agent_gateway"),
+                  timeout_s: float = 60.0, command: Sequence[str] = (sys.executable, "-m", "agent_gateway"),
                   base_env: Mapping[str, str] | None = None, cwd: Path | None = None,
                   ) -> tuple[subprocess.Popen, str]:
     """Start `<command> serve` (by default `python -m agent_gateway serve`) with `env` added to
     `base_env` (by default ours), in `cwd`; return it and its URL once /healthz answers. Its output
-    goes to `log` (appended) or nowhere; a start that fails raises with the log's text."""
+    goes to `log` (appended) or nowhere; a start that fails raises with the log's text. The bound is
+    generous: a start is mostly imports (2 s of CPU), and under the parallel test run several
+    gateways, anvil and Chromium share two cores."""
     port = port or free_port()
     output = log.open("a") if log is not None else subprocess.DEVNULL
     process = subprocess.Popen([*command, "serve", "--port", str(port)], cwd=cwd,
