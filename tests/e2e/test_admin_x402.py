@@ -4,6 +4,7 @@ and the money view shows what was paid and the relayer's and payTo's balances.""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -14,11 +15,21 @@ from tests.fixtures.facilitator import facilitator_settings
 from tests.fixtures.live import LiveGateway, live_gateway
 from tests.fixtures.x402 import X402_POOLS, ChainView, chain_settings, challenge, payment_header, sign_authorization
 
+
 pytestmark = pytest.mark.anyio
 ADMIN_TOKEN = "adm-" + "x4" * 20
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}", "X-Admin-Actor": "ops"}
 ORDER = {"pool": "alpha", "blocks": ["day"], "quantity": 1}
 PRICE = 10_000_000
+
+
+def assert_usdc_text(text: str, atomic: int) -> None:
+    """The whole amount, to the atomic unit, with at least 2 decimals and no trailing zero past them
+    ('398.97', '398.969134'): the pay-to wallet is shared by every test on the session's chain, so
+    its balance need not be whole cents."""
+    _, _, decimals = text.partition(".")
+    assert Decimal(text) * 10**6 == atomic, (text, atomic)
+    assert 2 <= len(decimals) <= 6 and (len(decimals) == 2 or not decimals.endswith("0")), text
 
 
 @pytest.fixture
@@ -59,7 +70,8 @@ async def test_a_disabled_accounts_wallet_is_refused_before_any_money_moves(cons
     assert money["paymentsByState"]["delivered"] == {"count": 1, "amount": "10.00"}
     assert money["needsAttention"] == []
     balances = money["balances"]
-    assert balances["payTo"] == devchain.pay_to and balances["payToUsdc"] == f"{view.usdc(devchain.pay_to) / 1e6:.2f}"
+    assert balances["payTo"] == devchain.pay_to
+    assert_usdc_text(balances["payToUsdc"], view.usdc(devchain.pay_to))
     assert balances["relayer"] == devchain.relayer_address and int(balances["relayerNativeWei"]) > 0
 
 
@@ -75,4 +87,5 @@ async def test_in_facilitator_mode_the_money_view_shows_no_relayer_and_still_pay
     assert r.status_code == 200, r.text
     balances = r.json()["data"]["balances"]
     assert balances["relayer"] is None and balances["relayerNativeWei"] is None
-    assert balances["payTo"] == devchain.pay_to and balances["payToUsdc"] == f"{view.usdc(devchain.pay_to) / 1e6:.2f}"
+    assert balances["payTo"] == devchain.pay_to
+    assert_usdc_text(balances["payToUsdc"], view.usdc(devchain.pay_to))

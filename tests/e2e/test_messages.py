@@ -175,6 +175,7 @@ async def test_a_second_request_while_one_streams_is_a_rate_limit_error_on_eithe
         assert r.status_code == 429 and r.json()["error"]["code"] == "concurrency_limit"
     # Leaving mid-stream freed the key at once (and stopped the upstream).
     await messages_live.upstream.recorder.wait_for(lambda r: r.in_flight == 0 and r.cancelled == 1)
+    await messages_live.wait_key_free(key_id)
     reply = await client.messages.create(model="test-model", max_tokens=2, messages=ASK)
     assert reply.usage.output_tokens == 2
     assert messages_live.upstream.recorder.max_in_flight(key_id) == 1

@@ -136,6 +136,7 @@ async def test_a_translated_stream_in_flight_holds_the_key_on_either_api(message
         with pytest.raises(anthropic.RateLimitError):
             await client.messages.create(model="test-model", max_tokens=8, messages=ASK)
     await messages_live.upstream.recorder.wait_for(lambda r: r.in_flight == 0 and r.cancelled == 1)
+    await messages_live.wait_key_free(key_id)
     reply = await client.messages.create(model="test-model", max_tokens=2, messages=ASK)
     assert reply.usage.output_tokens == 2
     assert messages_live.upstream.recorder.max_in_flight(key_id) == 1

@@ -191,6 +191,7 @@ async def test_client_gone_before_upstream_headers(gateway_live: LiveGateway):
         await asyncio.gather(task, return_exceptions=True)
     # The gateway cancelled the upstream request too.
     await recorder.wait_for(lambda r: r.in_flight == 0 and r.cancelled == 1)
+    await gateway_live.wait_key_free(key_id)
     await _next_request_is_admitted(gateway_live, sk)
 
 
@@ -209,6 +210,7 @@ async def test_client_gone_after_first_chunk_or_mid_stream(gateway_live: LiveGat
                     if seen == chunks_before_leaving:
                         break
     await recorder.wait_for(lambda r: r.in_flight == 0 and r.cancelled == 1)
+    await gateway_live.wait_key_free(key_id)
     await _next_request_is_admitted(gateway_live, sk)
     rows = await wait_usage(gateway_live, key_id, 2)
     cut_short = [r for r in rows if r.usage_source == "estimated"]
