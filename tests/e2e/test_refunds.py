@@ -14,12 +14,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from eth_account import Account
 from x402.http.clients import x402HttpxClient
 
 from agent_gateway.clock import FixedClock
-from agent_gateway.testing.devchain import DevChain
+from agent_gateway.testing.devchain import DevChain, token_contract
 from tests.fixtures.live import LiveGateway, live_gateway
-from tests.fixtures.x402 import ChainView, Wallet, chain_settings
+from tests.fixtures.x402 import ChainView, Wallet, chain_settings, sign_authorization
 
 pytestmark = pytest.mark.anyio
 ADMIN_TOKEN = "adm-" + "r7" * 20
@@ -129,6 +130,17 @@ def refunds(live: LiveGateway, **params: str) -> list[dict]:
     r = httpx.get(live.url + "/api/admin/refunds", params=params, headers=ADMIN)
     assert r.status_code == 200, r.text
     return r.json()["data"]
+
+
+async def final_purchase(live: LiveGateway, devchain: DevChain, chain_view: ChainView,
+                         horizon: int) -> tuple[Wallet, str]:
+    """A seat bought by a new wallet with the official x402 client, its payment then mined past the
+    reorg horizon (`horizon` blocks) and marked final by a job pass: (payer, payment id)."""
+    payer = chain_view.new_wallet()
+    payment_id = (await x402_buy(live, devchain, payer, SHOP))["subscriptions"][0]["paymentId"]
+    devchain.web3().provider.make_request("anvil_mine", [hex(horizon)])
+    await run_jobs(live)
+    return payer, payment_id
 
 
 def payment_state(live: LiveGateway, payment_id: str) -> str:
@@ -350,8 +362,6 @@ def test_chain_check_reports_the_refund_wallet(devchain, chain_view):
 
 async def test_a_refund_whose_nonce_another_transaction_took_is_signed_again_and_paid_once(
         tmp_path, sqlite_url, upstream, devchain, chain_view, refund_wallet, clock):
-    from eth_account import Account
-
     with gateway(tmp_path, sqlite_url, upstream, devchain, clock, refund_private_key=refund_wallet.key) as live:
         payer = chain_view.new_wallet()
         payment_id = (await x402_buy(live, devchain, payer, SHOP))["subscriptions"][0]["paymentId"]
@@ -388,16 +398,11 @@ async def test_a_nonce_taken_in_a_block_not_yet_final_is_not_signed_again(
     refund again then would pay twice: after the reorg the first transfer's bytes (public since they
     were sent; anyone may resend them) are mined at the freed nonce, and the second transfer at the
     next. The refund waits until the nonce is taken past the reorg horizon, or its own bytes mine."""
-    from eth_account import Account
-
     horizon = 3
     with gateway(tmp_path, sqlite_url, upstream, devchain, clock, refund_private_key=refund_wallet.key,
                  reorg_horizon_blocks=horizon) as live:
-        payer = chain_view.new_wallet()
-        payment_id = (await x402_buy(live, devchain, payer, SHOP))["subscriptions"][0]["paymentId"]
+        payer, payment_id = await final_purchase(live, devchain, chain_view, horizon)
         w3 = devchain.web3()
-        w3.provider.make_request("anvil_mine", [hex(horizon)])
-        await run_jobs(live)  # the payment past the horizon
         payer_before, nonce_before = chain_view.usdc(payer.address), nonce(devchain, refund_wallet.address)
         w3.provider.make_request("evm_setAutomine", [False])
         try:
@@ -442,11 +447,8 @@ async def test_a_refund_transfer_a_reorg_drops_is_sent_again_until_past_the_hori
     horizon = 3
     with gateway(tmp_path, sqlite_url, upstream, devchain, clock, refund_private_key=refund_wallet.key,
                  reorg_horizon_blocks=horizon) as live:
-        payer = chain_view.new_wallet()
-        payment_id = (await x402_buy(live, devchain, payer, SHOP))["subscriptions"][0]["paymentId"]
+        payer, payment_id = await final_purchase(live, devchain, chain_view, horizon)
         w3 = devchain.web3()
-        w3.provider.make_request("anvil_mine", [hex(horizon)])
-        await run_jobs(live)  # the payment past the horizon
         payer_before, nonce_before = chain_view.usdc(payer.address), nonce(devchain, refund_wallet.address)
         w3.provider.make_request("evm_setAutomine", [False])
         try:
@@ -478,19 +480,11 @@ async def test_a_reverted_refund_in_a_block_not_yet_final_is_not_signed_again(
     """The refund's transfer reverted (the wallet was emptied just before it in the same block). A
     reorg can drop that block and re-run the transfer where it succeeds: a second transfer signed
     meanwhile would be paid too. It is signed again only once the revert is past the horizon."""
-    from eth_account import Account
-
-    from agent_gateway.testing.devchain import token_contract
-    from tests.fixtures.x402 import sign_authorization
-
     horizon = 3
     with gateway(tmp_path, sqlite_url, upstream, devchain, clock, refund_private_key=refund_wallet.key,
                  reorg_horizon_blocks=horizon) as live:
-        payer = chain_view.new_wallet()
-        payment_id = (await x402_buy(live, devchain, payer, SHOP))["subscriptions"][0]["paymentId"]
+        payer, payment_id = await final_purchase(live, devchain, chain_view, horizon)
         w3 = devchain.web3()
-        w3.provider.make_request("anvil_mine", [hex(horizon)])
-        await run_jobs(live)  # the payment past the horizon
         payer_before = chain_view.usdc(payer.address)
         signed: dict[str, bytes] = {}  # every transfer the gateway signed (public once sent)
         drainer = chain_view.new_wallet(usdc_atomic=0)
