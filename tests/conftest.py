@@ -7,6 +7,7 @@ import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -200,9 +201,16 @@ def auth(token: str) -> dict[str, str]:
 
 @pytest.fixture
 async def gateway(settings: Settings, clock: FixedClock) -> AsyncIterator[Gateway]:
-    services = build_services(settings, clock)
+    async with in_process_gateway(settings, clock) as gw:
+        yield gw
+
+
+@asynccontextmanager
+async def in_process_gateway(settings: Settings, clock: FixedClock, **updates: object) -> AsyncIterator[Gateway]:
+    """One gateway's app with its own services (settings changed by `updates`, e.g. an admin
+    token), its lifespan run, driven in process by an httpx client."""
+    services = build_services(settings.model_copy(update=updates) if updates else settings, clock)
     app = create_app(services=services)
     async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway.test") as client:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway.test") as client:
             yield Gateway(client=client, services=services)

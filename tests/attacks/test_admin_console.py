@@ -6,16 +6,13 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 
-import httpx
 import pytest
 from starlette.routing import Route
 
-from agent_gateway.app import create_app
 from agent_gateway.clock import FixedClock
-from agent_gateway.lifespan import build_services
 from agent_gateway.settings import Settings
 from agent_gateway.web.auth import admin_token_matches
-from tests.conftest import Gateway, auth
+from tests.conftest import Gateway, auth, in_process_gateway
 from tests.fixtures.state import snapshot
 
 pytestmark = pytest.mark.anyio
@@ -24,12 +21,8 @@ ADMIN_TOKEN = "adm-" + "k9" * 20
 
 
 async def _console(settings: Settings, clock: FixedClock, token: str | None) -> AsyncIterator[Gateway]:
-    settings = settings.model_copy(update={"admin_token": token})
-    services = build_services(settings, clock)
-    app = create_app(services=services)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway.test") as client:
-            yield Gateway(client=client, services=services)
+    async with in_process_gateway(settings, clock, admin_token=token) as gateway:
+        yield gateway
 
 
 @pytest.fixture

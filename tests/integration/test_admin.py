@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 import pytest
 from eth_account import Account as EthAccount
 from eth_account.messages import encode_defunct
@@ -15,7 +14,7 @@ from agent_gateway.app import create_app
 from agent_gateway.clock import FixedClock
 from agent_gateway.lifespan import build_services
 from agent_gateway.settings import Settings
-from tests.conftest import Gateway, auth
+from tests.conftest import Gateway, auth, in_process_gateway
 
 pytestmark = pytest.mark.anyio
 
@@ -31,12 +30,8 @@ def admin(actor: str | None = "alice") -> dict[str, str]:
 
 @pytest.fixture
 async def console(settings: Settings, clock: FixedClock) -> AsyncIterator[Gateway]:
-    settings = settings.model_copy(update={"admin_token": ADMIN_TOKEN})
-    services = build_services(settings, clock)
-    app = create_app(services=services)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway.test") as client:
-            yield Gateway(client=client, services=services)
+    async with in_process_gateway(settings, clock, admin_token=ADMIN_TOKEN) as gateway:
+        yield gateway
 
 
 async def pools_of(console: Gateway) -> dict[str, dict]:

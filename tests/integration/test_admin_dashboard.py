@@ -9,11 +9,9 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from agent_gateway.app import create_app
 from agent_gateway.clock import FixedClock
-from agent_gateway.lifespan import build_services
 from agent_gateway.settings import Settings
-from tests.conftest import Gateway
+from tests.conftest import Gateway, in_process_gateway
 from tests.integration.test_admin import ADMIN_TOKEN, FUNDING_POOL, admin
 
 pytestmark = pytest.mark.anyio
@@ -22,12 +20,8 @@ ORIGIN = {"origin": "http://gateway.test"}
 
 @pytest.fixture
 async def console(settings: Settings, clock: FixedClock) -> AsyncIterator[Gateway]:
-    settings = settings.model_copy(update={"admin_token": ADMIN_TOKEN, "session_secret": "s" * 40})
-    services = build_services(settings, clock)
-    app = create_app(services=services)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway.test") as client:
-            yield Gateway(client=client, services=services)
+    async with in_process_gateway(settings, clock, admin_token=ADMIN_TOKEN, session_secret="s" * 40) as gateway:
+        yield gateway
 
 
 def csrf(page: str) -> str:

@@ -9,14 +9,11 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
-import httpx
 import pytest
 
-from agent_gateway.app import create_app
 from agent_gateway.clock import FixedClock
-from agent_gateway.lifespan import build_services
 from agent_gateway.settings import Settings
-from tests.conftest import Gateway, auth
+from tests.conftest import Gateway, auth, in_process_gateway
 from tests.fixtures.state import snapshot
 
 pytestmark = pytest.mark.anyio
@@ -44,11 +41,8 @@ def goal() -> int:
 @pytest.fixture
 async def console(settings: Settings, clock: FixedClock, pools_file: Path, goal: int) -> AsyncIterator[Gateway]:
     pools_file.write_text(pools_file.read_text() + ROUND.format(goal=goal))
-    services = build_services(settings.model_copy(update={"admin_token": ADMIN_TOKEN}), clock)
-    app = create_app(services=services)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway.test") as client:
-            yield Gateway(client=client, services=services)
+    async with in_process_gateway(settings, clock, admin_token=ADMIN_TOKEN) as gateway:
+        yield gateway
 
 
 async def pledge(console: Gateway, mk: str, quantity: int = 1) -> list[dict]:

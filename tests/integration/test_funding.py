@@ -13,11 +13,9 @@ import httpx
 import openai
 import pytest
 
-from agent_gateway.app import create_app
 from agent_gateway.clock import FixedClock
-from agent_gateway.lifespan import build_services
 from agent_gateway.settings import Settings
-from tests.conftest import TEST_NOW, Gateway, auth
+from tests.conftest import TEST_NOW, Gateway, auth, in_process_gateway
 
 pytestmark = pytest.mark.anyio
 
@@ -40,12 +38,8 @@ CHAT = {"model": "round-1", "messages": [{"role": "user", "content": "hi"}]}
 @pytest.fixture
 async def funding(settings: Settings, clock: FixedClock, pools_file: Path) -> AsyncIterator[Gateway]:
     pools_file.write_text(pools_file.read_text() + ROUND)
-    settings = settings.model_copy(update={"admin_token": ADMIN_TOKEN})
-    services = build_services(settings, clock)
-    app = create_app(services=services)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway.test") as client:
-            yield Gateway(client=client, services=services)
+    async with in_process_gateway(settings, clock, admin_token=ADMIN_TOKEN) as gateway:
+        yield gateway
 
 
 async def pledge(gw: Gateway, mk: str, quantity: int = 1, cycle: str = "month") -> list[dict]:
