@@ -143,6 +143,20 @@ async def final_purchase(live: LiveGateway, devchain: DevChain, chain_view: Chai
     return payer, payment_id
 
 
+CLOSED_BY_FUNDING_DEADLINE = 'agw_pools_closed_total{deadline="funding",pool="round"}'
+CHAIN_REFUNDS_MADE = 'agw_refunds_total{destination="chain",outcome="refunded"}'
+
+
+def counter(live: LiveGateway, sample: str) -> float:
+    """A sample's value on /metrics (0 when absent). The counters live as long as the process that
+    serves the gateway, which other tests share: compare before and after, never absolute values."""
+    for line in httpx.get(live.url + "/metrics").text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == sample:
+            return float(value)
+    return 0.0
+
+
 def payment_state(live: LiveGateway, payment_id: str) -> str:
     return httpx.get(f"{live.url}/api/agent/payments/{payment_id}").json()["data"]["state"]
 
@@ -161,6 +175,7 @@ async def test_a_missed_funding_deadline_closes_the_round_and_refunds_every_pled
         assert pledge["status"] == "pending" and chain_view.usdc(payer.address) == payer_before - PRICE
         payment_id = pledge["paymentId"]
         wallet_before, wallet_nonce = chain_view.usdc(refund_wallet.address), nonce(devchain, refund_wallet.address)
+        closed_before, refunded_before = counter(live, CLOSED_BY_FUNDING_DEADLINE), counter(live, CHAIN_REFUNDS_MADE)
 
         # Before the deadline the passes leave the round alone.
         await run_jobs(live)
@@ -195,9 +210,8 @@ async def test_a_missed_funding_deadline_closes_the_round_and_refunds_every_pled
         assert key_statuses(live, by_source[sub["id"]]["accountId"]) == ["revoked"]
         assert key_statuses(live, chain_refund["accountId"]) == ["revoked"]
         assert httpx.get(live.url + "/api/pools/round").json()["data"]["blocks"][0]["availableSeats"] == 10
-        metrics = httpx.get(live.url + "/metrics").text
-        assert 'agw_refunds_total{destination="chain",outcome="refunded"} 1.0' in metrics
-        assert 'agw_pools_closed_total{deadline="funding",pool="round"} 1.0' in metrics
+        assert counter(live, CHAIN_REFUNDS_MADE) == refunded_before + 1
+        assert counter(live, CLOSED_BY_FUNDING_DEADLINE) == closed_before + 1
 
         # More passes change nothing: refunded once.
         await run_jobs(live, times=2)
