@@ -62,6 +62,18 @@ prices = {{ europe = "5.00" }}
 """
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test that ran processes shows the end of their logs (`*.log` in its tmp_path): a
+    gateway's side of a failure is otherwise lost with the test's temporary directory."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    tmp = getattr(item, "funcargs", {}).get("tmp_path")
+    if report.failed and report.when == "call" and isinstance(tmp, Path):
+        for log in sorted(tmp.glob("*.log")):
+            report.sections.append((f"{log.name} (its end)", log.read_text(errors="replace")[-4000:]))
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
