@@ -107,7 +107,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         passes["relayer_gas"] = RelayerGasWatch(payments.chain, settings.relayer_warn_settlements)
     return Services(
         settings=settings, clock=clock, db=db, catalog=catalog, usage=usage,
-        jobs=JobRunner(settings.job_interval_s, passes),
+        jobs=JobRunner(settings.job_interval_s, passes, exclusive=db.exclusive),
         directory=KeyDirectory(db, ttl_s=settings.key_cache_ttl_s),
         leases=leases, bus=bus, streams=streams, keys=keys, upstream=upstream,
         payments=payments,

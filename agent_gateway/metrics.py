@@ -43,6 +43,12 @@ PROXY_OVERHEAD = Histogram(
 STREAMS_REVOKED = Counter("agw_streams_revoked_total", "Running streams ended because their key was revoked.")
 POOLS_FUNDED = Counter("agw_pools_funded_total",
                        "Funding pools moved to activating because their pledges reached the goal, by pool.", ["pool"])
+BACKGROUND_PASSES = Counter(
+    "agw_background_passes_total",
+    "Background passes by name and outcome: ran (here), skipped (another process on the database was running it), "
+    "failed (logged; run again next interval).",
+    ["name", "outcome"],
+)
 SUBSCRIPTIONS_EXPIRED = Counter("agw_subscriptions_expired_total", "Subscriptions expired by the background job.")
 PAYMENTS_REVOKED = Counter(
     "agw_payments_revoked_total",

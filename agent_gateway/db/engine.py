@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, cast
@@ -118,6 +119,23 @@ class Database:
                 await session.execute(text("SET TRANSACTION READ ONLY"))
             yield session
 
+    @asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[bool]:
+        """Whether this process holds `name` against every other process on this database, for
+        the block's duration; never waits (a holder elsewhere means False at once).
+
+        PostgreSQL: a transaction-scoped advisory lock taken on a connection of its own, so it is
+        released when the block ends however it ends, and with the connection if the process
+        dies. The transaction only takes the lock: it holds no snapshot and no row. SQLite: one
+        process serves a database file (several workers refuse it), so always True."""
+        if self._read_engine is not None:
+            yield True
+            return
+        async with self.engine.connect() as connection, connection.begin():
+            held = (await connection.execute(text("SELECT pg_try_advisory_xact_lock(:key)"),
+                                             {"key": lock_key(name)})).scalar_one()
+            yield bool(held)
+
     async def warm_up(self) -> None:
         """On SQLite, open the pools' connections (a thread each) now, so the first requests after
         start do not pay for them. A PostgreSQL pool opens its connections as load asks for them:
@@ -134,6 +152,12 @@ class Database:
         await self.engine.dispose()
         if self._read_engine is not None:
             await self._read_engine.dispose()
+
+
+def lock_key(name: str) -> int:
+    """A name as a PostgreSQL advisory lock key (a signed 64-bit integer, the same in every process)."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8, person=b"agw-lock").digest(), "big",
+                          signed=True)
 
 
 def rows_changed(result: Result[Any]) -> int:

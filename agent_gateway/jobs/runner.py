@@ -1,20 +1,41 @@
-"""The periodic runner: calls each pass every interval until stopped; a failing pass is logged, not fatal."""
+"""The periodic runner: calls each pass every interval until stopped; a failing pass is logged, not fatal.
+
+Several processes on one database (`serve --workers N`, or several servers) would each run every
+pass. A pass is safe to run twice at once (each is written for it), but that doubles its work:
+every reorg re-check and refund look-up would go to the chain once per process. So a pass runs in
+one process at a time: the one that holds its `Exclusive` claim (a PostgreSQL advisory lock, see
+`db.engine.Database.exclusive`); the others skip it that interval. Within a process, two calls of
+one pass (the loop's and an explicit `run_once`) wait for each other instead of skipping, so a
+caller of `run_once` sees every pass done."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+from agent_gateway.metrics import BACKGROUND_PASSES
 
 log = logging.getLogger(__name__)
 
 Pass = Callable[[], Awaitable[object]]
+# `exclusive(name)` yields True while this process holds `name` against every other process.
+Exclusive = Callable[[str], AbstractAsyncContextManager[bool]]
+
+
+@asynccontextmanager
+async def always_held(name: str) -> AsyncIterator[bool]:
+    """One process only (SQLite, or tests): nothing to share."""
+    yield True
 
 
 class JobRunner:
-    def __init__(self, interval_s: float, passes: dict[str, Pass]) -> None:
+    def __init__(self, interval_s: float, passes: dict[str, Pass], exclusive: Exclusive = always_held) -> None:
         self.interval_s = interval_s
         self.passes = passes
+        self.exclusive = exclusive
+        self._running = {name: asyncio.Lock() for name in passes}
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
 
@@ -27,11 +48,22 @@ class JobRunner:
             await self._task
 
     async def run_once(self) -> None:
-        for name, job in self.passes.items():
+        for name in self.passes:
+            await self.run_pass(name)
+
+    async def run_pass(self, name: str) -> str:
+        """Run one pass here unless another process is running it; the outcome: ran, skipped or failed."""
+        async with self._running[name]:
             try:
-                await job()
+                async with self.exclusive(f"pass:{name}") as held:
+                    if held:
+                        await self.passes[name]()
+                outcome = "ran" if held else "skipped"
             except Exception:
                 log.exception("background pass %s failed; it runs again next interval", name)
+                outcome = "failed"
+        BACKGROUND_PASSES.labels(name, outcome).inc()
+        return outcome
 
     async def _loop(self) -> None:
         while not self._stop.is_set():
