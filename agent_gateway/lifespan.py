@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from starlette.applications import Starlette
@@ -14,6 +15,7 @@ from agent_gateway.admin.funding import FundingWatch
 from agent_gateway.admin.money import MoneyReport
 from agent_gateway.admin.pools import PoolAdmin
 from agent_gateway.admin.refunds import RefundAdmin
+from agent_gateway.admin.sessions import delete_stale_admin_sessions
 from agent_gateway.catalog.pools import parse_catalog, read_pools_file
 from agent_gateway.subscriptions.funding import start_pledges
 from agent_gateway.clock import Clock
@@ -24,6 +26,7 @@ from agent_gateway.errors import GatewayError
 from agent_gateway.jobs.expiry import expire_subscriptions
 from agent_gateway.jobs.runner import JobRunner, Pass
 from agent_gateway.keys.lifecycle import KeyLifecycle
+from agent_gateway.keys.sessions import delete_stale_sessions
 from agent_gateway.keys.revocation import RESTORED, KeyRevoker, RedisRevocationBus, make_revocation_bus
 from agent_gateway.metrics import SUBSCRIPTIONS_EXPIRED
 from agent_gateway.payments.chain import ChainAdapter
@@ -32,6 +35,7 @@ from agent_gateway.payments.facilitator import FacilitatorClient
 from agent_gateway.payments.refunds import Refunds
 from agent_gateway.payments.reorgs import ReorgWatch
 from agent_gateway.payments.service import FacilitatorMismatch, PaymentService
+from agent_gateway.payments.wallet import delete_stale_challenges
 from agent_gateway.proxy.directory import KeyDirectory
 from agent_gateway.proxy.leases import Leases, make_leases
 from agent_gateway.proxy.streams import StreamRegistry
@@ -42,6 +46,9 @@ from agent_gateway.settings import Settings
 from agent_gateway.usage.recorder import UsageRecorder
 
 log = logging.getLogger(__name__)
+
+# How long a sign-in challenge or session row is kept after it expired or was ended.
+STALE_ROWS_KEPT = timedelta(days=1)
 
 
 def build_services(settings: Settings, clock: Clock | None = None) -> Services:
@@ -94,6 +101,17 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         SUBSCRIPTIONS_EXPIRED.inc(len(result.subscription_ids))
         await keys.end_revoked_keys(result.revoked_key_ids, "subscription_expired")
 
+    async def housekeeping_pass() -> None:
+        # Sign-in challenges and sessions past their end are worthless (refused with or without
+        # their row); a day's grace keeps a just-ended one's row for whoever looks into it.
+        before = clock.now() - STALE_ROWS_KEPT
+        deleted = {"sign-in challenges": await delete_stale_challenges(db, before),
+                   "dashboard sessions": await delete_stale_sessions(db, before),
+                   "console sessions": await delete_stale_admin_sessions(db, before)}
+        if any(deleted.values()):
+            log.info("housekeeping: deleted %s, each ended over %s ago",
+                     ", ".join(f"{count} {what}" for what, count in deleted.items()), STALE_ROWS_KEPT)
+
     reorgs = ReorgWatch(payments)
 
     async def reorg_pass() -> None:
@@ -102,7 +120,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
 
     passes: dict[str, Pass] = {"expiry": expiry_pass, "payments": payments.reconcile, "reorgs": reorg_pass,
                                "funding": admin.funding.check, "funding_deadlines": admin.funding.close_overdue,
-                               "refunds": refunds.run}
+                               "refunds": refunds.run, "housekeeping": housekeeping_pass}
     if payments.chain is not None and payments.facilitator is None:  # own settlement: the relayer's gas, into /metrics
         passes["relayer_gas"] = RelayerGasWatch(payments.chain, settings.relayer_warn_settlements)
     return Services(

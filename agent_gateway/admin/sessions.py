@@ -8,11 +8,11 @@ import hmac
 import logging
 from datetime import datetime, timedelta
 
-from sqlalchemy import update
+from sqlalchemy import delete, or_, update
 from sqlmodel import col
 
 from agent_gateway.clock import Clock, as_utc
-from agent_gateway.db.engine import Database
+from agent_gateway.db.engine import Database, rows_changed
 from agent_gateway.db.models import AdminSession, new_id
 
 log = logging.getLogger(__name__)
@@ -45,3 +45,11 @@ async def end_admin_session(db: Database, clock: Clock, session_id: str) -> None
                               .where(col(AdminSession.id) == session_id, col(AdminSession.ended_at).is_(None))
                               .values(ended_at=clock.now()))
     log.info("admin session ended id=%s", session_id)
+
+
+async def delete_stale_admin_sessions(db: Database, before: datetime) -> int:
+    """Forget console sessions that expired or were ended before `before` (no row is no session)."""
+    async with db.transaction() as session:
+        result = await session.execute(delete(AdminSession).where(
+            or_(col(AdminSession.expires_at) < before, col(AdminSession.ended_at) < before)))
+    return rows_changed(result)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
-from sqlalchemy import update
+from sqlalchemy import delete, or_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 
 from agent_gateway.clock import Clock, as_utc
-from agent_gateway.db.engine import Database
+from agent_gateway.db.engine import Database, rows_changed
 from agent_gateway.db.models import Account, DashboardSession, ManagementKey, new_id
 
 log = logging.getLogger(__name__)
@@ -66,3 +66,12 @@ async def end_key_sessions(session: AsyncSession, management_key_id: str, now: d
                col(DashboardSession.ended_at).is_(None))
         .values(ended_at=now)
     )
+
+
+async def delete_stale_sessions(db: Database, before: datetime) -> int:
+    """Forget dashboard sessions that expired or were ended before `before`: their cookies are
+    refused either way (no row is no session)."""
+    async with db.transaction() as session:
+        result = await session.execute(delete(DashboardSession).where(
+            or_(col(DashboardSession.expires_at) < before, col(DashboardSession.ended_at) < before)))
+    return rows_changed(result)

@@ -13,12 +13,12 @@ from urllib.parse import urlsplit
 from eth_account import Account as EthAccount
 from eth_account.messages import encode_defunct
 from eth_utils import is_address, to_checksum_address
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from sqlmodel import col
 
 from agent_gateway.clock import Clock, as_utc
-from agent_gateway.db.engine import Database
+from agent_gateway.db.engine import Database, rows_changed
 from agent_gateway.db.models import Account, WalletChallenge, new_id
 from agent_gateway.accounts.service import account_disabled_error
 from agent_gateway.errors import AuthenticationError, InvalidRequest, NotFound
@@ -135,3 +135,11 @@ def recover_personal_signer(message: str, signature: str) -> str | None:
         return EthAccount.recover_message(encode_defunct(text=message), signature=signature).lower()
     except Exception:  # malformed signatures raise assorted errors from eth_keys and eth_utils
         return None
+
+
+async def delete_stale_challenges(db: Database, before: datetime) -> int:
+    """Forget sign-in challenges that expired before `before` (used or not): one can no longer
+    sign anyone in, and anyone may ask for them, so kept for ever they would only grow the table."""
+    async with db.transaction() as session:
+        result = await session.execute(delete(WalletChallenge).where(col(WalletChallenge.expires_at) < before))
+    return rows_changed(result)
