@@ -32,6 +32,7 @@ from agent_gateway.metrics import SUBSCRIPTIONS_EXPIRED
 from agent_gateway.payments.chain import ChainAdapter
 from agent_gateway.payments.checks import RelayerGasWatch, verify_chain
 from agent_gateway.payments.facilitator import FacilitatorClient
+from agent_gateway.payments.late import LatePayments
 from agent_gateway.payments.refunds import Refunds
 from agent_gateway.payments.reorgs import ReorgWatch
 from agent_gateway.payments.service import FacilitatorMismatch, PaymentService
@@ -119,6 +120,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
             await keys.end_revoked_keys(revocation.key_ids, "payment_revoked")
 
     passes: dict[str, Pass] = {"expiry": expiry_pass, "payments": payments.reconcile, "reorgs": reorg_pass,
+                               "late_payments": LatePayments(payments).check,
                                "funding": admin.funding.check, "funding_deadlines": admin.funding.close_overdue,
                                "refunds": refunds.run, "housekeeping": housekeeping_pass}
     if payments.chain is not None and payments.facilitator is None:  # own settlement: the relayer's gas, into /metrics

@@ -55,6 +55,10 @@ PAYMENTS_REVOKED = Counter(
     "Delivered or credited payments revoked because their transfer was reorganised away for good, by reason.",
     ["reason"],
 )
+PAYMENTS_PAID_AFTER_FAILURE = Counter(
+    "agw_payments_paid_after_failure_total",
+    "Failed x402 payments whose authorization paid payTo afterwards; the amount was credited to the payer's balance.",
+)
 REFUNDS = Counter(
     "agw_refunds_total",
     "Refunds by destination (balance, chain) and outcome (refunded; canceled: the payment was revoked first; "

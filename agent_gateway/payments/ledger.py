@@ -9,7 +9,10 @@ processes (a request and the reconciler) reach it together.
                                           delivered | credited (past the horizon) ─► refunded
 
 `failed` means no money moved, so the claim is released and the authorization or tx hash may be
-redeemed again. `credited` means the money arrived but the seats could not be delivered (sold out
+redeemed again. An x402 authorization stays spendable until its `validBefore`, by anyone holding a
+copy, and always to our `payTo`; so a failed x402 payment is watched until then (payments.late),
+and if its authorization pays us after all it becomes `credited` (`paid_after_failure`), unless a
+retry holding the same authorization owns that transfer. `credited` means the money arrived but the seats could not be delivered (sold out
 before a tx-hash claim, or a renewed subscription expired while its payment settled): the amount
 went to the account's prepaid balance, and the claim stays taken for good.
 
@@ -43,7 +46,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
@@ -233,6 +236,71 @@ async def _credit(session: AsyncSession, payment: Payment, reason: str, now: dat
     log.warning("payment %s %s -> credited (%s): %d atomic to account %s", payment.id, previous, reason,
                 payment.amount_atomic, account.id)
     return account
+
+
+# Failures after which the authorization can never move money: its nonce is spent (canceled by the
+# payer, or used by a transfer that did not pay us) or it expired unused.
+_AUTHORIZATION_SPENT_OR_DEAD = ("authorization_canceled", "authorization_used_elsewhere", "authorization_expired",
+                                "authorization_expired_unused")
+
+
+async def failed_payments_to_watch(db: Database, clock: Clock, chain_now: int, *, failed_since: datetime,
+                                   grace_s: int, limit: int) -> list[Payment]:
+    """Failed x402 payments whose authorization may still be used (it had not expired `grace_s`
+    ago, chain time) and so pay `payTo` after all: the payer kept a copy, a facilitator sent it after
+    answering "refused", or anyone who saw it pending sent it. Up to `limit`, those checked longest
+    ago first, each marked checked now; only failures since `failed_since` (the index's range)."""
+    async with db.transaction() as session:
+        rows = list(await session.scalars(
+            select(Payment).where(col(Payment.state) == PaymentState.FAILED,
+                                  col(Payment.updated_at) >= failed_since,
+                                  col(Payment.method) == "x402-exact",
+                                  col(Payment.valid_before) > chain_now - grace_s,
+                                  or_(col(Payment.failure_reason).is_(None),
+                                      col(Payment.failure_reason).not_in(_AUTHORIZATION_SPENT_OR_DEAD)))
+            .order_by(col(Payment.rechecked_at).asc().nulls_first(), col(Payment.updated_at), col(Payment.id))
+            .limit(limit)))
+        if rows:
+            await session.execute(update(Payment).where(col(Payment.id).in_([p.id for p in rows]))
+                                  .values(rechecked_at=clock.now()))
+        return rows
+
+
+async def credit_paid_after_failure(db: Database, clock: Clock, payment_id: str, tx_hash: str,
+                                    block_number: int) -> Account | None:
+    """failed -> credited: the payment's authorization was used after all, by `tx_hash` (mined in
+    `block_number`, with the confirmations), and its Transfer paid `payTo`. The seats were given
+    back when it failed, so the money goes to the payer's prepaid balance (its account, created if
+    new), and the payment names the transaction so the reorg re-checks follow it (a reorg that
+    takes the transfer away takes the credit back).
+
+    Exactly once: the row takes the authorization back under its unique index. If another payment
+    holds it now (the buyer retried with the same authorization), that payment owns the transfer
+    and None is returned. A payment identifier another request has taken since is left to it."""
+    now = clock.now()
+    for keep_identifier in (True, False):
+        try:
+            async with db.transaction() as session:
+                payment = await session.get(Payment, payment_id, with_for_update=True)
+                if payment is None or payment.state != PaymentState.FAILED:
+                    return None
+                reason = payment.failure_reason
+                payment.tx_hash, payment.block_number = tx_hash, block_number
+                payment.chain_final, payment.rechecked_at = False, None
+                if not keep_identifier:
+                    payment.payment_identifier = None
+                account = await _credit(session, payment, "paid_after_failure", now)
+                await session.flush()
+        except IntegrityError as exc:
+            if keep_identifier and "identifier" in str(exc.orig):
+                continue  # another request holds the identifier now: credit without it
+            log.info("payment %s: its authorization is another payment's now; that one owns transfer %s",
+                     payment_id, tx_hash)
+            return None
+        log.warning("payment %s: failed (%s), then paid by %s in block %d; credited to account %s",
+                    payment_id, reason, tx_hash, block_number, account.id)
+        return account
+    return None
 
 
 async def deliver(db: Database, clock: Clock, payment_id: str, *, mint_keys: bool) -> Delivery | None:

@@ -16,9 +16,8 @@ from eth_account.messages import encode_defunct
 from x402.http.clients import x402HttpxClient
 
 from agent_gateway.payments.service import tx_claim_message
-from agent_gateway.testing.devchain import load_artifact
 from tests.fixtures.live import LiveGateway
-from tests.fixtures.x402 import ChainView, Wallet, challenge, payment_header, sign_authorization
+from tests.fixtures.x402 import ChainView, Wallet, challenge, payment_header, send_authorization, sign_authorization
 
 pytestmark = pytest.mark.anyio
 PRICE = 10_000_000  # pool alpha: 10.00 USDC per seat, one block
@@ -307,19 +306,7 @@ async def test_an_authorization_already_used_on_chain_is_refused(x402_gateway, d
     attack = Attack(x402_gateway, devchain, wallet)
     header = attack.header()
     # Someone settles the very same authorization on-chain first, outside the gateway.
-    from agent_gateway.payments.wire import parse_payment
-
-    payment = parse_payment(header, 2)
-    w3 = devchain.web3()
-    abi = [a for a in load_artifact()["abi"]
-           if a.get("name") == "transferWithAuthorization" and len(a["inputs"]) == 7]
-    token = w3.eth.contract(address=devchain.token, abi=abi)
-    frontrunner = chain_view.new_wallet(usdc_atomic=0)
-    tx = token.functions.transferWithAuthorization(
-        payment.payer, payment.to, payment.value, payment.valid_after, payment.valid_before,
-        bytes.fromhex(payment.nonce[2:]), payment.signature_bytes).build_transaction(
-        {"from": frontrunner.address, "nonce": 0, "chainId": devchain.chain_id})
-    w3.eth.wait_for_transaction_receipt(w3.eth.send_raw_transaction(Account.sign_transaction(tx, frontrunner.key).raw_transaction))
+    send_authorization(devchain, header, chain_view.new_wallet(usdc_atomic=0))
     pay_to_before, seats_before, relayer_before = (chain_view.usdc(devchain.pay_to), await seats(x402_gateway),
                                                    chain_view.relayer_nonce())
     r = attack.post(header)

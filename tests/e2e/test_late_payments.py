@@ -1,0 +1,88 @@
+"""A payment that failed and was paid anyway, on a real anvil chain: an x402 authorization stays
+spendable until its validBefore, by anyone holding it, and always to our payTo. If it is sent after
+the gateway gave up on it (refused for the payer's balance, refused by a facilitator that sends it
+later anyway), the background pass credits the amount to the paying wallet's account, once; if the
+buyer retried with the same authorization, the retry owns the transfer and nothing is credited."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from prometheus_client import REGISTRY
+
+from tests.attacks.conftest import run_background_pass
+from tests.attacks.test_facilitator import pay, post
+from tests.e2e.test_x402 import PRICE, Attack
+from tests.e2e.test_x402_recovery import sign_in
+from tests.fixtures.live import LiveGateway
+from tests.fixtures.x402 import Wallet, send_authorization
+
+pytestmark = pytest.mark.anyio
+
+
+def paid_after_failure() -> float:
+    return REGISTRY.get_sample_value("agw_payments_paid_after_failure_total") or 0.0
+
+
+def account_of(live: LiveGateway, wallet: Wallet) -> dict:
+    mk = sign_in(live.url, wallet)
+    return httpx.get(live.url + "/api/account", headers={"Authorization": f"Bearer {mk}"}, timeout=30).json()["data"]
+
+
+async def test_a_payment_refused_then_sent_by_someone_else_is_credited_to_the_payer_once(
+        x402_gateway, devchain, chain_view):
+    live = x402_gateway
+    payer = chain_view.new_wallet(usdc_atomic=0)
+    attack = Attack(live, devchain, payer)
+    header = attack.header()
+    r = attack.post(header)
+    assert r.status_code == 402 and r.json()["error"]["code"] == "insufficient_balance", r.text
+    # The payer is funded later, and someone who holds the signed payment sends it.
+    devchain.fund(payer.address, PRICE)
+    pay_to_before, counted_before = chain_view.usdc(devchain.pay_to), paid_after_failure()
+    send_authorization(devchain, header, chain_view.new_wallet(usdc_atomic=0))
+    assert chain_view.usdc(devchain.pay_to) == pay_to_before + PRICE and chain_view.usdc(payer.address) == 0
+
+    run_background_pass(live)
+    assert account_of(live, payer)["balance"] == "10.00"
+    assert paid_after_failure() == counted_before + 1
+    # Once: another pass credits nothing more, and the payment cannot be redeemed again.
+    run_background_pass(live)
+    assert account_of(live, payer)["balance"] == "10.00"
+    r = attack.post(header)
+    assert r.status_code == 402 and r.json()["error"]["code"] in ("payment_already_used", "nonce_already_used"), r.text
+    assert paid_after_failure() == counted_before + 1
+
+
+async def test_a_retry_with_the_same_authorization_owns_the_transfer_and_nothing_is_credited(
+        x402_gateway, devchain, chain_view):
+    live = x402_gateway
+    payer = chain_view.new_wallet(usdc_atomic=0)
+    attack = Attack(live, devchain, payer)
+    header = attack.header()
+    assert attack.post(header).json()["error"]["code"] == "insufficient_balance"
+    devchain.fund(payer.address, PRICE)
+    r = attack.post(header)  # the same authorization, now that it can pay: the seat is bought
+    assert r.status_code == 201, r.text
+    counted_before = paid_after_failure()
+    run_background_pass(live)
+    assert account_of(live, payer)["balance"] == "0.00"
+    assert paid_after_failure() == counted_before
+    assert chain_view.usdc(payer.address) == 0
+
+
+async def test_a_facilitator_that_refuses_then_sends_the_payment_anyway_gets_it_credited(
+        facilitator_gateway, facilitator, devchain, chain_view):
+    live, payer = facilitator_gateway, chain_view.new_wallet()
+    header = pay(live, devchain, payer)
+    facilitator.fault, facilitator.fault_paths = "refuse_settle", ("/settle",)
+    r = post(live, header)
+    assert r.status_code == 402 and r.json()["error"]["code"] == "settlement_refused", r.text
+    facilitator.fault = None
+    # "Refused", but the facilitator (or whoever it passed the payment to) sends it a moment later.
+    counted_before = paid_after_failure()
+    send_authorization(devchain, header, chain_view.new_wallet(usdc_atomic=0))
+    run_background_pass(live)
+    assert account_of(live, payer)["balance"] == "10.00"
+    assert paid_after_failure() == counted_before + 1
+    assert chain_view.usdc(payer.address) == 100 * 10**6 - PRICE
