@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
-from datetime import timedelta
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import timedelta
 
 from starlette.applications import Starlette
 
@@ -26,8 +26,8 @@ from agent_gateway.errors import GatewayError
 from agent_gateway.jobs.expiry import expire_subscriptions
 from agent_gateway.jobs.runner import JobRunner, Pass
 from agent_gateway.keys.lifecycle import KeyLifecycle
-from agent_gateway.keys.sessions import delete_stale_sessions
 from agent_gateway.keys.revocation import RESTORED, KeyRevoker, RedisRevocationBus, make_revocation_bus
+from agent_gateway.keys.sessions import delete_stale_sessions
 from agent_gateway.metrics import SUBSCRIPTIONS_EXPIRED
 from agent_gateway.payments.chain import ChainAdapter
 from agent_gateway.payments.checks import RelayerGasWatch, verify_chain

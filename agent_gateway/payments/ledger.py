@@ -9,12 +9,14 @@ processes (a request and the reconciler) reach it together.
                                           delivered | credited (past the horizon) ─► refunded
 
 `failed` means no money moved, so the claim is released and the authorization or tx hash may be
-redeemed again. An x402 authorization stays spendable until its `validBefore`, by anyone holding a
-copy, and always to our `payTo`; so a failed x402 payment is watched until then (payments.late),
-and if its authorization pays us after all it becomes `credited` (`paid_after_failure`), unless a
-retry holding the same authorization owns that transfer. `credited` means the money arrived but the seats could not be delivered (sold out
+redeemed again. `credited` means the money arrived but the seats could not be delivered (sold out
 before a tx-hash claim, or a renewed subscription expired while its payment settled): the amount
 went to the account's prepaid balance, and the claim stays taken for good.
+
+An x402 authorization stays spendable until its `validBefore`, by anyone holding a copy, and
+always to our `payTo`. So a failed x402 payment is watched until then (payments.late); if its
+authorization pays us after all, it goes `failed → credited` (`paid_after_failure`), taking its
+claim back, unless a retry holding the same authorization owns that transfer.
 
 `received` claims the payment (x402: payer + authorization nonce; tx-hash: the claimed transaction)
 under a unique index (the transaction that carried an x402 payment is not unique: one transaction
