@@ -132,3 +132,29 @@ async def test_a_failed_authorization_used_for_a_pittance_beside_another_payment
     run_background_pass(live)
     # PRICE + 1 reached payTo: the second payment's price is credited, the first's pittance is not.
     assert account_of(live, payer)["balance"] == "10.00"
+
+
+async def test_a_copy_of_the_payment_sent_for_another_account_does_not_take_its_credit(
+        x402_gateway, devchain, chain_view):
+    """Once the payer's authorization is mined, anyone can read it from the chain and send it to the
+    gateway as a purchase for an account of their own: refused (nonce already used), it is one more
+    failed row of that authorization. Whichever row the pass credits, the money is the payer's."""
+    live = x402_gateway
+    payer, thief = chain_view.new_wallet(usdc_atomic=0), chain_view.new_wallet(usdc_atomic=PRICE)
+    thieves = Attack(live, devchain, thief)
+    bought = thieves.post(thieves.header())  # the thief's own account: one seat bought
+    assert bought.status_code == 201, bought.text
+    thief_key = bought.json()["data"]["managementKey"]
+    attack = Attack(live, devchain, payer)
+    header = attack.header()
+    assert attack.post(header).json()["error"]["code"] == "insufficient_balance"
+    run_background_pass(live)  # the failed payment is looked at: unused yet
+    devchain.fund(payer.address, PRICE)
+    send_authorization(devchain, header, chain_view.new_wallet(usdc_atomic=0))
+    r = httpx.post(live.url + "/api/pools/alpha/subscribe", json={"blocks": ["day"], "quantity": 1}, timeout=60,
+                   headers={"PAYMENT-SIGNATURE": header, "Authorization": f"Bearer {thief_key}"})
+    assert r.status_code == 402 and r.json()["error"]["code"] == "nonce_already_used", r.text
+
+    run_background_pass(live)
+    assert account_of(live, payer)["balance"] == "10.00"
+    assert account_of(live, thief)["balance"] == "0.00"
