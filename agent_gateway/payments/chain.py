@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import resources
 from typing import Any, TypeVar, cast
@@ -80,6 +80,8 @@ class AuthorizationUse:
 
     authorizer: str
     nonce: str  # 0x + 64 lowercase hex
+    # The Transfer log right after it: what the authorization moved. None if none follows.
+    transfer: Transfer | None = None
 
 
 @dataclass(frozen=True)
@@ -91,10 +93,13 @@ class Receipt:
     transfers: tuple[Transfer, ...]  # Transfer logs emitted by our token only
     authorizations_used: tuple[AuthorizationUse, ...] = ()  # AuthorizationUsed logs of our token
 
-    def used_authorization(self, authorizer: str, nonce: str) -> bool:
-        """Whether this transaction executed the authorization (authorizer, nonce)."""
-        return any(u.authorizer.lower() == authorizer.lower() and u.nonce == nonce.lower()
-                   for u in self.authorizations_used)
+    def authorization_transfer(self, authorizer: str, nonce: str) -> Transfer | None:
+        """What the authorization (authorizer, nonce) moved in this transaction, if it was executed
+        here. Not any Transfer of the payer: one transaction can execute several authorizations of
+        one payer, and the payer can sign two under one nonce (the one it gave us, and another for
+        one atomic unit), so only the Transfer its own execution emitted is its payment."""
+        return next((u.transfer for u in self.authorizations_used
+                     if u.authorizer.lower() == authorizer.lower() and u.nonce == nonce.lower()), None)
 
     def authorizer_in_it(self, address: str) -> bool:
         """Whether any authorization of `address` was executed in this transaction."""
@@ -467,7 +472,18 @@ class ChainAdapter:
         return Receipt(tx_hash=tx_hash, ok=raw.get("status") == 1, block_number=block,
                        confirmations=max(0, latest - block + 1),
                        transfers=tuple(t for t in map(self._decode_transfer_log, logs) if t),
-                       authorizations_used=tuple(u for u in map(self._decode_authorization_used, logs) if u))
+                       authorizations_used=self._decode_authorizations_used(logs))
+
+    def _decode_authorizations_used(self, logs: list[Any]) -> tuple[AuthorizationUse, ...]:
+        """Each AuthorizationUsed log with the Transfer log that follows it: FiatToken marks the
+        nonce used and then transfers, with no log in between, one authorization at a time."""
+        uses = []
+        for index, entry in enumerate(logs):
+            use = self._decode_authorization_used(entry)
+            if use is not None:
+                following = self._decode_transfer_log(logs[index + 1]) if index + 1 < len(logs) else None
+                uses.append(replace(use, transfer=following))
+        return tuple(uses)
 
     def _decode_transfer_log(self, entry: Any) -> Transfer | None:
         topics = [bytes(t) for t in entry.get("topics", [])]

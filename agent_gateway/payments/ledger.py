@@ -272,7 +272,7 @@ async def credit_paid_after_failure(db: Database, clock: Clock, payment_id: str,
                                     block_number: int) -> Account | None:
     """failed -> credited: the payment's authorization was used after all, by `tx_hash` (mined in
     `block_number`, with the confirmations), and its Transfer paid `payTo`. The seats were given
-    back when it failed, so the money goes to the payer's prepaid balance (its account, created if
+    back when it failed, so the money goes to the payer's prepaid balance (its wallet's account, created if
     new), and the payment names the transaction so the reorg re-checks follow it (a reorg that
     takes the transfer away takes the credit back).
 
@@ -291,6 +291,10 @@ async def credit_paid_after_failure(db: Database, clock: Clock, payment_id: str,
                 payment.chain_final, payment.rechecked_at = False, None
                 if not keep_identifier:
                     payment.payment_identifier = None
+                # The payer's money, so the payer's wallet account: not the account the request named.
+                # Anyone can send a mined authorization to the gateway again as a purchase for an
+                # account of theirs (refused, "nonce already used": one more failed row of it).
+                payment.account_id = None
                 account = await _credit(session, payment, "paid_after_failure", now)
                 await session.flush()
         except IntegrityError as exc:

@@ -26,7 +26,7 @@ from agent_gateway.db.models import Payment, PaymentState
 from agent_gateway.errors import Conflict, GatewayError, PaymentRequired, ServiceUnavailable
 from agent_gateway.payments import idempotency, ledger
 from agent_gateway.money import format_usdc
-from agent_gateway.payments.chain import ChainAdapter, Receipt, SettlementWouldRevert
+from agent_gateway.payments.chain import ChainAdapter, Receipt, SettlementWouldRevert, Transfer
 from agent_gateway.payments.facilitator import ConnectFailed, FacilitatorClient, FacilitatorError, our_reason
 from agent_gateway.payments.ledger import Claim, Delivery, PaymentAlreadyUsed
 from agent_gateway.networks import chain_defaults
@@ -396,11 +396,12 @@ class PaymentService:
                         f"{': ' + payment.failure_reason if payment.failure_reason else ''}).",
                         code="payment_state_changed")
 
+    def _pays_us(self, transfer: Transfer, payer: str) -> bool:
+        return (transfer.token.lower() == self.terms.usdc_address.lower() and transfer.from_.lower() == payer.lower()
+                and transfer.to.lower() == self.terms.pay_to.lower())
+
     def _transfers_to_us(self, receipt: Receipt, payer: str) -> list[int]:
-        pay_to = self.terms.pay_to.lower()
-        token = self.terms.usdc_address.lower()
-        return [t.value for t in receipt.transfers
-                if t.token.lower() == token and t.from_.lower() == payer.lower() and t.to.lower() == pay_to]
+        return [t.value for t in receipt.transfers if self._pays_us(t, payer)]
 
     def paid_by_plain_transfer(self, receipt: Receipt, payer: str) -> int:
         """What `payer` paid payTo in the transaction by plain transfers (transfer, transferFrom):
@@ -500,13 +501,15 @@ class PaymentService:
 
     def carries(self, receipt: Receipt, payment: Payment) -> bool:
         """The mined receipt still pays `payTo` what the payment recorded, from the payer: for x402,
-        by executing the payment's own authorization (whose `to` and `value` were checked to be
-        payTo and the amount before settling); for a tx-hash claim, by plain transfers."""
+        by the Transfer of the payment's own (payer, nonce) executed in it (the payer may have
+        signed another authorization under that nonce, for less or to someone else, and other
+        Transfers of the payer in the transaction are other payments); for a tx-hash claim, by
+        plain transfers."""
         if not receipt.ok:
             return False
         if payment.method == "x402-exact":
-            return (receipt.used_authorization(payment.payer, ledger.stored(payment.auth_nonce, "auth_nonce", payment))
-                    and sum(self._transfers_to_us(receipt, payment.payer)) >= payment.amount_atomic)
+            moved = receipt.authorization_transfer(payment.payer, ledger.stored(payment.auth_nonce, "auth_nonce", payment))
+            return moved is not None and self._pays_us(moved, payment.payer) and moved.value >= payment.amount_atomic
         return self.paid_by_plain_transfer(receipt, payment.payer) >= payment.amount_atomic
 
     async def _deliver_confirmed(self, payment_id: str, *, mint_keys: bool) -> Settled:
