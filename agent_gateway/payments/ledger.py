@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TypeVar
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import case, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
@@ -244,14 +244,20 @@ async def _credit(session: AsyncSession, payment: Payment, reason: str, now: dat
 # payer, or used by a transfer that did not pay us) or it expired unused.
 _AUTHORIZATION_SPENT_OR_DEAD = ("authorization_canceled", "authorization_used_elsewhere", "authorization_expired",
                                 "authorization_expired_unused")
+# Failures after the authorization left our hands (given to a facilitator's /settle, or sent in our
+# own settlement and visible in the mempool): the cases where someone other than the payer can
+# still send it. Watched before the others, which anyone can create for free (an authorization from
+# an empty wallet fails `insufficient_balance`), so a flood of those cannot crowd these out.
+_HANDED_OFF = ("settlement_refused", "settlement_reverted", "transfer_mismatch")
 
 
 async def failed_payments_to_watch(db: Database, clock: Clock, chain_now: int, *, failed_since: datetime,
                                    grace_s: int, limit: int) -> list[Payment]:
     """Failed x402 payments whose authorization may still be used (it had not expired `grace_s`
     ago, chain time) and so pay `payTo` after all: the payer kept a copy, a facilitator sent it after
-    answering "refused", or anyone who saw it pending sent it. Up to `limit`, those checked longest
-    ago first, each marked checked now; only failures since `failed_since` (the index's range)."""
+    answering "refused", or anyone who saw it pending sent it. Up to `limit`: failures after the
+    authorization was handed off first, then those checked longest ago; each marked checked now.
+    Only failures since `failed_since` (the index's range)."""
     async with db.transaction() as session:
         rows = list(await session.scalars(
             select(Payment).where(col(Payment.state) == PaymentState.FAILED,
@@ -260,7 +266,8 @@ async def failed_payments_to_watch(db: Database, clock: Clock, chain_now: int, *
                                   col(Payment.valid_before) > chain_now - grace_s,
                                   or_(col(Payment.failure_reason).is_(None),
                                       col(Payment.failure_reason).not_in(_AUTHORIZATION_SPENT_OR_DEAD)))
-            .order_by(col(Payment.rechecked_at).asc().nulls_first(), col(Payment.updated_at), col(Payment.id))
+            .order_by(case((col(Payment.failure_reason).in_(_HANDED_OFF), 0), else_=1),
+                      col(Payment.rechecked_at).asc().nulls_first(), col(Payment.updated_at), col(Payment.id))
             .limit(limit)))
         if rows:
             await session.execute(update(Payment).where(col(Payment.id).in_([p.id for p in rows]))
@@ -272,9 +279,9 @@ async def credit_paid_after_failure(db: Database, clock: Clock, payment_id: str,
                                     block_number: int) -> Account | None:
     """failed -> credited: the payment's authorization was used after all, by `tx_hash` (mined in
     `block_number`, with the confirmations), and its Transfer paid `payTo`. The seats were given
-    back when it failed, so the money goes to the payer's prepaid balance (its wallet's account, created if
-    new), and the payment names the transaction so the reorg re-checks follow it (a reorg that
-    takes the transfer away takes the credit back).
+    back when it failed, so the money goes to the payer's prepaid balance (its wallet's account,
+    created if new), and the payment names the transaction so the reorg re-checks follow it (a
+    reorg that takes the transfer away takes the credit back).
 
     Exactly once: the row takes the authorization back under its unique index. If another payment
     holds it now (the buyer retried with the same authorization), that payment owns the transfer
@@ -285,6 +292,10 @@ async def credit_paid_after_failure(db: Database, clock: Clock, payment_id: str,
             async with db.transaction() as session:
                 payment = await session.get(Payment, payment_id, with_for_update=True)
                 if payment is None or payment.state != PaymentState.FAILED:
+                    return None
+                if await _authorization_held(session, payment):
+                    log.info("payment %s: its authorization is another payment's now; that one owns transfer %s",
+                             payment_id, tx_hash)
                     return None
                 reason = payment.failure_reason
                 payment.tx_hash, payment.block_number = tx_hash, block_number
@@ -298,15 +309,25 @@ async def credit_paid_after_failure(db: Database, clock: Clock, payment_id: str,
                 account = await _credit(session, payment, "paid_after_failure", now)
                 await session.flush()
         except IntegrityError as exc:
+            # Taken between the check and the write (the index decides; the "credited" logged
+            # above was rolled back with the rest).
             if keep_identifier and "identifier" in str(exc.orig):
                 continue  # another request holds the identifier now: credit without it
-            log.info("payment %s: its authorization is another payment's now; that one owns transfer %s",
-                     payment_id, tx_hash)
+            log.info("payment %s: its authorization was taken by another payment meanwhile; not credited",
+                     payment_id)
             return None
         log.warning("payment %s: failed (%s), then paid by %s in block %d; credited to account %s",
                     payment_id, reason, tx_hash, block_number, account.id)
         return account
     return None
+
+
+async def _authorization_held(session: AsyncSession, payment: Payment) -> bool:
+    """Whether another payment, not failed, holds this payment's authorization (payer, nonce)."""
+    held = await session.scalars(select(col(Payment.id)).where(
+        col(Payment.payer) == payment.payer, col(Payment.auth_nonce) == payment.auth_nonce,
+        col(Payment.state) != PaymentState.FAILED, col(Payment.id) != payment.id).limit(1))
+    return held.first() is not None
 
 
 async def deliver(db: Database, clock: Clock, payment_id: str, *, mint_keys: bool) -> Delivery | None:

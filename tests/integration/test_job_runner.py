@@ -164,6 +164,7 @@ async def test_the_runner_of_a_served_gateway_claims_its_passes_on_the_database(
     """The served gateway's runner takes each pass's claim on its own database."""
     runner = gateway.services.jobs
     assert runner.exclusive == gateway.services.db.exclusive
+    await runner.stop()  # its own loop, running a pass of its own at the wrong moment, would take the claim first
     other = Database(gateway.services.settings.database_url)
     try:
         gate = Gate()

@@ -27,12 +27,13 @@ def claim(amount: int, nonce: str, identifier: str | None = None) -> Claim:
                  valid_before=VALID_BEFORE, identifier=identifier, fingerprint="f" * 64 if identifier else None)
 
 
-async def failed_payment(gateway, nonce: str, identifier: str | None = None):  # type: ignore[no-untyped-def]
+async def failed_payment(gateway, nonce: str, identifier: str | None = None,  # type: ignore[no-untyped-def]
+                         reason: str = "settlement_refused"):
     db, clock = gateway.services.db, gateway.services.clock
     the_order = make_order(gateway.services.catalog, "alpha", ["europe"], 1, "month")
     payment = await ledger.record_received(db, clock, claim(the_order.total_atomic, nonce, identifier), the_order,
                                            account_id=None, key_name="agent")
-    assert await ledger.fail(db, clock, payment.id, "settlement_refused", only_from=ledger.UNSENT_STATES)
+    assert await ledger.fail(db, clock, payment.id, reason, only_from=ledger.UNSENT_STATES)
     return payment
 
 
@@ -46,11 +47,11 @@ async def wallet_balance(gateway) -> int | None:  # type: ignore[no-untyped-def]
     return None if account is None else await balance(gateway.services.db, account.id)
 
 
-async def watched(gateway) -> list[str]:  # type: ignore[no-untyped-def]
+async def watched(gateway, limit: int = 100) -> list[str]:  # type: ignore[no-untyped-def]
     services = gateway.services
     rows = await ledger.failed_payments_to_watch(services.db, services.clock, VALID_BEFORE - 60,
                                                  failed_since=services.clock.now().replace(year=2000), grace_s=3600,
-                                                 limit=100)
+                                                 limit=limit)
     return [p.id for p in rows]
 
 
@@ -124,3 +125,17 @@ async def test_spent_or_expired_authorizations_are_not_watched(gateway):
     past = await ledger.failed_payments_to_watch(db, clock, VALID_BEFORE + 3600, failed_since=clock.now().replace(
         year=2000), grace_s=3600, limit=100)
     assert past == []
+
+
+async def test_a_flood_of_free_failures_cannot_crowd_out_a_handed_off_one(gateway):
+    """Anyone can make failed rows for free (authorizations from an empty wallet); a payment that
+    failed after its authorization was handed off (to a facilitator, or into the mempool) is still
+    looked at in every pass, however many of those there are."""
+    handed_off = await failed_payment(gateway, "0x" + secrets.token_hex(32))
+    assert await watched(gateway, limit=1) == [handed_off.id]  # checked once already
+    flood = [await failed_payment(gateway, "0x" + secrets.token_hex(32), reason="insufficient_balance")
+             for _ in range(3)]
+    for _ in range(3):
+        assert await watched(gateway, limit=1) == [handed_off.id]
+    # The free ones take their turns in the room left over.
+    assert sorted((await watched(gateway, limit=4))[1:]) == sorted(p.id for p in flood)
