@@ -1,7 +1,9 @@
 """The reorg re-check: a delivered (or credited) payment is looked up again, pass after pass (the one
-checked longest ago first), until its transaction is past the reorg horizon. A transfer reorganised away is revoked only once it is gone
-for good; one that can still be mined again is waited for (and an x402 settlement of ours is sent
-again). The rules for "gone for good" are in docs/decisions.md, "Confirmations and reorgs"."""
+checked longest ago first), until its transaction is past the reorg horizon. A transfer reorganised
+away is revoked only once it is gone for good; one that can still be mined again is waited for, and
+an x402 settlement is sent again: ours from its stored bytes, a facilitator's by handing it the
+authorization again. The rules for "gone for good" are in docs/decisions.md, "Confirmations and
+reorgs"."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from agent_gateway.metrics import PAYMENTS_REVOKED
 from agent_gateway.payments import ledger
 from agent_gateway.payments.ledger import Revocation
 from agent_gateway.payments.service import PaymentService
+from agent_gateway.payments.wire import ExactPayment
 
 log = logging.getLogger(__name__)
 
@@ -104,4 +107,27 @@ class ReorgWatch:
                 log.warning("payment %s: transfer reorganised away; our settlement sent again", payment.id)
             except GatewayError as exc:
                 log.info("payment %s: re-sending the settlement failed: %s", payment.id, exc.message)
+        elif self.payments.facilitator is not None:
+            await self._settle_again_through_facilitator(payment)
         return None
+
+    async def _settle_again_through_facilitator(self, payment: Payment) -> None:
+        """A facilitator settled it, so we hold no signed transaction to send again, but the
+        authorization is still valid and unused: hand it to /settle again. It can be used once, so a
+        second transaction can only revert, never charge twice. Only when the node no longer knows the
+        reorganised transaction: one back in the mempool is mined again without us. The next pass
+        finds the new transaction through the authorization's use."""
+        chain, facilitator = self.payments.require_chain(), self.payments.facilitator
+        assert facilitator is not None
+        if payment.tx_hash is not None and await chain.transaction(payment.tx_hash) is not None:
+            return  # pending again: wait for it
+        signed = ExactPayment(**ledger.stored(payment.authorization, "authorization", payment))
+        if signed.accepted is None:
+            return  # x402 v1: no requirements were echoed to hand back; wait (it expires unused, or is mined)
+        try:
+            answer = await facilitator.settle(signed, signed.accepted)
+        except GatewayError as exc:
+            log.info("payment %s: settling again through the facilitator failed: %s", payment.id, exc.message)
+            return
+        log.warning("payment %s: transfer reorganised away; the facilitator settled it again: %s", payment.id,
+                    answer.tx_hash or f"refused ({answer.reason})")

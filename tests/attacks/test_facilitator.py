@@ -281,3 +281,39 @@ async def test_a_settlement_the_facilitator_calls_pending_is_followed_by_its_has
     assert facilitator_requests("settle", "refused") == refused_before + 1  # success false, with the hash
     assert r.json()["data"]["txHash"] == pending["hash"]
     assert chain_view.usdc(wallet.address) == START_USDC - PRICE
+
+
+async def test_a_reorganised_facilitator_settlement_is_settled_again_through_the_facilitator(
+        facilitator_gateway, facilitator, devchain, chain_view):
+    """We hold no signed transaction of a facilitator's settlement; when a reorg drops it, the
+    authorization (still valid, unused) goes to /settle again, and the buyer keeps the seat it paid
+    for, charged once."""
+    from tests.attacks.test_reorg import reorg
+
+    live, payer = facilitator_gateway, chain_view.new_wallet()
+    pay_to_before = chain_view.usdc(devchain.pay_to)
+    r = post(live, pay(live, devchain, payer))
+    assert r.status_code == 201, r.text
+    bought = r.json()["data"]
+    first_tx = status(live, bought["paymentId"])["txHash"]
+    reorg(devchain, 1)  # the block holding the settlement is replaced by an empty one
+    assert chain_view.usdc(devchain.pay_to) == pay_to_before
+    # The facilitator's next transaction (another customer's, here a plain one) takes the dropped
+    # one's account nonce; its signer counts nonces itself and only upwards, so until then its
+    # next settlement would wait behind the gap.
+    w3, account = devchain.web3(), Account.from_key(devchain.facilitator_key)
+    filler = {"to": account.address, "value": 0, "gas": 21_000, "gasPrice": w3.eth.gas_price,
+              "nonce": w3.eth.get_transaction_count(account.address), "chainId": devchain.chain_id}
+    w3.eth.wait_for_transaction_receipt(w3.eth.send_raw_transaction(account.sign_transaction(filler).raw_transaction))
+    settles_before = facilitator.count("/settle")
+
+    run_background_pass(live)  # not mined, not pending: handed to the facilitator again
+    assert facilitator.count("/settle") == settles_before + 1
+    run_background_pass(live)  # ... and its new transaction found
+
+    final = status(live, bought["paymentId"])
+    assert final["state"] == "delivered" and final["txHash"] != first_tx, final
+    assert chain_view.usdc(devchain.pay_to) == pay_to_before + PRICE
+    assert chain_view.usdc(payer.address) == START_USDC - PRICE
+    run_background_pass(live)  # found: nothing is sent a third time
+    assert facilitator.count("/settle") == settles_before + 1
