@@ -11,13 +11,13 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any, TypeVar, cast
 
-from aiohttp import ClientError, ClientTimeout
+import httpx
 from eth_abi import decode as abi_decode
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress, HexStr
 from eth_utils import keccak, to_checksum_address
-from web3 import AsyncHTTPProvider, AsyncWeb3
+from web3 import AsyncWeb3
 from web3.exceptions import (
     BadFunctionCallOutput,
     ContractLogicError,
@@ -25,7 +25,8 @@ from web3.exceptions import (
     Web3Exception,
     Web3RPCError,
 )
-from web3.types import TxParams
+from web3.providers.async_base import AsyncJSONBaseProvider
+from web3.types import RPCEndpoint, RPCResponse, TxParams
 
 from agent_gateway.errors import InvalidRequest, PaymentRequired, ServiceUnavailable
 from agent_gateway.payments.wire import ExactPayment
@@ -188,6 +189,41 @@ def _revert_reason(exc: ContractLogicError) -> str:
     return text.removeprefix("execution reverted").lstrip(": ").strip() or "execution reverted"
 
 
+class NodeProvider(AsyncJSONBaseProvider):
+    """JSON-RPC over HTTP to the chain node, with an httpx client of its own.
+
+    web3's AsyncHTTPProvider takes a lock on every request, one `threading.Lock` shared by every
+    provider in the process, acquired through a thread pool; a request cancelled while waiting
+    for it (our timeout, a client that went away, a shutdown) can leave it held for good, and then
+    every chain call in the process, async or sync, waits for ever (reproduced: a dozen calls at
+    once, half of them cancelled, held it within a few rounds). This provider takes no lock. Its
+    client belongs to the event loop it was made in; used from another, it makes a new one."""
+
+    def __init__(self, url: str, timeout_s: float) -> None:
+        super().__init__()
+        self.endpoint_uri = url
+        self._timeout_s = timeout_s
+        self._client: httpx.AsyncClient | None = None
+        self._client_loop: asyncio.AbstractEventLoop | None = None
+
+    def _http(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client_loop is not loop or self._client.is_closed:
+            self._client = httpx.AsyncClient(timeout=self._timeout_s, headers={"Content-Type": "application/json"})
+            self._client_loop = loop
+        return self._client
+
+    async def make_request(self, method: RPCEndpoint, params: Any) -> RPCResponse:
+        response = await self._http().post(self.endpoint_uri, content=self.encode_rpc_request(method, params))
+        response.raise_for_status()
+        return self.decode_rpc_response(response.content)
+
+    async def disconnect(self) -> None:
+        if self._client is not None and self._client_loop is asyncio.get_running_loop():
+            await self._client.aclose()
+        self._client = self._client_loop = None
+
+
 class ChainAdapter:
     """Async access to one chain, one EIP-3009 token and, for own settlement, one relayer key
     (without one, as when a facilitator settles, it reads and never signs).
@@ -203,9 +239,7 @@ class ChainAdapter:
         self._timeout_s = request_timeout_s
         # No retries and no middleware: a dead node must fail within one timeout, and every
         # request we make is explicit (the default middleware adds eth_chainId round trips).
-        provider = AsyncHTTPProvider(rpc_url, request_kwargs={"timeout": ClientTimeout(total=request_timeout_s)},
-                                     exception_retry_configuration=None)
-        self._w3 = AsyncWeb3(provider, middleware=[])
+        self._w3 = AsyncWeb3(NodeProvider(rpc_url, request_timeout_s), middleware=[])
         self._token = self._w3.eth.contract(address=self.token_address, abi=list(load_token_abi()))
         self._nonce_lock = asyncio.Lock()
         self._next_nonce: int | None = None
@@ -238,7 +272,7 @@ class ChainAdapter:
         except Web3RPCError as exc:
             raise ServiceUnavailable(f"The chain node refused {what}: {_rpc_message(exc)}",
                                      code="chain_unavailable") from exc
-        except (TimeoutError, ClientError, OSError, Web3Exception, ValueError) as exc:
+        except (TimeoutError, httpx.HTTPError, OSError, Web3Exception, ValueError) as exc:
             raise ServiceUnavailable(f"The chain node is unavailable ({what}: {type(exc).__name__}).",
                                      code="chain_unavailable") from exc
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -250,3 +251,27 @@ async def test_rpc_down_is_chain_unavailable_within_the_timeout(devchain: DevCha
             assert time.monotonic() - started < 2.0
     finally:
         await dead.close()
+
+
+async def test_chain_calls_cancelled_midway_never_hold_up_later_ones(adapter, devchain):
+    """A chain call can be cancelled at any moment (our own timeout, a client that went away, a
+    shutdown), often while others are under way. None may leave anything held that later calls
+    wait for. (web3's own HTTP provider did: every request took a lock shared by the whole process,
+    through a thread pool, and a request cancelled while waiting for it could leave it held for
+    good; then every chain call, async or sync, waited for ever. Seen as a hung CI worker.)"""
+    for round_ in range(150):
+        calls = [asyncio.create_task(adapter.block_number()) for _ in range(12)]
+        for _ in range(round_ % 6):  # cancelled after 0 to 5 turns of the loop
+            await asyncio.sleep(0)
+        for call in calls[::2]:
+            call.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+    assert await asyncio.wait_for(adapter.block_number(), 10) >= 0
+    answered = threading.Event()
+
+    def sync_call() -> None:  # a thread of its own: web3's sync provider makes a session for it
+        devchain.web3().eth.block_number
+        answered.set()
+
+    threading.Thread(target=sync_call, daemon=True).start()
+    assert await asyncio.to_thread(answered.wait, 10), "a sync web3 call in this process never answered"
