@@ -3,21 +3,18 @@ its `validBefore`: the payer kept it, a facilitator may send it after answering 
 transaction, and anyone who saw our settlement pending can copy it. Whoever sends it, its transfer
 can only go to our `payTo`. So each pass looks at failed x402 payments whose authorization has not
 yet expired (or expired within the grace, for a log index that lags): one used since, by a mined
-transaction past the confirmations whose Transfer paid us, becomes `credited` to the payer's
-balance (ledger.credit_paid_after_failure), and the reorg re-checks follow it from then on."""
+transaction past the confirmations whose own Transfer paid us, becomes `credited` to the paying
+wallet's account (ledger.credit_paid_after_failure), and the reorg re-checks follow it from then on.
+Failures after the authorization was handed off are looked at first (ledger.failed_payments_to_watch)."""
 
 from __future__ import annotations
 
-import logging
 from datetime import timedelta
 
 from agent_gateway.db.models import Payment
-from agent_gateway.errors import GatewayError
 from agent_gateway.metrics import PAYMENTS_PAID_AFTER_FAILURE
 from agent_gateway.payments import ledger
-from agent_gateway.payments.service import PaymentService
-
-log = logging.getLogger(__name__)
+from agent_gateway.payments.service import PaymentService, each_payment
 
 # Past validBefore no new use can be mined; this long after it a use is looked for once more, for a
 # node or log index that lags (chain seconds).
@@ -41,15 +38,7 @@ class LatePayments:
         watched = await ledger.failed_payments_to_watch(
             self.payments.db, clock, await chain.chain_now(), failed_since=clock.now() - FAILED_WITHIN,
             grace_s=GRACE_S, limit=self.batch_size)
-        credited = 0
-        for payment in watched:
-            try:
-                credited += await self._check_one(payment)
-            except GatewayError as exc:
-                log.warning("payment %s: late-payment check deferred: %s", payment.id, exc.message)
-            except Exception:
-                log.exception("payment %s: late-payment check failed; retried next pass", payment.id)
-        return credited
+        return sum(await each_payment(watched, self._check_one, "late-payment check"))
 
     async def _check_one(self, payment: Payment) -> int:
         chain = self.payments.require_chain()

@@ -14,7 +14,7 @@ from agent_gateway.errors import GatewayError
 from agent_gateway.metrics import PAYMENTS_REVOKED
 from agent_gateway.payments import ledger
 from agent_gateway.payments.ledger import Revocation
-from agent_gateway.payments.service import PaymentService
+from agent_gateway.payments.service import PaymentService, each_payment
 from agent_gateway.payments.wire import ExactPayment
 
 log = logging.getLogger(__name__)
@@ -35,19 +35,9 @@ class ReorgWatch:
         whose transfer is gone for good are revoked (the caller ends their keys everywhere)."""
         if not self.payments.enabled:
             return []
-        revoked = []
-        for payment in await ledger.settled_payments_to_recheck(self.db, self.clock, self.batch_size):
-            try:
-                revocation = await self._recheck_one(payment)
-            except GatewayError as exc:
-                log.warning("payment %s: reorg check deferred: %s", payment.id, exc.message)
-                continue
-            except Exception:
-                log.exception("payment %s: reorg check failed; retried next pass", payment.id)
-                continue
-            if revocation is not None:
-                revoked.append(revocation)
-        return revoked
+        checked = await each_payment(await ledger.settled_payments_to_recheck(self.db, self.clock, self.batch_size),
+                                     self._recheck_one, "reorg check")
+        return [revocation for revocation in checked if revocation is not None]
 
     async def _recheck_one(self, payment: Payment) -> Revocation | None:
         chain = self.payments.require_chain()

@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from agent_gateway.catalog.pools import Catalog
@@ -37,6 +39,7 @@ from agent_gateway.settings import ChainSettings, Settings
 from agent_gateway.subscriptions.inventory import seats_available
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 _POLL_S = 0.05
 
 
@@ -66,6 +69,21 @@ class Settled:
     @property
     def pending(self) -> bool:
         return self.delivery is None
+
+
+async def each_payment(payments: Iterable[Payment], step: Callable[[Payment], Awaitable[T]], what: str) -> list[T]:
+    """`step` on each payment of a background pass, in turn; the results of those that finished. One
+    that fails (a node that lags, a broken row) is logged and left for the next pass, and never
+    stops the others."""
+    results = []
+    for payment in payments:
+        try:
+            results.append(await step(payment))
+        except GatewayError as exc:
+            log.warning("payment %s: %s deferred: %s", payment.id, what, exc.message)
+        except Exception:
+            log.exception("payment %s: %s failed; retried next pass", payment.id, what)
+    return results
 
 
 class PaymentService:
@@ -529,16 +547,8 @@ class PaymentService:
         if self.chain is None:
             return 0
         older_than = self.clock.now() - timedelta(seconds=self.settings.reconcile_after_s)
-        finished = 0
-        for payment in await ledger.unfinished_payments(self.db, older_than):
-            try:
-                finished += await self._reconcile_one(payment)
-            except GatewayError as exc:
-                log.warning("payment %s: reconciliation deferred: %s", payment.id, exc.message)
-            except Exception:
-                # One broken payment must not stop the others from being reconciled.
-                log.exception("payment %s: reconciliation failed; retried next pass", payment.id)
-        return finished
+        return sum(await each_payment(await ledger.unfinished_payments(self.db, older_than), self._reconcile_one,
+                                      "reconciliation"))
 
     async def _reconcile_one(self, payment: Payment) -> int:
         chain = self.require_chain()
