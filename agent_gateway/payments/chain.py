@@ -20,6 +20,7 @@ from eth_utils import keccak, to_checksum_address
 from web3 import AsyncWeb3
 from web3.exceptions import (
     BadFunctionCallOutput,
+    BadResponseFormat,
     ContractLogicError,
     TransactionNotFound,
     Web3Exception,
@@ -216,7 +217,10 @@ class NodeProvider(AsyncJSONBaseProvider):
     async def make_request(self, method: RPCEndpoint, params: Any) -> RPCResponse:
         response = await self._http().post(self.endpoint_uri, content=self.encode_rpc_request(method, params))
         response.raise_for_status()
-        return self.decode_rpc_response(response.content)
+        answer = self.decode_rpc_response(response.content)
+        if not isinstance(answer, dict):  # web3 would fail on it with an AttributeError
+            raise BadResponseFormat(f"the node's answer to {method} is not a JSON-RPC response object")
+        return answer
 
     async def disconnect(self) -> None:
         if self._client is not None and self._client_loop is asyncio.get_running_loop():
