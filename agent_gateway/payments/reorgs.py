@@ -15,7 +15,7 @@ from agent_gateway.metrics import PAYMENTS_REVOKED
 from agent_gateway.payments import ledger
 from agent_gateway.payments.ledger import Revocation
 from agent_gateway.payments.service import PaymentService, each_payment
-from agent_gateway.payments.wire import ExactPayment
+from agent_gateway.payments.wire import SCHEME, ExactPayment, Offer
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +112,15 @@ class ReorgWatch:
         if payment.tx_hash is not None and await chain.transaction(payment.tx_hash) is not None:
             return  # pending again: wait for it
         signed = ExactPayment(**ledger.stored(payment.authorization, "authorization", payment))
-        if signed.accepted is None:
-            return  # x402 v1: no requirements were echoed to hand back; wait (it expires unused, or is mined)
+        # Our own requirements, as the first /settle had (a v1 payment echoes none; a v2 one's echo
+        # may carry `extra` of the client's own): the pure rules held the authorization to them.
+        terms = self.payments.terms
+        requirements = Offer(scheme=SCHEME, network=terms.network, amount_atomic=signed.value,
+                             asset=terms.usdc_address, pay_to=signed.to,
+                             max_timeout_s=self.payments.settings.payment_timeout_s, token_name=terms.usdc_name,
+                             token_version=terms.usdc_version, resource_url="", description="").requirements()
         try:
-            answer = await facilitator.settle(signed, signed.accepted)
+            answer = await facilitator.settle(signed, requirements)
         except GatewayError as exc:
             log.info("payment %s: settling again through the facilitator failed: %s", payment.id, exc.message)
             return
