@@ -6,7 +6,12 @@ every reorg re-check and refund look-up would go to the chain once per process. 
 one process at a time: the one that holds its `Exclusive` claim (a PostgreSQL advisory lock, see
 `db.engine.Database.exclusive`); the others skip it that interval. Within a process, two calls of
 one pass (the loop's and an explicit `run_once`) wait for each other instead of skipping, so a
-caller of `run_once` sees every pass done."""
+caller of `run_once` sees every pass done.
+
+A pass that runs longer than `pass_timeout_s` is cancelled and counted as failed: one stuck pass
+(a query waiting on a lock, a bug) would otherwise hold its claim, and every other process would
+skip that pass, for as long as the process lives. Cancelling is safe: every pass writes each step
+durably, as a crash would leave it."""
 
 from __future__ import annotations
 
@@ -31,10 +36,12 @@ async def always_held(name: str) -> AsyncIterator[bool]:
 
 
 class JobRunner:
-    def __init__(self, interval_s: float, passes: dict[str, Pass], exclusive: Exclusive = always_held) -> None:
+    def __init__(self, interval_s: float, passes: dict[str, Pass], exclusive: Exclusive = always_held,
+                 pass_timeout_s: float = 600) -> None:
         self.interval_s = interval_s
         self.passes = passes
         self.exclusive = exclusive
+        self.pass_timeout_s = pass_timeout_s
         self._running = {name: asyncio.Lock() for name in passes}
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
@@ -57,8 +64,13 @@ class JobRunner:
             try:
                 async with self.exclusive(f"pass:{name}") as held:
                     if held:
-                        await self.passes[name]()
+                        async with asyncio.timeout(self.pass_timeout_s):
+                            await self.passes[name]()
                 outcome = "ran" if held else "skipped"
+            except TimeoutError:
+                log.error("background pass %s took over %g s and was stopped; it runs again next interval", name,
+                          self.pass_timeout_s)
+                outcome = "failed"
             except Exception:
                 log.exception("background pass %s failed; it runs again next interval", name)
                 outcome = "failed"

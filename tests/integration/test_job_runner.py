@@ -177,3 +177,16 @@ async def test_the_runner_of_a_served_gateway_claims_its_passes_on_the_database(
         await task
     finally:
         await other.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_stuck_pass_is_stopped_and_lets_go_of_its_claim(two_databases):
+    first_db, second_db = two_databases
+    stuck, later = Gate(), Gate()  # `stuck` is never released
+    later.hold = False
+    failed_before = counted("funding", "failed")
+    a = JobRunner(60, {"funding": stuck}, exclusive=first_db.exclusive, pass_timeout_s=0.5)
+    assert await asyncio.wait_for(a.run_pass("funding"), 10) == "failed"
+    assert counted("funding", "failed") == failed_before + 1
+    assert await JobRunner(60, {"funding": later}, exclusive=second_db.exclusive).run_pass("funding") == "ran"
