@@ -82,9 +82,15 @@ class Pinned:
     local_port: int
 
     async def post(self, url: str, sk: str, **body) -> httpx.Response:  # type: ignore[no-untyped-def]
-        r = await self.http.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {sk}"},
-                                 json={"model": "test-model", "messages": MESSAGES, "max_tokens": 1, **body})
-        assert local_port(r) == self.local_port, "the connection was replaced: its worker is no longer known"
+        # The connection is checked as soon as the answer's head is in: a worker that refuses a
+        # request before reading its body (a disabled key, a busy one) closes the connection after
+        # answering, so once the body is read the socket may be gone.
+        async with self.http.stream("POST", url + "/v1/chat/completions", headers={"Authorization": f"Bearer {sk}"},
+                                    json={"model": "test-model", "messages": MESSAGES, "max_tokens": 1,
+                                          **body}) as r:
+            port = local_port(r)
+            await r.aread()
+        assert port == self.local_port, "the connection was replaced: its worker is no longer known"
         return r
 
 
