@@ -91,7 +91,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
       request's headers incomplete; cancelled when they are complete. If it fires, the connection
       is closed: a client that trickles (or never sends) its headers cannot hold it. Between
       requests uvicorn's own keep-alive timeout applies. A response that completes before its
-      request's body has arrived closes the connection (uvicorn would read on).
+      request's body has arrived ends the connection (uvicorn would read on), with a lingering
+      close: see `_linger`.
     - Connection bound: past `max_connections` open connections in this process, a new one is
       closed at once, before reading anything. No 503 (uvicorn's limit_concurrency would answer
       one): the request was never read, so a client may safely retry it, and a closed socket
@@ -102,8 +103,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     header_timeout_s: float = 10.0
     max_connections: int = 20_000
+    linger_s: float = 2.0
     _header_timer: asyncio.TimerHandle | None = None
     _headers_pending = False
+    _linger_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn narrows BaseTransport the same way
         super().connection_made(transport)
@@ -115,6 +118,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
 
     def data_received(self, data: bytes) -> None:
+        if self._linger_timer is not None:
+            return  # the rest of a body already answered: dropped
         super().data_received(data)
         # Armed only when a request's headers did not all come in one read: a keep-alive request
         # whose headers arrive at once (nearly all of them) costs two attribute writes, no timer.
@@ -138,12 +143,31 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         # Answered before its body had arrived (refused early, or the body was late): close rather
         # than read the rest, which a client could trickle for as long as it likes.
         if cycle.more_body and cycle.response_complete and not self.transport.is_closing():
-            self.transport.close()
+            self._linger()
+
+    def _linger(self) -> None:
+        """End a connection whose request is answered but whose body is still arriving. Closing
+        at once, with body bytes unread in the socket, makes the kernel send a reset, which can
+        reach the client before the answer does: it would see a reset, not the 403 or 429 it was
+        sent. So the write side is shut after the answer (the client reads it, then the end of the
+        stream), what still arrives is read and dropped, and the socket closes when the client
+        closes its side or after `linger_s`, whichever comes first."""
+        self.flow.resume_reading()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._linger_timer = self.loop.call_later(self.linger_s, self.transport.close)
+
+    def eof_received(self) -> None:
+        if self._linger_timer is not None:
+            self.transport.close()  # the client has sent all it will: done lingering
+        super().eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
         super().connection_lost(exc)
 
     def _headers_too_slow(self) -> None:

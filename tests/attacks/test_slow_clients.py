@@ -194,3 +194,21 @@ def test_past_the_connection_bound_new_connections_get_no_503_and_are_served_onc
         finally:
             for conn in held:
                 conn.close()
+
+
+def test_a_request_refused_before_its_large_body_is_read_gets_its_answer_not_a_reset(gateway_url):
+    """The gateway refuses an unknown key from the headers alone, while the body is still on its
+    way. It ends that connection, but gently: the client, which sends its whole body before
+    reading (as HTTP clients do), must read the 401 every time, never a reset or a broken pipe
+    (what closing a socket with unread bytes in it gives)."""
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "' + b"x" * 4_000_000 + b'"}]}'
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer sk_not_a_real_key\r\n"
+            b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+    for _ in range(10):
+        with connect(gateway_url) as sock:
+            sock.sendall(head + body)
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+        assert received.startswith(b"HTTP/1.1 401"), received[:200]
+        assert b'"invalid_api_key"' in received or b"api_key" in received, received[:400]
